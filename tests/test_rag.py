@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+
+from unirag.backbones import load_llm
+from unirag.data import Corpus, Passage
+from unirag.errors import UniragError
+from unirag.rag import DenseRagSystem, DenseRetriever, NoRagSystem, Reader, build_prompt, clean_generation
+
+
+class BagOfWordsEncoder:
+    """Deterministic stand-in encoder: hashed bag of words, L2-normalised."""
+
+    name = "bow"
+
+    def _enc(self, texts):
+        out = np.zeros((len(texts), 64), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in text.lower().replace(".", " ").replace("?", " ").split():
+                out[i, sum(map(ord, word)) % 64] += 1
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+    encode_queries = encode_passages = _enc
+
+
+@pytest.fixture()
+def corpus():
+    return Corpus(
+        [
+            Passage("p0", "Paris", "Paris is the capital of France."),
+            Passage("p1", "Rome", "Rome is the capital of Italy."),
+            Passage("p2", "Oslo", "Oslo is the capital of Norway."),
+        ],
+        source="tiny",
+    )
+
+
+@pytest.fixture()
+def retriever(corpus):
+    encoder = BagOfWordsEncoder()
+    return DenseRetriever(corpus, encoder, encoder.encode_passages([p.text for p in corpus]))
+
+
+def test_dense_retrieval_ranks_by_inner_product(retriever):
+    hits = retriever.search("capital of Italy Rome", 2)
+    assert hits[0][0] == "p1" and hits[0][1] > hits[1][1]
+    assert len(retriever.search("x", 10)) == 3  # k larger than the corpus
+    with pytest.raises(UniragError):
+        retriever.search("x", 0)
+
+
+def test_retriever_refuses_mismatched_embeddings(corpus):
+    with pytest.raises(UniragError, match="rebuild"):
+        DenseRetriever(corpus, BagOfWordsEncoder(), np.zeros((2, 64), dtype=np.float32))
+
+
+def test_prompt_uses_chat_template_when_present(tiny_llm_dirs):
+    model, tok = load_llm(str(tiny_llm_dirs["llama"]))
+    prompt = build_prompt(tok, "who?", "ctx")
+    assert prompt.startswith("<|im_start|>user\nQ: who?\nctx\nA:") and prompt.endswith("assistant\n")
+    _, plain = load_llm(str(tiny_llm_dirs["nochat"]))
+    assert build_prompt(plain, "who?", "") == "Q: who?\nA:"
+    assert clean_generation("\n  Paris \nmore") == "Paris"
+
+
+def test_rag_and_norag_answers_record_everything(tiny_llm_dirs, retriever):
+    model, tok = load_llm(str(tiny_llm_dirs["llama"]))
+    reader = Reader(model, tok, max_new_tokens=5)
+    reader.stop_ids = [199]  # a random model may emit EOS at once; only a never-sampled id stops it
+    rag = DenseRagSystem(retriever, reader, k=2)
+    answer = rag.answer("capital of Italy?", with_attention=True)
+    assert answer.doc_ids[0] == "p1" and len(answer.docs) == 2
+    assert answer.context_tokens == len(tok("\n".join(f"{d.title}: {d.text}" for d in answer.docs))["input_ids"])
+    assert answer.prompt_tokens > answer.context_tokens and 0 < answer.answer_tokens <= 5
+    assert set(answer.timings_ms) == {"retrieve", "generate"}
+    att = answer.traces["answer_attention"]
+    assert len(att["weights"]) == answer.answer_tokens and len(att["weights"][0]) == len(att["context_tokens"])
+    assert np.allclose(np.sum(att["weights"], axis=1), 1.0, atol=1e-4)
+    gold = rag.answer("anything", gold_doc_id="p2")
+    assert gold.doc_ids == ["p2"]
+    # batched answers equal single ones (left padding must not change greedy outputs)
+    many = rag.answer_many(["capital of Italy?", "Norway capital city, please?"])
+    assert many[0].text == rag.answer("capital of Italy?").text
+    norag = NoRagSystem(reader).answer("who?")
+    assert norag.docs == [] and norag.context_tokens == 0
+
+
+def test_bad_questions_are_handled(tiny_llm_dirs, retriever):
+    model, tok = load_llm(str(tiny_llm_dirs["llama"]))
+    rag = DenseRagSystem(retriever, Reader(model, tok, max_new_tokens=3), k=1)
+    with pytest.raises(UniragError, match="empty"):
+        rag.answer("   ")
+    long = rag.answer("capital " * 3000)
+    assert long.notices and "truncated" in long.notices[0]
+    assert rag.answer("Où est Rome ? 🇮🇹").text is not None

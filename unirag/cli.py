@@ -1,0 +1,191 @@
+"""`python -m unirag {index,eval,ask,train}`: one CLI. User errors print a message and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from unirag.errors import UniragError
+
+SYSTEMS = ("norag", "rag", "joint")
+
+
+def _add_corpus(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", required=True, help="corpus JSONL (or raw SQuAD JSON)")
+    parser.add_argument("--encoder", default=None, help="sentence encoder: hub id, 'dpr', or empty for embedded MiniLM")
+
+
+def _add_llm(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--llm", default=None, help="LLM hub id or local folder; empty = embedded SmolLM2-135M")
+    parser.add_argument("--load-in-4bit", action="store_true", help="load the LLM in bitsandbytes NF4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m unirag", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    index = sub.add_parser("index", help="embed the corpus and build the docid tree (cached)")
+    _add_corpus(index)
+    index.add_argument("--k", type=int, default=10, help="k-means branching factor")
+    index.add_argument("--c", type=int, default=10, help="split clusters larger than c")
+    index.add_argument("--seed", type=int, default=0)
+    index.add_argument("--out", default=None, help="also write the tree JSON here")
+
+    ev = sub.add_parser("eval", help="evaluate a system; the last stdout line is a JSON summary")
+    _add_corpus(ev)
+    _add_llm(ev)
+    ev.add_argument("--questions", required=True, help="questions JSONL (or raw SQuAD JSON)")
+    ev.add_argument("--system", required=True, choices=SYSTEMS)
+    ev.add_argument("--k", type=int, default=5, help="documents in the context (rag: top-k; joint: docs selected)")
+    ev.add_argument("--checkpoint", default=None, help="joint checkpoint folder (or a LoRA reader for rag)")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
+    ev.add_argument("--out", default=None, help="write per-question records to this JSON file")
+    ev.add_argument("--batch-size", type=int, default=8, help="questions per generation batch")
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--gold", action="store_true", help="read the gold passage only (reader upper bound)")
+    ev.add_argument("--beam-width", type=int, default=10, help="joint: constrained beam width")
+
+    ask = sub.add_parser("ask", help="answer one question with a system")
+    _add_corpus(ask)
+    _add_llm(ask)
+    ask.add_argument("question")
+    ask.add_argument("--system", default="rag", choices=SYSTEMS)
+    ask.add_argument("--k", type=int, default=5)
+    ask.add_argument("--checkpoint", default=None)
+    ask.add_argument("--beam-width", type=int, default=10)
+
+    train = sub.add_parser("train", help="train the joint model (stage 1 and/or 2)")
+    train.add_argument("rest", nargs=argparse.REMAINDER, help="see `python -m unirag train --help`")
+    return parser
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UniragError(f"--{name} must be at least 1 (got {value}).")
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from unirag.data import load_corpus
+    from unirag.docids import TreeConfig, load_or_build_tree, tree_path
+
+    corpus = load_corpus(args.corpus)
+    config = TreeConfig(k=args.k, c=args.c, seed=args.seed, encoder=args.encoder or TreeConfig.encoder)
+    start = time.perf_counter()
+    tree = load_or_build_tree(corpus, config)
+    elapsed = time.perf_counter() - start
+    if args.out:
+        tree.save(args.out)
+    print(
+        json.dumps(
+            {
+                "corpus": str(args.corpus),
+                "fingerprint": corpus.fingerprint,
+                "tree": str(tree_path(corpus, config)),
+                "seconds": round(elapsed, 1),
+                **tree.shape(),
+            }
+        )
+    )
+    return 0
+
+
+def _make_answerer(args: argparse.Namespace, corpus):
+    """Return (system object, batch answer function over Question lists)."""
+    from unirag.backbones import load_llm
+
+    if args.system == "joint":
+        from unirag.joint.decoding import JointSystem
+
+        if not args.checkpoint:
+            raise UniragError("--system joint needs --checkpoint DIR (e.g. checkpoints/nq-smollm2).")
+        system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit)
+
+        def answer_joint(questions):
+            return [
+                system.answer(
+                    q.question, k_docs=args.k, beam_width=args.beam_width, gold_doc_id=q.doc_id if args.gold else None
+                )
+                for q in questions
+            ]
+
+        return system, answer_joint
+
+    from unirag.rag import DenseRagSystem, DenseRetriever, NoRagSystem, Reader
+
+    model, tokenizer = load_llm(args.llm, load_in_4bit=args.load_in_4bit)
+    if args.checkpoint:  # read with a trained LoRA adapter (separates retrieval from fine-tuning)
+        from unirag.joint.modeling import load_lora_reader
+
+        model = load_lora_reader(model, args.checkpoint)
+    reader = Reader(model, tokenizer, max_new_tokens=getattr(args, "max_new_tokens", 32))
+    if args.system == "norag":
+        system = NoRagSystem(reader)
+        return system, lambda questions: system.answer_many([q.question for q in questions])
+    system = DenseRagSystem(DenseRetriever.from_corpus(corpus, args.encoder), reader, k=args.k)
+
+    def answer_rag(questions):
+        golds = [q.doc_id for q in questions] if getattr(args, "gold", False) else None
+        return system.answer_many([q.question for q in questions], k=args.k, gold_doc_ids=golds)
+
+    return system, answer_rag
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from unirag.data import load_corpus, load_questions
+    from unirag.eval import run_eval
+
+    for name in ("k", "limit", "batch_size", "max_new_tokens", "beam_width"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    if args.out and Path(args.out).is_dir():
+        raise UniragError(f"--out {args.out} is a folder; give a file name.")
+    corpus = load_corpus(args.corpus)
+    questions = load_questions(args.questions, corpus)[: args.limit]
+    if args.gold and any(q.doc_id is None for q in questions):
+        raise UniragError("--gold needs a doc_id on every question.")
+    _, answer_batch = _make_answerer(args, corpus)
+    batch = 1 if args.system == "joint" else args.batch_size
+    summary = run_eval(
+        answer_batch, args.system + ("-gold" if args.gold else ""), questions, args.k, batch_size=batch, out=args.out
+    )
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from unirag.data import load_corpus
+
+    corpus = load_corpus(args.corpus)
+    system, _ = _make_answerer(args, corpus)
+    answer = (
+        system.answer(args.question)
+        if args.system != "joint"
+        else system.answer(args.question, k_docs=args.k, beam_width=args.beam_width)
+    )
+    for notice in answer.notices:
+        print(f"note: {notice}", file=sys.stderr)
+    for doc in answer.docs:
+        print(f"[{doc.score:.3f}] {doc.doc_id} {doc.title}", file=sys.stderr)
+    print(json.dumps(answer.to_record(), ensure_ascii=False))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from unirag.joint.training import main as train_main
+
+    return train_main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"index": cmd_index, "eval": cmd_eval, "ask": cmd_ask, "train": cmd_train}
+    try:
+        return handlers[args.command](args)
+    except UniragError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,301 @@
+"""Hierarchical semantic docids: cached passage embeddings → recursive k-means → `DocidTree`.
+
+As in the Neural Corpus Indexer: a cluster with more than `c` documents is split into `k`
+clusters again; a document's docid is its path of cluster indices, ending with its position in
+its leaf cluster. Documents sharing a longer prefix are more alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from unirag.data import Corpus
+from unirag.errors import FingerprintMismatchError, UniragError
+from unirag.paths import cache_dir
+
+TREE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    k: int = 10  # branching factor of each k-means split
+    c: int = 10  # a cluster with more than c documents is split again
+    seed: int = 0
+    encoder: str = "embedded:all-minilm-l6-v2"
+
+    def __post_init__(self) -> None:
+        if self.k < 2 or self.c < 1:
+            raise UniragError(f"Docid tree needs k >= 2 and c >= 1 (got k={self.k}, c={self.c}).")
+
+
+def passage_text(title: str, text: str) -> str:
+    return f"{title}. {text}" if title else text
+
+
+def embeddings_path(corpus: Corpus, encoder_name: str) -> Path:
+    key = hashlib.sha256(f"{corpus.fingerprint}|{encoder_name}".encode()).hexdigest()[:16]
+    return cache_dir() / "embeddings" / f"{key}.npy"
+
+
+def corpus_embeddings(
+    corpus: Corpus, encoder=None, encoder_name: str | None = None, progress: bool = True
+) -> np.ndarray:
+    """Passage embeddings [N, dim], cached on disk by corpus fingerprint and encoder name."""
+    name = encoder.name if encoder is not None else (encoder_name or TreeConfig.encoder)
+    path = embeddings_path(corpus, name)
+    meta_path = path.with_suffix(".json")
+    if path.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("corpus_fingerprint") == corpus.fingerprint and meta.get("encoder") == name:
+            emb = np.load(path)
+            if emb.shape[0] == len(corpus):
+                return emb
+    if encoder is None:
+        from unirag.backbones import SentenceEncoder
+
+        encoder = SentenceEncoder(None if name == TreeConfig.encoder else name)
+    emb = encoder.encode_passages([passage_text(p.title, p.text) for p in corpus], progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npy")
+    np.save(tmp, emb)
+    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
+    meta_path.write_text(
+        json.dumps(
+            {"corpus_fingerprint": corpus.fingerprint, "encoder": name, "n": len(corpus), "dim": int(emb.shape[1])}
+        )
+    )
+    return emb
+
+
+def _kmeans(vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():  # duplicate points: the caller falls back to an even split
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        labels = KMeans(n_clusters=k, n_init=3, random_state=seed).fit_predict(vectors)
+    return np.asarray(labels)
+
+
+def recursive_kmeans(embeddings: np.ndarray, k: int, c: int, seed: int = 0) -> list[tuple[int, ...]]:
+    """Docid (path of cluster indices + leaf position) for each row; deterministic for a seed."""
+    docids: list[tuple[int, ...] | None] = [None] * len(embeddings)
+
+    def split(indices: np.ndarray, prefix: tuple[int, ...]) -> None:
+        if len(indices) <= c:
+            for position, row in enumerate(indices):
+                docids[row] = prefix + (position,)
+            return
+        n_clusters = min(k, len(indices))
+        labels = _kmeans(embeddings[indices], n_clusters, seed + len(prefix))
+        if len(np.unique(labels)) < 2:  # identical vectors: k-means cannot split, so chunk evenly
+            labels = np.arange(len(indices)) * n_clusters // len(indices)
+        # Order clusters by their first member, so numbering does not depend on k-means' label order.
+        order = sorted(np.unique(labels), key=lambda lab: int(np.flatnonzero(labels == lab)[0]))
+        for new_label, lab in enumerate(order):
+            split(indices[labels == lab], prefix + (new_label,))
+
+    split(np.arange(len(embeddings)), ())
+    return [d for d in docids if d is not None]
+
+
+class DocidTree:
+    """docid ↔ doc id, a prefix trie of allowed next symbols, cluster sizes and keyword labels."""
+
+    def __init__(
+        self,
+        doc_ids: list[str],
+        docids: list[tuple[int, ...]],
+        config: TreeConfig,
+        corpus_fingerprint: str,
+        labels: dict[tuple[int, ...], str] | None = None,
+    ):
+        if len(doc_ids) != len(docids):
+            raise UniragError("Docid tree: doc ids and docids differ in length.")
+        self.config = config
+        self.corpus_fingerprint = corpus_fingerprint
+        self.doc_ids = list(doc_ids)
+        self.docids = [tuple(int(s) for s in d) for d in docids]
+        self._by_docid = dict(zip(self.docids, self.doc_ids, strict=True))
+        if len(self._by_docid) != len(self.docids):
+            raise UniragError("Docid tree: two documents share a docid.")
+        self._by_doc_id = dict(zip(self.doc_ids, self.docids, strict=True))
+        children: dict[tuple[int, ...], set[int]] = defaultdict(set)
+        sizes: dict[tuple[int, ...], int] = defaultdict(int)
+        for docid in self.docids:
+            for depth in range(len(docid)):
+                children[docid[:depth]].add(docid[depth])
+                sizes[docid[:depth]] += 1
+            sizes[docid] += 1
+        self._children = {prefix: sorted(symbols) for prefix, symbols in children.items()}
+        self._sizes = dict(sizes)
+        self.labels = labels or {}
+
+    # --- lookup -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.doc_ids)
+
+    def doc_id(self, docid: tuple[int, ...]) -> str:
+        return self._by_docid[tuple(docid)]
+
+    def docid(self, doc_id: str) -> tuple[int, ...]:
+        return self._by_doc_id[doc_id]
+
+    def allowed(self, prefix: tuple[int, ...]) -> list[int]:
+        """Allowed next symbols after `prefix`; [] when the prefix is a complete docid (or invalid)."""
+        return self._children.get(tuple(prefix), [])
+
+    def is_complete(self, prefix: tuple[int, ...]) -> bool:
+        return tuple(prefix) in self._by_docid
+
+    def size(self, prefix: tuple[int, ...]) -> int:
+        """Number of documents under a prefix (1 for a complete docid, 0 if unknown)."""
+        return self._sizes.get(tuple(prefix), 0)
+
+    def label(self, prefix: tuple[int, ...]) -> str:
+        return self.labels.get(tuple(prefix), "")
+
+    def nodes(self) -> list[tuple[int, ...]]:
+        """Every internal cluster prefix (the root is ())."""
+        return sorted(self._children)
+
+    def docs_under(self, prefix: tuple[int, ...]) -> list[str]:
+        n = len(prefix)
+        return [doc for doc, docid in zip(self.doc_ids, self.docids, strict=True) if docid[:n] == tuple(prefix)]
+
+    # --- shape ------------------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return max(len(d) for d in self.docids)
+
+    @property
+    def branching(self) -> int:
+        """Largest symbol + 1: the docid vocabulary size per level."""
+        return max(max(d) for d in self.docids) + 1
+
+    def shape(self) -> dict:
+        lengths = [len(d) for d in self.docids]
+        leaves = [self._sizes[p] for p, kids in self._children.items() if self.is_complete(p + (kids[0],))]
+        return {
+            "documents": len(self),
+            "depth_max": max(lengths),
+            "depth_mean": round(float(np.mean(lengths)), 2),
+            "leaf_clusters": len(leaves),
+            "leaf_size_mean": round(float(np.mean(leaves)), 2),
+            "leaf_size_max": max(leaves),
+            "branching": self.branching,
+            "clusters": len(self._children),
+        }
+
+    # --- persistence -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "format": TREE_FORMAT,
+            "corpus_fingerprint": self.corpus_fingerprint,
+            "config": asdict(self.config),
+            "doc_ids": self.doc_ids,
+            "docids": [list(d) for d in self.docids],
+            "labels": {"-".join(map(str, p)): text for p, text in self.labels.items()},
+        }
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict()))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path, corpus: Corpus | None = None) -> DocidTree:
+        """Load a tree; with `corpus`, refuse one built from any other corpus."""
+        path = Path(path)
+        try:
+            blob = json.loads(path.read_text(encoding="utf-8"))
+            fingerprint = blob["corpus_fingerprint"]
+            config = TreeConfig(**blob["config"])
+            doc_ids, docids = blob["doc_ids"], [tuple(d) for d in blob["docids"]]
+            labels = {
+                tuple(int(s) for s in key.split("-")) if key else (): text for key, text in blob["labels"].items()
+            }
+        except FileNotFoundError:
+            raise UniragError(f"Docid tree not found: {path}. Build it with `python -m unirag index`.") from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+            raise UniragError(f"{path} is not a valid docid tree ({type(exc).__name__}: {exc}).") from None
+        if corpus is not None and fingerprint != corpus.fingerprint:
+            raise FingerprintMismatchError(
+                f"The docid tree {path} was built for another corpus (fingerprint {fingerprint}, "
+                f"this corpus {corpus.fingerprint} from {corpus.source}). Rebuild it with "
+                f"`python -m unirag index --corpus {corpus.source}`."
+            )
+        return cls(doc_ids, docids, config, fingerprint, labels)
+
+
+def cluster_labels(corpus: Corpus, tree: DocidTree, top_n: int = 3) -> dict[tuple[int, ...], str]:
+    """Keyword label per cluster by class-based TF-IDF against the sibling clusters at the same depth."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    texts = [passage_text(p.title, p.text) for p in corpus]
+    vectorizer = CountVectorizer(
+        stop_words="english", token_pattern=r"(?u)\b[^\W\d_][\w'-]{2,}\b", max_df=0.5, min_df=2
+    )
+    counts = vectorizer.fit_transform(texts)  # [docs, terms]
+    vocab = np.asarray(vectorizer.get_feature_names_out())
+    rows = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
+    labels: dict[tuple[int, ...], str] = {}
+    by_depth: dict[int, list[tuple[int, ...]]] = defaultdict(list)
+    for prefix in tree.nodes():
+        for child in tree.allowed(prefix):
+            node = prefix + (child,)
+            if not tree.is_complete(node):
+                by_depth[len(node)].append(node)
+    for nodes in by_depth.values():
+        members = [[rows[d] for d in tree.docs_under(node)] for node in nodes]
+        tf = np.vstack([np.asarray(counts[m].sum(axis=0)).ravel() for m in members]).astype(np.float64)
+        avg_words = tf.sum() / max(len(nodes), 1)
+        idf = np.log1p(avg_words / np.maximum(tf.sum(axis=0), 1.0))
+        weights = (tf / np.maximum(tf.sum(axis=1, keepdims=True), 1.0)) * idf
+        for node, row in zip(nodes, weights, strict=True):
+            top = [vocab[j] for j in np.argsort(-row)[:top_n] if row[j] > 0]
+            labels[node] = ", ".join(top)
+    for doc_id, docid in zip(tree.doc_ids, tree.docids, strict=True):
+        labels[docid] = corpus[doc_id].title or doc_id
+    labels[()] = "corpus"
+    return labels
+
+
+def build_tree(corpus: Corpus, embeddings: np.ndarray, config: TreeConfig | None = None) -> DocidTree:
+    config = config or TreeConfig()
+    if embeddings.shape[0] != len(corpus):
+        raise UniragError(f"{embeddings.shape[0]} embeddings for {len(corpus)} passages.")
+    docids = recursive_kmeans(embeddings, config.k, config.c, config.seed)
+    tree = DocidTree(corpus.ids, docids, config, corpus.fingerprint)
+    tree.labels = cluster_labels(corpus, tree)
+    return tree
+
+
+def tree_path(corpus: Corpus, config: TreeConfig) -> Path:
+    enc = hashlib.sha256(config.encoder.encode()).hexdigest()[:8]
+    name = f"{corpus.fingerprint}-k{config.k}-c{config.c}-s{config.seed}-{enc}.json"
+    return cache_dir() / "trees" / name
+
+
+def load_or_build_tree(
+    corpus: Corpus, config: TreeConfig | None = None, encoder=None, progress: bool = True
+) -> DocidTree:
+    """The cached tree for (corpus, config), building embeddings and tree on first use."""
+    config = config or TreeConfig()
+    path = tree_path(corpus, config)
+    if path.is_file():
+        return DocidTree.load(path, corpus)
+    embeddings = corpus_embeddings(corpus, encoder, config.encoder, progress=progress)
+    tree = build_tree(corpus, embeddings, config)
+    tree.save(path)
+    return tree

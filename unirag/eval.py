@@ -1,0 +1,124 @@
+"""Metrics and the evaluation loop behind `python -m unirag eval`.
+
+accuracy = a normalised gold answer occurs in the normalised output (the paper's metric);
+em / f1 are SQuAD-style; recall uses the gold `doc_id` where present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from statistics import mean, median
+
+from unirag.answer import Answer
+from unirag.data import Question
+from unirag.errors import UniragError
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(g) for g in golds))
+
+
+def contains_answer(prediction: str, golds: Sequence[str]) -> float:
+    pred = normalize_answer(prediction)
+    return float(any(normalize_answer(g) and normalize_answer(g) in pred for g in golds))
+
+
+def token_f1(prediction: str, golds: Sequence[str]) -> float:
+    pred = normalize_answer(prediction).split()
+    best = 0.0
+    for gold in golds:
+        ref = normalize_answer(gold).split()
+        common = sum((Counter(pred) & Counter(ref)).values())
+        if common:
+            precision, recall = common / len(pred), common / len(ref)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def score(answer: Answer, question: Question, k: int) -> dict:
+    record = answer.to_record()
+    record.update(
+        id=question.id,
+        gold_answers=list(question.answers),
+        gold_doc_id=question.doc_id,
+        accuracy=contains_answer(answer.text, question.answers),
+        em=exact_match(answer.text, question.answers),
+        f1=token_f1(answer.text, question.answers),
+    )
+    if question.doc_id is not None and answer.system != "norag":
+        ranked = answer.doc_ids
+        record["recall@1"] = float(question.doc_id in ranked[:1])
+        record["recall@k"] = float(question.doc_id in ranked[:k])
+    return record
+
+
+def summarize(system: str, records: list[dict], k: int) -> dict:
+    def avg(key: str) -> float | None:
+        values = [r[key] for r in records if r.get(key) is not None]
+        return round(mean(values), 4) if values else None
+
+    return {
+        "system": system,
+        "n": len(records),
+        "accuracy": avg("accuracy"),
+        "em": avg("em"),
+        "f1": avg("f1"),
+        "recall@1": avg("recall@1"),
+        "recall@k": avg("recall@k"),
+        "k": k,
+        "context_tokens_mean": avg("context_tokens"),
+        "latency_ms_median": round(median(r["latency_ms"] for r in records), 1) if records else None,
+    }
+
+
+def run_eval(
+    answer_batch: Callable[[list[Question]], list[Answer]],
+    system: str,
+    questions: list[Question],
+    k: int,
+    batch_size: int = 8,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Answer every question, write per-question records to `out` (atomically) and return the summary."""
+    from tqdm.auto import tqdm
+
+    if not questions:
+        raise UniragError("No questions to evaluate.")
+    out_path = Path(out) if out else None
+    if out_path is not None and out_path.parent and not out_path.parent.exists():
+        raise UniragError(f"Output folder {out_path.parent} does not exist.")
+    records: list[dict] = []
+    start = time.perf_counter()
+    with tqdm(total=len(questions), desc=f"eval {system}", unit="q", disable=not progress) as bar:
+        for i in range(0, len(questions), batch_size):
+            chunk = questions[i : i + batch_size]
+            answers = answer_batch(chunk)
+            records.extend(score(a, q, k) for a, q in zip(answers, chunk, strict=True))
+            bar.update(len(chunk))
+    summary = summarize(system, records, k)
+    summary["wall_time_s"] = round(time.perf_counter() - start, 1)
+    if out_path is not None:
+        tmp = out_path.with_name(out_path.name + f".{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps({"summary": summary, "records": records}, ensure_ascii=False, indent=1))
+            os.replace(tmp, out_path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return summary
