@@ -1,4 +1,4 @@
-"""Shared pytest setup: markers and tiny offline models/tokenizers (never downloads anything)."""
+"""Shared pytest fixtures: tiny offline models and tokenizers (never downloads anything)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,6 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "slow: uses the real embedded models (seconds to a minute); -m 'not slow' skips")
 
 
 def build_tiny_tokenizer(chat_template: bool = True):

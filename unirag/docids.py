@@ -246,7 +246,16 @@ def cluster_labels(corpus: Corpus, tree: DocidTree, top_n: int = 3) -> dict[tupl
     vectorizer = CountVectorizer(
         stop_words="english", token_pattern=r"(?u)\b[^\W\d_][\w'-]{2,}\b", max_df=0.5, min_df=2
     )
-    counts = vectorizer.fit_transform(texts)  # [docs, terms]
+    try:
+        counts = vectorizer.fit_transform(texts)  # [docs, terms]
+    except ValueError:  # tiny corpora: every term pruned by min_df/max_df
+        vectorizer = CountVectorizer(stop_words="english", token_pattern=r"(?u)\b[^\W\d_][\w'-]{2,}\b")
+        try:
+            counts = vectorizer.fit_transform(texts)
+        except ValueError:
+            counts = None
+    if counts is None:
+        return {(): "corpus", **{d: corpus[i].title or i for i, d in zip(tree.doc_ids, tree.docids, strict=True)}}
     vocab = np.asarray(vectorizer.get_feature_names_out())
     rows = {doc_id: i for i, doc_id in enumerate(corpus.ids)}
     labels: dict[tuple[int, ...], str] = {}

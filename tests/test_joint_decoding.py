@@ -1,0 +1,242 @@
+"""Docid beam search, answer generation and JointSystem on tiny random models (offline, seconds)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from unirag.answer import Answer
+from unirag.backbones import load_llm
+from unirag.data import MAX_QUESTION_CHARS, Corpus, Passage
+from unirag.errors import UniragError
+from unirag.joint.decoding import (
+    JointSystem,
+    answer_prompt,
+    answer_with_docs,
+    generate_docids,
+    retrieval_prompt,
+    search_docids,
+)
+from unirag.joint.modeling import JointConfig, JointModel
+
+# docid → document id. Depths differ on purpose (a leaf at level 2 next to leaves at level 3).
+DOCIDS = {
+    (0, 0, 0): "d0",
+    (0, 0, 1): "d1",
+    (0, 1): "d2",
+    (1, 0, 0): "d3",
+    (1, 2, 3): "d4",
+    (2, 3): "d5",
+    (3, 1, 2): "d6",
+}
+
+
+class FakeTrie:
+    """Same protocol as unirag.docids.DocidTree: allowed(prefix), doc_id(docid), docid(doc_id)."""
+
+    def __init__(self, mapping: dict[tuple[int, ...], str]):
+        self.mapping = dict(mapping)
+
+    def allowed(self, prefix: tuple[int, ...]) -> list[int]:
+        n = len(prefix)
+        return sorted({d[n] for d in self.mapping if len(d) > n and d[:n] == tuple(prefix)})
+
+    def doc_id(self, docid: tuple[int, ...]) -> str:
+        return self.mapping[tuple(docid)]
+
+    def docid(self, doc_id: str) -> tuple[int, ...]:
+        return next(d for d, name in self.mapping.items() if name == doc_id)
+
+
+CORPUS = Corpus([Passage(f"d{i}", f"T{i}", f"text of doc {i}.") for i in range(7)], source="fake")
+
+
+@pytest.fixture(scope="module")
+def joint(tiny_llm_dirs) -> JointModel:
+    return _build(tiny_llm_dirs["llama"])
+
+
+def _build(path) -> JointModel:
+    base, tok = load_llm(str(path))
+    model = JointModel(
+        base,
+        JointConfig(base_model=str(path), docid_levels=3, docid_branching=4, pathway_layers=2, retrieval_heads=2,
+                    retrieval_mlp_dim=32),
+        tokenizer=tok,
+    ).eval()
+    model.tokenizer = tok
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in model.joint_named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+@torch.no_grad()
+def brute_force_logprob(model: JointModel, question: str, trie: FakeTrie, docid: tuple[int, ...]) -> float:
+    """Log-probability of a full docid from one full forward, restricted & renormalised per level."""
+    ids, _ = retrieval_prompt(model, model.tokenizer, question)
+    ids = ids + [model.docid_token_id(level, s) for level, s in enumerate(docid)]
+    logits = model(torch.tensor([ids])).docid_logits[0]
+    start = len(ids) - len(docid) - 1
+    total = 0.0
+    for level, s in enumerate(docid):
+        children = trie.allowed(docid[:level])
+        index = [model.docid_vocab_index(level, c) for c in children]
+        logp = torch.log_softmax(logits[start + level, index], -1)
+        total += float(logp[children.index(s)])
+    return total
+
+
+def test_beam_search_finds_the_exact_top_documents(joint):
+    trie = FakeTrie(DOCIDS)
+    question = "who wrote it?"
+    exact = sorted(((brute_force_logprob(joint, question, trie, d), name) for d, name in DOCIDS.items()), reverse=True)
+    beams = generate_docids(joint, joint.tokenizer, question, trie, beam_width=len(DOCIDS), num_return=3)
+    assert [b.doc_id for b in beams] == [name for _, name in exact[:3]]
+    for beam, (logprob, _) in zip(beams, exact[:3], strict=True):
+        assert beam.logprob == pytest.approx(logprob, abs=1e-4)
+    logprobs = [b.logprob for b in beams]
+    assert logprobs == sorted(logprobs, reverse=True)
+
+
+def test_beam_levels_trace(joint):
+    trie = FakeTrie(DOCIDS)
+    beams = generate_docids(joint, joint.tokenizer, "what year?", trie, beam_width=4, num_return=4)
+    assert len({b.doc_id for b in beams}) == len(beams) >= 2
+    for beam in beams:
+        assert beam.doc_id == trie.doc_id(beam.docid)
+        assert len(beam.levels) == len(beam.docid)
+        total = 0.0
+        for level, info in enumerate(beam.levels):
+            assert info["prefix"] == list(beam.docid[:level])
+            assert info["children"] == trie.allowed(beam.docid[:level])
+            assert info["chosen"] == beam.docid[level]
+            assert sum(info["probs"]) == pytest.approx(1.0, abs=1e-5)
+            assert len(info["probs"]) == len(info["children"])
+            total += math.log(info["probs"][info["children"].index(info["chosen"])])
+        assert total == pytest.approx(beam.logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("beam_width", [1, 2, 50])
+def test_beam_widths(joint, beam_width):
+    trie = FakeTrie(DOCIDS)
+    beams = generate_docids(joint, joint.tokenizer, "where?", trie, beam_width=beam_width, num_return=10)
+    assert 1 <= len(beams) <= len(DOCIDS)
+    if beam_width == 50:  # wider than the corpus: every document, once
+        assert sorted(b.doc_id for b in beams) == sorted(DOCIDS.values())
+    if beam_width == 1:
+        assert len(beams) == 1
+
+
+def test_distinct_documents_when_docids_share_a_document(joint):
+    trie = FakeTrie({(0, 0): "dup", (0, 1): "dup", (1, 0): "other"})
+    beams = generate_docids(joint, joint.tokenizer, "q?", trie, beam_width=5, num_return=3)
+    assert sorted(b.doc_id for b in beams) == ["dup", "other"]
+
+
+def test_empty_and_too_deep_tries(joint):
+    assert generate_docids(joint, joint.tokenizer, "q?", FakeTrie({}), beam_width=3) == []
+    with pytest.raises(UniragError, match="deeper"):
+        generate_docids(joint, joint.tokenizer, "q?", FakeTrie({(0, 0, 0, 0): "x"}), beam_width=3)
+    with pytest.raises(UniragError):
+        generate_docids(joint, joint.tokenizer, "q?", FakeTrie({(9,): "x"}), beam_width=3)  # symbol ≥ K
+
+
+def test_retrieval_attention_covers_question_tokens(joint):
+    search = search_docids(joint, joint.tokenizer, "who is it", FakeTrie(DOCIDS), beam_width=3, num_return=2)
+    att = search.attention
+    assert "".join(att["tokens"]) == "who is it"  # char tokenizer: one token per character
+    assert len(att["weights"]) == len(att["tokens"])
+    assert all(w >= 0 for w in att["weights"]) and 0 < sum(att["weights"]) <= 1 + 1e-5
+    assert len(search.finished) >= len(search.beams)
+
+
+def test_answer_prompt_spans(joint):
+    passages = [("d1", "T1", "alpha beta"), ("d2", "", "gamma")]
+    prompt = answer_prompt(joint, joint.tokenizer, "why?", passages)
+    tok = joint.tokenizer
+    assert joint.generates_token_id in prompt.ids
+    context = "".join(tok.decode([prompt.ids[i]]) for i in prompt.context_positions)
+    assert context == "T1: alpha beta\ngamma"
+    pieces = [context[s:e] for s, e in prompt.doc_spans]
+    assert pieces == ["T1: alpha beta", "gamma"]
+    # <generates_token> sits right before the assistant turn of the chat template.
+    gen_at = prompt.ids.index(joint.generates_token_id)
+    assert tok.decode(prompt.ids[gen_at + 1:]) == "<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("bridge", [True, False])
+def test_answer_with_docs(joint, bridge):
+    passages = [("d1", "T1", "alpha beta"), ("d2", "T2", "gamma delta")]
+    gen = answer_with_docs(joint, joint.tokenizer, "why?", passages, max_new_tokens=6, bridge=bridge)
+    att = gen.attention
+    assert gen.answer_tokens == len(gen.token_ids) <= 6
+    assert gen.context_tokens == len(att["context_tokens"]) == len("T1: alpha beta\nT2: gamma delta")
+    assert len(att["weights"]) == len(att["answer_tokens"]) == gen.answer_tokens
+    assert all(len(row) == gen.context_tokens for row in att["weights"])
+    assert att["doc_spans"] == [[0, 14], [15, 30]]
+    assert att["source"] == ("bridge" if bridge else "base_last_3_layers")
+    assert gen.stop_reason in ("eos", "newline", "max_new_tokens")
+    assert "\n" not in gen.text
+
+
+def test_answer_without_chat_template(tiny_llm_dirs):
+    model = _build(tiny_llm_dirs["nochat"])
+    prompt = answer_prompt(model, model.tokenizer, "why?", [("d1", "T", "x y")])
+    assert prompt.ids[-1] == model.generates_token_id
+    assert model.tokenizer.decode(prompt.ids[:-1]) == "Q: why?\nT: x y\nA:"
+    gen = answer_with_docs(model, model.tokenizer, "why?", [("d1", "T", "x y")], max_new_tokens=3,
+                           output_attentions=False)
+    assert gen.attention["weights"] == [] and gen.prompt_tokens == len(prompt.ids)
+
+
+def test_joint_system_answer(joint):
+    system = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS))
+    answer = system.answer("  who   wrote it? ", k_docs=2, beam_width=4, max_new_tokens=4)
+    assert isinstance(answer, Answer) and answer.system == "joint"
+    assert answer.question == "who wrote it?"
+    assert 1 <= len(answer.docs) <= 2 and len(set(answer.doc_ids)) == len(answer.docs)
+    for doc in answer.docs:
+        assert doc.docid is not None and DOCIDS[doc.docid] == doc.doc_id and doc.score <= 0
+        assert doc.text == CORPUS[doc.doc_id].text
+    assert set(answer.timings_ms) == {"retrieve", "generate"}
+    assert {"beams", "paths", "retrieval_attention", "answer_attention"} <= set(answer.traces)
+    assert len(answer.traces["paths"]) == len(answer.docs)
+    assert answer.prompt_tokens > answer.context_tokens > 0
+    record = answer.to_record()  # JSON-safe summary works
+    assert record["latency_ms"] >= 0
+
+
+def test_joint_system_gold_and_input_checks(joint):
+    system = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS))
+    gold = system.answer("who?", gold_doc_id="d4", max_new_tokens=2)
+    assert gold.doc_ids == ["d4"] and gold.docs[0].docid == (1, 2, 3)
+    assert any("Gold" in n for n in gold.notices)
+    with pytest.raises(UniragError):
+        system.answer("   ")
+    with pytest.raises(UniragError):
+        system.answer("who?", gold_doc_id="missing")
+    long = system.answer("x" * (MAX_QUESTION_CHARS + 50), k_docs=1, beam_width=2, max_new_tokens=1)
+    assert len(long.question) == MAX_QUESTION_CHARS and any("truncated" in n for n in long.notices)
+
+
+def test_joint_system_from_checkpoint(joint, tmp_path):
+    from unirag.docids import DocidTree, TreeConfig
+    from unirag.errors import FingerprintMismatchError
+
+    names = [f"d{i}" for i in range(7)]
+    by_name = {name: docid for docid, name in DOCIDS.items()}
+    tree = DocidTree(names, [by_name[n] for n in names], TreeConfig(), CORPUS.fingerprint)
+    ckpt = joint.save_pretrained(tmp_path / "ckpt", tree=tree)
+    system = JointSystem.from_checkpoint(ckpt, CORPUS)
+    answer = system.answer("who?", k_docs=2, beam_width=3, max_new_tokens=2)
+    assert answer.docs and all(d.doc_id in names for d in answer.docs)
+    other = Corpus([Passage("x", "", "other corpus")], source="other")
+    with pytest.raises(FingerprintMismatchError):
+        JointSystem.from_checkpoint(ckpt, other)
+    (ckpt / "docid_tree.json").unlink()
+    with pytest.raises(UniragError, match="docid tree"):
+        JointSystem.from_checkpoint(ckpt, CORPUS)

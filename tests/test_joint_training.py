@@ -1,0 +1,104 @@
+"""Training on a tiny random model: stage 1 (cached lower layers), stage 2 (LoRA + answers), resume."""
+
+import json
+
+import pytest
+import torch
+
+from unirag.data import Corpus, Passage, Question
+from unirag.docids import DocidTree, TreeConfig
+from unirag.errors import UniragError
+from unirag.joint import training
+from unirag.joint.modeling import JointConfig, JointModel
+
+
+@pytest.fixture()
+def setup(tiny_llm_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
+    from unirag.backbones import load_llm
+
+    corpus = Corpus([Passage(f"d{i}", f"Topic {i}", f"Fact number {i} is here. It has detail {i}. More {i} words.")
+                     for i in range(6)], source="tiny")
+    docids = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (2, 0)]
+    tree = DocidTree(corpus.ids, docids, TreeConfig(k=3, c=3), corpus.fingerprint)
+    base, tok = load_llm(str(tiny_llm_dirs["llama"]))
+    model = JointModel(base, JointConfig(docid_levels=2, docid_branching=3, base_model=str(tiny_llm_dirs["llama"]),
+                                         pathway_layers=2), tok)
+    return corpus, tree, model, tok
+
+
+def test_examples_cover_every_passage_and_question(setup):
+    corpus, tree, model, tok = setup
+    config = training.TrainConfig(corpus="c", questions="q", out="o", pseudo_queries=2)
+    qs = [Question("q1", "what is fact 3?", ("3",), "d3")]
+    examples = training.stage1_examples(corpus, qs, tree, config)
+    assert examples[0] == ("what is fact 3?", (1, 1))
+    assert {docid for _, docid in examples} == set(tree.docids) and len(examples) == 1 + 2 * len(corpus)
+    enc = training.encode_example(model, tok, tree, *examples[0])
+    assert enc.targets == [model.docid_vocab_index(0, 1), model.docid_vocab_index(1, 1)]
+    assert enc.input_ids[enc.first_target] == model.retrieve_token_id
+    assert enc.input_ids[-1] == model.docid_token_id(0, 1)
+    assert enc.allowed[1] == [model.docid_vocab_index(1, s) for s in (0, 1, 2)]
+
+
+def test_cached_top_layer_forward_matches_full_forward(setup):
+    corpus, tree, model, tok = setup
+    with torch.no_grad():
+        for p in model.stage1_parameters():
+            p.normal_(0, 0.05)
+    enc = [training.encode_example(model, tok, tree, "fact 3", (1, 1)),
+           training.encode_example(model, tok, tree, "a longer question about fact 5", (2, 0))]
+    ids, mask, *_ = training.collate(enc, model.docid_head.out_features, 0)
+    layer = model.pathway_layer_ids[0]
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, pathway=True, bridge=False).docid_logits
+        hidden = model.hidden_before_layer(ids, mask, layer)
+        top = model(ids, attention_mask=mask, inputs_embeds=hidden, start_layer=layer, pathway=True,
+                    bridge=False).docid_logits
+    real = mask.bool()
+    assert torch.allclose(full[real], top[real], atol=1e-5)
+
+
+def test_docid_loss_respects_trie(setup):
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 0, 3] = 100.0  # a disallowed index with a huge logit must not matter
+    allowed = torch.tensor([[[True, True, False, False]]])
+    loss = training.docid_loss(logits, torch.tensor([[0]]), torch.tensor([[1]]), allowed)
+    assert loss.item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-5)
+
+
+def test_train_stage1_stage2_and_resume(tiny_llm_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
+    corpus_path, q_path = tmp_path / "corpus.jsonl", tmp_path / "train.jsonl"
+    corpus_path.write_text("".join(json.dumps({"id": f"d{i}", "title": f"T{i}",
+                                               "text": f"Fact {i} is true. Detail {i} follows here."}) + "\n"
+                                   for i in range(8)))
+    q_path.write_text("".join(json.dumps({"id": f"q{i}", "question": f"what about {i}?", "answers": [str(i)],
+                                          "doc_id": f"d{i}"}) + "\n" for i in range(8)))
+    encoder = "embedded:all-minilm-l6-v2"
+    emb = torch.randn(8, 8).numpy()
+    monkeypatch.setattr("unirag.docids.corpus_embeddings", lambda *a, **k: emb)
+    out = tmp_path / "ckpt"
+    args = ["--corpus", str(corpus_path), "--questions", str(q_path), "--out", str(out), "--base-model",
+            str(tiny_llm_dirs["llama"]), "--tree-k", "2", "--tree-c", "2", "--pathway-layers", "2",
+            "--stage1-epochs", "2", "--batch-size", "4", "--validation-questions", "2", "--pseudo-queries", "1"]
+    assert training.main(args) == 0
+    log = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(r["loss"] > 0 for r in log)
+    assert json.loads((out / "trainer_state.json").read_text())["epoch"] == 2
+    with pytest.raises(UniragError, match="--resume"):
+        training.main(args)
+    # resume into stage 2 with a few LoRA steps
+    assert training.main(args + ["--resume", "--stage2-steps", "2", "--save-every", "1",
+                                 "--stage2-docid-batch", "2", "--stage2-answer-batch", "1"]) == 0
+    log = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert [r.get("step") for r in log if r["stage"] == 2] == [1, 2]
+    assert (out / "lora").is_dir() and json.loads((out / "trainer_state.json").read_text())["stage"] == 2
+    loaded = JointModel.from_pretrained(out)
+    assert loaded.lora_enabled and encoder
+
+
+def test_refuses_dev_split(tmp_path):
+    with pytest.raises(UniragError, match="train split"):
+        training.train(training.TrainConfig(corpus="../shared/data/nq/corpus.jsonl",
+                                            questions="../shared/data/nq/dev.jsonl", out=str(tmp_path / "x")))

@@ -1,0 +1,511 @@
+"""Decoding with the joint model: constrained docid beam search, then answering from the picked documents.
+
+Retrieval prompt:  tokens of f"Q: {question}\\n" + <retrieve_token>; the docid head at the last position
+                   predicts level 0; each chosen symbol is fed back as its docid token.
+Answer prompt:     chat template around f"Q: {question}\\n{context}\\nA:" with <generates_token> right
+                   before the assistant turn (plain text + <generates_token> without a template).
+
+Training should build its examples with `retrieval_prompt` / `answer_prompt` so both sides agree.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from unirag.answer import Answer, RetrievedDoc
+from unirag.data import prepare_question
+from unirag.errors import UniragError
+from unirag.joint.modeling import TREE_FILE, JointModel
+
+ANSWER_ATTENTION_LAYERS = 4  # base layers averaged for the answer heatmap when the bridge is off
+
+
+class DocidTrie(Protocol):
+    """What the beam search needs from a docid tree (unirag.docids.DocidTree has it)."""
+
+    def allowed(self, prefix: tuple[int, ...]) -> list[int]: ...
+
+    def doc_id(self, docid: tuple[int, ...]) -> str: ...
+
+
+@dataclass
+class DocidBeam:
+    """One retrieved document: its docid path, log-probability and per-level choices."""
+
+    docid: tuple[int, ...]
+    doc_id: str
+    logprob: float
+    levels: list[dict[str, Any]]  # per level: prefix, children, probs (sum to 1), chosen
+
+    def to_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["docid"] = list(self.docid)
+        return record
+
+
+@dataclass
+class DocidSearch:
+    """Everything the beam search found: ranked distinct docs, all finished beams, and the attention trace."""
+
+    beams: list[DocidBeam]  # distinct documents, best first, at most num_return
+    finished: list[DocidBeam]  # every finished beam, best first
+    attention: dict[str, Any]  # {"tokens", "weights"} from <retrieve_token> over the question tokens
+    prompt_tokens: int = 0
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    context_positions: list[int] = field(default_factory=list)  # absolute positions of context tokens
+    doc_spans: list[list[int]] = field(default_factory=list)  # [start, end) within context_positions
+    text: str = ""
+
+
+@dataclass
+class AnswerGeneration:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    context_tokens: int
+    answer_tokens: int
+    stop_reason: str  # "eos", "newline" or "max_new_tokens"
+    attention: dict[str, Any]
+
+
+# --------------------------------------------------------------------------------------------- prompts
+
+
+def _tokenize(tokenizer, text: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """Token ids and character offsets (None for tokenizers without offsets, i.e. slow ones)."""
+    try:
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    except (NotImplementedError, ValueError, TypeError):
+        return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]), None
+
+
+def _overlapping(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
+    """Positions of tokens whose characters overlap [start, end) (special tokens have empty offsets)."""
+    return [i for i, (s, e) in enumerate(offsets) if e > start and s < end and e > s]
+
+
+def retrieval_prompt(model: JointModel, tokenizer, question: str) -> tuple[list[int], list[int]]:
+    """(ids of f"Q: {question}\\n" + <retrieve_token>, positions of the question's own tokens)."""
+    prefix = "Q: "
+    ids, offsets = _tokenize(tokenizer, f"{prefix}{question}\n", add_special_tokens=True)
+    if offsets is None:
+        positions = list(range(len(ids)))
+    else:
+        positions = _overlapping(offsets, len(prefix), len(prefix) + len(question))
+    return ids + [model.retrieve_token_id], positions
+
+
+def answer_prompt(
+    model: JointModel, tokenizer, question: str, passages: Sequence[tuple[str, str, str]]
+) -> Prompt:
+    """Ids of the answer prompt and where the context and each passage sit in it."""
+    pieces = [f"{title}: {text}" if title else text for _, title, text in passages]
+    head = f"Q: {question}\n"
+    context = "\n".join(pieces)
+    user_text = f"{head}{context}\nA:"
+    # Character span of each passage inside user_text.
+    spans, cursor = [], len(head)
+    for piece in pieces:
+        spans.append((cursor, cursor + len(piece)))
+        cursor += len(piece) + 1
+
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": user_text}]
+        without = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        with_gen = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        header = with_gen[len(without):] if with_gen.startswith(without) else ""
+        # Unusual templates whose generation prompt is not a suffix: put the token at the very end instead.
+        body = without if header else with_gen
+        ids, offsets = _tokenize(tokenizer, body, add_special_tokens=False)
+        header_ids, _ = _tokenize(tokenizer, header, add_special_tokens=False) if header else ([], None)
+        full_ids = ids + [model.generates_token_id] + header_ids
+        base = body.find(user_text)
+        text = body + "<generates_token>" + header
+    else:
+        ids, offsets = _tokenize(tokenizer, user_text, add_special_tokens=True)
+        full_ids = ids + [model.generates_token_id]
+        base = 0
+        text = user_text + "<generates_token>"
+
+    prompt = Prompt(ids=full_ids, text=text)
+    if offsets is None or base < 0 or not pieces:
+        return prompt
+    prompt.context_positions = _overlapping(offsets, base + len(head), base + len(head) + len(context))
+    if prompt.context_positions:
+        first = prompt.context_positions[0]
+        for start, end in spans:
+            positions = _overlapping(offsets, base + start, base + end)
+            prompt.doc_spans.append([positions[0] - first, positions[-1] + 1 - first] if positions else [0, 0])
+    return prompt
+
+
+def _token_strings(tokenizer, ids: Sequence[int], model: JointModel | None = None) -> list[str]:
+    out = []
+    for i in ids:
+        if model is not None and i >= model.extra_vocab_offset:
+            out.append(model.extra_token_name(i))
+        else:
+            out.append(tokenizer.decode([i]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- docids
+
+
+@dataclass
+class _Hyp:
+    prefix: tuple[int, ...]
+    score: float
+    levels: list[dict[str, Any]]
+    children: list[int]  # trie.allowed(prefix); [] = complete docid
+
+
+@torch.inference_mode()
+def search_docids(
+    model: JointModel,
+    tokenizer,
+    question: str,
+    trie: DocidTrie,
+    beam_width: int = 10,
+    num_return: int = 3,
+    pathway: bool = True,
+    bridge: bool = True,
+) -> DocidSearch:
+    """Beam search over the docid trie with the docid head; returns distinct documents and traces.
+
+    The prompt runs once with the KV cache; beams are then expanded together in one batch, the cache being
+    re-indexed to follow the surviving beams. At each level the docid head's logits are restricted to the
+    allowed children and renormalised (log-softmax over that set). A complete docid (allowed == []) can
+    only be followed by end-of-docid, whose renormalised log-probability is 0, so the beam finishes.
+    """
+    if beam_width < 1 or num_return < 1:
+        raise UniragError("beam_width and num_return must be >= 1.")
+    L = model.config.docid_levels
+    device = model.device
+    prompt_ids, question_positions = retrieval_prompt(model, tokenizer, question)
+    root_children = [int(c) for c in trie.allowed(())]
+    if not root_children:  # empty tree: nothing to retrieve
+        return DocidSearch([], [], {"tokens": [], "weights": []}, len(prompt_ids))
+    out = model(
+        torch.tensor([prompt_ids], device=device), use_cache=True, pathway=pathway, bridge=bridge,
+        output_attentions=pathway, return_lm_logits=False, attention_layers=(),
+    )
+    attention = _retrieval_attention(model, tokenizer, prompt_ids, question_positions, out)
+    cache = out.past_key_values
+    rows = out.docid_logits[:, -1].float()
+
+    finished: list[_Hyp] = []
+    best_per_doc: dict[str, float] = {}  # distinct documents found so far → best log-prob
+    active = [_Hyp((), 0.0, [], root_children)]
+    while active:
+        candidates: list[tuple[float, int, int, dict[str, Any]]] = []
+        for b, hyp in enumerate(active):
+            level = len(hyp.prefix)
+            if level >= L:
+                raise UniragError(f"The docid tree is deeper than the model's {L} docid levels.")
+            index = torch.tensor([model.docid_vocab_index(level, c) for c in hyp.children], device=rows.device)
+            logp = torch.log_softmax(rows[b, index], dim=-1)
+            info = {"prefix": list(hyp.prefix), "children": list(hyp.children), "probs": logp.exp().tolist()}
+            for c, lp in zip(hyp.children, logp.tolist(), strict=True):
+                candidates.append((hyp.score + lp, b, c, info))
+        candidates.sort(key=lambda item: -item[0])  # stable: ties keep trie order
+        next_active, parents, next_tokens = [], [], []
+        for score, b, c, info in candidates[:beam_width]:
+            parent = active[b]
+            prefix = parent.prefix + (c,)
+            hyp = _Hyp(prefix, score, parent.levels + [{**info, "chosen": c}], [int(x) for x in trie.allowed(prefix)])
+            if hyp.children:
+                next_active.append(hyp)
+                parents.append(b)
+                next_tokens.append(model.docid_token_id(len(parent.prefix), c))
+            else:
+                finished.append(hyp)
+                doc = trie.doc_id(prefix)
+                best_per_doc[doc] = max(score, best_per_doc.get(doc, -math.inf))
+        # Scores only decrease: stop once no live beam can beat the num_return-th distinct document.
+        if len(best_per_doc) >= num_return:
+            bar = sorted(best_per_doc.values(), reverse=True)[num_return - 1]
+            keep = [i for i, h in enumerate(next_active) if h.score > bar]
+            next_active = [next_active[i] for i in keep]
+            parents = [parents[i] for i in keep]
+            next_tokens = [next_tokens[i] for i in keep]
+        active = next_active
+        if not active:
+            break
+        cache.batch_select_indices(torch.tensor(parents, device=device))
+        out = model(
+            torch.tensor([[t] for t in next_tokens], device=device), past_key_values=cache, use_cache=True,
+            pathway=pathway, bridge=bridge, return_lm_logits=False,
+        )
+        cache = out.past_key_values
+        rows = out.docid_logits[:, -1].float()
+
+    finished.sort(key=lambda h: -h.score)
+    all_beams = [DocidBeam(h.prefix, trie.doc_id(h.prefix), h.score, h.levels) for h in finished]
+    distinct: list[DocidBeam] = []
+    seen: set[str] = set()
+    for beam in all_beams:
+        if beam.doc_id not in seen:
+            seen.add(beam.doc_id)
+            distinct.append(beam)
+    return DocidSearch(distinct[:num_return], all_beams, attention, len(prompt_ids))
+
+
+def generate_docids(
+    model: JointModel,
+    tokenizer,
+    question: str,
+    trie: DocidTrie,
+    beam_width: int = 10,
+    num_return: int = 3,
+    pathway: bool = True,
+    bridge: bool = True,
+) -> list[DocidBeam]:
+    """Distinct documents ranked by docid log-probability (see `search_docids` for the traces)."""
+    return search_docids(model, tokenizer, question, trie, beam_width, num_return, pathway, bridge).beams
+
+
+def _retrieval_attention(model, tokenizer, prompt_ids, question_positions, out) -> dict[str, Any]:
+    """Retrieval-head attention from <retrieve_token> over the question tokens (mean over layers and heads)."""
+    if not out.retrieval_attentions:
+        return {"tokens": [], "weights": []}
+    rows = torch.stack([a[0, :, -1, :].float() for a in out.retrieval_attentions])  # [layers, heads, S]
+    weights = rows.mean(dim=(0, 1))
+    return {
+        "tokens": _token_strings(tokenizer, [prompt_ids[i] for i in question_positions]),
+        "weights": [float(weights[i]) for i in question_positions],
+    }
+
+
+# --------------------------------------------------------------------------------------------- answers
+
+
+def _eos_ids(model: JointModel, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model.causal_lm, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(e) for e in eos)
+    return ids
+
+
+@torch.inference_mode()
+def answer_with_docs(
+    model: JointModel,
+    tokenizer,
+    question: str,
+    passages: Sequence[tuple[str, str, str]],
+    max_new_tokens: int = 32,
+    output_attentions: bool = True,
+    pathway: bool = True,
+    bridge: bool = True,
+) -> AnswerGeneration:
+    """Greedy answer from (doc_id, title, text) passages with the KV cache; stops at EOS or a newline.
+
+    Leading newlines are skipped rather than ending the answer empty. The attention trace has, for each
+    answer token, the weights of the query that produced it over the context tokens: bridge attention when
+    the bridge is on, else the base's last layers, averaged over heads (and layers).
+    """
+    prompt = answer_prompt(model, tokenizer, question, passages)
+    device = model.device
+    num_layers = len(model.decoder.layers)
+    last_layers = tuple(range(max(0, num_layers - ANSWER_ATTENTION_LAYERS), num_layers))
+    use_bridge = bridge and pathway
+    kwargs = {
+        "pathway": pathway,
+        "bridge": use_bridge,
+        "output_attentions": output_attentions,
+        "attention_layers": () if use_bridge else last_layers,
+    }
+    eos = _eos_ids(model, tokenizer)
+    ctx = torch.tensor(prompt.context_positions, dtype=torch.long, device=device)
+
+    def attention_row(out) -> list[float]:
+        if not output_attentions or ctx.numel() == 0:
+            return []
+        if use_bridge:
+            row = out.bridge_attentions[0, :, -1, :].float().mean(0)
+        else:
+            row = torch.stack([out.attentions[i][0, :, -1, :].float() for i in last_layers]).mean(dim=(0, 1))
+        return row[ctx].tolist()
+
+    out = model(torch.tensor([prompt.ids], device=device), use_cache=True, **kwargs)
+    answer_ids: list[int] = []
+    rows: list[list[float]] = []
+    stop, started = "max_new_tokens", False
+    for _ in range(max_new_tokens):
+        token = int(out.lm_logits[0, -1].argmax())
+        if token in eos:
+            stop = "eos"
+            break
+        piece = tokenizer.decode([token])
+        if "\n" in piece:
+            before = piece.split("\n", 1)[0]
+            if started or before.strip():
+                if before.strip():
+                    answer_ids.append(token)
+                    rows.append(attention_row(out))
+                stop = "newline"
+                break
+            # A leading newline is fed back to the model but is not part of the answer.
+        else:
+            answer_ids.append(token)
+            rows.append(attention_row(out))
+            started = started or bool(piece.strip())
+        out = model(torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True,
+                    **kwargs)
+
+    text = tokenizer.decode(answer_ids, skip_special_tokens=True).split("\n", 1)[0].strip()
+    attention = {
+        "answer_tokens": _token_strings(tokenizer, answer_ids),
+        "context_tokens": _token_strings(tokenizer, [prompt.ids[i] for i in prompt.context_positions]),
+        "weights": rows if output_attentions else [],
+        "doc_spans": prompt.doc_spans,
+        "source": ("bridge" if use_bridge else f"base_last_{len(last_layers)}_layers") if output_attentions else None,
+    }
+    return AnswerGeneration(
+        text=text,
+        token_ids=answer_ids,
+        prompt_tokens=len(prompt.ids),
+        context_tokens=len(prompt.context_positions),
+        answer_tokens=len(answer_ids),
+        stop_reason=stop,
+        attention=attention,
+    )
+
+
+# --------------------------------------------------------------------------------------------- system
+
+
+class JointSystem:
+    """Question → docids (beam search over the trie) → answer from those documents, as an `Answer`."""
+
+    name = "joint"
+
+    def __init__(self, model: JointModel, tokenizer, corpus, trie: DocidTrie, pathway: bool = True,
+                 bridge: bool = True) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.corpus = corpus
+        self.trie = trie
+        self.pathway = pathway
+        self.bridge = bridge
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint_dir: str | Path,
+        corpus,
+        load_in_4bit: bool = False,
+        base_model: str | None = None,
+        pathway: bool = True,
+        bridge: bool = True,
+    ) -> JointSystem:
+        """Load model, tokenizer and the checkpoint's docid tree (checked against `corpus`)."""
+        from unirag.docids import DocidTree
+
+        ckpt = Path(checkpoint_dir)
+        tree_path = ckpt / TREE_FILE
+        if not tree_path.is_file():
+            raise UniragError(f"{tree_path} is missing: a joint checkpoint must ship its docid tree.")
+        tree = DocidTree.load(tree_path, corpus)  # before the model: a corpus mismatch fails fast
+        model = JointModel.from_pretrained(ckpt, load_in_4bit=load_in_4bit, base_model=base_model)
+        return cls(model, model.tokenizer, corpus, tree, pathway=pathway, bridge=bridge)
+
+    def answer(
+        self,
+        question: str,
+        k_docs: int = 2,
+        beam_width: int = 10,
+        max_new_tokens: int = 32,
+        gold_doc_id: str | None = None,
+    ) -> Answer:
+        text, notices = prepare_question(question)
+        if k_docs < 1:
+            raise UniragError("k_docs must be >= 1.")
+        model = self.model
+        traces: dict[str, Any] = {}
+        timings: dict[str, float] = {}
+
+        if gold_doc_id is not None:
+            # The reader's upper bound: the gold document is the only context, retrieval is skipped.
+            passage = self.corpus[gold_doc_id]
+            docid = None
+            if hasattr(self.trie, "docid"):
+                try:
+                    docid = tuple(self.trie.docid(gold_doc_id))
+                except (KeyError, UniragError):
+                    docid = None
+            docs = [RetrievedDoc(passage.id, passage.title, passage.text, 0.0, docid)]
+            notices.append(f"Gold document {gold_doc_id} forced as the only context (retrieval skipped).")
+            timings["retrieve"] = 0.0
+            traces.update(beams=[], paths=[], retrieval_attention={"tokens": [], "weights": []})
+        else:
+            start = time.perf_counter()
+            search = search_docids(model, self.tokenizer, text, self.trie, max(beam_width, k_docs), k_docs,
+                                   self.pathway, self.bridge)
+            timings["retrieve"] = (time.perf_counter() - start) * 1000
+            docs = []
+            for beam in search.beams:
+                passage = self.corpus[beam.doc_id]
+                docs.append(RetrievedDoc(passage.id, passage.title, passage.text, beam.logprob, beam.docid))
+            traces.update(
+                beams=[b.to_dict() for b in search.finished],
+                paths=[b.levels for b in search.beams],
+                retrieval_attention=search.attention,
+                retrieval_prompt_tokens=search.prompt_tokens,
+            )
+            if not docs:
+                notices.append("No document was retrieved (empty docid tree).")
+
+        start = time.perf_counter()
+        generation = answer_with_docs(
+            model, self.tokenizer, text, [(d.doc_id, d.title, d.text) for d in docs],
+            max_new_tokens=max_new_tokens, pathway=self.pathway, bridge=self.bridge,
+        )
+        timings["generate"] = (time.perf_counter() - start) * 1000
+        traces["answer_attention"] = generation.attention
+        traces["stop_reason"] = generation.stop_reason
+        return Answer(
+            system=self.name,
+            question=text,
+            text=generation.text,
+            docs=docs,
+            prompt_tokens=generation.prompt_tokens,
+            context_tokens=generation.context_tokens,
+            answer_tokens=generation.answer_tokens,
+            timings_ms=timings,
+            notices=notices,
+            traces=traces,
+        )
+
+
+__all__ = [
+    "AnswerGeneration",
+    "DocidBeam",
+    "DocidSearch",
+    "DocidTrie",
+    "JointSystem",
+    "Prompt",
+    "answer_prompt",
+    "answer_with_docs",
+    "generate_docids",
+    "retrieval_prompt",
+    "search_docids",
+]

@@ -1,0 +1,479 @@
+"""Two-stage training of the joint model: `python -m unirag train ...`.
+
+Stage 1 (retrieval warm-up): the base LLM is frozen; the pathway, the docid head and the docid
+entry embeddings learn query → docid from training questions plus indexing examples made from every
+passage (title, sentences). Because everything below the first pathway layer is frozen, the hidden
+states entering that layer are computed once and cached on disk; epochs then run only the top layers.
+(The docid tokens' bottom embeddings stay frozen in stage 1 for the same reason; their trainable
+part is the entry embedding added at the first pathway layer.)
+
+Stage 2 (joint): LoRA on the base plus the stage-1 parameters plus the bridge, on a balanced mix
+of the docid loss and the answer loss. The answer loss reads the documents the model itself
+retrieves (its top docids), with the first gold answer as the target.
+
+Runs are seeded, show progress, log losses to the checkpoint folder and resume from the last save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from unirag.backbones import load_llm
+from unirag.data import Corpus, Question, load_corpus, load_questions
+from unirag.docids import DocidTree, TreeConfig, load_or_build_tree
+from unirag.errors import UniragError
+from unirag.joint.decoding import answer_prompt, retrieval_prompt, search_docids
+from unirag.joint.modeling import JointConfig, JointModel
+from unirag.paths import cache_dir
+
+STATE_FILE = "trainer_state.json"
+LOSS_LOG = "loss_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    corpus: str
+    questions: str  # the train split only: dev questions must never be trained on
+    out: str
+    base_model: str | None = None
+    load_in_4bit: bool = False  # stage 2 QLoRA-style on an NF4 base
+    seed: int = 0
+    # docid tree
+    tree_k: int = 10
+    tree_c: int = 10
+    # architecture
+    pathway_layers: int = 4
+    retrieval_heads: int = 4
+    retrieval_mlp_dim: int = 512
+    # indexing data: pseudo-queries per passage (title+first sentence, then further sentences)
+    pseudo_queries: int = 3
+    pseudo_query_words: int = 32
+    validation_questions: int = 100  # held out from the train split to pick/monitor, never dev
+    # stage 1
+    stage1_epochs: int = 4
+    stage1_lr: float = 2e-3
+    batch_size: int = 32
+    # stage 2
+    stage2_steps: int = 0
+    stage2_lr: float = 3e-4
+    stage2_docid_batch: int = 8
+    stage2_answer_batch: int = 2
+    stage2_docs: int = 2
+    lora_r: int = 16
+    lora_alpha: int = 32
+    save_every: int = 50  # steps between checkpoints
+
+    @classmethod
+    def from_args(cls, argv: list[str]) -> TrainConfig:
+        parser = argparse.ArgumentParser(prog="python -m unirag train", description=__doc__.split("\n\n")[0])
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, action="store_true", default=f.default)
+            elif f.name in ("corpus", "questions", "out"):
+                parser.add_argument(flag, required=True)
+            else:
+                kind = {"int": int, "float": float}.get(str(f.type), str)
+                parser.add_argument(flag, type=kind, default=f.default)
+        parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+        args = vars(parser.parse_args(argv))
+        resume = args.pop("resume")
+        config = cls(**args)
+        config.resume = resume  # type: ignore[attr-defined]
+        return config
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------ examples
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+
+
+def split_sentences(text: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE.split(text) if len(s.split()) >= 4]
+
+
+def _clip(text: str, words: int) -> str:
+    return " ".join(text.split()[:words])
+
+
+def indexing_queries(title: str, text: str, n: int, words: int) -> list[str]:
+    """Pseudo-queries for one passage: title + first sentence, then its next sentences."""
+    sentences = split_sentences(text) or [text]
+    queries = [_clip(f"{title}. {sentences[0]}" if title else sentences[0], words)]
+    queries += [_clip(s, words) for s in sentences[1:n]]
+    return queries[:n]
+
+
+def stage1_examples(corpus: Corpus, questions: list[Question], tree: DocidTree, config: TrainConfig
+                    ) -> list[tuple[str, tuple[int, ...]]]:
+    examples = [(q.question, tree.docid(q.doc_id)) for q in questions if q.doc_id is not None]
+    for passage in corpus:
+        docid = tree.docid(passage.id)
+        examples += [(query, docid) for query in
+                     indexing_queries(passage.title, passage.text, config.pseudo_queries, config.pseudo_query_words)]
+    return examples
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]  # retrieval prompt + teacher-forced docid tokens
+    first_target: int  # position whose docid logits predict level 0
+    targets: list[int]  # docid-head indices per level
+    allowed: list[list[int]]  # allowed docid-head indices per level (the trie)
+
+
+def encode_example(model: JointModel, tokenizer, tree: DocidTree, text: str, docid: tuple[int, ...]
+                   ) -> EncodedExample:
+    prompt, _ = retrieval_prompt(model, tokenizer, text)
+    inputs = prompt + [model.docid_token_id(level, s) for level, s in enumerate(docid[:-1])]
+    targets = [model.docid_vocab_index(level, s) for level, s in enumerate(docid)]
+    allowed = [[model.docid_vocab_index(level, s) for s in tree.allowed(docid[:level])] for level in range(len(docid))]
+    return EncodedExample(inputs, len(prompt) - 1, targets, allowed)
+
+
+def collate(examples: list[EncodedExample], vocab: int, pad_id: int):
+    """Right-padded ids, mask, target positions and a trie mask over the docid vocabulary."""
+    width = max(len(e.input_ids) for e in examples)
+    levels = max(len(e.targets) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    positions = torch.zeros((len(examples), levels), dtype=torch.long)
+    targets = torch.full((len(examples), levels), -100, dtype=torch.long)
+    allowed = torch.zeros((len(examples), levels, vocab), dtype=torch.bool)
+    for row, e in enumerate(examples):
+        ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[row, : len(e.input_ids)] = 1
+        for level, (target, options) in enumerate(zip(e.targets, e.allowed, strict=True)):
+            positions[row, level] = e.first_target + level
+            targets[row, level] = target
+            allowed[row, level, options] = True
+    allowed[targets == -100] = True  # padding levels: any row works, the loss ignores them
+    return ids, mask, positions, targets, allowed
+
+
+def docid_loss(docid_logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+               allowed: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy restricted to the trie's allowed children (as the beam search renormalises)."""
+    picked = docid_logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, docid_logits.shape[-1]))
+    picked = picked.float().masked_fill(~allowed, float("-inf"))
+    return torch.nn.functional.cross_entropy(picked.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+# ------------------------------------------------------------------------------------------ stage-1 cache
+
+
+def boundary_cache(model: JointModel, examples: list[EncodedExample], key: str, batch_size: int
+                   ) -> list[torch.Tensor]:
+    """Hidden states entering the first pathway layer, per example (fp16, cached on disk by `key`)."""
+    path = cache_dir() / "stage1" / f"{key}.safetensors"
+    if path.is_file():
+        blob = load_file(path)
+        flat, lengths = blob["hidden"], blob["lengths"].tolist()
+        if len(lengths) == len(examples):
+            return list(torch.split(flat, lengths))
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    states: list[torch.Tensor | None] = [None] * len(examples)
+    layer = model.pathway_layer_ids[0]
+    for start in tqdm(range(0, len(order), batch_size), desc="stage 1: caching frozen lower layers", unit="batch"):
+        rows = order[start : start + batch_size]
+        ids, mask, *_ = collate([examples[i] for i in rows], model.docid_head.out_features, 0)
+        with torch.inference_mode():
+            hidden = model.hidden_before_layer(ids, mask, layer)
+        for j, i in enumerate(rows):
+            states[i] = hidden[j, : len(examples[i].input_ids)].to(torch.float16).clone()
+    done = [s for s in states if s is not None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    save_file({"hidden": torch.cat(done), "lengths": torch.tensor([len(s) for s in done])}, str(tmp))
+    os.replace(tmp, path)
+    return done
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(model: JointModel, tree: DocidTree, optimizer: torch.optim.Optimizer, out: Path,
+                    state: dict, config: TrainConfig) -> None:
+    """Atomic-ish save: write to a sibling folder, then swap, so a kill never leaves a broken checkpoint."""
+    tmp = out.with_name(out.name + ".saving")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tree.save(tmp / "docid_tree.json")
+    tensors, layout = {}, {}
+    for g, group in enumerate(optimizer.param_groups):
+        for p_i, param in enumerate(group["params"]):
+            for name, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value):
+                    tensors[f"{g}.{p_i}.{name}"] = value.detach().float().contiguous()
+                else:
+                    layout[f"{g}.{p_i}.{name}"] = value
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer_scalars": layout, "config": asdict(config)}))
+    if (out / LOSS_LOG).is_file():
+        (tmp / LOSS_LOG).write_bytes((out / LOSS_LOG).read_bytes())
+    for name in os.listdir(out) if out.exists() else []:
+        if name.startswith("eval_") or name == "RESULTS.md":
+            (tmp / name).write_bytes((out / name).read_bytes())
+    if out.exists():
+        import shutil
+
+        old = out.with_name(out.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, out: Path, scalars: dict) -> None:
+    tensors = load_file(str(out / "optimizer.safetensors"))
+    for g, group in enumerate(optimizer.param_groups):
+        for p_i, param in enumerate(group["params"]):
+            entry = {name.split(".", 2)[2]: value for name, value in tensors.items() if name.startswith(f"{g}.{p_i}.")}
+            entry.update({k.split(".", 2)[2]: v for k, v in scalars.items() if k.startswith(f"{g}.{p_i}.")})
+            if entry:
+                optimizer.state[param] = {k: (v.to(param.dtype) if torch.is_tensor(v) and k != "step" else v)
+                                          for k, v in entry.items()}
+
+
+def log_losses(out: Path, record: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / LOSS_LOG).open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+def retrieval_recall(model: JointModel, tokenizer, tree: DocidTree, questions: list[Question],
+                     beam_width: int = 10) -> dict:
+    """R@1 / R@3 of the model's own docid search on held-out train questions."""
+    hits1 = hits3 = 0
+    model.eval()
+    with torch.inference_mode():
+        for q in questions:
+            found = [b.doc_id for b in search_docids(model, tokenizer, q.question, tree, beam_width, 3,
+                                                     pathway=True, bridge=model.lora_enabled).beams]
+            hits1 += q.doc_id in found[:1]
+            hits3 += q.doc_id in found[:3]
+    n = max(len(questions), 1)
+    return {"recall@1": round(hits1 / n, 4), "recall@3": round(hits3 / n, 4), "n": len(questions)}
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def build_or_resume(config: TrainConfig, corpus: Corpus, tree: DocidTree, resume: bool):
+    out = Path(config.out)
+    if resume and (out / STATE_FILE).is_file():
+        model = JointModel.from_pretrained(out, load_in_4bit=config.load_in_4bit, base_model=config.base_model)
+        state = json.loads((out / STATE_FILE).read_text())
+        return model, model.tokenizer, state
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise UniragError(f"{out} already holds files; pass --resume to continue it or choose another --out.")
+    base, tokenizer = load_llm(config.base_model, load_in_4bit=config.load_in_4bit)
+    joint_config = JointConfig(
+        docid_levels=tree.depth, docid_branching=tree.branching, base_model=config.base_model,
+        pathway_layers=config.pathway_layers, retrieval_heads=config.retrieval_heads,
+        retrieval_mlp_dim=config.retrieval_mlp_dim,
+    )
+    model = JointModel(base, joint_config, tokenizer)
+    return model, tokenizer, {"stage": 1, "epoch": 0, "step": 0, "best_recall@1": -1.0}
+
+
+def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: list[Question],
+               config: TrainConfig, state: dict, out: Path) -> dict:
+    encoded = [encode_example(model, tokenizer, tree, text, docid) for text, docid in examples]
+    key_src = json.dumps([config.base_model, model.pathway_layer_ids, tree.corpus_fingerprint,
+                          [e.input_ids for e in encoded]]) + str(model.extra_embed.weight.sum().item())
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    cached = boundary_cache(model, encoded, key, config.batch_size)
+    params = model.stage1_parameters()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.stage1_lr, weight_decay=0.0)
+    if state.get("optimizer_scalars") is not None and state["stage"] == 1 and state["epoch"] > 0:
+        load_optimizer(optimizer, out, state["optimizer_scalars"])
+    vocab = model.docid_head.out_features
+    pad = tokenizer.pad_token_id or 0
+    layer = model.pathway_layer_ids[0]
+    steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
+    total = steps_per_epoch * config.stage1_epochs
+    for epoch in range(state["epoch"], config.stage1_epochs):
+        rng = random.Random(config.seed * 1000 + epoch)
+        # Length-bucketed shuffled batches: little padding, different batches each epoch.
+        order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i].input_ids), rng.random()))
+        batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        rng.shuffle(batches)
+        model.train()
+        running = []
+        bar = tqdm(batches, desc=f"stage 1 epoch {epoch + 1}/{config.stage1_epochs}", unit="batch")
+        for step_in_epoch, rows in enumerate(bar):
+            global_step = epoch * steps_per_epoch + step_in_epoch
+            for group in optimizer.param_groups:  # cosine decay with a short warm-up
+                warm = min(1.0, (global_step + 1) / 50)
+                group["lr"] = config.stage1_lr * warm * 0.5 * (1 + math.cos(math.pi * global_step / total))
+            batch = [encoded[i] for i in rows]
+            ids, mask, positions, targets, allowed = collate(batch, vocab, pad)
+            hidden = torch.zeros(ids.shape[0], ids.shape[1], cached[rows[0]].shape[-1])
+            for j, i in enumerate(rows):
+                hidden[j, : cached[i].shape[0]] = cached[i].float()
+            outputs = model(ids, attention_mask=mask, inputs_embeds=hidden.to(model.dtype), start_layer=layer,
+                            pathway=True, bridge=False, return_lm_logits=False)
+            loss = docid_loss(outputs.docid_logits, positions, targets, allowed)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            running.append(loss.item())
+            bar.set_postfix(loss=f"{sum(running[-50:]) / len(running[-50:]):.3f}")
+        metrics = retrieval_recall(model, tokenizer, tree, valid) if valid else {}
+        record = {"stage": 1, "epoch": epoch + 1, "loss": round(sum(running) / len(running), 4),
+                  "valid": metrics, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        log_losses(out, record)
+        print(json.dumps(record), flush=True)
+        state.update(stage=1, epoch=epoch + 1, step=0)
+        save_checkpoint(model, tree, optimizer, out, state, config)
+    return state
+
+
+def _answer_example(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, question: Question,
+                    n_docs: int) -> tuple[list[int], list[int]]:
+    """(input ids, labels) for one answer example, reading the model's own top docids."""
+    with torch.no_grad():
+        beams = search_docids(model, tokenizer, question.question, tree, 10, n_docs, pathway=True, bridge=True).beams
+    passages = [(b.doc_id, corpus[b.doc_id].title, corpus[b.doc_id].text) for b in beams]
+    prompt = answer_prompt(model, tokenizer, question.question, passages).ids
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if not isinstance(eos, int) or eos == tokenizer.unk_token_id:
+        eos = tokenizer.eos_token_id
+    target = tokenizer(question.answers[0], add_special_tokens=False)["input_ids"] + [eos]
+    return prompt + target, [-100] * len(prompt) + target
+
+
+def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, examples, train_qs: list[Question],
+               valid: list[Question], config: TrainConfig, state: dict, out: Path) -> dict:
+    if not model.lora_enabled:
+        model.enable_lora(r=config.lora_r, alpha=config.lora_alpha)
+    params = model.trainable_parameters(stage=2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.stage2_lr, weight_decay=0.0)
+    start_step = state["step"] if state["stage"] == 2 else 0
+    if state["stage"] == 2 and start_step > 0:
+        load_optimizer(optimizer, out, state.get("optimizer_scalars", {}))
+    vocab = model.docid_head.out_features
+    pad = tokenizer.pad_token_id or 0
+    answerable = [q for q in train_qs if q.answers]
+    bar = tqdm(range(start_step, config.stage2_steps), desc="stage 2 (docid + answer)", unit="step",
+               initial=start_step, total=config.stage2_steps)
+    running = []
+    for step in bar:
+        rng = random.Random(config.seed * 7919 + step)
+        for group in optimizer.param_groups:
+            group["lr"] = config.stage2_lr * min(1.0, (step + 1) / 20)
+        model.train()
+        # Docid loss: a full forward (LoRA changes the lower layers too, so no cache here).
+        batch = [encode_example(model, tokenizer, tree, *examples[rng.randrange(len(examples))])
+                 for _ in range(config.stage2_docid_batch)]
+        ids, mask, positions, targets, allowed = collate(batch, vocab, pad)
+        out_docid = model(ids, attention_mask=mask, pathway=True, bridge=True, return_lm_logits=False)
+        loss_docid = docid_loss(out_docid.docid_logits, positions, targets, allowed)
+        # Answer loss: read the documents the model itself retrieves.
+        model.eval()
+        pairs = [_answer_example(model, tokenizer, corpus, tree, answerable[rng.randrange(len(answerable))],
+                                 config.stage2_docs) for _ in range(config.stage2_answer_batch)]
+        model.train()
+        width = max(len(p[0]) for p in pairs)
+        a_ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+        a_mask = torch.zeros_like(a_ids)
+        labels = torch.full_like(a_ids, -100)
+        for row, (inp, lab) in enumerate(pairs):
+            a_ids[row, : len(inp)] = torch.tensor(inp)
+            a_mask[row, : len(inp)] = 1
+            labels[row, : len(lab)] = torch.tensor(lab)
+        out_answer = model(a_ids, attention_mask=a_mask, pathway=True, bridge=True)
+        logits = out_answer.lm_logits[:, :-1].float()
+        loss_answer = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
+                                                        ignore_index=-100)
+        loss = 0.5 * loss_docid + 0.5 * loss_answer  # the balanced mix
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        running.append((loss_docid.item(), loss_answer.item()))
+        recent = running[-20:]
+        bar.set_postfix(docid=f"{sum(r[0] for r in recent) / len(recent):.3f}",
+                        answer=f"{sum(r[1] for r in recent) / len(recent):.3f}")
+        if (step + 1) % config.save_every == 0 or step + 1 == config.stage2_steps:
+            record = {"stage": 2, "step": step + 1,
+                      "loss_docid": round(sum(r[0] for r in running) / len(running), 4),
+                      "loss_answer": round(sum(r[1] for r in running) / len(running), 4),
+                      "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            if step + 1 == config.stage2_steps and valid:
+                record["valid"] = retrieval_recall(model, tokenizer, tree, valid)
+            log_losses(out, record)
+            print(json.dumps(record), flush=True)
+            running = []
+            state.update(stage=2, step=step + 1)
+            save_checkpoint(model, tree, optimizer, out, state, config)
+    return state
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    if Path(config.questions).stem in ("dev", "test", "validation"):
+        raise UniragError(f"{config.questions} looks like an evaluation split; train on the train split only.")
+    seed_everything(config.seed)
+    corpus = load_corpus(config.corpus)
+    questions = load_questions(config.questions, corpus)
+    rng = random.Random(config.seed)
+    shuffled = questions[:]
+    rng.shuffle(shuffled)
+    valid = [q for q in shuffled[: config.validation_questions] if q.doc_id]
+    train_qs = shuffled[config.validation_questions :]
+    tree = load_or_build_tree(corpus, TreeConfig(k=config.tree_k, c=config.tree_c, seed=config.seed))
+    out = Path(config.out)
+    model, tokenizer, state = build_or_resume(config, corpus, tree, resume)
+    if tree.corpus_fingerprint != corpus.fingerprint:
+        raise UniragError("The docid tree does not match the corpus.")
+    examples = stage1_examples(corpus, train_qs, tree, config)
+    print(f"[train] {len(train_qs)} train questions, {len(valid)} held out, {len(examples)} stage-1 examples, "
+          f"tree depth {tree.depth}, branching {tree.branching}", flush=True)
+    if state["stage"] == 1 and state["epoch"] < config.stage1_epochs:
+        state = run_stage1(model, tokenizer, tree, examples, valid, config, state, out)
+    if config.stage2_steps > 0 and (state["stage"] == 1 or state["step"] < config.stage2_steps):
+        state = run_stage2(model, tokenizer, corpus, tree, examples, train_qs, valid, config, state, out)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    config = TrainConfig.from_args(argv)
+    train(config, resume=getattr(config, "resume", False))
+    return 0
