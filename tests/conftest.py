@@ -5,6 +5,7 @@ from __future__ import annotations
 import string
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 CHAT_TEMPLATE = (
@@ -79,3 +80,18 @@ def tiny_llm_dirs(tmp_path_factory) -> dict[str, Path]:
         "llama4": build_tiny_llm(root / "llama4", "llama", num_layers=4, seed=3),
         "nochat": build_tiny_llm(root / "nochat", "llama", chat_template=False, seed=4),
     }
+
+
+class BagOfWordsEncoder:
+    """Deterministic stand-in encoder: hashed bag of words, L2-normalised."""
+
+    name = "bow"
+
+    def _enc(self, texts):
+        out = np.zeros((len(texts), 64), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in text.lower().replace(".", " ").replace("?", " ").split():
+                out[i, sum(map(ord, word)) % 64] += 1
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
+
+    encode_queries = encode_passages = _enc

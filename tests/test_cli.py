@@ -109,3 +109,53 @@ def test_ask_with_empty_question_and_eval_contract(files, capsys, tiny_llm_dirs)
     ):
         assert key in summary
     assert summary["n"] == 1 and json.loads(out_file.read_text())["summary"] == summary
+
+
+def _joint_checkpoint(root, llm_dir, corpus_path):
+    from unirag.backbones import load_llm
+    from unirag.data import load_corpus
+    from unirag.docids import DocidTree, TreeConfig
+    from unirag.joint.modeling import JointConfig, JointModel
+
+    corpus = load_corpus(corpus_path)
+    tree = DocidTree(corpus.ids, [(0, 0), (0, 1), (1, 0), (1, 1)], TreeConfig(k=2, c=2), corpus.fingerprint)
+    base, tok = load_llm(str(llm_dir))
+    model = JointModel(base, JointConfig(docid_levels=2, docid_branching=2, base_model=str(llm_dir),
+                                         pathway_layers=1), tok)
+    ckpt = root / "ckpt"
+    model.save_pretrained(ckpt, tree=tree)
+    return ckpt
+
+
+def test_eval_joint_and_rag_with_joint_reader(files, capsys, tiny_llm_dirs, monkeypatch):
+    import numpy as np
+
+    root, corpus, questions = files
+    ckpt = _joint_checkpoint(root, tiny_llm_dirs["llama"], corpus)
+    code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "joint",
+                         "--checkpoint", ckpt, "--k", 2, "--max-new-tokens", 2)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["system"] == "joint" and summary["recall@k"] is not None
+    # dense top-k read by the joint model's reader (bag-of-words stand-in encoder: no model download)
+    from conftest import BagOfWordsEncoder
+
+    from unirag import rag
+
+    monkeypatch.setattr(rag.DenseRetriever, "from_corpus", classmethod(
+        lambda cls, corpus, name=None, progress=True: cls(corpus, BagOfWordsEncoder(),
+                                                         BagOfWordsEncoder().encode_passages([p.text for p in corpus]))))
+    code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag",
+                         "--checkpoint", ckpt, "--k", 1, "--max-new-tokens", 2)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["recall@1"] == 1.0
+    assert np.isfinite(summary["latency_ms_median"])
+
+
+def test_joint_checkpoint_for_another_corpus(files, capsys, tiny_llm_dirs):
+    root, corpus, questions = files
+    ckpt = _joint_checkpoint(root, tiny_llm_dirs["llama"], corpus)
+    corpus.write_text(corpus.read_text().replace("city 3 facts", "city 3 changed"))
+    code, _, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "joint",
+                       "--checkpoint", ckpt, "--out", root / "o.json")
+    assert code == 2 and "built for another corpus" in err and not (root / "o.json").exists()

@@ -1,25 +1,11 @@
 import numpy as np
 import pytest
+from conftest import BagOfWordsEncoder
 
 from unirag.backbones import load_llm
 from unirag.data import Corpus, Passage
 from unirag.errors import UniragError
 from unirag.rag import DenseRagSystem, DenseRetriever, NoRagSystem, Reader, build_prompt, clean_generation
-
-
-class BagOfWordsEncoder:
-    """Deterministic stand-in encoder: hashed bag of words, L2-normalised."""
-
-    name = "bow"
-
-    def _enc(self, texts):
-        out = np.zeros((len(texts), 64), dtype=np.float32)
-        for i, text in enumerate(texts):
-            for word in text.lower().replace(".", " ").replace("?", " ").split():
-                out[i, sum(map(ord, word)) % 64] += 1
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
-
-    encode_queries = encode_passages = _enc
 
 
 @pytest.fixture()

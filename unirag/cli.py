@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--questions", required=True, help="questions JSONL (or raw SQuAD JSON)")
     ev.add_argument("--system", required=True, choices=SYSTEMS)
     ev.add_argument("--k", type=int, default=5, help="documents in the context (rag: top-k; joint: docs selected)")
-    ev.add_argument("--checkpoint", default=None, help="joint checkpoint folder (or a LoRA reader for rag)")
+    ev.add_argument("--checkpoint", default=None,
+                    help="joint checkpoint folder; with --system rag, its reader reads the dense top-k")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
     ev.add_argument("--out", default=None, help="write per-question records to this JSON file")
     ev.add_argument("--batch-size", type=int, default=8, help="questions per generation batch")
@@ -57,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--checkpoint", default=None)
     ask.add_argument("--beam-width", type=int, default=10)
 
-    train = sub.add_parser("train", help="train the joint model (stage 1 and/or 2)")
-    train.add_argument("rest", nargs=argparse.REMAINDER, help="see `python -m unirag train --help`")
+    # `train` owns its flags (TrainConfig); main() hands them over untouched.
+    sub.add_parser("train", help="train the joint model (stage 1 then 2); see `python -m unirag train --help`",
+                   add_help=False)
     return parser
 
 
@@ -95,31 +97,33 @@ def cmd_index(args: argparse.Namespace) -> int:
 def _make_answerer(args: argparse.Namespace, corpus):
     """Return (system object, batch answer function over Question lists)."""
     from unirag.backbones import load_llm
+    from unirag.rag import DenseRagSystem, DenseRetriever, NoRagSystem, Reader
 
-    if args.system == "joint":
+    gold = getattr(args, "gold", False)
+    if args.system == "joint" or (args.system == "rag" and args.checkpoint):
         from unirag.joint.decoding import JointSystem
 
         if not args.checkpoint:
             raise UniragError("--system joint needs --checkpoint DIR (e.g. checkpoints/nq-smollm2).")
         system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit)
+        retriever = DenseRetriever.from_corpus(corpus, args.encoder) if args.system == "rag" else None
 
         def answer_joint(questions):
-            return [
-                system.answer(
-                    q.question, k_docs=args.k, beam_width=args.beam_width, gold_doc_id=q.doc_id if args.gold else None
-                )
-                for q in questions
-            ]
+            answers = []
+            for q in questions:
+                kwargs = {"gold_doc_id": q.doc_id} if gold else {}
+                if retriever is not None and not gold:  # dense top-k read by the joint model's reader
+                    hits = retriever.search(q.question, args.k)
+                    kwargs = {"doc_ids": [h[0] for h in hits], "doc_scores": [h[1] for h in hits]}
+                answer = system.answer(q.question, k_docs=args.k, beam_width=args.beam_width,
+                                       max_new_tokens=getattr(args, "max_new_tokens", 32), **kwargs)
+                answer.system = args.system
+                answers.append(answer)
+            return answers
 
         return system, answer_joint
 
-    from unirag.rag import DenseRagSystem, DenseRetriever, NoRagSystem, Reader
-
     model, tokenizer = load_llm(args.llm, load_in_4bit=args.load_in_4bit)
-    if args.checkpoint:  # read with a trained LoRA adapter (separates retrieval from fine-tuning)
-        from unirag.joint.modeling import load_lora_reader
-
-        model = load_lora_reader(model, args.checkpoint)
     reader = Reader(model, tokenizer, max_new_tokens=getattr(args, "max_new_tokens", 32))
     if args.system == "norag":
         system = NoRagSystem(reader)
@@ -127,7 +131,7 @@ def _make_answerer(args: argparse.Namespace, corpus):
     system = DenseRagSystem(DenseRetriever.from_corpus(corpus, args.encoder), reader, k=args.k)
 
     def answer_rag(questions):
-        golds = [q.doc_id for q in questions] if getattr(args, "gold", False) else None
+        golds = [q.doc_id for q in questions] if gold else None
         return system.answer_many([q.question for q in questions], k=args.k, gold_doc_ids=golds)
 
     return system, answer_rag
@@ -146,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.gold and any(q.doc_id is None for q in questions):
         raise UniragError("--gold needs a doc_id on every question.")
     _, answer_batch = _make_answerer(args, corpus)
-    batch = 1 if args.system == "joint" else args.batch_size
+    batch = 1 if (args.system == "joint" or args.checkpoint) else args.batch_size
     summary = run_eval(
         answer_batch, args.system + ("-gold" if args.gold else ""), questions, args.k, batch_size=batch, out=args.out
     )
@@ -172,16 +176,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from unirag.joint.training import main as train_main
-
-    return train_main(args.rest)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handlers = {"index": cmd_index, "eval": cmd_eval, "ask": cmd_ask, "train": cmd_train}
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["train"]:
+            from unirag.joint.training import main as train_main
+
+            return train_main(argv[1:])
+        args = build_parser().parse_args(argv)
+        handlers = {"index": cmd_index, "eval": cmd_eval, "ask": cmd_ask}
         return handlers[args.command](args)
     except UniragError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -399,13 +399,16 @@ class JointSystem:
     name = "joint"
 
     def __init__(self, model: JointModel, tokenizer, corpus, trie: DocidTrie, pathway: bool = True,
-                 bridge: bool = True) -> None:
+                 bridge: bool = True, reader_pathway: bool | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.corpus = corpus
         self.trie = trie
         self.pathway = pathway
         self.bridge = bridge
+        # Until stage 2 (LoRA) has adapted the LLM to the pathway's residual, read with the pathway off:
+        # the reader is then exactly the base LLM.
+        self.reader_pathway = model.lora_enabled if reader_pathway is None else reader_pathway
 
     @classmethod
     def from_checkpoint(
@@ -435,6 +438,8 @@ class JointSystem:
         beam_width: int = 10,
         max_new_tokens: int = 32,
         gold_doc_id: str | None = None,
+        doc_ids: Sequence[str] | None = None,
+        doc_scores: Sequence[float] | None = None,
     ) -> Answer:
         text, notices = prepare_question(question)
         if k_docs < 1:
@@ -443,17 +448,23 @@ class JointSystem:
         traces: dict[str, Any] = {}
         timings: dict[str, float] = {}
 
-        if gold_doc_id is not None:
-            # The reader's upper bound: the gold document is the only context, retrieval is skipped.
-            passage = self.corpus[gold_doc_id]
-            docid = None
-            if hasattr(self.trie, "docid"):
-                try:
-                    docid = tuple(self.trie.docid(gold_doc_id))
-                except (KeyError, UniragError):
-                    docid = None
-            docs = [RetrievedDoc(passage.id, passage.title, passage.text, 0.0, docid)]
-            notices.append(f"Gold document {gold_doc_id} forced as the only context (retrieval skipped).")
+        if gold_doc_id is not None or doc_ids is not None:
+            # Forced context: the gold document (the reader's upper bound) or another retriever's documents
+            # (dense top-k read by this model: separates the retrieval effect from the fine-tuning effect).
+            forced = [gold_doc_id] if gold_doc_id is not None else list(doc_ids or [])
+            scores = list(doc_scores) if doc_scores is not None else [0.0] * len(forced)
+            docs = []
+            for doc_id, score in zip(forced, scores, strict=True):
+                passage = self.corpus[doc_id]
+                docid = None
+                if hasattr(self.trie, "docid"):
+                    try:
+                        docid = tuple(self.trie.docid(doc_id))
+                    except (KeyError, UniragError):
+                        docid = None
+                docs.append(RetrievedDoc(passage.id, passage.title, passage.text, score, docid))
+            if gold_doc_id is not None:
+                notices.append(f"Gold document {gold_doc_id} forced as the only context (retrieval skipped).")
             timings["retrieve"] = 0.0
             traces.update(beams=[], paths=[], retrieval_attention={"tokens": [], "weights": []})
         else:
@@ -477,7 +488,7 @@ class JointSystem:
         start = time.perf_counter()
         generation = answer_with_docs(
             model, self.tokenizer, text, [(d.doc_id, d.title, d.text) for d in docs],
-            max_new_tokens=max_new_tokens, pathway=self.pathway, bridge=self.bridge,
+            max_new_tokens=max_new_tokens, pathway=self.reader_pathway, bridge=self.reader_pathway and self.bridge,
         )
         timings["generate"] = (time.perf_counter() - start) * 1000
         traces["answer_attention"] = generation.attention
