@@ -142,9 +142,11 @@ def test_eval_joint_and_rag_with_joint_reader(files, capsys, tiny_llm_dirs, monk
 
     from unirag import rag
 
-    monkeypatch.setattr(rag.DenseRetriever, "from_corpus", classmethod(
-        lambda cls, corpus, name=None, progress=True: cls(corpus, BagOfWordsEncoder(),
-                                                         BagOfWordsEncoder().encode_passages([p.text for p in corpus]))))
+    def bag_of_words_retriever(cls, corpus, name=None, progress=True):
+        encoder = BagOfWordsEncoder()
+        return cls(corpus, encoder, encoder.encode_passages([p.text for p in corpus]))
+
+    monkeypatch.setattr(rag.DenseRetriever, "from_corpus", classmethod(bag_of_words_retriever))
     code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag",
                          "--checkpoint", ckpt, "--k", 1, "--max-new-tokens", 2)
     assert code == 0, err
