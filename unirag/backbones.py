@@ -10,7 +10,6 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,9 +219,3 @@ class SentenceEncoder:
 
     def encode_passages(self, texts: list[str], progress: bool = False) -> np.ndarray:
         return self._encode(self.passage_model, texts, progress)
-
-
-def set_threads() -> None:
-    """Respect OMP/torch thread settings; default to all cores on CPU."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
