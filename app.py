@@ -1,48 +1,477 @@
-"""UniRAG Explorer app (placeholder until the app issue): dense RAG vs No RAG on the embedded models."""
+"""UniRAG Explorer: the joint "retrieval as reasoning" model next to vanilla dense RAG, in one page.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--precision 4bit|fp32] [--checkpoint-dir checkpoints]
+
+UI only: loading and answering live in `unirag.pipeline`, figures and HTML in `unirag.viz`.
+Environment (for Hugging Face Spaces): UNIRAG_HOST, UNIRAG_PORT, UNIRAG_LLM, UNIRAG_ENCODER, UNIRAG_PRECISION,
+UNIRAG_CHECKPOINT_DIR, UNIRAG_DATA, UNIRAG_CONCURRENCY, UNIRAG_THREADS.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
+import html
+import logging
 import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
 
-import gradio as gr
+try:
+    import gradio as gr
+    import pandas as pd
 
-from unirag.backbones import load_llm
-from unirag.data import dataset_paths, load_corpus
-from unirag.errors import UniragError
-from unirag.rag import DenseRagSystem, DenseRetriever, NoRagSystem, Reader
+    from unirag import viz
+    from unirag.errors import UniragError
+    from unirag.pipeline import CORPUS_LABELS, Comparison, Pipeline, Settings, load_eval_results, quantization_cost
+except ImportError as _exc:  # no page without gradio: say what to install instead of a traceback
+    sys.exit(f"error: the package `{_exc.name}` is not installed. Run `make app` (or "
+             "`pip install -r requirements.txt`), then `python app.py` again.")
+
+log = logging.getLogger("unirag.app")
+
+TITLE = "UniRAG Explorer"
+INTRO = (
+    "One LLM **retrieves by generating a document id** — a path down a k-means cluster tree of the corpus — "
+    "and then answers from the documents it picked (left). The same LLM with a vanilla dense retriever "
+    "(DPR-style bi-encoder, top-k by cosine similarity) answers on the right."
+)
+CSS = """
+.gradio-container {max-width: 1500px !important}
+#ur-header h1 {margin-bottom: 0}
+.ur-banner {display:flex; flex-wrap:wrap; gap:.4rem .9rem; font-size:.88rem; align-items:center}
+.ur-pill {background:#f1f5f9; border-radius:999px; padding:.15rem .6rem; border:1px solid #e2e8f0}
+.ur-pill b {color:#5b21b6}
+.ur-msg {border-radius:8px; padding:.55rem .8rem; margin:.35rem 0; font-size:.9rem}
+.ur-msg code {background:rgba(0,0,0,.06); padding:0 .25rem; border-radius:4px}
+.ur-msg-warn {background:#fffbeb; border:1px solid #f59e0b; color:#78350f}
+.ur-msg-info {background:#eff6ff; border:1px solid #93c5fd; color:#1e3a8a}
+.ur-msg-error {background:#fef2f2; border:1px solid #f87171; color:#7f1d1d}
+.ur-col-title {font-weight:700; font-size:1.15rem; padding:.2rem 0 .1rem}
+.ur-col-joint .ur-col-title {color:#6d28d9}
+.ur-col-rag .ur-col-title {color:#0369a1}
+.ur-col-help {font-size:.84rem; color:#475569; margin-bottom:.2rem}
+.ur-card {border:1px solid #e2e8f0; border-top:4px solid #94a3b8; border-radius:10px; padding:.7rem .9rem;
+          background:white}
+.ur-card-title {font-size:.8rem; text-transform:uppercase; letter-spacing:.05em; font-weight:700}
+.ur-answer {font-size:1.35rem; font-weight:600; margin:.2rem 0 .35rem; color:#0f172a}
+.ur-badges {display:flex; flex-wrap:wrap; gap:.35rem; align-items:center; margin-bottom:.3rem}
+.ur-badge {border-radius:999px; padding:.1rem .55rem; font-size:.8rem; font-weight:600}
+.ur-ok {background:#dcfce7; color:#166534}
+.ur-bad {background:#fee2e2; color:#991b1b}
+.ur-gold {background:#dcfce7; color:#166534}
+.ur-stats {display:flex; flex-wrap:wrap; gap:.3rem .9rem; font-size:.82rem; color:#334155}
+.ur-muted {color:#64748b; font-size:.85em}
+.ur-notice {font-size:.8rem; color:#92400e}
+.ur-error {color:#991b1b; font-size:.92rem; white-space:pre-wrap}
+.ur-card-error {border-top-color:#f87171}
+.ur-question {padding:.45rem .6rem; background:#faf5ff; border-radius:8px; margin-bottom:.5rem; line-height:1.9}
+.ur-top {font-weight:700; text-decoration:underline}
+.ur-doc {border:1px solid #e2e8f0; border-radius:8px; padding:.5rem .7rem; margin:.4rem 0; background:white}
+.ur-doc-gold {border-color:#16a34a; box-shadow:0 0 0 1px #16a34a inset}
+.ur-doc-head {margin-bottom:.25rem}
+.ur-rank {color:#64748b; font-weight:700}
+.ur-docid {font-family:ui-monospace,monospace; font-size:.78rem; background:#ede9fe; color:#5b21b6;
+           border-radius:4px; padding:0 .3rem}
+.ur-doc-body {font-size:.86rem; line-height:1.55; max-height:15rem; overflow-y:auto; color:#1e293b}
+.ur-sent {border-radius:3px}
+.ur-tok {font-weight:700; text-decoration:underline; text-decoration-color:#7c3aed; text-decoration-thickness:2px}
+.ur-legend {margin:.2rem 0 .3rem}
+.ur-gold-info {font-size:.88rem; padding:.35rem .6rem; background:#f0fdf4; border:1px solid #bbf7d0;
+               border-radius:8px}
+.ur-table {border-collapse:collapse; width:100%; font-size:.84rem}
+.ur-table td, .ur-table th {border-bottom:1px solid #e2e8f0; padding:.25rem .4rem; text-align:left;
+                            vertical-align:top}
+.ur-sub {columns:2; font-size:.85rem; margin:.2rem 0 .6rem}
+.ur-empty {color:#64748b; font-style:italic; padding:.4rem}
+"""
 
 
-def build_demo(corpus_name: str = "nq") -> gr.Blocks:
-    corpus = load_corpus(dataset_paths(corpus_name, "dev")[0])
-    model, tokenizer = load_llm()
-    reader = Reader(model, tokenizer)
-    rag = DenseRagSystem(DenseRetriever.from_corpus(corpus), reader)
-    norag = NoRagSystem(reader)
+# --------------------------------------------------------------------------------------------- helpers
 
-    def ask(question: str):
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """UniragError → gr.Error with its message; anything else → logged traceback + a short gr.Error."""
+
+    @functools.wraps(fn)  # keeps the signature: the API shows the real parameter names
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
-            a, b = rag.answer(question), norag.answer(question)
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
         except UniragError as exc:
-            raise gr.Error(str(exc)) from None
-        docs = "\n".join(f"- [{d.score:.3f}] {d.title}" for d in a.docs)
-        return a.text, docs, b.text
+            raise gr.Error(str(exc), duration=None) from None
+        except Exception as exc:  # the server must survive any request
+            log.error("request failed:\n%s", traceback.format_exc())
+            raise gr.Error(f"Internal error ({type(exc).__name__}: {exc}). The server is still running.") from None
 
-    with gr.Blocks(title="UniRAG Explorer") as demo:
-        gr.Markdown(
-            "# UniRAG Explorer\nThe joint model view arrives with the next release; "
-            "this page compares vanilla dense RAG with the LLM alone."
-        )
-        question = gr.Textbox(label="Question")
-        button = gr.Button("Ask")
-        rag_answer, rag_docs, norag_answer = gr.Textbox(label="Dense RAG"), gr.Markdown(), gr.Textbox(label="No RAG")
-        button.click(ask, question, [rag_answer, rag_docs, norag_answer])
+    return wrapped
+
+
+def banner_html(pipeline: Pipeline) -> str:
+    """Precision, models and per-corpus loading state, plus page-level messages (what to run)."""
+    status = pipeline.status()
+    pills = [
+        f'<span class="ur-pill">Precision <b>{html.escape(status["precision"])}</b></span>',
+        f'<span class="ur-pill">LLM <b>{html.escape(status["llm"])}</b></span>',
+        f'<span class="ur-pill">Encoder <b>{html.escape(status["encoder"])}</b></span>',
+    ]
+    for name, state in status["corpora"].items():
+        icon = {"ready": "●"}.get(state, "◐" if state.startswith("loading") else ("⚠" if "error" in state else "○"))
+        color = {"●": "#16a34a", "◐": "#d97706", "⚠": "#dc2626"}.get(icon, "#64748b")
+        short = state if len(state) < 90 else state[:87] + "…"
+        pills.append(f'<span class="ur-pill"><span style="color:{color}">{icon}</span> '
+                     f'{html.escape(CORPUS_LABELS.get(name, name))}: '
+                     f'{html.escape(short)}</span>')
+    messages = "".join(viz.message_html(m, "warn") for m in status["messages"])
+    return f'<div class="ur-banner">{"".join(pills)}</div>{messages}'
+
+
+def _loading(pipeline: Pipeline) -> bool:
+    return any(s.startswith("loading") for s in pipeline.status()["corpora"].values())
+
+
+def gold_info_html(comparison: Comparison, bundle) -> str:
+    gold = comparison.gold
+    if gold is None:
+        return ('<div class="ur-muted">Free-form question: not in the dev split, so there is no gold passage or answer '
+                'to check against. Pick an example to see the checks.</div>')
+    passage = ""
+    if gold.doc_id and gold.doc_id in bundle.corpus:
+        passage = f" · gold passage <b>{html.escape(bundle.corpus[gold.doc_id].title)}</b> ({html.escape(gold.doc_id)})"
+    answers = ", ".join(html.escape(a) for a in gold.answers[:4])
+    return (f'<div class="ur-gold-info">From the {html.escape(CORPUS_LABELS[comparison.corpus])} dev split '
+            f'({html.escape(gold.id)}) · gold answer <b>{answers}</b>{passage}</div>')
+
+
+def render(comparison: Comparison, bundle) -> tuple:
+    """The answer-dependent outputs of an ask, in the order of `ask_outputs` in `build_demo`."""
+    gold_doc = comparison.gold.doc_id if comparison.gold else None
+    answers = comparison.gold.answers if comparison.gold else ()
+    joint, rag = comparison.joint, comparison.rag
+    joint_card = viz.answer_card_html(joint.answer, "Joint model · retrieval as reasoning", viz.JOINT_COLOR,
+                                      joint.gold_found, joint.gold_rank, joint.correct, answers, joint.error)
+    rag_card = viz.answer_card_html(rag.answer, f"Dense RAG · top-{comparison.settings['rag_k']}", viz.RAG_COLOR,
+                                    rag.gold_found, rag.gold_rank, rag.correct, answers, rag.error)
+    if joint.answer is not None:
+        path_fig = viz.docid_path_figure(joint.answer, bundle.tree)
+        beams = pd.DataFrame(viz.beam_rows(joint.answer, bundle.titles()), columns=viz.BEAM_HEADERS)
+        joint_docs = viz.question_html(joint.answer) + viz.documents_html(joint.answer, gold_doc,
+                                                                          scores_label="log-prob")
+        joint_heat = viz.attention_heatmap(joint.answer, "Joint: answer tokens × selected documents")
+    else:
+        short = "The joint model is not loaded (see the message above)." if bundle.joint is None else (
+            "The joint model failed on this question (see its card).")
+        path_fig = viz.empty_figure(short, "Retrieval path down the docid tree")
+        beams = pd.DataFrame([], columns=viz.BEAM_HEADERS)
+        joint_docs = ""
+        joint_heat = viz.empty_figure("No joint answer.", "Joint: answer tokens × selected documents")
+    if rag.answer is not None:
+        bars = viz.retrieval_bars_figure(rag.answer, gold_doc)
+        rag_docs = viz.documents_html(rag.answer, gold_doc, rgb=(2, 132, 199), scores_label="cosine")
+        rag_heat = viz.attention_heatmap(rag.answer, "RAG: answer tokens × retrieved passages", colorscale="Blues")
+    else:
+        bars = viz.empty_figure("The dense RAG side failed on this question (see its card).", "Top-k passages")
+        rag_docs = ""
+        rag_heat = viz.empty_figure("No RAG answer.", "RAG: answer tokens × retrieved passages")
+    return (gold_info_html(comparison, bundle), joint_card, path_fig, beams, joint_docs, joint_heat,
+            rag_card, bars, rag_docs, rag_heat)
+
+
+# --------------------------------------------------------------------------------------------- callbacks
+
+
+def ask(pipeline: Pipeline, corpus: str, question: str, beam_width: float, k_docs: float, rag_k: float,
+        max_new_tokens: float) -> tuple:
+    """Answer with both systems; returns the outputs in `render` order, the banner and the path for the tree tab."""
+    comparison = pipeline.ask(corpus, question or "", int(beam_width), int(k_docs), int(rag_k), int(max_new_tokens))
+    return (*render(comparison, pipeline.bundle(corpus)), banner_html(pipeline), last_docid(comparison))
+
+
+def last_docid(comparison: Comparison) -> dict | None:
+    """What the corpus-tree tab highlights: the joint model's top document of the last question."""
+    answer = comparison.joint.answer
+    if answer is None or not answer.docs or not answer.docs[0].docid:
+        return None
+    return {"corpus": comparison.corpus, "docid": list(answer.docs[0].docid), "title": answer.docs[0].title}
+
+
+def tree_view(pipeline: Pipeline, corpus: str, last: dict | None) -> tuple:
+    """The corpus tree, with the last question's top docid path highlighted, and that document's cluster selected."""
+    bundle = pipeline.loaded(corpus)
+    if bundle is None:
+        return viz.empty_figure("Corpus not loaded yet.", "Corpus tree", 300), gr.Dropdown()
+    docid = last["docid"] if last and last.get("corpus") == corpus else None
+    fig = viz.corpus_tree_figure(bundle.tree, highlight=docid)
+    if not docid:
+        return fig, gr.Dropdown()
+    return fig, gr.Dropdown(value=viz.docid_str(docid[:-1]) if len(docid) > 1 else "", allow_custom_value=True)
+
+
+def select_corpus(pipeline: Pipeline, corpus: str) -> tuple:
+    """Load a corpus (lazily) and refresh its examples, tree and cluster list."""
+    try:
+        bundle = pipeline.bundle(corpus)
+    except UniragError:
+        empty = viz.empty_figure("Corpus not loaded (see the message above).", "Corpus tree", 300)
+        return (gr.Dataset(samples=[]), empty, gr.Dropdown(choices=[], value=None),
+                '<div class="ur-empty">Corpus not loaded.</div>', banner_html(pipeline))
+    choices = viz.cluster_choices(bundle.tree, max_depth=3)
+    return (
+        gr.Dataset(samples=[[q] for q in bundle.examples(pipeline.settings.n_examples)]),
+        viz.corpus_tree_figure(bundle.tree),
+        gr.Dropdown(choices=choices, value=""),
+        cluster_docs(pipeline, corpus, ""),
+        banner_html(pipeline),
+    )
+
+
+def cluster_docs(pipeline: Pipeline, corpus: str, prefix: str | None) -> str:
+    """The documents under a cluster (docid prefix like "3-1"; "" = the whole corpus)."""
+    bundle = pipeline.loaded(corpus)
+    if bundle is None:
+        return '<div class="ur-empty">Corpus not loaded yet.</div>'
+    try:
+        parsed = viz.parse_prefix(prefix)
+    except ValueError as exc:
+        return viz.message_html(str(exc), "warn")
+    return viz.cluster_docs_html(bundle.tree, parsed, bundle.texts(), limit=30 if not parsed else 200)
+
+
+def evaluation(pipeline: Pipeline) -> tuple:
+    results = load_eval_results(pipeline.settings.checkpoint_dir)
+    if not results:
+        note = viz.message_html(
+            f"No evaluation results yet: no `eval_*.json` in `{pipeline.settings.checkpoint_dir}/*/`. Write them with "
+            "`python -m unirag eval --system joint --checkpoint checkpoints/nq-smollm2 --load-in-4bit --corpus "
+            "../shared/data/nq/corpus.jsonl --questions ../shared/data/nq/dev.jsonl --out "
+            "checkpoints/nq-smollm2/eval_joint_4bit.json` (and the same without `--load-in-4bit` into "
+            "`eval_joint_fp32.json`: the About tab then shows the accuracy cost of 4-bit).",
+            "info")
+    else:
+        where = html.escape(str(pipeline.settings.checkpoint_dir))
+        note = f'<div class="ur-muted">{len(results)} result file(s) from {where}.</div>'
+    table = pd.DataFrame(viz.eval_rows(results), columns=viz.EVAL_HEADERS)
+    return note, table, viz.eval_figure(results)
+
+
+def about_markdown(pipeline: Pipeline) -> str:
+    cost = quantization_cost(load_eval_results(pipeline.settings.checkpoint_dir))
+    cost_text = "\n".join(f"  - {line}" for line in cost) if cost else (
+        "  - not measured yet (no pair of 4-bit and fp32 `eval_*.json` results for the same system and corpus in the "
+        "checkpoint folders)")
+    return f"""
+### How the joint model retrieves
+1. **Docids.** The corpus is embedded once and split by recursive k-means (k = 10 clusters per split, clusters larger
+   than 10 are split again). A document's **docid** is its path of cluster indices, e.g. `3-1-4-2`: documents that share
+   a prefix are alike. Each cluster is labelled with its most distinctive keywords (class TF-IDF).
+2. **Retrieval as reasoning.** The question is followed by a `<retrieve_token>`; a *docid head* predicts the first
+   cluster, the chosen symbol is fed back, and so on down the tree. A beam search keeps the best paths, restricted to
+   branches that exist (a trie of the tree), so every finished path is a real document. Extra *retrieval heads* read
+   the question next to the normal attention (the **Retrieval heads attended to** line shows their weights).
+3. **Answering.** The 1–3 selected documents go into the prompt; a *bridge* lets the answer attend to what the
+   retrieval pathway computed. The heatmaps show which context tokens (or sentences) each answer token attended to,
+   and the highlighted sentences in the documents are the ones the answer used (GeAR-style localisation).
+
+The dense RAG baseline embeds the question with the same bi-encoder, takes the top-k passages by cosine similarity
+and reads them with the same LLM and prompt.
+
+### This deployment
+- Precision: **{pipeline.settings.precision_label}** (`--precision fp32` for full precision).
+- LLM: **{pipeline.status()["llm"]}**, encoder: **{pipeline.status()["encoder"]}**.
+- Measured accuracy cost of 4-bit:
+{cost_text}
+
+### References
+- **Retrieval as Reasoning**: one decoder-only LLM that generates docids down a semantic cluster tree and then answers
+  from the documents it chose (the design this project implements).
+- **NCI**: Wang et al., *A Neural Corpus Indexer for Document Retrieval*, NeurIPS 2022 (arXiv:2206.02743) —
+  hierarchical k-means docids.
+- **DSI**: Tay et al., *Transformer Memory as a Differentiable Search Index*, NeurIPS 2022 (arXiv:2202.06991).
+- **GeAR**: Liu et al., *GeAR: Generation Augmented Retrieval*, 2025 (arXiv:2501.02772) — localising the relevant
+  sentences inside retrieved documents.
+- **RetroLLM**: Li et al., *RetroLLM: Empowering Large Language Models to Retrieve Fine-grained Evidence within
+  Generation*, ACL 2025 (arXiv:2412.11919).
+- **UniGen**: Li, Zhou & Dou, *UniGen: A Unified Generative Framework for Retrieval and Question Answering with Large
+  Language Models*, AAAI 2024 (arXiv:2312.11036).
+"""
+
+
+# --------------------------------------------------------------------------------------------- layout
+
+
+def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
+    corpora = list(pipeline.settings.corpora)
+    default_corpus = default_corpus if default_corpus in corpora else corpora[0]
+    with gr.Blocks(title=TITLE) as demo:
+        gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="ur-header")
+        banner = gr.HTML(banner_html(pipeline), elem_id="ur-banner")
+        timer = gr.Timer(1.5, active=True)
+        last = gr.State(None)
+
+        with gr.Tabs():
+            with gr.Tab("Compare", id="compare"):
+                with gr.Row(equal_height=False):
+                    corpus = gr.Radio([(CORPUS_LABELS[c], c) for c in corpora], value=default_corpus, label="Corpus",
+                                      scale=1, min_width=220)
+                    question = gr.Textbox(label="Question", placeholder="Ask something the corpus can answer…",
+                                          scale=4, lines=1, max_length=2000, elem_id="ur-question")
+                    ask_btn = gr.Button("Ask both systems", variant="primary", scale=1, min_width=160,
+                                        elem_id="ur-ask")
+                examples = gr.Dataset(components=[question], samples=[], label="Examples from the dev split "
+                                      "(click one: gold passage and answer are then checked)", samples_per_page=6,
+                                      elem_id="ur-examples")
+                with gr.Accordion("Advanced settings", open=False):
+                    with gr.Row():
+                        beam_width = gr.Slider(1, 32, value=10, step=1, label="Beam width (joint)")
+                        k_docs = gr.Slider(1, 3, value=2, step=1, label="Documents selected (joint)")
+                        rag_k = gr.Slider(1, 10, value=5, step=1, label="RAG k (top-k passages)")
+                        max_new = gr.Slider(4, 128, value=32, step=1, label="Max new tokens")
+                gold_info = gr.HTML("", elem_id="ur-gold")
+                with gr.Row(equal_height=False):
+                    with gr.Column(elem_classes=["ur-col-joint"]):
+                        gr.HTML('<div class="ur-col-title">Retrieval as reasoning (joint model)</div><div '
+                                'class="ur-col-help">The LLM writes a docid one level at a time: at each level of the '
+                                'cluster tree it scores the candidate clusters (circles, size = probability) and a '
+                                'beam search keeps the best paths. The documents at the ends of the best paths are '
+                                'read to answer.</div>')
+                        joint_card = gr.HTML(viz.answer_card_html(None, "Joint model", viz.JOINT_COLOR),
+                                             elem_id="ur-joint-answer")
+                        joint_path = gr.Plot(show_label=False, elem_id="ur-joint-path")
+                        joint_beams = gr.Dataframe(pd.DataFrame([], columns=viz.BEAM_HEADERS),
+                                                   label="Beams: every finished docid path, best first",
+                                                   interactive=False, max_height=260, elem_id="ur-beams", wrap=True,
+                                                   column_widths=["7%", "15%", "15%", "41%", "13%", "9%"])
+                        joint_docs = gr.HTML("", elem_id="ur-joint-docs")
+                        joint_heat = gr.Plot(show_label=False, elem_id="ur-joint-heat")
+                    with gr.Column(elem_classes=["ur-col-rag"]):
+                        gr.HTML('<div class="ur-col-title">Vanilla DPR RAG</div><div class="ur-col-help">A '
+                                'bi-encoder embeds the question; the k passages with the highest cosine similarity '
+                                'are pasted into the prompt of the same LLM.</div>')
+                        rag_card = gr.HTML(viz.answer_card_html(None, "Dense RAG", viz.RAG_COLOR),
+                                           elem_id="ur-rag-answer")
+                        rag_bars = gr.Plot(show_label=False, elem_id="ur-rag-bars")
+                        rag_docs = gr.HTML("", elem_id="ur-rag-docs")
+                        rag_heat = gr.Plot(show_label=False, elem_id="ur-rag-heat")
+
+            with gr.Tab("Corpus tree", id="tree") as tree_tab:
+                gr.Markdown("The whole docid tree of the selected corpus. Hover for a cluster's keywords and size; "
+                            "click to zoom in. Pick a cluster (or type a docid prefix such as `3-1`) to list its "
+                            "documents. After a question, the joint model's top document is highlighted in yellow and "
+                            "its cluster is selected.")
+                tree_plot = gr.Plot(label="Docid tree", elem_id="ur-tree")
+                with gr.Row():
+                    cluster = gr.Dropdown(choices=[], value=None, label="Cluster", allow_custom_value=True, scale=3,
+                                          elem_id="ur-cluster")
+                    prefix_box = gr.Textbox(label="…or a docid prefix", placeholder="e.g. 3-1", scale=1)
+                cluster_html = gr.HTML("", elem_id="ur-cluster-docs")
+
+            with gr.Tab("Evaluation", id="eval"):
+                eval_note = gr.HTML("")
+                eval_table = gr.Dataframe(pd.DataFrame([], columns=viz.EVAL_HEADERS), interactive=False,
+                                          label="Results")
+                eval_plot = gr.Plot(label="Metrics")
+                refresh = gr.Button("Reload results", size="sm")
+
+            with gr.Tab("About", id="about"):
+                about = gr.Markdown(about_markdown(pipeline))
+
+        ask_outputs = [gold_info, joint_card, joint_path, joint_beams, joint_docs, joint_heat, rag_card, rag_bars,
+                       rag_docs, rag_heat, banner, last]
+        ask_inputs = [corpus, question, beam_width, k_docs, rag_k, max_new]
+
+        def on_ask(corpus, question, beam_width, docs_selected, rag_k, max_new_tokens):
+            return ask(pipeline, corpus, question, beam_width, docs_selected, rag_k, max_new_tokens)
+
+        def on_tree_tab(corpus_name, last_path):
+            return tree_view(pipeline, corpus_name, last_path)
+
+        def on_corpus(corpus_name):
+            return select_corpus(pipeline, corpus_name)
+
+        def on_cluster(corpus_name, value):
+            return cluster_docs(pipeline, corpus_name, value)
+
+        def on_tick():
+            return banner_html(pipeline), gr.Timer(active=_loading(pipeline))
+
+        def on_eval():
+            return (*evaluation(pipeline), about_markdown(pipeline))
+
+        def on_example(sample):
+            return sample[0] if isinstance(sample, (list, tuple)) else sample
+
+        corpus_outputs = [examples, tree_plot, cluster, cluster_html, banner]
+        on_ask_safe = _guard(on_ask)
+        ask_btn.click(on_ask_safe, ask_inputs, ask_outputs, api_name="ask", concurrency_id="models")
+        question.submit(on_ask_safe, ask_inputs, ask_outputs, api_name=False, concurrency_id="models")
+        examples.click(on_example, examples, question, api_name=False, queue=False)
+        corpus.change(lambda: gr.Timer(active=True), None, timer, api_name=False, queue=False).then(
+            _guard(on_corpus), corpus, corpus_outputs, api_name=False, concurrency_id="models")
+        demo.load(_guard(on_corpus), corpus, corpus_outputs, api_name=False)
+        demo.load(on_eval, None, [eval_note, eval_table, eval_plot, about], api_name=False)
+        timer.tick(on_tick, None, [banner, timer], api_name=False, queue=False, show_progress="hidden")
+        cluster.change(_guard(on_cluster), [corpus, cluster], cluster_html, api_name=False)
+        prefix_box.submit(_guard(on_cluster), [corpus, prefix_box], cluster_html, api_name=False)
+        tree_tab.select(_guard(on_tree_tab), [corpus, last], [tree_plot, cluster], api_name=False)
+        refresh.click(on_eval, None, [eval_note, eval_table, eval_plot, about], api_name=False)
     return demo
 
 
+# --------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    env = os.environ.get
+    # On a Hugging Face Space (SPACE_ID set) the server must listen on 0.0.0.0; locally only on loopback.
+    host = env("UNIRAG_HOST") or env("GRADIO_SERVER_NAME") or ("0.0.0.0" if env("SPACE_ID") else "127.0.0.1")
+    parser.add_argument("--host", default=host, help="default: UNIRAG_HOST, else 127.0.0.1 (0.0.0.0 on a Space)")
+    parser.add_argument("--port", type=int, default=int(env("UNIRAG_PORT") or env("GRADIO_SERVER_PORT") or "7860"),
+                        help="default: UNIRAG_PORT, else 7860")
+    parser.add_argument("--precision", choices=["4bit", "fp32"], default=None,
+                        help="base LLM precision (default: UNIRAG_PRECISION or 4bit NF4 via bitsandbytes)")
+    parser.add_argument("--llm", default=None,
+                        help="hub id or folder of the base LLM (default: UNIRAG_LLM or the embedded SmolLM2)")
+    parser.add_argument("--encoder", default=None, help="bi-encoder: hub id, 'dpr' or empty for the embedded MiniLM")
+    parser.add_argument("--checkpoint-dir", default=None, help="folder holding <corpus>-<llm>/ joint checkpoints")
+    parser.add_argument("--data", default=None, help="shared QA data folder (default: UNIRAG_DATA or ../shared/data)")
+    parser.add_argument("--corpus", default="nq", choices=list(CORPUS_LABELS), help="corpus shown (and loaded) first")
+    parser.add_argument("--concurrency", type=int, default=int(os.environ.get("UNIRAG_CONCURRENCY", "1")),
+                        help="questions answered at once (CPU: 1)")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("UNIRAG_THREADS", "0")) or None,
+                        help="torch CPU threads (default: cores - 1, leaving one for the web server; OMP_NUM_THREADS "
+                        "is respected)")
+    parser.add_argument("--no-preload", action="store_true", help="load the first corpus on the first request only")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
+    args = parse_args(argv)
+    try:
+        settings = Settings.from_env(precision=args.precision, llm=args.llm, encoder=args.encoder,
+                                     checkpoint_dir=args.checkpoint_dir, data_dir=args.data)
+    except UniragError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    threads = args.threads or (None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) - 1))
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    pipeline = Pipeline(settings)
+    print(f"[unirag] {TITLE}: precision {settings.precision_label}; checkpoints in {settings.checkpoint_dir}; "
+          f"{threads or 'default'} torch thread(s)", flush=True)
+    if not args.no_preload:
+        pipeline.preload([args.corpus])
+    demo = build_demo(pipeline, args.corpus)
+    demo.queue(default_concurrency_limit=max(1, args.concurrency), max_size=64)
+    demo.launch(server_name=args.host, server_port=args.port, show_error=True, css=CSS,
+                theme=gr.themes.Soft(primary_hue="violet", secondary_hue="sky"), footer_links=["api"])
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--host", default=os.environ.get("UNIRAG_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("UNIRAG_PORT", "7860")))
-    args = parser.parse_args()
-    build_demo().queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port)
+    main()

@@ -1,0 +1,469 @@
+"""The app's callbacks and pipeline on tiny offline models (fast), and the real app end to end (slow).
+
+Fast tests build a 24-passage corpus, a tiny random Llama (conftest) and an untrained joint checkpoint around it.
+Slow tests launch `python app.py` in a subprocess on a free port with the embedded SmolLM2 and talk to it with
+gradio_client; without a trained `checkpoints/nq-smollm2` they build an untrained joint checkpoint in a tmp dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+SCRIPT = '<script>alert("x")</script>'
+
+PASSAGES = [
+    ("Eiffel Tower", "The Eiffel Tower is a wrought-iron tower in Paris. It was completed in 1889."),
+    ("Louvre", "The Louvre is the world's most-visited museum in Paris. It houses the Mona Lisa."),
+    ("Seine", "The Seine is a river that flows through Paris. It is 777 kilometres long."),
+    ("Big Ben", "Big Ben is the nickname for the Great Bell of the clock in London. It was cast in 1858."),
+    ("Thames", "The Thames is a river that flows through London. It is 346 kilometres long."),
+    ("Tower Bridge", "Tower Bridge is a bridge in London built between 1886 and 1894."),
+    ("Colosseum", "The Colosseum is an amphitheatre in Rome. It could hold 50,000 spectators."),
+    ("Tiber", "The Tiber is the river of Rome. It is 406 kilometres long."),
+    ("Pantheon", "The Pantheon is a former Roman temple in Rome, now a church."),
+    ("Python", "Python is a programming language created by Guido van Rossum in 1991."),
+    ("Rust", "Rust is a programming language focused on memory safety, first released in 2015."),
+    ("Haskell", "Haskell is a purely functional programming language named after Haskell Curry."),
+    ("Photosynthesis", "Photosynthesis converts light energy into chemical energy in plants."),
+    ("Mitochondria", "The mitochondrion is the powerhouse of the cell. It makes ATP."),
+    ("DNA", "DNA is a molecule that carries genetic instructions. Its structure is a double helix."),
+    ("Jupiter", "Jupiter is the largest planet in the Solar System. It has 95 known moons."),
+    ("Mars", "Mars is the fourth planet from the Sun. It is called the Red Planet."),
+    ("Saturn", "Saturn is the sixth planet from the Sun. It has prominent rings."),
+    ("Mozart", "Wolfgang Amadeus Mozart was a composer born in Salzburg in 1756."),
+    ("Beethoven", "Ludwig van Beethoven was a composer born in Bonn in 1770."),
+    ("Bach", "Johann Sebastian Bach was a composer born in Eisenach in 1685."),
+    ("Script test", f"This passage contains markup {SCRIPT} that must render as text. It is about HTML escaping."),
+    ("Chess", "Chess is a board game for two players. Each player starts with sixteen pieces."),
+    ("Go", "Go is an abstract strategy board game for two players, invented in China."),
+]
+QUESTIONS = [
+    ("q1", "when was the eiffel tower completed", ["1889"], "d00"),
+    ("q2", "who created the python programming language", ["Guido van Rossum"], "d09"),
+    ("q3", "which planet is called the red planet", ["Mars"], "d16"),
+    ("q4", "what does the passage about html escaping contain", ["markup"], "d21"),
+]
+
+
+def write_dataset(root: Path, name: str = "nq") -> Path:
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / "corpus.jsonl").open("w") as f:
+        for i, (title, text) in enumerate(PASSAGES):
+            f.write(json.dumps({"id": f"d{i:02d}", "title": title, "text": text}) + "\n")
+    for split in ("dev", "train"):
+        with (folder / f"{split}.jsonl").open("w") as f:
+            for qid, question, answers, doc_id in QUESTIONS:
+                f.write(json.dumps({"id": qid, "question": question, "answers": answers, "doc_id": doc_id}) + "\n")
+    return root
+
+
+def build_joint_checkpoint(llm: str | None, corpus, out: Path, tree=None, **config) -> Path:
+    """An untrained joint checkpoint (fresh JointModel + the corpus' docid tree) saved to `out`."""
+    from unirag.backbones import load_llm
+    from unirag.docids import load_or_build_tree
+    from unirag.joint.modeling import JointConfig, JointModel
+
+    tree = tree or load_or_build_tree(corpus, progress=False)
+    base, tokenizer = load_llm(llm)
+    joint = JointModel(base, JointConfig(docid_levels=tree.depth, docid_branching=tree.branching, base_model=llm,
+                                         **config), tokenizer=tokenizer)
+    joint.save_pretrained(out, tree=tree)
+    return out
+
+
+def talkative_tiny_llm(path: Path) -> str:
+    """The conftest tiny Llama with the stop tokens' (tied) embeddings zeroed, so greedy decoding emits text."""
+    import torch
+    from conftest import build_tiny_llm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    build_tiny_llm(path, "llama", seed=5)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    stops = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id,
+             *tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "\n"])}
+    with torch.no_grad():
+        for i in stops:
+            model.get_input_embeddings().weight[i] = 0.0
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(Settings, data root) for a tiny corpus with an untrained joint checkpoint on the tiny Llama."""
+    from unirag.data import load_corpus
+    from unirag.docids import TreeConfig, build_tree, corpus_embeddings
+    from unirag.pipeline import Settings
+
+    root = tmp_path_factory.mktemp("app")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("UNIRAG_CACHE", str(root / "cache"))
+    data = write_dataset(root / "data")
+    corpus = load_corpus(data / "nq" / "corpus.jsonl")
+    tree = build_tree(corpus, corpus_embeddings(corpus, progress=False), TreeConfig(k=3, c=4))
+    llm = talkative_tiny_llm(root / "llama")
+    ckpts = root / "checkpoints"
+    build_joint_checkpoint(llm, corpus, ckpts / "nq-llama", tree=tree, pathway_layers=2, retrieval_heads=2,
+                           retrieval_mlp_dim=32)
+    settings = Settings(llm=llm, precision="fp32", checkpoint_dir=ckpts, data_dir=data)
+    yield settings, data
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny):
+    from unirag.pipeline import Pipeline
+
+    return Pipeline(tiny[0])
+
+
+# --------------------------------------------------------------------------------------------- fast: pipeline
+
+
+def test_settings_from_env(monkeypatch, tmp_path):
+    from unirag.errors import UniragError
+    from unirag.pipeline import Settings, llm_tag
+
+    monkeypatch.setenv("UNIRAG_LLM", "Qwen/Qwen3-4B-Instruct-2507")
+    monkeypatch.setenv("UNIRAG_ENCODER", "dpr")
+    monkeypatch.setenv("UNIRAG_PRECISION", "fp32")
+    monkeypatch.setenv("UNIRAG_CHECKPOINT_DIR", str(tmp_path))
+    s = Settings.from_env()
+    assert (s.llm, s.encoder, s.precision, s.checkpoint_dir) == ("Qwen/Qwen3-4B-Instruct-2507", "dpr", "fp32", tmp_path)
+    assert s.checkpoint_candidates("nq")[0] == tmp_path / "nq-qwen3-4b-instruct-2507"
+    assert "--base-model Qwen/Qwen3-4B-Instruct-2507" in s.train_command("nq")
+    assert Settings.from_env(precision="4bit").load_in_4bit
+    assert llm_tag(None) == "smollm2"
+    with pytest.raises(UniragError):
+        Settings(precision="int3")
+
+
+def test_pipeline_answers_both_sides_and_marks_gold(pipeline):
+    bundle = pipeline.bundle("nq")
+    assert bundle.joint is not None, bundle.joint_message
+    assert bundle.tree is not None and len(bundle.tree) == len(PASSAGES)
+    assert bundle.examples(3) and all(isinstance(q, str) for q in bundle.examples(3))
+    result = pipeline.ask("nq", "When was the Eiffel Tower completed?", beam_width=4, k_docs=2, rag_k=3,
+                          max_new_tokens=4)
+    assert result.gold is not None and result.gold.id == "q1"
+    assert result.joint.error is None and result.rag.error is None
+    assert len(result.joint.answer.docs) == 2 and len(result.rag.answer.docs) == 3
+    assert result.rag.gold_found is True and result.rag.gold_rank == 1  # MiniLM finds the Eiffel passage
+    assert result.joint.gold_found in (True, False) and result.joint.correct in (True, False)
+    assert result.rag.answer.traces["answer_attention"]["weights"]
+    free = pipeline.ask("nq", "tell me about rivers", beam_width=3, k_docs=1, rag_k=2, max_new_tokens=2)
+    assert free.gold is None and free.rag.gold_found is None and free.rag.correct is None
+
+
+def test_pipeline_rejects_bad_input(pipeline):
+    from unirag.errors import UniragError
+
+    for kwargs in ({"question": "   "}, {"question": "q", "k_docs": 4}, {"question": "q", "rag_k": 0},
+                   {"question": "q", "beam_width": "many"}):
+        with pytest.raises(UniragError):
+            pipeline.ask("nq", **kwargs)
+    with pytest.raises(UniragError):
+        pipeline.ask("trec", "q")
+
+
+def test_missing_checkpoint_keeps_rag_and_says_what_to_run(tiny, tmp_path):
+    from unirag.pipeline import Pipeline, Settings
+
+    settings, data = tiny
+    empty = Pipeline(Settings(llm=settings.llm, precision="fp32", checkpoint_dir=tmp_path / "none", data_dir=data))
+    result = empty.ask("nq", "who created the python programming language", 3, 1, 2, 3)
+    assert result.rag.answer is not None and result.rag.answer.docs
+    assert result.joint.answer is None and "python -m unirag train" in result.joint.error
+    assert any("python -m unirag train" in m for m in empty.messages())
+    # SQuAD data is absent in the tiny data dir: a page-level message, not a traceback.
+    from unirag.errors import UniragError
+
+    with pytest.raises(UniragError, match="UNIRAG_DATA"):
+        empty.bundle("squad")
+    assert empty.status()["corpora"]["squad"].startswith("error")
+
+
+def test_broken_checkpoint_is_reported_not_raised(tiny, tmp_path):
+    from unirag.pipeline import Pipeline, Settings
+
+    settings, data = tiny
+    broken = tmp_path / "nq-llama"
+    broken.mkdir()
+    (broken / "joint_config.json").write_text("{not json")
+    pipe = Pipeline(Settings(llm=settings.llm, precision="fp32", checkpoint_dir=tmp_path, data_dir=data))
+    bundle = pipe.bundle("nq")
+    assert bundle.joint is None and "could not be loaded" in bundle.joint_message
+    assert bundle.tree is not None  # the tab still gets the cached k-means tree
+
+
+def test_eval_results_and_quantization_cost(tmp_path):
+    from unirag.pipeline import load_eval_results, quantization_cost
+
+    folder = tmp_path / "nq-smollm2"
+    folder.mkdir()
+    base = {"system": "joint", "n": 50, "em": 0.1, "f1": 0.2, "recall@1": 0.5, "recall@k": 0.7, "k": 2,
+            "context_tokens_mean": 300.0, "latency_ms_median": 900.0}
+    (folder / "eval_joint_4bit.json").write_text(json.dumps({"summary": {**base, "accuracy": 0.30}, "records": []}))
+    (folder / "eval_joint_fp32.json").write_text(json.dumps({"summary": {**base, "accuracy": 0.34}}))
+    (folder / "eval_broken.json").write_text("{")
+    rows = load_eval_results(tmp_path)
+    assert {(r["corpus"], r["precision"]) for r in rows} == {("nq", "4bit"), ("nq", "fp32")}
+    cost = quantization_cost(rows)
+    assert len(cost) == 1 and "-4.0 points" in cost[0]
+    assert quantization_cost(rows[:1]) == []
+
+
+# --------------------------------------------------------------------------------------------- fast: callbacks
+
+
+def test_ask_callback_outputs(pipeline):
+    import plotly.graph_objects as go
+
+    import app
+
+    out = app.ask(pipeline, "nq", "what does the passage about html escaping contain", 4, 2, 5, 4)
+    gold_info, joint_card, path_fig, beams, joint_docs, joint_heat, rag_card, bars, rag_docs, rag_heat = out[:10]
+    banner = out[10]
+    last = out[11]
+    assert last["corpus"] == "nq" and tuple(last["docid"]) in pipeline.bundle("nq").tree.docids
+    fig, dropdown = app.tree_view(pipeline, "nq", last)
+    assert viz_green(fig) and dropdown.value == "-".join(map(str, last["docid"][:-1]))
+    assert "q4" in gold_info and "gold answer" in gold_info
+    for fig in (path_fig, joint_heat, bars, rag_heat):
+        assert isinstance(fig, go.Figure) and fig.data
+    assert len(beams) >= 2 and list(beams.columns) == ["#", "docid", "doc id", "title", "log-prob", "used"]
+    assert "Joint model" in joint_card and "Dense RAG" in rag_card
+    assert "Precision" in banner and "fp32" in banner
+    # The <script> passage is retrieved by RAG (its gold) and must be escaped wherever it appears.
+    assert "Script test" in rag_docs
+    for html_out in (joint_docs, rag_docs, joint_card, rag_card, gold_info):
+        assert "<script>" not in html_out
+    assert "&lt;script&gt;alert(&quot;x&quot;)" in re.sub(r"<[^>]+>", "", rag_docs)  # escaped, and not split up
+
+
+def viz_green(fig) -> bool:
+    from unirag.viz import HIGHLIGHT_COLOR
+
+    return HIGHLIGHT_COLOR in list(fig.data[0].marker.colors)
+
+
+def test_ask_callback_errors_become_gr_error(pipeline):
+    import gradio as gr
+
+    import app
+
+    with pytest.raises(gr.Error, match="empty"):
+        app._guard(app.ask)(pipeline, "nq", "", 4, 2, 3, 4)
+
+    def boom(*_):
+        raise RuntimeError("kaput")
+
+    with pytest.raises(gr.Error, match="still running"):
+        app._guard(boom)()
+
+
+def test_side_error_does_not_kill_the_other_side(pipeline, monkeypatch):
+    bundle = pipeline.bundle("nq")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoder exploded")
+
+    monkeypatch.setattr(bundle.joint, "answer", broken)
+    result = pipeline.ask("nq", "which planet is called the red planet", 3, 1, 2, 3)
+    assert "decoder exploded" in result.joint.error and result.rag.answer is not None
+    import app
+
+    rendered = app.render(result, bundle)
+    assert "decoder exploded" in rendered[1]
+
+
+def test_select_corpus_and_cluster_callbacks(pipeline):
+    import app
+
+    dataset, tree_fig, dropdown, docs_html, banner = app.select_corpus(pipeline, "nq")
+    assert dataset.samples and tree_fig.data[0].type == "sunburst"
+    assert dropdown.choices
+    assert "whole corpus" in docs_html and "&lt;script&gt;" in docs_html
+    first = pipeline.bundle("nq").tree.allowed(())[0]
+    assert "Cluster" in app.cluster_docs(pipeline, "nq", str(first))
+    assert "not a docid prefix" in app.cluster_docs(pipeline, "nq", "abc")
+    assert "No cluster" in app.cluster_docs(pipeline, "nq", "99-99")
+    # SQuAD is missing from the tiny data: an empty view and a banner message, no exception.
+    dataset, tree_fig, dropdown, docs_html, banner = app.select_corpus(pipeline, "squad")
+    assert dataset.samples == [] and "UNIRAG_DATA" in banner
+
+
+def test_evaluation_and_about(pipeline):
+    import app
+
+    note, table, fig = app.evaluation(pipeline)
+    assert "No evaluation results yet" in note and table.empty
+    about = app.about_markdown(pipeline)
+    assert "not measured yet" in about
+    for ref in ("Retrieval as Reasoning", "NCI", "DSI", "GeAR", "RetroLLM", "UniGen"):
+        assert ref in about
+
+
+def test_build_demo_has_ask_api(pipeline):
+    import app
+
+    demo = app.build_demo(pipeline)
+    api = [d for d in demo.fns.values() if getattr(d, "api_name", None) == "ask"]
+    assert len(api) == 1
+
+
+def test_cli_flags_and_env(monkeypatch):
+    import app
+
+    monkeypatch.setenv("UNIRAG_HOST", "0.0.0.0")
+    monkeypatch.setenv("UNIRAG_PORT", "7999")
+    args = app.parse_args([])
+    assert (args.host, args.port) == ("0.0.0.0", 7999)
+    args = app.parse_args(["--host", "127.0.0.2", "--port", "8001", "--precision", "fp32"])
+    assert (args.host, args.port, args.precision) == ("127.0.0.2", 8001, "fp32")
+    monkeypatch.delenv("UNIRAG_HOST")
+    monkeypatch.delenv("UNIRAG_PORT")
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert (app.parse_args([]).host, app.parse_args([]).port) == ("127.0.0.1", 7860)
+    monkeypatch.setenv("SPACE_ID", "someone/unirag")
+    assert app.parse_args([]).host == "0.0.0.0"
+
+
+# --------------------------------------------------------------------------------------------- slow: end to end
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data_available() -> bool:
+    from unirag.paths import default_data_dir
+
+    return (default_data_dir() / "nq" / "corpus.jsonl").is_file()
+
+
+@contextlib.contextmanager
+def running_app(args: list[str], log_path: Path, env: dict[str, str] | None = None):
+    """`python app.py ARGS` on a free port; yields (url, process). Stops it (by its pid) afterwards."""
+    port = free_port()
+    full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
+    with log_path.open("w") as log:
+        command = [sys.executable, str(REPO / "app.py"), "--host", "127.0.0.1", "--port", str(port), *args]
+        proc = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_ready(url, proc, log_path)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def live_app(tmp_path_factory):
+    """The real app (embedded SmolLM2, NQ, default 4-bit) in a subprocess; yields (url, log path, process)."""
+    if not _data_available():
+        if os.environ.get("CI"):
+            pytest.fail("shared data missing in CI")
+        pytest.skip("shared data not available")
+    from unirag.data import dataset_paths, load_corpus
+    from unirag.pipeline import Settings
+
+    ckpt_root = REPO / "checkpoints"
+    if Settings(checkpoint_dir=ckpt_root).find_checkpoint("nq") is None:
+        ckpt_root = tmp_path_factory.mktemp("ckpts")
+        corpus = load_corpus(dataset_paths("nq", "dev")[0])
+        build_joint_checkpoint(None, corpus, ckpt_root / "nq-smollm2")
+    log_path = tmp_path_factory.mktemp("applog") / "app.log"
+    with running_app(["--checkpoint-dir", str(ckpt_root)], log_path) as (url, proc):
+        yield url, log_path, proc
+
+
+def wait_until_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 300) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "config", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"app not up after {timeout}s:\n{log_path.read_text()[-3000:]}")
+
+
+def _check_ask_result(result) -> None:
+    gold_info, joint_card, path_fig, beams, joint_docs, joint_heat, rag_card, bars, rag_docs, rag_heat, banner = result
+    assert "ur-answer" in joint_card and "ur-answer" in rag_card, (joint_card, rag_card)
+    assert "(empty answer)" not in joint_card and "(empty answer)" not in rag_card
+    for fig in (path_fig, joint_heat, bars, rag_heat):
+        blob = json.loads(fig["plot"]) if isinstance(fig, dict) and "plot" in fig else fig
+        assert blob and blob.get("data"), fig
+    assert beams["data"], beams
+    assert "4-bit NF4" in banner
+
+
+@pytest.mark.slow
+def test_end_to_end_one_question(live_app):
+    from gradio_client import Client
+
+    url, _, _ = live_app
+    client = Client(url, verbose=False)
+    start = time.perf_counter()
+    result = client.predict("nq", "who sang the song i wanna be sedated", 10, 2, 5, 24, api_name="/ask")
+    elapsed = time.perf_counter() - start
+    _check_ask_result(result)
+    assert "gold answer" in result[0]
+    print(f"one question, cold: {elapsed:.1f} s")
+
+
+@pytest.mark.slow
+def test_load_ten_concurrent_questions(live_app):
+    from gradio_client import Client
+
+    from unirag.data import dataset_paths, load_questions
+
+    url, log_path, proc = live_app
+    questions = [q.question for q in load_questions(dataset_paths("nq", "dev")[1])[:10]]
+
+    def one(question: str):
+        client = Client(url, verbose=False)
+        return client.predict("nq", question, 6, 2, 3, 12, api_name="/ask")
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        results = list(pool.map(one, questions))
+    elapsed = time.perf_counter() - start
+    assert len(results) == 10
+    for result in results:
+        _check_ask_result(result)
+    assert proc.poll() is None, "server died"
+    assert "Traceback" not in log_path.read_text()
+    print(f"10 concurrent questions: {elapsed:.1f} s total")

@@ -1,0 +1,235 @@
+"""Figure and HTML builders on hand-made Answer traces and a small DocidTree (no models, milliseconds)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from unirag import viz
+from unirag.answer import Answer, RetrievedDoc
+from unirag.docids import DocidTree, TreeConfig
+
+DOCIDS = [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0), (1, 1), (2, 0, 0), (2, 0, 1), (2, 1, 0)]
+DOC_IDS = [f"d{i}" for i in range(len(DOCIDS))]
+SCRIPT = "<script>alert('x')</script>"
+
+
+@pytest.fixture(scope="module")
+def tree() -> DocidTree:
+    labels = {(): "corpus", (0,): "paris, tower, seine", (0, 0): "tower, iron", (0, 1): "museum",
+              (1,): "london, bridge", (2,): "planets, moons", (2, 0): "jupiter", (2, 1): "mars"}
+    labels.update({d: f"Title {i}" for i, d in enumerate(DOCIDS)})
+    return DocidTree(DOC_IDS, DOCIDS, TreeConfig(k=3, c=2), "fp", labels)
+
+
+def level(prefix, children, probs, chosen):
+    return {"prefix": list(prefix), "children": list(children), "probs": list(probs), "chosen": chosen}
+
+
+def joint_answer(tree: DocidTree) -> Answer:
+    path1 = [level((), [0, 1, 2], [0.7, 0.2, 0.1], 0), level((0,), [0, 1], [0.6, 0.4], 0),
+             level((0, 0), [0, 1], [0.55, 0.45], 1)]
+    path2 = [level((), [0, 1, 2], [0.7, 0.2, 0.1], 0), level((0,), [0, 1], [0.6, 0.4], 1),
+             level((0, 1), [0], [1.0], 0)]
+    logp = [sum(math.log(s["probs"][s["children"].index(s["chosen"])]) for s in p) for p in (path1, path2)]
+    docs = [RetrievedDoc("d1", "Title 1", f"First doc. It has {SCRIPT} inside.", logp[0], (0, 0, 1)),
+            RetrievedDoc("d2", "Title 2", "Second doc text.", logp[1], (0, 1, 0))]
+    context = ["Title", " 1", ":", " First", " doc", ".", " It", " has", " <script>", " inside", ".", "\n",
+               "Title", " 2", ":", " Second", " doc", " text", "."]
+    weights = [[0.02] * 12 + [0.01] * 7, [0.0] * 8 + [0.8] + [0.0] * 10]
+    return Answer(
+        system="joint", question="what is <b>inside</b>?", text="a <script> tag", docs=docs,
+        prompt_tokens=40, context_tokens=len(context), answer_tokens=2,
+        timings_ms={"retrieve": 120.0, "generate": 800.0},
+        traces={
+            "beams": [{"docid": [0, 0, 1], "doc_id": "d1", "logprob": logp[0]},
+                      {"docid": [0, 1, 0], "doc_id": "d2", "logprob": logp[1]},
+                      {"docid": [0, 0, 0], "doc_id": "d0", "logprob": -2.5}],
+            "paths": [path1, path2],
+            "retrieval_attention": {"tokens": ["what", " is", " <b>", "inside", "</b>", "?"],
+                                    "weights": [0.1, 0.05, 0.3, 0.4, 0.1, 0.05]},
+            "answer_attention": {"answer_tokens": ["a", " <script>"], "context_tokens": context, "weights": weights,
+                                 "doc_spans": [[0, 11], [12, 19]]},
+        },
+    )
+
+
+def rag_answer(n_context: int = 30, n_answer: int = 3) -> Answer:
+    docs = [RetrievedDoc(f"d{i}", f"Passage {i}", f"text {i}", s) for i, s in enumerate([0.82, 0.71, 0.55])]
+    # Byte-level BPE strings, as transformers' convert_ids_to_tokens gives them for SmolLM2.
+    context = (["Pass", "age", "Ġ0", ":", "Ġtext", "Ġ0", "."] + ["Ċ"] + ["Pass", "age", "Ġ1", ":", "Ġtext", "Ġ1", "."]
+               + ["Ċ"] + ["Pass", "age", "Ġ2", ":", "ĠcafÃ©", "Ġ2", "."])
+    context += ["Ġmore"] * (n_context - len(context))
+    weights = [[1.0 / len(context)] * len(context) for _ in range(n_answer)]
+    return Answer("rag", "q", "answer", docs, traces={"answer_attention": {
+        "answer_tokens": ["Ġans"] * n_answer, "context_tokens": context, "weights": weights}})
+
+
+# --------------------------------------------------------------------------------------------- docid path
+
+
+def test_docid_path_probabilities_and_highlighted_path(tree):
+    answer = joint_answer(tree)
+    fig = viz.docid_path_figure(answer, tree)
+    candidates = [t for t in fig.data if t.meta and t.meta["kind"] == "candidates"]
+    paths = [t for t in fig.data if t.meta and t.meta["kind"] == "path"]
+    # one candidates trace per distinct (level, prefix) visited: (), (0,), (0,0), (0,1)
+    assert sorted((t.meta["level"], tuple(t.meta["prefix"])) for t in candidates) == [
+        (0, ()), (1, (0,)), (2, (0, 0)), (2, (0, 1))]
+    for t in candidates:
+        assert sum(t.meta["probs"]) == pytest.approx(1.0, abs=1e-6)
+        assert len(t.x) == len(t.meta["children"]) == len(t.marker.color)
+    # the highlighted paths are exactly the chosen docids of the selected documents
+    assert [p.meta["docid"] for p in paths] == [list(d.docid) for d in answer.docs]
+    assert [p.meta["doc_id"] for p in paths] == ["d1", "d2"]
+    # chosen nodes are outlined, the others are not
+    root = next(t for t in candidates if t.meta["level"] == 0)
+    assert list(root.marker.line.width) == [3, 0.5, 0.5]
+    # each path line passes through the x position of its chosen candidate at every level
+    for p in paths:
+        for lv, symbol in enumerate(p.meta["docid"]):
+            prefix = tuple(p.meta["docid"][:lv])
+            group = next(t for t in candidates if t.meta["level"] == lv and tuple(t.meta["prefix"]) == prefix)
+            assert p.x[lv + 1] == group.x[group.meta["children"].index(symbol)]
+    # hover carries the tree's keyword label and size
+    assert "paris, tower, seine" in root.hovertext[0] and "3 documents" in root.hovertext[0]
+
+
+def test_docid_path_without_trace_is_a_message():
+    fig = viz.docid_path_figure(Answer("joint", "q", "a"), None)
+    assert not fig.data and "No docid path" in fig.layout.annotations[0].text
+    assert not viz.docid_path_figure(None).data
+
+
+def test_beam_rows(tree):
+    rows = viz.beam_rows(joint_answer(tree), {"d1": "Title 1", "d0": "Title 0"})
+    assert [r[1] for r in rows] == ["0-0-1", "0-1-0", "0-0-0"]
+    assert [r[5] for r in rows] == ["✓", "✓", ""] and rows[0][3] == "Title 1"
+    assert rows[0][4] == pytest.approx(math.log(0.7 * 0.6 * 0.45), abs=1e-3)
+
+
+# --------------------------------------------------------------------------------------------- bars
+
+
+def test_retrieval_bars_match_scores():
+    answer = rag_answer()
+    fig = viz.retrieval_bars_figure(answer, gold_doc_id="d1")
+    bar = fig.data[0]
+    assert list(bar.x) == [d.score for d in answer.docs]
+    assert list(bar.meta["doc_ids"]) == answer.doc_ids
+    assert bar.marker.color[1] == viz.GOLD_COLOR and bar.marker.color[0] == viz.RAG_COLOR
+    assert not viz.retrieval_bars_figure(Answer("rag", "q", "a")).data
+
+
+# --------------------------------------------------------------------------------------------- heatmap
+
+
+def test_heatmap_shape_tokens(tree):
+    answer = joint_answer(tree)
+    fig = viz.attention_heatmap(answer)
+    heat = fig.data[0]
+    assert heat.meta["unit"] == "token" and heat.meta["shape"] == [2, 19]
+    assert len(heat.z) == 2 and all(len(row) == 19 for row in heat.z)
+    assert heat.z[1][8] == pytest.approx(0.8)
+    assert all("<script>" not in t for t in fig.layout.xaxis.ticktext)
+
+
+def test_heatmap_groups_long_context_into_sentences():
+    answer = rag_answer(n_context=200, n_answer=4)
+    fig = viz.attention_heatmap(answer, max_tokens=80)
+    heat = fig.data[0]
+    assert heat.meta["unit"] == "sentence"
+    rows, cols = heat.meta["shape"]
+    assert rows == 4 and 3 <= cols < 200 and len(heat.z[0]) == cols
+    # sentence cells sum their tokens' attention: each row keeps its total but the 2 newline separators' share
+    for row in heat.z:
+        assert sum(row) == pytest.approx(1.0 - 2 / 200, abs=1e-6)
+    assert not viz.attention_heatmap(Answer("rag", "q", "")).data
+
+
+def test_clean_tokens_and_doc_spans():
+    assert viz.clean_tokens(["Ġcaf", "Ã©", "Ċ", "Next"]) == [" caf", "é", "\n", "Next"]
+    assert viz.clean_tokens(["▁hello", "▁world"]) == [" hello", " world"]
+    assert viz.clean_tokens([" plain", " text"]) == [" plain", " text"]
+    context = rag_answer().traces["answer_attention"]["context_tokens"]
+    assert viz.infer_doc_spans(context, 3) == [[0, 7], [8, 15], [16, 30]]
+    assert viz.infer_doc_spans(context, 2) == []
+
+
+# --------------------------------------------------------------------------------------------- HTML
+
+
+def test_html_escapes_documents_questions_answers(tree):
+    answer = joint_answer(tree)
+    docs = viz.documents_html(answer, gold_doc_id="d1")
+    assert "<script>" not in docs and "&lt;script&gt;" in docs
+    assert "gold passage" in docs and "ur-tok" in docs  # the most attended token is marked
+    question = viz.question_html(answer)
+    assert "<b>inside" not in question and "&lt;b&gt;" in question
+    card = viz.answer_card_html(answer, "Joint <i>", viz.JOINT_COLOR, gold_found=True, gold_rank=1, correct=False,
+                                gold_answers=["<img src=x onerror=alert(1)>"])
+    assert "<script>" not in card and "<img" not in card and "<i>" not in card
+    assert "✓ gold passage retrieved (#1)" in card and "✗ incorrect" in card and "920 ms" in card
+    error = viz.answer_card_html(None, "RAG", viz.RAG_COLOR, error=f"bad {SCRIPT}")
+    assert "<script>" not in error
+    assert "<script>" not in viz.message_html(f"run `make` {SCRIPT}")
+    assert "<code>make</code>" in viz.message_html("`make`")
+    # Without attention the plain passage is shown, escaped.
+    plain = viz.documents_html(Answer("rag", "q", "a", [RetrievedDoc("x", "T<", f"body {SCRIPT}", 0.5)]))
+    assert "<script>" not in plain and "T&lt;" in plain
+
+
+def test_documents_html_rag_uses_inferred_spans():
+    html_out = viz.documents_html(rag_answer(), gold_doc_id="d2")
+    assert html_out.count("ur-doc-head") == 3 and "café" in html_out and "ur-sent" in html_out
+
+
+# --------------------------------------------------------------------------------------------- corpus tree
+
+
+def test_corpus_tree_sunburst(tree):
+    fig = viz.corpus_tree_figure(tree)
+    sun = fig.data[0]
+    assert sun.type == "sunburst" and sun.branchvalues == "total"
+    ids = list(sun.ids)
+    values = dict(zip(ids, sun.values, strict=True))
+    parents = dict(zip(ids, sun.parents, strict=True))
+    assert values["root"] == len(DOCIDS) and values["c:0"] == 3 and values["d:1-0"] == 1
+    assert parents["c:0-0"] == "c:0" and parents["d:0-0-1"] == "c:0-0"
+    for node, value in values.items():  # "total": each parent's value is the sum of its children
+        kids = [values[k] for k, p in parents.items() if p == node]
+        if kids:
+            assert sum(kids) == value
+    assert any("paris, tower, seine" in h for h in sun.hovertext)
+    assert not sun.marker.colors  # colours come from the colorway, one per top-level cluster
+    lit = viz.corpus_tree_figure(tree, highlight=(0, 0, 1)).data[0]
+    lit_ids = [i for i, c in zip(lit.ids, lit.marker.colors, strict=True) if c == viz.HIGHLIGHT_COLOR]
+    assert lit_ids == ["c:0", "c:0-0", "d:0-0-1"]
+
+
+def test_cluster_browser(tree):
+    choices = viz.cluster_choices(tree)
+    assert choices[0][1] == "" and ("0-0" in [v for _, v in choices])
+    assert viz.parse_prefix("0-1") == (0, 1) and viz.parse_prefix("root") == () and viz.parse_prefix(" 2 0 ") == (2, 0)
+    with pytest.raises(ValueError):
+        viz.parse_prefix("zero")
+    texts = {d: (f"Title {i}", f"text {SCRIPT}") for i, d in enumerate(DOC_IDS)}
+    out = viz.cluster_docs_html(tree, (0,), texts)
+    assert out.count("<tr>") == 4 and "<script>" not in out and "Sub-clusters" in out  # header + 3 docs
+    assert "No cluster" in viz.cluster_docs_html(tree, (7,), texts)
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+def test_eval_rows_and_figure():
+    results = [{"corpus": "nq", "system": "joint", "precision": "4bit", "n": 10, "accuracy": 0.3, "em": 0.1,
+                "f1": 0.2, "recall@1": 0.5, "recall@k": None, "k": 2, "file": "nq-smollm2/eval_joint.json"},
+               {"corpus": "nq", "system": "rag", "precision": "", "n": 10, "accuracy": 0.4, "em": 0.2, "f1": 0.3,
+                "recall@1": 0.6, "recall@k": 0.8, "k": 5, "file": "nq-smollm2/eval_rag.json"}]
+    rows = viz.eval_rows(results)
+    assert len(rows) == 2 and len(rows[0]) == len(viz.EVAL_HEADERS) and rows[0][8] == ""
+    fig = viz.eval_figure(results)
+    assert len(fig.data) == 2 and list(fig.data[1].y) == [0.4, 0.2, 0.3, 0.6, 0.8]
+    assert not viz.eval_figure([]).data

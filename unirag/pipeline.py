@@ -1,0 +1,501 @@
+"""Orchestration behind the app: per-corpus lazy loading and one question through both systems.
+
+    Pipeline(Settings.from_env())
+      .bundle("nq")            corpus + dev questions, dense retriever, joint checkpoint (model + its docid tree)
+      .ask("nq", question, …)  → Comparison(joint SideResult, rag SideResult, gold question if from the dataset)
+
+The RAG side never depends on the joint side: a missing checkpoint, an unimportable `unirag.joint` or an
+error while decoding docids is reported in `Comparison.joint.error` / `CorpusBundle.joint_message` and the
+dense RAG answer is still produced. Errors the user can fix are `UniragError`s with the command to run.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unirag.answer import Answer
+from unirag.data import DATASETS, Corpus, Question, dataset_paths, load_corpus, load_questions, prepare_question
+from unirag.errors import UniragError
+from unirag.eval import contains_answer, normalize_answer
+from unirag.paths import REPO_ROOT, default_data_dir
+
+log = logging.getLogger("unirag.app")
+
+PRECISIONS = ("4bit", "fp32")
+PRECISION_LABELS = {"4bit": "4-bit NF4 (bitsandbytes)", "fp32": "fp32"}
+CORPUS_LABELS = {"nq": "Natural Questions", "squad": "SQuAD v1.1"}
+LIMITS = {"beam_width": (1, 32), "k_docs": (1, 3), "rag_k": (1, 10), "max_new_tokens": (1, 128)}
+
+Progress = Callable[[str], None]
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name, "").strip()
+    return value or None
+
+
+def llm_tag(llm: str | None) -> str:
+    """Short name of the base LLM used in checkpoint folder names: `nq-smollm2`, `nq-qwen3-4b-instruct-2507`."""
+    if llm in (None, "", "embedded") or str(llm).startswith("embedded:"):
+        return "smollm2"
+    name = Path(str(llm).rstrip("/")).name.lower()
+    return re.sub(r"[^a-z0-9.]+", "-", name).strip("-") or "llm"
+
+
+@dataclass
+class Settings:
+    """Where models, checkpoints and data come from. Every field has an environment variable (for HF Spaces)."""
+
+    llm: str | None = None  # UNIRAG_LLM: hub id or folder; None = embedded SmolLM2-135M
+    encoder: str | None = None  # UNIRAG_ENCODER: hub id, "dpr", or None = embedded all-MiniLM-L6-v2
+    precision: str = "4bit"  # UNIRAG_PRECISION: "4bit" (bitsandbytes NF4) or "fp32"
+    checkpoint_dir: Path = field(default_factory=lambda: REPO_ROOT / "checkpoints")  # UNIRAG_CHECKPOINT_DIR
+    data_dir: Path | None = None  # UNIRAG_DATA (else ../shared/data)
+    corpora: tuple[str, ...] = DATASETS
+    n_examples: int = 12
+
+    def __post_init__(self) -> None:
+        self.precision = {"nf4": "4bit", "4-bit": "4bit", "int4": "4bit", "float32": "fp32"}.get(
+            str(self.precision).lower(), str(self.precision).lower())
+        if self.precision not in PRECISIONS:
+            raise UniragError(f"Unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}.")
+        self.checkpoint_dir = Path(self.checkpoint_dir)
+        unknown = [c for c in self.corpora if c not in DATASETS]
+        if unknown:
+            raise UniragError(f"Unknown corpus {unknown[0]!r}: choose from {', '.join(DATASETS)}.")
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "llm": _env("UNIRAG_LLM"),
+            "encoder": _env("UNIRAG_ENCODER"),
+            "precision": _env("UNIRAG_PRECISION") or "4bit",
+            "checkpoint_dir": Path(_env("UNIRAG_CHECKPOINT_DIR") or REPO_ROOT / "checkpoints"),
+            "data_dir": Path(p) if (p := _env("UNIRAG_DATA")) else None,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def load_in_4bit(self) -> bool:
+        return self.precision == "4bit"
+
+    @property
+    def precision_label(self) -> str:
+        return PRECISION_LABELS[self.precision]
+
+    def data_root(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+    def checkpoint_candidates(self, corpus: str) -> list[Path]:
+        root = self.checkpoint_dir
+        first = root / f"{corpus}-{llm_tag(self.llm)}"
+        others = [Path(p) for p in sorted(glob.glob(str(root / f"{corpus}-*"))) if Path(p) != first]
+        return [first, *others]
+
+    def find_checkpoint(self, corpus: str) -> Path | None:
+        for path in self.checkpoint_candidates(corpus):
+            if (path / "joint_config.json").is_file():
+                return path
+        return None
+
+    def train_command(self, corpus: str) -> str:
+        data = self.data_root() / corpus
+        out = self.checkpoint_candidates(corpus)[0]
+        llm = f" --base-model {self.llm}" if self.llm else ""
+        return (f"python -m unirag train --corpus {_rel(data / 'corpus.jsonl')} --questions "
+                f"{_rel(data / 'train.jsonl')}{llm} --out {_rel(out)}")
+
+
+def _rel(path: Path) -> str:
+    """A path relative to the working directory when that is shorter (`../shared/data/nq/corpus.jsonl`)."""
+    path = Path(path)
+    try:
+        rel = os.path.relpath(path.resolve(), Path.cwd())
+    except ValueError:  # another drive
+        return str(path)
+    return rel if len(rel) < len(str(path)) or not path.is_absolute() else str(path)
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class SideResult:
+    """One system's answer for one question, or why there is none."""
+
+    answer: Answer | None = None
+    error: str | None = None
+    gold_found: bool | None = None  # None when the question is not from the dataset
+    gold_rank: int | None = None  # 1-based rank of the gold passage among the selected documents
+    correct: bool | None = None  # contains_answer, None when not from the dataset
+
+
+@dataclass
+class Comparison:
+    corpus: str
+    question: str
+    gold: Question | None
+    joint: SideResult
+    rag: SideResult
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CorpusBundle:
+    """Everything loaded for one corpus."""
+
+    name: str
+    corpus: Corpus
+    questions: list[Question]
+    rag: Any  # DenseRagSystem
+    tree: Any = None  # DocidTree: the checkpoint's, else the cached one (for the tree tab)
+    tree_source: str = ""
+    joint: Any = None  # JointSystem or None
+    joint_message: str | None = None  # why the joint side is unavailable (shown on the page)
+    checkpoint: Path | None = None
+    load_seconds: float = 0.0
+    _by_text: dict[str, Question] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for q in self.questions:
+            self._by_text.setdefault(normalize_answer(q.question), q)
+
+    def match(self, question: str) -> Question | None:
+        """The dataset question with this text (case and punctuation insensitive), if any."""
+        return self._by_text.get(normalize_answer(question))
+
+    def examples(self, n: int = 12) -> list[str]:
+        """Up to n dev questions spread over the file (deterministic), with a gold passage and a short answer."""
+        usable = [q for q in self.questions if q.doc_id and q.answers and len(q.question) <= 120]
+        if len(usable) <= n:
+            return [q.question for q in usable]
+        step = len(usable) / n
+        return [usable[int(i * step)].question for i in range(n)]
+
+    def titles(self) -> dict[str, str]:
+        return {p.id: p.title for p in self.corpus}
+
+    def texts(self) -> dict[str, tuple[str, str]]:
+        return {p.id: (p.title, p.text) for p in self.corpus}
+
+
+# --------------------------------------------------------------------------------------------- pipeline
+
+
+class Pipeline:
+    """Lazy, thread-safe loading per corpus and the side-by-side answer of both systems."""
+
+    def __init__(self, settings: Settings | None = None, progress: Progress | None = None):
+        self.settings = settings or Settings.from_env()
+        self._progress = progress
+        self._bundles: dict[str, CorpusBundle] = {}
+        self._errors: dict[str, str] = {}
+        self._stage: dict[str, str] = {}
+        self._locks = {name: threading.Lock() for name in self.settings.corpora}
+        self._llm_lock = threading.Lock()
+        self._infer_lock = threading.Lock()  # one forward pass at a time: 2 CPU cores, shared models
+        self._reader = None
+        self._encoder = None
+
+    # ------------------------------------------------------------------------- status / progress
+
+    def _say(self, corpus: str, message: str) -> None:
+        self._stage[corpus] = message
+        print(f"[unirag] {corpus}: {message}", flush=True)
+        if self._progress is not None:
+            self._progress(f"{corpus}: {message}")
+
+    def status(self) -> dict[str, Any]:
+        """Per corpus: "ready" / "loading: <stage>" / "error: <message>" / "not loaded"; plus page messages."""
+        corpora = {}
+        for name in self.settings.corpora:
+            if name in self._bundles:
+                corpora[name] = "ready"
+            elif name in self._errors:
+                corpora[name] = f"error: {self._errors[name]}"
+            elif name in self._stage:
+                corpora[name] = f"loading: {self._stage[name]}"
+            else:
+                corpora[name] = "not loaded"
+        return {
+            "precision": self.settings.precision_label,
+            "llm": self.settings.llm or "embedded SmolLM2-135M-Instruct",
+            "encoder": self.settings.encoder or "embedded all-MiniLM-L6-v2",
+            "corpora": corpora,
+            "messages": self.messages(),
+        }
+
+    def messages(self) -> list[str]:
+        out = []
+        for name in self.settings.corpora:
+            if name in self._errors:
+                out.append(f"{CORPUS_LABELS[name]}: {self._errors[name]}")
+            elif name in self._bundles and self._bundles[name].joint_message:
+                out.append(f"{CORPUS_LABELS[name]}: {self._bundles[name].joint_message}")
+        return out
+
+    def loaded(self, name: str) -> CorpusBundle | None:
+        return self._bundles.get(name)
+
+    # ------------------------------------------------------------------------- loading
+
+    def _shared_reader(self, corpus: str):
+        """The base LLM for the dense-RAG side (shared by all corpora), loaded once."""
+        with self._llm_lock:
+            if self._reader is None:
+                from unirag.backbones import load_llm
+                from unirag.rag import Reader
+
+                self._say(corpus, f"loading the LLM ({self.status()['llm']}, {self.settings.precision_label})…")
+                model, tokenizer = load_llm(self.settings.llm, load_in_4bit=self.settings.load_in_4bit)
+                self._reader = Reader(model, tokenizer)
+            return self._reader
+
+    def _shared_encoder(self, corpus: str):
+        with self._llm_lock:
+            if self._encoder is None:
+                from unirag.backbones import SentenceEncoder
+
+                self._say(corpus, "loading the sentence encoder…")
+                self._encoder = SentenceEncoder(self.settings.encoder)
+            return self._encoder
+
+    def bundle(self, name: str) -> CorpusBundle:
+        """Load (once) and return a corpus with its systems. Raises UniragError with what to run if it can't."""
+        if name not in self._locks:
+            raise UniragError(f"Unknown corpus {name!r}: choose from {', '.join(self.settings.corpora)}.")
+        if name in self._bundles:
+            return self._bundles[name]
+        with self._locks[name]:
+            if name in self._bundles:
+                return self._bundles[name]
+            self._errors.pop(name, None)
+            try:
+                bundle = self._load(name)
+            except UniragError as exc:
+                self._errors[name] = str(exc)
+                self._say(name, f"failed: {exc}")
+                raise
+            except Exception as exc:  # keep the server alive; show the cause on the page
+                log.exception("loading %s failed", name)
+                self._errors[name] = f"{type(exc).__name__}: {exc}"
+                self._say(name, f"failed: {type(exc).__name__}: {exc}")
+                raise UniragError(f"Loading {name} failed ({type(exc).__name__}: {exc}); see the console.") from None
+            self._bundles[name] = bundle
+            return bundle
+
+    def _load(self, name: str) -> CorpusBundle:
+        from unirag.docids import corpus_embeddings
+        from unirag.rag import DenseRagSystem, DenseRetriever
+
+        start = time.perf_counter()
+        self._say(name, "reading the corpus and dev questions…")
+        try:
+            corpus_path, dev_path = dataset_paths(name, "dev", self.settings.data_root())
+        except UniragError as exc:
+            raise UniragError(f"{exc} The app needs the shared QA data (set `UNIRAG_DATA`).") from None
+        corpus = load_corpus(corpus_path)
+        questions = load_questions(dev_path, corpus)
+        encoder = self._shared_encoder(name)
+        self._say(name, f"embedding {len(corpus):,} passages (cached after the first run)…")
+        embeddings = corpus_embeddings(corpus, encoder, progress=True)
+        retriever = DenseRetriever(corpus, encoder, embeddings)
+        reader = self._shared_reader(name)
+        rag = DenseRagSystem(retriever, reader)
+        bundle = CorpusBundle(name, corpus, questions, rag)
+        self._load_joint(bundle)
+        if bundle.tree is None:
+            from unirag.docids import TreeConfig, load_or_build_tree
+
+            self._say(name, "building the docid tree for the corpus tab (cached)…")
+            config = TreeConfig(encoder=self.settings.encoder or TreeConfig.encoder)
+            bundle.tree = load_or_build_tree(corpus, config, encoder=encoder, progress=True)
+            bundle.tree_source = "cache (k-means over the encoder's embeddings)"
+        bundle.load_seconds = time.perf_counter() - start
+        self._say(name, f"ready in {bundle.load_seconds:.1f} s")
+        return bundle
+
+    def _load_joint(self, bundle: CorpusBundle) -> None:
+        name = bundle.name
+        ckpt = self.settings.find_checkpoint(name)
+        if ckpt is None:
+            looked = _rel(self.settings.checkpoint_candidates(name)[0])
+            bundle.joint_message = (
+                f"No joint checkpoint found (looked for `{looked}/joint_config.json`). Train one with "
+                f"`{self.settings.train_command(name)}`; until then only the dense RAG column answers."
+            )
+            self._say(name, "no joint checkpoint: " + bundle.joint_message)
+            return
+        try:
+            from unirag.docids import DocidTree
+            from unirag.joint.decoding import JointSystem
+            from unirag.joint.modeling import TREE_FILE, JointModel
+        except ImportError as exc:
+            bundle.joint_message = (f"The joint model code is not importable ({exc}); only the dense RAG column "
+                                    "answers. Reinstall with `make install`.")
+            self._say(name, bundle.joint_message)
+            return
+        try:
+            self._say(name, f"loading the joint checkpoint {_rel(ckpt)} ({self.settings.precision_label})…")
+            tree_path = ckpt / TREE_FILE
+            if not tree_path.is_file():
+                raise UniragError(f"{_rel(tree_path)} is missing: the checkpoint must ship its docid tree.")
+            if hasattr(JointSystem, "from_checkpoint"):
+                bundle.joint = JointSystem.from_checkpoint(ckpt, bundle.corpus, load_in_4bit=self.settings.load_in_4bit,
+                                                           base_model=self.settings.llm)
+                tree = bundle.joint.trie
+            else:  # the planned API before from_checkpoint existed
+                tree = DocidTree.load(tree_path, bundle.corpus)
+                model = JointModel.from_pretrained(ckpt, load_in_4bit=self.settings.load_in_4bit,
+                                                   base_model=self.settings.llm)
+                bundle.joint = JointSystem(model, model.tokenizer, bundle.corpus, tree)
+            bundle.tree, bundle.tree_source, bundle.checkpoint = tree, f"checkpoint {_rel(tree_path)}", ckpt
+        except UniragError as exc:
+            bundle.joint_message = f"The joint checkpoint {_rel(ckpt)} could not be loaded: {exc}"
+            self._say(name, bundle.joint_message)
+        except Exception as exc:  # a broken checkpoint must not take the RAG column down with it
+            log.exception("joint checkpoint %s failed to load", ckpt)
+            bundle.joint_message = (f"The joint checkpoint {_rel(ckpt)} could not be loaded "
+                                    f"({type(exc).__name__}: {exc}).")
+            self._say(name, bundle.joint_message)
+
+    def preload(self, names: list[str] | None = None) -> threading.Thread:
+        """Load corpora in a background thread (progress on the console and in `status()`)."""
+
+        def run() -> None:
+            for name in names or list(self.settings.corpora[:1]):
+                try:
+                    self.bundle(name)
+                except UniragError:
+                    pass  # recorded in status()
+
+        thread = threading.Thread(target=run, name="unirag-preload", daemon=True)
+        thread.start()
+        return thread
+
+    # ------------------------------------------------------------------------- answering
+
+    @staticmethod
+    def _check(name: str, value: Any) -> int:
+        low, high = LIMITS[name]
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise UniragError(f"{name.replace('_', ' ')} must be a whole number (got {value!r}).") from None
+        if not low <= number <= high:
+            raise UniragError(f"{name.replace('_', ' ')} must be between {low} and {high} (got {number}).")
+        return number
+
+    def ask(self, name: str, question: str, beam_width: int = 10, k_docs: int = 2, rag_k: int = 5,
+            max_new_tokens: int = 32) -> Comparison:
+        """Both systems on one question. Bad input raises UniragError; a failing side is reported in its result."""
+        text, _ = prepare_question(question)
+        beam_width, k_docs = self._check("beam_width", beam_width), self._check("k_docs", k_docs)
+        rag_k, max_new_tokens = self._check("rag_k", rag_k), self._check("max_new_tokens", max_new_tokens)
+        bundle = self.bundle(name)
+        gold = bundle.match(text)
+        comparison = Comparison(name, text, gold, SideResult(), SideResult(),
+                                {"beam_width": beam_width, "k_docs": k_docs, "rag_k": rag_k,
+                                 "max_new_tokens": max_new_tokens})
+        if bundle.joint is None:
+            comparison.joint.error = bundle.joint_message or "The joint model is not loaded."
+        else:
+            comparison.joint = self._side(
+                lambda: bundle.joint.answer(question, k_docs=k_docs, beam_width=max(beam_width, k_docs),
+                                            max_new_tokens=max_new_tokens), gold)
+        comparison.rag = self._side(
+            lambda: bundle.rag.answer(question, k=rag_k, max_new_tokens=max_new_tokens, with_attention=True), gold)
+        return comparison
+
+    def _side(self, run: Callable[[], Answer], gold: Question | None) -> SideResult:
+        try:
+            with self._infer_lock:
+                answer = run()
+        except UniragError as exc:
+            return SideResult(error=str(exc))
+        except Exception as exc:  # one side failing must not kill the request, the other side or the server
+            log.error("answering failed:\n%s", traceback.format_exc())
+            return SideResult(error=f"Internal error ({type(exc).__name__}: {exc}). See the server console.")
+        return mark_gold(answer, gold)
+
+
+def mark_gold(answer: Answer, gold: Question | None) -> SideResult:
+    """Whether the side found the gold passage (and at which rank) and whether its answer is correct."""
+    result = SideResult(answer=answer)
+    if gold is None:
+        return result
+    if gold.answers:
+        result.correct = bool(contains_answer(answer.text, gold.answers))
+    if gold.doc_id:
+        ids = answer.doc_ids
+        result.gold_found = gold.doc_id in ids
+        result.gold_rank = ids.index(gold.doc_id) + 1 if result.gold_found else None
+    return result
+
+
+# --------------------------------------------------------------------------------------------- evaluation files
+
+
+def _precision_of(path: Path, summary: dict[str, Any]) -> str:
+    value = str(summary.get("precision") or "").lower()
+    if value:
+        return {"nf4": "4bit", "4-bit": "4bit", "float32": "fp32"}.get(value, value)
+    stem = path.stem.lower()
+    if re.search(r"(4bit|nf4|4-bit|int4)", stem):
+        return "4bit"
+    if re.search(r"(fp32|float32|full)", stem):
+        return "fp32"
+    return ""
+
+
+def load_eval_results(checkpoint_dir: Path | str) -> list[dict[str, Any]]:
+    """Summaries of `<checkpoint_dir>/*/eval_*.json` files written by `python -m unirag eval --out`.
+
+    Each row: corpus (from the folder name or the summary), system, precision ("4bit"/"fp32"/""), the metrics,
+    and `file`. Unreadable files are skipped with a console warning.
+    """
+    rows = []
+    for path in sorted(Path(checkpoint_dir).glob("*/eval_*.json")):
+        try:
+            blob = json.loads(path.read_text(encoding="utf-8"))
+            summary = blob["summary"] if isinstance(blob, dict) and "summary" in blob else blob
+            if not isinstance(summary, dict) or "system" not in summary:
+                raise ValueError("no summary with a 'system' field")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"[unirag] skipping {path}: {exc}", flush=True)
+            continue
+        corpus = summary.get("corpus") or path.parent.name.split("-", 1)[0]
+        rows.append({**summary, "corpus": Path(str(corpus)).parent.name if "/" in str(corpus) else corpus,
+                     "precision": _precision_of(path, summary), "file": f"{path.parent.name}/{path.name}"})
+    return rows
+
+
+def quantization_cost(results: list[dict[str, Any]]) -> list[str]:
+    """Sentences comparing 4-bit and fp32 accuracy of the same system on the same corpus (empty if unmeasured)."""
+    out = []
+    by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for r in results:
+        if r.get("precision") in PRECISIONS and r.get("accuracy") is not None:
+            by_key.setdefault((r["corpus"], r["system"]), {})[r["precision"]] = r
+    for (corpus, system), pair in sorted(by_key.items()):
+        if "4bit" in pair and "fp32" in pair:
+            q, f = pair["4bit"], pair["fp32"]
+            delta = (q["accuracy"] - f["accuracy"]) * 100
+            lat = ""
+            if q.get("latency_ms_median") and f.get("latency_ms_median"):
+                lat = f"; median latency {q['latency_ms_median']:.0f} ms vs {f['latency_ms_median']:.0f} ms"
+            out.append(f"{corpus} / {system}: accuracy {q['accuracy']:.3f} in 4-bit vs {f['accuracy']:.3f} in fp32 "
+                       f"({delta:+.1f} points, n={q.get('n')}/{f.get('n')}){lat}.")
+    return out

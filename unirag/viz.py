@@ -1,0 +1,682 @@
+"""Plotly figures and HTML for the app: pure functions of `Answer` traces and `DocidTree`s.
+
+Nothing here loads a model or touches the disk, so every figure can be unit-tested on hand-made traces.
+All document and user text goes through `html.escape` before it reaches any HTML string.
+"""
+
+from __future__ import annotations
+
+import codecs
+import html
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import plotly.graph_objects as go
+
+from unirag.answer import Answer
+
+# --------------------------------------------------------------------------------------------- palette
+
+JOINT_COLOR = "#7c3aed"  # violet: the joint model everywhere
+RAG_COLOR = "#0284c7"  # sky blue: dense RAG everywhere
+GOLD_COLOR = "#16a34a"
+HIGHLIGHT_COLOR = "#facc15"  # the last question's path in the corpus tree
+MISS_COLOR = "#dc2626"
+PATH_COLORS = ("#7c3aed", "#db2777", "#ea580c")  # one per selected document (1-3)
+CANDIDATE_SCALE = "Purples"
+FONT = "Inter, ui-sans-serif, system-ui, sans-serif"
+LONG_CONTEXT_TOKENS = 80  # above this many context tokens the heatmap groups tokens into sentences
+
+
+def _layout(fig: go.Figure, title: str, height: int = 360, **kwargs: Any) -> go.Figure:
+    fig.update_layout(
+        title={"text": title, "x": 0.01, "xanchor": "left", "font": {"size": 14}},
+        height=height,
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        font={"family": FONT, "size": 12},
+        paper_bgcolor="rgba(0,0,0,0)",
+        plot_bgcolor="rgba(0,0,0,0)",
+        **kwargs,
+    )
+    return fig
+
+
+def empty_figure(message: str, title: str = "", height: int = 220) -> go.Figure:
+    """A blank figure carrying a centred message (used when a side has nothing to draw)."""
+    fig = go.Figure()
+    fig.add_annotation(text=_p(message), x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font={"size": 13, "color": "#64748b"})
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return _layout(fig, title, height)
+
+
+def docid_str(docid: Sequence[int] | None) -> str:
+    return "-".join(str(int(s)) for s in docid) if docid else "∅"
+
+
+def _p(text: str) -> str:
+    """Escape text for plotly's pseudo-HTML labels (it decodes &lt; &gt; &amp; but not &quot;)."""
+    return html.escape(str(text), quote=False)
+
+
+def _short(text: str, n: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# --------------------------------------------------------------------------------------------- tokens
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte ↔ printable-character table used by byte-level BPE tokenizers (SmolLM2, Qwen, Llama-3)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
+
+
+_BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def is_byte_level(tokens: Sequence[str]) -> bool:
+    """Raw byte-level BPE token strings (``Ġword``, ``Ċ``) rather than decoded text."""
+    joined = "".join(tokens)
+    if not joined or " " in joined or "\n" in joined:
+        return False
+    return ("Ġ" in joined or "Ċ" in joined) and all(ch in _BYTE_DECODER for ch in joined)
+
+
+def clean_tokens(tokens: Sequence[str]) -> list[str]:
+    """Readable text of each token, such that ``"".join(result)`` reads like the original text.
+
+    Byte-level BPE strings are turned back into bytes and decoded incrementally (a character split over two
+    tokens is shown with the token that completes it); sentencepiece's ``▁`` becomes a space.
+    """
+    tokens = [str(t) for t in tokens]
+    if is_byte_level(tokens):
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return [decoder.decode(bytes(_BYTE_DECODER[ch] for ch in tok)) for tok in tokens]
+    return [t.replace("▁", " ") for t in tokens]
+
+
+# --------------------------------------------------------------------------------------------- context units
+
+
+@dataclass
+class Unit:
+    """A run of context tokens (one token, or a sentence) and where it sits."""
+
+    start: int  # token index in the context, inclusive
+    end: int  # exclusive
+    doc: int  # index of the document (0-based) or -1 when unknown
+    text: str
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s*$")
+
+
+def infer_doc_spans(context_tokens: Sequence[str], n_docs: int) -> list[list[int]]:
+    """Split a dense-RAG context ("\\n".join of the passages) into per-document token spans.
+
+    Returns [] when the newline count does not give exactly `n_docs` non-empty pieces (then no per-document view).
+    """
+    texts = clean_tokens(context_tokens)
+    spans, start = [], 0
+    for i, text in enumerate(texts):
+        if "\n" in text:
+            if i > start:
+                spans.append([start, i])
+            start = i + 1
+    if start < len(texts):
+        spans.append([start, len(texts)])
+    return spans if n_docs and len(spans) == n_docs else []
+
+
+def context_units(context_tokens: Sequence[str], doc_spans: Sequence[Sequence[int]] | None,
+                  sentences: bool, max_sentence_tokens: int = 60) -> list[Unit]:
+    """Tokens (or sentences) of the context, each tagged with its document."""
+    texts = clean_tokens(context_tokens)
+    n = len(texts)
+    doc_of = [-1] * n
+    for d, (start, end) in enumerate(doc_spans or []):
+        for i in range(max(0, int(start)), min(n, int(end))):
+            doc_of[i] = d
+    if not sentences:
+        return [Unit(i, i + 1, doc_of[i], texts[i]) for i in range(n)]
+    units: list[Unit] = []
+    start = 0
+    for i in range(n):
+        last = i == n - 1
+        boundary = last or doc_of[i + 1] != doc_of[i] or "\n" in texts[i + 1] or "\n" in texts[i]
+        if not boundary and _SENTENCE_END.search(texts[i]) and texts[i + 1][:1].isspace():
+            boundary = True
+        if not boundary and i + 1 - start >= max_sentence_tokens:
+            boundary = True
+        if boundary:
+            text = "".join(texts[start : i + 1])
+            if text.strip():
+                units.append(Unit(start, i + 1, doc_of[start], text.strip()))
+            start = i + 1
+    return units
+
+
+def _matrix(weights: Any) -> list[list[float]]:
+    rows = [[float(x) if x is not None and math.isfinite(float(x)) else 0.0 for x in row] for row in weights or []]
+    return [r for r in rows if r]
+
+
+def token_importance(attention: Mapping[str, Any]) -> list[float]:
+    """Mean attention of the answer tokens on each context token (0s when there is no trace)."""
+    n = len(attention.get("context_tokens") or [])
+    rows = [r for r in _matrix(attention.get("weights")) if len(r) == n]
+    if not rows:
+        return [0.0] * n
+    return [sum(col) / len(rows) for col in zip(*rows, strict=True)]
+
+
+# --------------------------------------------------------------------------------------------- docid path
+
+
+def _paths(answer: Answer | None) -> list[list[dict[str, Any]]]:
+    if answer is None:
+        return []
+    return [p for p in (answer.traces.get("paths") or []) if p]
+
+
+def docid_path_figure(answer: Answer | None, tree=None, height: int | None = None) -> go.Figure:
+    """The path(s) down the cluster tree: one row per level, the candidate clusters of each visited prefix as
+    markers (size and colour = the model's probability), the chosen branch of each selected document joined by
+    a line. Hover gives each cluster's keyword label and size from the DocidTree.
+
+    Trace layout (tests rely on it): one "candidates" trace per (level, prefix) with ``meta`` =
+    {"kind": "candidates", "level", "prefix", "children", "probs", "chosen"}; one "path" trace per selected
+    document with ``meta`` = {"kind": "path", "docid", "doc_id"}.
+    """
+    paths = _paths(answer)
+    if not paths:
+        return empty_figure("No docid path: the joint model is not loaded or retrieved nothing.",
+                            "Retrieval path down the docid tree")
+    fig = go.Figure()
+    # x slots per level: groups (distinct prefixes) side by side, in the order the paths visit them.
+    groups: dict[tuple[int, tuple[int, ...]], dict[str, Any]] = {}
+    for path in paths:
+        for level, info in enumerate(path):
+            key = (level, tuple(int(s) for s in info.get("prefix", [])))
+            groups.setdefault(key, info)
+    positions: dict[tuple[int, tuple[int, ...]], float] = {}
+    depth = max(len(p) for p in paths)
+    width = 1.0
+    for level in range(depth):
+        cursor = 0.0
+        keys = [k for k in groups if k[0] == level]
+        for key in keys:
+            info = groups[key]
+            for child in info.get("children", []):
+                positions[(level, key[1] + (int(child),))] = cursor
+                cursor += 1.0
+            cursor += 0.8  # gap between sibling groups
+        width = max(width, cursor - 0.8)
+        # centre the row
+        offset = -(cursor - 0.8 - 1.0) / 2
+        for key in keys:
+            for child in groups[key].get("children", []):
+                node = key[1] + (int(child),)
+                positions[(level, node)] += offset
+
+    chosen_nodes = {tuple(int(s) for s in step.get("prefix", [])) + (int(step["chosen"]),)
+                    for path in paths for step in path}
+    for (level, prefix), info in groups.items():
+        children = [int(c) for c in info.get("children", [])]
+        probs = [float(p) for p in info.get("probs", [])]
+        xs, ys, sizes, texts, hovers, lines = [], [], [], [], [], []
+        for child, prob in zip(children, probs, strict=False):
+            node = prefix + (child,)
+            xs.append(positions[(level, node)])
+            ys.append(-level)
+            sizes.append(12 + 38 * math.sqrt(max(prob, 0.0)))
+            texts.append(f"{prob:.0%}" if node in chosen_nodes or (prob >= 0.2 and prob == max(probs)) else "")
+            label = tree.label(node) if tree is not None else ""
+            size = tree.size(node) if tree is not None else None
+            kind = "document" if tree is not None and getattr(tree, "is_complete", lambda _: False)(node) else "cluster"
+            hovers.append(
+                f"<b>{kind} {_p(docid_str(node))}</b><br>p = {prob:.3f}"
+                + (f"<br>{_p(_short(label, 80))}" if label else "")
+                + (f"<br>{size} document{'s' if size != 1 else ''}" if size is not None else "")
+            )
+            lines.append(3 if node in chosen_nodes else 0.5)
+        fig.add_trace(
+            go.Scatter(
+                x=xs, y=ys, mode="markers+text", text=texts, textposition="top center",
+                textfont={"size": 10, "color": "#475569"},
+                marker={"size": sizes, "color": probs, "colorscale": CANDIDATE_SCALE, "cmin": 0, "cmax": 1,
+                        "line": {"width": lines, "color": "#1e1b4b"}, "opacity": 0.9},
+                hovertext=hovers, hoverinfo="text", showlegend=False,
+                name=f"level {level} candidates",
+                meta={"kind": "candidates", "level": level, "prefix": list(prefix), "children": children,
+                      "probs": probs, "chosen": [int(s["chosen"]) for p in paths for lv, s in enumerate(p)
+                                                 if lv == level and tuple(s.get("prefix", [])) == prefix]},
+            )
+        )
+    # Root and one path line per selected document.
+    fig.add_trace(go.Scatter(x=[0], y=[1], mode="markers+text", text=["question"], textposition="top center",
+                             marker={"size": 16, "color": "#0f172a", "symbol": "diamond"}, hoverinfo="skip",
+                             showlegend=False, name="root", meta={"kind": "root"}))
+    docs = answer.docs if answer is not None else []
+    for i, path in enumerate(paths):
+        docid = [int(step["chosen"]) for step in path]
+        xs, ys = [0.0], [1.0]
+        for level, step in enumerate(path):
+            node = tuple(int(s) for s in step.get("prefix", [])) + (int(step["chosen"]),)
+            xs.append(positions[(level, node)])
+            ys.append(-level)
+        doc = docs[i] if i < len(docs) else None
+        title = doc.title if doc is not None else ""
+        doc_id = doc.doc_id if doc is not None else ""
+        color = PATH_COLORS[i % len(PATH_COLORS)]
+        leaf_label = _short(title or doc_id, 38)
+        fig.add_trace(
+            go.Scatter(
+                x=xs, y=ys, mode="lines+markers", line={"color": color, "width": 4 - min(i, 2)},
+                marker={"size": 7, "color": color}, hoverinfo="skip",
+                name=f"doc {i + 1}: {_p(leaf_label)}", legendrank=i,
+                meta={"kind": "path", "docid": docid, "doc_id": doc_id},
+            )
+        )
+    # Keyword label of the chosen cluster at each level, on the right of the first path.
+    if tree is not None:
+        for level, step in enumerate(paths[0]):
+            node = tuple(int(s) for s in step.get("prefix", [])) + (int(step["chosen"]),)
+            label = tree.label(node)
+            if label:
+                fig.add_annotation(x=width / 2 + 0.6, y=-level, text=_p(_short(label, 34)), showarrow=False,
+                                   xanchor="left", font={"size": 11, "color": PATH_COLORS[0]})
+    fig.update_xaxes(visible=False, range=[-width / 2 - 1, width / 2 + 9])
+    fig.update_yaxes(tickvals=[1] + [-lv for lv in range(depth)],
+                     ticktext=["root"] + [f"level {lv}" for lv in range(depth)],
+                     range=[-depth + 0.5, 1.6], showgrid=False, zeroline=False)
+    return _layout(fig, "Retrieval path down the docid tree (probability of each candidate cluster)",
+                   height or 130 + 75 * depth, showlegend=True,
+                   legend={"orientation": "h", "y": -0.02, "yanchor": "top", "x": 0, "font": {"size": 11}})
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+
+BEAM_HEADERS = ["#", "docid", "doc id", "title", "log-prob", "used"]
+
+
+def beam_rows(answer: Answer | None, titles: Mapping[str, str] | None = None, limit: int = 10) -> list[list[Any]]:
+    """Rows of the beam table: every finished beam, best first."""
+    if answer is None:
+        return []
+    titles = titles or {}
+    selected = set(answer.doc_ids)
+    rows = []
+    for rank, beam in enumerate((answer.traces.get("beams") or [])[:limit], start=1):
+        doc_id = str(beam.get("doc_id", ""))
+        rows.append([rank, docid_str(beam.get("docid")), doc_id, titles.get(doc_id, ""),
+                     round(float(beam.get("logprob", float("nan"))), 3), "✓" if doc_id in selected else ""])
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- bars
+
+
+def retrieval_bars_figure(answer: Answer | None, gold_doc_id: str | None = None, title: str | None = None,
+                          color: str = RAG_COLOR) -> go.Figure:
+    """Horizontal bars of the retrieved passages' scores (cosine similarity for dense RAG), best on top."""
+    if answer is None or not answer.docs:
+        return empty_figure("No passages retrieved.", title or "Top-k passages")
+    labels = [f"#{i + 1} {_short(d.title or d.doc_id, 40)}" for i, d in enumerate(answer.docs)]
+    scores = [float(d.score) for d in answer.docs]
+    colors = [GOLD_COLOR if gold_doc_id and d.doc_id == gold_doc_id else color for d in answer.docs]
+    hovers = [f"{_p(d.doc_id)}<br>{_p(_short(d.title, 60))}<br>score {d.score:.3f}"
+              + ("<br><b>gold passage</b>" if gold_doc_id and d.doc_id == gold_doc_id else "") for d in answer.docs]
+    fig = go.Figure(go.Bar(x=scores, y=[_p(lb) for lb in labels], orientation="h", marker={"color": colors},
+                           text=[f"{s:.3f}" for s in scores], textposition="auto", hovertext=hovers, hoverinfo="text",
+                           meta={"doc_ids": answer.doc_ids}))
+    low = min(scores)
+    fig.update_xaxes(range=[min(0.0, low - 0.05), max(scores) * 1.08 + 1e-6], title_text="similarity",
+                     gridcolor="#e2e8f0")
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, title or "Top-k passages by dense similarity" + (" (green = gold)" if gold_doc_id else ""),
+                   110 + 34 * len(scores))
+
+
+# --------------------------------------------------------------------------------------------- heatmap
+
+
+def attention_heatmap(answer: Answer | None, title: str = "Answer tokens × context",
+                      max_tokens: int = LONG_CONTEXT_TOKENS,
+                      colorscale: str = "Purples") -> go.Figure:
+    """Answer tokens (rows) × context tokens, or context sentences when the context is long (columns).
+
+    Sentence cells sum the attention of their tokens. ``meta`` = {"unit": "token"|"sentence", "shape": [rows, cols]}.
+    """
+    attention = (answer.traces.get("answer_attention") if answer is not None else None) or {}
+    context = list(attention.get("context_tokens") or [])
+    answer_tokens = clean_tokens(attention.get("answer_tokens") or [])
+    rows = [r for r in _matrix(attention.get("weights")) if len(r) == len(context)]
+    if not context or not rows or len(rows) != len(answer_tokens):
+        return empty_figure("No attention trace for this answer.", title)
+    spans = attention.get("doc_spans") or infer_doc_spans(context, len(answer.docs) if answer else 0)
+    sentences = len(context) > max_tokens
+    units = context_units(context, spans, sentences)
+    z = [[sum(row[u.start : u.end]) for u in units] for row in rows]
+    doc_tag = [f"D{u.doc + 1} " if u.doc >= 0 else "" for u in units]
+    if sentences:
+        ticks = [f"{doc_tag[i]}S{i + 1}" for i in range(len(units))]
+        hover_x = [_p(_short(u.text, 140)) for u in units]
+    else:
+        ticks = [_p(u.text.replace("\n", "⏎") or "·") for u in units]
+        hover_x = ticks
+    y_ticks = [_p(t.replace("\n", "⏎").strip() or "·") for t in answer_tokens]
+    custom = [[hover_x[j] for j in range(len(units))] for _ in rows]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z, x=list(range(len(units))), y=list(range(len(rows))), colorscale=colorscale, zmin=0,
+            customdata=custom, colorbar={"thickness": 10, "title": {"text": "attn", "side": "right"}},
+            hovertemplate="answer %{y}: <b>%{text}</b><br>%{customdata}<br>attention %{z:.3f}<extra></extra>",
+            text=[[y_ticks[i]] * len(units) for i in range(len(rows))],
+            meta={"unit": "sentence" if sentences else "token", "shape": [len(rows), len(units)]},
+        )
+    )
+    step = max(1, math.ceil(len(units) / 40))
+    fig.update_xaxes(tickvals=list(range(0, len(units), step)), ticktext=ticks[::step], tickangle=-60,
+                     tickfont={"size": 9}, showgrid=False)
+    fig.update_yaxes(tickvals=list(range(len(rows))), ticktext=y_ticks, autorange="reversed", showgrid=False,
+                     tickfont={"size": 10})
+    # Document boundaries.
+    for d in range(1, max((u.doc for u in units), default=0) + 1):
+        first = next((j for j, u in enumerate(units) if u.doc == d), None)
+        if first:
+            fig.add_vline(x=first - 0.5, line={"color": "#0f172a", "width": 1, "dash": "dot"})
+    unit_name = "sentences" if sentences else "tokens"
+    return _layout(fig, f"{title} ({len(rows)} × {len(units)} {unit_name})", 170 + 16 * min(len(rows), 24))
+
+
+# --------------------------------------------------------------------------------------------- HTML
+
+
+def _alpha_bg(rgb: tuple[int, int, int], alpha: float) -> str:
+    alpha = max(0.0, min(1.0, alpha))
+    return f"background-color: rgba({rgb[0]},{rgb[1]},{rgb[2]},{alpha:.2f})"
+
+
+def highlight_tokens_html(tokens: Sequence[str], weights: Sequence[float], rgb: tuple[int, int, int] = (124, 58, 237),
+                          top_k: int = 3) -> str:
+    """Tokens shaded by weight (e.g. the retrieval heads' attention over the question); the top_k in bold."""
+    texts = clean_tokens(tokens)
+    w = [float(x) for x in weights][: len(texts)] + [0.0] * max(0, len(texts) - len(weights))
+    peak = max(w, default=0.0) or 1.0
+    top = set(sorted(range(len(w)), key=lambda i: -w[i])[:top_k]) if any(w) else set()
+    parts = []
+    for i, text in enumerate(texts):
+        style = _alpha_bg(rgb, 0.85 * w[i] / peak)
+        cls = ' class="ur-top"' if i in top else ""
+        parts.append(f'<span{cls} style="{style}" title="{w[i]:.3f}">{html.escape(text)}</span>')
+    return "".join(parts)
+
+
+def documents_html(answer: Answer | None, gold_doc_id: str | None = None, rgb: tuple[int, int, int] = (124, 58, 237),
+                   top_tokens: int = 8, top_sentences: int = 2, max_chars: int = 1400,
+                   scores_label: str = "score") -> str:
+    """Cards of the selected documents with GeAR-style localisation: the sentences and tokens the answer attended to
+    are shaded (sentence shading = the sentence's share of attention; the top tokens are bold and underlined)."""
+    if answer is None or not answer.docs:
+        return '<div class="ur-empty">No documents.</div>'
+    attention = answer.traces.get("answer_attention") or {}
+    context = list(attention.get("context_tokens") or [])
+    importance = token_importance(attention)
+    spans = attention.get("doc_spans") or infer_doc_spans(context, len(answer.docs))
+    texts = clean_tokens(context)
+    units = context_units(context, spans, sentences=True) if spans and any(importance) else []
+    unit_mass = [sum(importance[u.start : u.end]) for u in units]
+    peak_unit = max(unit_mass, default=0.0) or 1.0
+    top_units = set(sorted(range(len(units)), key=lambda j: -unit_mass[j])[:top_sentences * len(answer.docs)])
+    ranked = sorted(range(len(importance)), key=lambda i: -importance[i])
+    top_tok = set(ranked[:top_tokens]) if any(importance) else set()
+    cards = []
+    for d, doc in enumerate(answer.docs):
+        is_gold = bool(gold_doc_id) and doc.doc_id == gold_doc_id
+        badge = '<span class="ur-badge ur-gold">gold passage</span>' if is_gold else ""
+        docid = f'<span class="ur-docid">docid {html.escape(docid_str(doc.docid))}</span>' if doc.docid else ""
+        head = (f'<div class="ur-doc-head"><span class="ur-rank">#{d + 1}</span> '
+                f'<b>{html.escape(doc.title or doc.doc_id)}</b> <span class="ur-muted">{html.escape(doc.doc_id)} · '
+                f'{scores_label} {doc.score:.3f}</span> {docid} {badge}</div>')
+        doc_units = [(j, u) for j, u in enumerate(units) if u.doc == d]
+        if doc_units:
+            body_parts = []
+            for j, u in doc_units:
+                pieces = []
+                for i in range(u.start, u.end):
+                    piece = html.escape(texts[i])
+                    if i in top_tok and texts[i].strip():
+                        piece = f'<span class="ur-tok" title="attention {importance[i]:.3f}">{piece}</span>'
+                    pieces.append(piece)
+                style = _alpha_bg(rgb, 0.55 * unit_mass[j] / peak_unit)
+                cls = "ur-sent ur-top-sent" if j in top_units else "ur-sent"
+                body_parts.append(f'<span class="{cls}" style="{style}" title="sentence attention {unit_mass[j]:.3f}">'
+                                  f'{"".join(pieces)}</span>')  # tokens carry their own spaces
+            body = "".join(body_parts)
+        else:
+            text = doc.text if len(doc.text) <= max_chars else doc.text[:max_chars] + "…"
+            body = html.escape(text)
+        cls = "ur-doc ur-doc-gold" if is_gold else "ur-doc"
+        cards.append(f'<div class="{cls}">{head}<div class="ur-doc-body">{body}</div></div>')
+    legend = ('<div class="ur-muted ur-legend">Shading: share of the answer\'s attention per sentence; '
+              '<span class="ur-tok">underlined</span> = most-attended tokens.</div>') if units else ""
+    return legend + "".join(cards)
+
+
+def question_html(answer: Answer | None) -> str:
+    """The question with the retrieval heads' attention (joint model) shaded over its tokens."""
+    if answer is None:
+        return ""
+    trace = answer.traces.get("retrieval_attention") or {}
+    tokens, weights = trace.get("tokens") or [], trace.get("weights") or []
+    if not tokens or len(tokens) != len(weights):
+        return f'<div class="ur-question">{html.escape(answer.question)}</div>'
+    return ('<div class="ur-question"><span class="ur-muted">Retrieval heads attended to:</span> '
+            f'{highlight_tokens_html(tokens, weights)}</div>')
+
+
+def _ms(value: float) -> str:
+    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.0f} ms"
+
+
+def answer_card_html(answer: Answer | None, system_label: str, color: str, gold_found: bool | None = None,
+                     gold_rank: int | None = None, correct: bool | None = None, gold_answers: Sequence[str] = (),
+                     error: str | None = None) -> str:
+    """The answer, correctness and gold-passage badges, latency per stage and token counts."""
+    head = f'<div class="ur-card-title" style="color:{color}">{html.escape(system_label)}</div>'
+    if error:
+        body = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(error))
+        return f'<div class="ur-card ur-card-error">{head}<div class="ur-error">{body}</div></div>'
+    if answer is None:
+        return f'<div class="ur-card">{head}<div class="ur-muted">Ask a question to see this side.</div></div>'
+    text = answer.text.strip()
+    shown = html.escape(text) if text else '<span class="ur-muted">(empty answer)</span>'
+    badges = []
+    if correct is not None:
+        golds = ", ".join(html.escape(_short(g, 40)) for g in gold_answers[:3])
+        badges.append('<span class="ur-badge ur-ok">✓ correct</span>' if correct else
+                      f'<span class="ur-badge ur-bad">✗ incorrect</span> <span class="ur-muted">gold: {golds}</span>')
+    if gold_found is not None:
+        badges.append(f'<span class="ur-badge ur-ok">✓ gold passage retrieved (#{gold_rank})</span>' if gold_found
+                      else '<span class="ur-badge ur-bad">✗ gold passage missed</span>')
+    timings = " · ".join(f"{html.escape(k)} {_ms(v)}" for k, v in answer.timings_ms.items())
+    stats = (f'<div class="ur-stats"><span><b>latency</b> {_ms(answer.latency_ms)} <span class="ur-muted">({timings})'
+             f'</span></span><span><b>tokens</b> prompt {answer.prompt_tokens} · context {answer.context_tokens} · '
+             f'answer {answer.answer_tokens}</span></div>')
+    notices = "".join(f'<div class="ur-notice">{html.escape(n)}</div>' for n in answer.notices)
+    return (f'<div class="ur-card" style="border-top-color:{color}">{head}<div class="ur-answer">{shown}</div>'
+            f'<div class="ur-badges">{" ".join(badges)}</div>{stats}{notices}</div>')
+
+
+def message_html(text: str, kind: str = "warn") -> str:
+    """A page-level message box; `text` is escaped, `code` spans written as `...` become <code>."""
+    escaped = html.escape(text)
+    escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+    return f'<div class="ur-msg ur-msg-{kind}">{escaped}</div>'
+
+
+# --------------------------------------------------------------------------------------------- corpus tree
+
+
+def corpus_tree_figure(tree, max_depth: int = 3, include_documents: bool = True, highlight: Sequence[int] | None = None
+                       ) -> go.Figure:
+    """Sunburst of the whole docid tree: clusters labelled with their keywords and sized by document count.
+
+    ``ids`` are "root", "c:<docid prefix>" for clusters and "d:<docid>" for documents (plotly expands on click).
+    """
+    if tree is None or len(tree) == 0:
+        return empty_figure("No docid tree loaded.", "Corpus tree", 400)
+    ids, labels, parents, values, hovers = [], [], [], [], []
+    colors: list[str | None] = []
+
+    def node_id(prefix: tuple[int, ...]) -> str:
+        if not prefix:
+            return "root"
+        return ("d:" if tree.is_complete(prefix) else "c:") + docid_str(prefix)
+
+    on_path = {tuple(highlight[:i]) for i in range(1, len(highlight) + 1)} if highlight else set()
+
+    def short_label(prefix: tuple[int, ...], label: str) -> str:
+        words = [w.strip() for w in label.split(",") if w.strip()]
+        return ", ".join(words[:2]) if len(prefix) == 1 else (words[0] if words else label)
+
+    for prefix in tree.nodes():
+        size = tree.size(prefix)
+        label = tree.label(prefix) or docid_str(prefix)
+        ids.append(node_id(prefix))
+        labels.append(_p("corpus" if not prefix else _short(short_label(prefix, label), 22)))
+        parents.append("" if not prefix else node_id(prefix[:-1]))
+        values.append(size)
+        hovers.append(f"<b>{_p(docid_str(prefix) if prefix else 'root')}</b><br>"
+                      f"{_p(_short(label, 90))}<br>{size} documents")
+        colors.append(HIGHLIGHT_COLOR if prefix in on_path else None)
+    if include_documents:
+        for docid in tree.docids:
+            ids.append(node_id(docid))
+            label = tree.label(docid) or tree.doc_id(docid)
+            labels.append(_p(_short(label, 22)))
+            parents.append(node_id(docid[:-1]))
+            values.append(1)
+            hovers.append(f"<b>document {_p(docid_str(docid))}</b><br>{_p(_short(label, 90))}<br>"
+                          f"{_p(tree.doc_id(docid))}")
+            colors.append(HIGHLIGHT_COLOR if docid in on_path else None)
+    # Colours: one per top-level cluster (deeper rings inherit them); a highlighted path is yellow.
+    marker: dict[str, Any] = {"line": {"width": 0.5, "color": "white"}}
+    if on_path:
+        marker["colors"] = [c or "" for c in colors]
+    fig = go.Figure(
+        go.Sunburst(ids=ids, labels=labels, parents=parents, values=values, branchvalues="total",
+                    hovertext=hovers, hoverinfo="text", maxdepth=max_depth, insidetextorientation="radial",
+                    marker=marker, meta={"nodes": len(ids)})
+    )
+    fig.update_layout(sunburstcolorway=["#7c3aed", "#0284c7", "#db2777", "#0f766e", "#ea580c", "#4f46e5", "#a16207",
+                                        "#be123c", "#0891b2", "#65a30d"], extendsunburstcolors=True)
+    shape = tree.shape()
+    return _layout(fig, f"Docid tree: {shape['documents']} documents, {shape['clusters']} clusters, depth ≤ "
+                        f"{shape['depth_max']} (click a cluster to zoom)", 640)
+
+
+def cluster_choices(tree, max_depth: int | None = None) -> list[tuple[str, str]]:
+    """(label, value) pairs for a cluster dropdown: value is the docid prefix "3-1" ("" for the root)."""
+    if tree is None:
+        return []
+    out = []
+    for prefix in tree.nodes():
+        if max_depth is not None and len(prefix) > max_depth:
+            continue
+        label = tree.label(prefix) or ""
+        name = docid_str(prefix) if prefix else "root"
+        out.append((f"{name} · {_short(label, 50)} ({tree.size(prefix)})", docid_str(prefix) if prefix else ""))
+    return out
+
+
+def parse_prefix(text: str | None) -> tuple[int, ...]:
+    """ "3-1-4" / "3 1 4" / "3,1" → (3, 1, 4); "" or "root" → (). Raises ValueError on anything else."""
+    text = (text or "").strip().lower()
+    if text in ("", "root", "∅"):
+        return ()
+    parts = [p for p in re.split(r"[\s,\-./]+", text) if p]
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"not a docid prefix: {text!r} (use digits separated by '-', e.g. 3-1)")
+    return tuple(int(p) for p in parts)
+
+
+def cluster_docs_html(tree, prefix: Sequence[int], texts: Mapping[str, tuple[str, str]] | None = None,
+                      limit: int = 200) -> str:
+    """The documents under a cluster: docid, title and the start of the text (all escaped)."""
+    prefix = tuple(prefix)
+    if tree is None:
+        return '<div class="ur-empty">No docid tree loaded.</div>'
+    size = tree.size(prefix)
+    if size == 0:
+        return message_html(f"No cluster {docid_str(prefix)} in this tree.", "warn")
+    texts = texts or {}
+    children = tree.allowed(prefix)
+    sub = "".join(
+        f'<li><code>{html.escape(docid_str(prefix + (c,)))}</code> {html.escape(_short(tree.label(prefix + (c,)), 60))}'
+        f' <span class="ur-muted">({tree.size(prefix + (c,))})</span></li>'
+        for c in children if not tree.is_complete(prefix + (c,))
+    )
+    rows = []
+    docs = tree.docs_under(prefix)
+    for doc_id in docs[:limit]:
+        title, text = texts.get(doc_id, ("", ""))
+        rows.append(f"<tr><td><code>{html.escape(docid_str(tree.docid(doc_id)))}</code></td>"
+                    f"<td>{html.escape(doc_id)}</td><td><b>{html.escape(title)}</b></td>"
+                    f"<td>{html.escape(_short(text, 160))}</td></tr>")
+    more = f'<div class="ur-muted">… and {len(docs) - limit} more.</div>' if len(docs) > limit else ""
+    label = tree.label(prefix) if prefix else "whole corpus"
+    return (f'<div class="ur-cluster"><h4>Cluster {html.escape(docid_str(prefix) if prefix else "root")}: '
+            f'{html.escape(label)} <span class="ur-muted">({size} documents)</span></h4>'
+            + (f'<div class="ur-muted">Sub-clusters:</div><ul class="ur-sub">{sub}</ul>' if sub else "")
+            + '<table class="ur-table"><thead><tr><th>docid</th><th>id</th><th>title</th><th>text</th></tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>{more}</div>')
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+EVAL_METRICS = ("accuracy", "em", "f1", "recall@1", "recall@k")
+EVAL_HEADERS = ["corpus", "system", "precision", "n", "accuracy", "em", "f1", "recall@1", "recall@k", "k",
+                "context tokens", "latency ms", "file"]
+
+
+def eval_rows(results: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    def fmt(v: Any) -> Any:
+        return round(v, 4) if isinstance(v, float) else ("" if v is None else v)
+
+    return [[fmt(r.get(k)) for k in ("corpus", "system", "precision", "n", *EVAL_METRICS, "k", "context_tokens_mean",
+                                      "latency_ms_median", "file")] for r in results]
+
+
+def eval_figure(results: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """Grouped bars: one group per metric, one bar per (corpus, system, precision) result."""
+    if not results:
+        return empty_figure("No evaluation results yet.", "Evaluation", 300)
+    fig = go.Figure()
+    palette = ["#7c3aed", "#0284c7", "#64748b", "#db2777", "#16a34a", "#ea580c", "#0f766e", "#a16207"]
+    for i, r in enumerate(results):
+        name = f"{r.get('corpus', '?')} · {r.get('system', '?')}"
+        name += f" · {r['precision']}" if r.get("precision") else ""
+        ys = [r.get(m) for m in EVAL_METRICS]
+        fig.add_trace(go.Bar(name=_p(name), x=list(EVAL_METRICS), y=[y if y is not None else 0 for y in ys],
+                             text=[f"{y:.2f}" if isinstance(y, (int, float)) else "n/a" for y in ys],
+                             textposition="outside", marker={"color": palette[i % len(palette)]}))
+    fig.update_yaxes(range=[0, 1.1], gridcolor="#e2e8f0")
+    return _layout(fig, "Evaluation results (from eval_*.json in the checkpoint folders)", 420, barmode="group",
+                   legend={"orientation": "h", "y": -0.15})
