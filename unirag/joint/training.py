@@ -249,7 +249,11 @@ def save_checkpoint(model: JointModel, tree: DocidTree, optimizer: torch.optim.O
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, out: Path, scalars: dict) -> None:
-    tensors = load_file(str(out / "optimizer.safetensors"))
+    path = out / "optimizer.safetensors"
+    if not path.is_file():  # shipped checkpoints leave it out (git-ignored: it is larger than the model)
+        print(f"[train] {path} not found: resuming with fresh optimizer moments", flush=True)
+        return
+    tensors = load_file(str(path))
     for g, group in enumerate(optimizer.param_groups):
         for p_i, param in enumerate(group["params"]):
             entry = {name.split(".", 2)[2]: value for name, value in tensors.items() if name.startswith(f"{g}.{p_i}.")}
