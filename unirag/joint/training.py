@@ -23,6 +23,7 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -215,8 +216,6 @@ def save_checkpoint(model: JointModel, tree: DocidTree, optimizer: torch.optim.O
     """Atomic-ish save: write to a sibling folder, then swap, so a kill never leaves a broken checkpoint."""
     tmp = out.with_name(out.name + ".saving")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tree.save(tmp / "docid_tree.json")
@@ -236,8 +235,6 @@ def save_checkpoint(model: JointModel, tree: DocidTree, optimizer: torch.optim.O
         if name.startswith("eval_") or name == "RESULTS.md":
             (tmp / name).write_bytes((out / name).read_bytes())
     if out.exists():
-        import shutil
-
         old = out.with_name(out.name + ".old")
         if old.exists():
             shutil.rmtree(old)
