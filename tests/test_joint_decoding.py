@@ -240,3 +240,108 @@ def test_joint_system_from_checkpoint(joint, tmp_path):
     (ckpt / "docid_tree.json").unlink()
     with pytest.raises(UniragError, match="docid tree"):
         JointSystem.from_checkpoint(ckpt, CORPUS)
+
+
+# ----------------------------------------------------------------------------- semantic docid scores
+
+
+@pytest.fixture(scope="module")
+def semantic_joint(tiny_llm_dirs) -> JointModel:
+    from unirag.joint.modeling import tree_prefixes
+
+    path = tiny_llm_dirs["llama"]
+    base, tok = load_llm(str(path))
+    nodes = len(tree_prefixes(FakeTrie(DOCIDS)))
+    model = JointModel(base, JointConfig(base_model=str(path), docid_levels=3, docid_branching=4, pathway_layers=2,
+                                         retrieval_heads=2, retrieval_mlp_dim=32, semantic_dim=6,
+                                         semantic_nodes=nodes), tokenizer=tok).eval()
+    model.tokenizer = tok
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in model.joint_named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+@torch.no_grad()
+def brute_force_semantic_logprob(model: JointModel, question: str, trie: FakeTrie, docid: tuple[int, ...]) -> float:
+    ids, _ = retrieval_prompt(model, model.tokenizer, question)
+    ids = ids + [model.docid_token_id(level, s) for level, s in enumerate(docid)]
+    out = model(torch.tensor([ids]))
+    start = len(ids) - len(docid) - 1
+    query = out.query_vectors[0, start]
+    total = 0.0
+    for level, s in enumerate(docid):
+        children = trie.allowed(docid[:level])
+        index = [model.docid_vocab_index(level, c) for c in children]
+        logits = out.docid_logits[0, start + level, index] + model.semantic_scores(trie, query, docid[:level], children)
+        total += float(torch.log_softmax(logits, -1)[children.index(s)])
+    return total
+
+
+def test_semantic_scores_enter_the_beam_search_exactly(semantic_joint):
+    trie = FakeTrie(DOCIDS)
+    question = "which river is longest?"
+    exact = sorted(((brute_force_semantic_logprob(semantic_joint, question, trie, d), name)
+                    for d, name in DOCIDS.items()), reverse=True)
+    beams = generate_docids(semantic_joint, semantic_joint.tokenizer, question, trie, beam_width=len(DOCIDS),
+                            num_return=3)
+    assert [b.doc_id for b in beams] == [name for _, name in exact[:3]]
+    for beam, (logprob, _) in zip(beams, exact[:3], strict=True):
+        assert beam.logprob == pytest.approx(logprob, abs=1e-4)
+    for level in beams[0].levels:
+        assert sum(level["probs"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_semantic_node_embeddings_steer_retrieval(semantic_joint):
+    """Nodes on one document's path aligned with the query vector (and the others opposed) win the search."""
+    from unirag.joint.modeling import tree_prefixes
+
+    model = semantic_joint
+    trie = FakeTrie(DOCIDS)
+    question = "who painted the ceiling?"
+    ids, _ = retrieval_prompt(model, model.tokenizer, question)
+    table = model.semantic.node_embed.weight
+    saved = table.detach().clone()
+    head = model.docid_head.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            query = model(torch.tensor([ids])).query_vectors[0, -1]
+            model.docid_head.weight.zero_()
+            target = (1, 2, 3)
+            for row, prefix in enumerate(tree_prefixes(trie)):
+                on_path = target[: len(prefix)] == prefix
+                table[row] = query if on_path else -query
+        beams = generate_docids(model, model.tokenizer, question, trie, beam_width=4, num_return=1)
+        assert beams[0].doc_id == "d4"
+    finally:
+        with torch.no_grad():
+            table.copy_(saved)
+            model.docid_head.weight.copy_(head)
+
+
+def test_semantic_checkpoint_roundtrip_and_wrong_tree(semantic_joint, tmp_path):
+    semantic_joint.save_pretrained(tmp_path / "ckpt")
+    loaded = JointModel.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(loaded.semantic.node_embed.weight.half(), semantic_joint.semantic.node_embed.weight.half())
+    smaller = FakeTrie({d: n for d, n in DOCIDS.items() if n != "d6"})
+    with pytest.raises(UniragError, match="semantic node table"):
+        generate_docids(loaded, loaded.tokenizer, "q?", smaller, beam_width=3, num_return=1)
+
+
+def test_init_semantic_nodes_uses_centroids(semantic_joint):
+    from unirag.joint.modeling import tree_prefixes
+
+    trie = FakeTrie(DOCIDS)
+    saved = semantic_joint.semantic.node_embed.weight.detach().clone()
+    vectors = {f"d{i}": torch.eye(6)[i % 6] * (i + 1) for i in range(7)}
+    try:
+        semantic_joint.init_semantic_nodes(trie, vectors)
+        rows = {p: r for r, p in enumerate(tree_prefixes(trie))}
+        table = semantic_joint.semantic.node_embed.weight
+        expected = torch.nn.functional.normalize(torch.eye(6)[0] + torch.eye(6)[1], dim=0)  # (0, 0) holds d0, d1
+        assert torch.allclose(table[rows[(0, 0)]].float(), expected, atol=1e-6)
+        assert torch.allclose(table[rows[(1, 2, 3)]].float(), torch.eye(6)[4], atol=1e-6)
+    finally:
+        with torch.no_grad():
+            semantic_joint.semantic.node_embed.weight.copy_(saved)

@@ -78,6 +78,13 @@ def test_train_stage1_stage2_and_resume(tiny_llm_dirs, tmp_path, monkeypatch):
     encoder = "embedded:all-minilm-l6-v2"
     emb = torch.randn(8, 8).numpy()
     monkeypatch.setattr("unirag.docids.corpus_embeddings", lambda *a, **k: emb)
+    teacher_calls = []
+
+    def fake_teacher(texts, name):
+        teacher_calls.append(len(texts))
+        return torch.randn(len(texts), 8, generator=torch.Generator().manual_seed(len(texts))).numpy()
+
+    monkeypatch.setattr(training, "query_embeddings", fake_teacher)
     out = tmp_path / "ckpt"
     args = ["--corpus", str(corpus_path), "--questions", str(q_path), "--out", str(out), "--base-model",
             str(tiny_llm_dirs["llama"]), "--tree-k", "2", "--tree-c", "2", "--pathway-layers", "2",
@@ -96,6 +103,40 @@ def test_train_stage1_stage2_and_resume(tiny_llm_dirs, tmp_path, monkeypatch):
     assert (out / "lora").is_dir() and json.loads((out / "trainer_state.json").read_text())["stage"] == 2
     loaded = JointModel.from_pretrained(out)
     assert loaded.lora_enabled and encoder
+    assert loaded.semantic is not None and loaded.config.semantic_dim == 8 and teacher_calls
+    assert all("distill" in r for r in log)
+
+
+def test_semantic_query_vectors_match_between_cached_and_full_forward(tiny_llm_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
+    from unirag.backbones import load_llm
+    from unirag.joint.modeling import tree_prefixes
+
+    corpus = Corpus([Passage(f"d{i}", f"T{i}", f"text {i}.") for i in range(4)], source="tiny")
+    tree = DocidTree(corpus.ids, [(0, 0), (0, 1), (1, 0), (1, 1)], TreeConfig(k=2, c=2), corpus.fingerprint)
+    base, tok = load_llm(str(tiny_llm_dirs["llama"]))
+    model = JointModel(base, JointConfig(docid_levels=2, docid_branching=2, base_model=str(tiny_llm_dirs["llama"]),
+                                         pathway_layers=2, semantic_dim=5, semantic_nodes=len(tree_prefixes(tree))),
+                       tok)
+    with torch.no_grad():
+        for p in model.stage1_parameters():
+            p.normal_(0, 0.05)
+    enc = [training.encode_example(model, tok, tree, "a short one", (1, 1)),
+           training.encode_example(model, tok, tree, "a much longer question text here", (0, 1))]
+    ids, mask, positions, targets, allowed, node_rows = training.collate(enc, model.docid_head.out_features, 0)
+    assert node_rows[0, 1].tolist().count(-1) == node_rows.shape[-1] - 2  # two children at level 1
+    layer = model.pathway_layer_ids[0]
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, pathway=True, bridge=False)
+        hidden = model.hidden_before_layer(ids, mask, layer)
+        top = model(ids, attention_mask=mask, inputs_embeds=hidden, start_layer=layer, pathway=True, bridge=False)
+    rows = torch.arange(2)
+    assert torch.allclose(full.query_vectors[rows, positions[:, 0]], top.query_vectors[rows, positions[:, 0]],
+                          atol=1e-5)
+    teacher = torch.nn.functional.normalize(torch.randn(2, 5), dim=-1)
+    scores, distill = training.semantic_terms(model, top, positions, node_rows, teacher)
+    loss = training.docid_loss(top.docid_logits, positions, targets, allowed, scores)
+    assert scores.shape == allowed.shape and 0 <= distill.item() <= 2 and torch.isfinite(loss)
 
 
 def test_refuses_dev_split(tmp_path):

@@ -205,6 +205,8 @@ def search_docids(
     attention = _retrieval_attention(model, tokenizer, prompt_ids, question_positions, out)
     cache = out.past_key_values
     rows = out.docid_logits[:, -1].float()
+    # The semantic scorer reads the prompt pass only: its query vector pools the whole question.
+    query = out.query_vectors[0, -1] if out.query_vectors is not None else None
 
     finished: list[_Hyp] = []
     best_per_doc: dict[str, float] = {}  # distinct documents found so far → best log-prob
@@ -216,7 +218,10 @@ def search_docids(
             if level >= L:
                 raise UniragError(f"The docid tree is deeper than the model's {L} docid levels.")
             index = torch.tensor([model.docid_vocab_index(level, c) for c in hyp.children], device=rows.device)
-            logp = torch.log_softmax(rows[b, index], dim=-1)
+            logits = rows[b, index]
+            if query is not None:
+                logits = logits + model.semantic_scores(trie, query, hyp.prefix, hyp.children).to(logits.device)
+            logp = torch.log_softmax(logits, dim=-1)
             info = {"prefix": list(hyp.prefix), "children": list(hyp.children), "probs": logp.exp().tolist()}
             for c, lp in zip(hyp.children, logp.tolist(), strict=True):
                 candidates.append((hyp.score + lp, b, c, info))

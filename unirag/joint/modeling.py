@@ -56,7 +56,7 @@ TREE_FILE = "docid_tree.json"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # State-dict prefixes of everything the joint model adds on top of the base (what joint_weights holds).
-JOINT_PREFIXES = ("pathways.", "bridge.", "docid_head.", "extra_embed.", "entry_embed.")
+JOINT_PREFIXES = ("pathways.", "bridge.", "docid_head.", "extra_embed.", "entry_embed.", "semantic.")
 # Fixed slots of the extra embedding table, before the docid tokens.
 _RETRIEVE_SLOT, _GENERATES_SLOT, _FIRST_DOCID_SLOT = 0, 1, 2
 
@@ -79,6 +79,10 @@ class JointConfig:
     # result is added back as a delta); False = it reads the retrieval-attention output alone.
     pathway_reads_residual: bool = True
     save_dtype: str = "float16"  # storage dtype of joint_weights.safetensors ("float16" or "float32")
+    # Semantic docid scores (0 = off): a query vector in the docid encoder's space is scored against one
+    # embedding per tree node (initialised from the cluster centroids) and added to the docid-head logits.
+    semantic_dim: int = 0
+    semantic_nodes: int = 0  # number of tree nodes (every non-empty docid prefix) the node table holds
     lora: dict[str, Any] | None = None  # set by enable_lora: {"r", "alpha", "dropout", "target_modules"}
 
     def __post_init__(self) -> None:
@@ -92,6 +96,8 @@ class JointConfig:
             (self.retrieval_mlp_dim >= 1, "retrieval_mlp_dim must be >= 1"),
             (self.bridge_heads >= 1, "bridge_heads must be >= 1"),
             (self.save_dtype in ("float16", "float32", "bfloat16"), "save_dtype must be float16, bfloat16 or float32"),
+            (self.semantic_dim >= 0 and self.semantic_nodes >= 0, "semantic_dim and semantic_nodes must be >= 0"),
+            (bool(self.semantic_dim) == bool(self.semantic_nodes), "semantic_dim and semantic_nodes go together"),
         ]
         for ok, message in checks:
             if not ok:
@@ -134,6 +140,9 @@ class JointOutput:
     docid_logits: torch.Tensor  # [B, T, L*K+1]
     past_key_values: Any = None  # a transformers Cache (with one extra layer holding the bridge K/V)
     hidden_states: torch.Tensor | None = None  # final normed hidden states [B, T, hidden]
+    # Unit query vectors of the semantic docid scorer [B, T, semantic_dim] (None when it is off). Exact only
+    # on a pass over the whole prompt (it pools the prompt so far), which is where decoding reads it.
+    query_vectors: torch.Tensor | None = None
     retrieval_attentions: tuple[torch.Tensor, ...] | None = None  # per pathway layer [B, H', T, S]
     bridge_attentions: torch.Tensor | None = None  # [B, bridge_heads, T, S]
     attentions: tuple[torch.Tensor | None, ...] | None = None  # per base layer [B, heads, T, S]
@@ -156,6 +165,7 @@ class _ForwardState:
     h_prime_last: torch.Tensor | None = None
     bridge_attentions: torch.Tensor | None = None
     input_ids: torch.Tensor | None = None  # for the docid entry embedding at the first pathway layer
+    entry_hidden: torch.Tensor | None = None  # residual stream entering the first pathway layer
 
 
 # --------------------------------------------------------------------------------------------- modules
@@ -237,6 +247,49 @@ class Bridge(nn.Module):
         self.cross_k = nn.Linear(hidden_size, hidden_size, bias=False)
         self.cross_v = nn.Linear(hidden_size, hidden_size, bias=False)
         self.cross_o = nn.Linear(hidden_size, hidden_size, bias=False)
+
+
+class SemanticDocidScorer(nn.Module):
+    """Docid-aware scores: cos(query vector, node embedding) · scale, one embedding per tree node.
+
+    The query vector reads [causal mean of the residual stream entering the first pathway layer ; final
+    hidden state], so it sees every question token. Node embeddings start at the cluster centroids of the
+    encoder that built the docids, and training also pulls the query vector towards that encoder's
+    embedding of the query (distillation), so routing down the tree starts from the tree's own geometry.
+    """
+
+    def __init__(self, hidden_size: int, dim: int, num_nodes: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2 * hidden_size, dim, bias=True)
+        self.node_embed = nn.Embedding(num_nodes, dim)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(20.0)))  # temperature 0.05 for unit vectors
+
+    def query_vectors(self, entry_hidden: torch.Tensor, hidden: torch.Tensor,
+                      attention_mask: torch.Tensor | None) -> torch.Tensor:
+        weights = attention_mask.to(entry_hidden.dtype).unsqueeze(-1) if attention_mask is not None else \
+            torch.ones_like(entry_hidden[..., :1])
+        pooled = (entry_hidden * weights).cumsum(1) / weights.cumsum(1).clamp_min(1.0)
+        features = torch.cat([pooled, hidden.to(pooled.dtype)], dim=-1).to(self.proj.weight.dtype)
+        return F.normalize(self.proj(features).float(), dim=-1)
+
+    def scores(self, query: torch.Tensor, node_rows: torch.Tensor) -> torch.Tensor:
+        """query [..., D] (unit), node_rows [..., C] (-1 = no node) → [..., C] scaled cosine (0 where -1)."""
+        nodes = F.normalize(self.node_embed(node_rows.clamp(min=0)).float(), dim=-1)
+        sims = torch.einsum("...d,...cd->...c", query.float(), nodes)
+        return (sims * self.log_scale.exp().float()).masked_fill(node_rows < 0, 0.0)
+
+
+def tree_prefixes(trie) -> list[tuple[int, ...]]:
+    """Every non-empty docid prefix of a trie (internal nodes and complete docids), in sorted order."""
+    found: list[tuple[int, ...]] = []
+
+    def walk(prefix: tuple[int, ...]) -> None:
+        for child in sorted(int(c) for c in trie.allowed(prefix)):
+            found.append(prefix + (child,))
+            walk(prefix + (child,))
+
+    walk(())
+    return found
 
 
 def _shim(config, layer_idx: int, groups: int, training: bool, head_dim: int, scaling: float):
@@ -483,7 +536,11 @@ class JointModel(nn.Module):
         # Added to the residual stream of extra tokens as they enter the first pathway layer. Stage 1
         # caches the frozen layers below it, so this is where the docid embeddings can still learn there.
         self.entry_embed = nn.Embedding(self.num_extra_tokens, hidden)
-        for module in (self.pathways, self.bridge, self.docid_head, self.extra_embed, self.entry_embed):
+        self.semantic = (SemanticDocidScorer(hidden, config.semantic_dim, config.semantic_nodes)
+                         if config.semantic_dim else None)
+        self._node_rows: dict[tuple[int, ...], int] | None = None
+        self._node_rows_trie_id: int | None = None
+        for module in self._new_modules():
             module.to(device=device, dtype=dtype)
         self._init_new_parameters(tokenizer)
 
@@ -495,6 +552,10 @@ class JointModel(nn.Module):
             decoder.layers[self.pathway_layer_ids[0]].register_forward_pre_hook(self._make_entry_pre_hook())
         )
         self.train(base.training)
+
+    def _new_modules(self) -> list[nn.Module]:
+        modules = [self.pathways, self.bridge, self.docid_head, self.extra_embed, self.entry_embed]
+        return modules + ([self.semantic] if self.semantic is not None else [])
 
     def __deepcopy__(self, memo):
         # The wrappers and hooks point back at this instance; a copy would silently feed the original's
@@ -602,6 +663,10 @@ class JointModel(nn.Module):
         # scale (and meaning) as the LM's own logit for that token.
         self.docid_head.weight.copy_(self.extra_embed.weight[_FIRST_DOCID_SLOT:])
         nn.init.zeros_(self.docid_head.bias)
+        if self.semantic is not None:
+            nn.init.normal_(self.semantic.proj.weight, std=std)
+            nn.init.zeros_(self.semantic.proj.bias)
+            nn.init.normal_(self.semantic.node_embed.weight, std=1.0)
 
     @torch.no_grad()
     def _warm_start_queries(self, attn: nn.Module, pw: RetrievalPathway) -> None:
@@ -688,6 +753,52 @@ class JointModel(nn.Module):
             count += 1
         return count
 
+    # ----------------------------------------------------------------------------- semantic docid scores
+
+    def node_rows(self, trie, prefixes: Sequence[tuple[int, ...]]) -> list[int]:
+        """Rows of the semantic node table for docid prefixes of `trie` (built once per trie, checked)."""
+        if self.semantic is None:
+            raise UniragError("This joint model has no semantic docid scorer (semantic_dim=0).")
+        if self._node_rows is None or self._node_rows_trie_id != id(trie):
+            nodes = tree_prefixes(trie)
+            if len(nodes) != self.config.semantic_nodes:
+                raise UniragError(
+                    f"The docid tree has {len(nodes)} nodes but the model's semantic node table has "
+                    f"{self.config.semantic_nodes}: the checkpoint belongs to another docid tree."
+                )
+            self._node_rows = {prefix: row for row, prefix in enumerate(nodes)}
+            self._node_rows_trie_id = id(trie)
+        try:
+            return [self._node_rows[tuple(p)] for p in prefixes]
+        except KeyError as exc:
+            raise UniragError(f"Docid prefix {exc.args[0]} is not in the docid tree.") from None
+
+    def semantic_scores(self, trie, query: torch.Tensor, prefix: tuple[int, ...], children: Sequence[int]
+                        ) -> torch.Tensor:
+        """Scaled cosine of one unit query vector [D] with the children of `prefix` → [len(children)]."""
+        rows = torch.tensor(self.node_rows(trie, [prefix + (int(c),) for c in children]), device=query.device)
+        return self.semantic.scores(query, rows)
+
+    @torch.no_grad()
+    def init_semantic_nodes(self, trie, doc_vectors: Mapping[str, Any]) -> None:
+        """Docid-aware init: each node's embedding = the normalised mean of its documents' encoder vectors."""
+        if self.semantic is None:
+            raise UniragError("This joint model has no semantic docid scorer (semantic_dim=0).")
+        nodes = tree_prefixes(trie)
+        self.node_rows(trie, nodes[:1])  # checks the node count
+        leaves: dict[tuple[int, ...], list[str]] = {}
+        for prefix in nodes:
+            if not trie.allowed(prefix):
+                doc = trie.doc_id(prefix)
+                for cut in range(1, len(prefix) + 1):
+                    leaves.setdefault(prefix[:cut], []).append(doc)
+        table = self.semantic.node_embed.weight
+        for row, prefix in enumerate(nodes):
+            vectors = torch.stack([torch.as_tensor(doc_vectors[d], dtype=torch.float32) for d in leaves[prefix]])
+            if vectors.shape[-1] != table.shape[-1]:
+                raise UniragError(f"Encoder vectors have {vectors.shape[-1]} dims; semantic_dim is {table.shape[-1]}.")
+            table[row] = F.normalize(F.normalize(vectors, dim=-1).mean(0), dim=0).to(table.dtype)
+
     # ----------------------------------------------------------------------------- hooks
 
     def _make_layer_hook(self, layer_idx: int):
@@ -717,7 +828,10 @@ class JointModel(nn.Module):
         def pre_hook(module, args):
             owner = owner_ref()
             state = owner._state.get() if owner is not None else None
-            if state is None or not state.pathway or state.input_ids is None or not args:
+            if state is None or not state.pathway or not args:
+                return None
+            state.entry_hidden = args[0]
+            if state.input_ids is None:
                 return None
             ids = state.input_ids
             is_extra = ids >= owner.extra_vocab_offset
@@ -881,6 +995,8 @@ class JointModel(nn.Module):
         docid_logits = self.docid_head(hidden.to(self.docid_head.weight.dtype))
         result = JointOutput(lm_logits=lm_logits, docid_logits=docid_logits, past_key_values=cache_out,
                              hidden_states=hidden)
+        if self.semantic is not None and pathway and state.entry_hidden is not None:
+            result.query_vectors = self.semantic.query_vectors(state.entry_hidden, hidden, attention_mask)
         if output_attentions:
             num_layers = len(self.decoder.layers)
             result.attentions = tuple(state.base_attentions.get(i) for i in range(num_layers))
@@ -983,7 +1099,7 @@ class JointModel(nn.Module):
         self.config.lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules}
         # prepare_model_for_kbit_training may have upcast the embedding: keep the new modules in step.
         dtype = self.causal_lm.get_input_embeddings().weight.dtype
-        for module in (self.pathways, self.bridge, self.docid_head, self.extra_embed, self.entry_embed):
+        for module in self._new_modules():
             module.to(dtype=dtype)
         self.train(self.training)
 
@@ -999,7 +1115,8 @@ class JointModel(nn.Module):
         2: those + bridge + LoRA (if enabled)."""
         if stage not in (1, 2):
             raise UniragError(f"Unknown training stage {stage}; use 1 or 2.")
-        prefixes = ("pathways.", "docid_head.", "extra_embed.", "entry_embed.") + (("bridge.",) if stage == 2 else ())
+        prefixes = ("pathways.", "docid_head.", "extra_embed.", "entry_embed.", "semantic.") + (
+            ("bridge.",) if stage == 2 else ())
         return [
             p for n, p in self.named_parameters()
             if n.startswith(prefixes) or (stage == 2 and self._lora_enabled and "lora_" in n)

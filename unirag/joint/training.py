@@ -28,16 +28,18 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from unirag import docids
 from unirag.backbones import load_llm
 from unirag.data import Corpus, Question, load_corpus, load_questions
 from unirag.docids import DocidTree, TreeConfig, load_or_build_tree
 from unirag.errors import UniragError
 from unirag.joint.decoding import answer_prompt, retrieval_prompt, search_docids
-from unirag.joint.modeling import JointConfig, JointModel
+from unirag.joint.modeling import JointConfig, JointModel, tree_prefixes
 from unirag.paths import cache_dir
 
 STATE_FILE = "trainer_state.json"
@@ -59,6 +61,10 @@ class TrainConfig:
     pathway_layers: int = 4
     retrieval_heads: int = 4
     retrieval_mlp_dim: int = 512
+    # semantic docid scores: node embeddings from the tree's cluster centroids, plus a distillation loss that
+    # pulls the model's query vector towards the docid encoder's embedding of the query text
+    semantic_docids: bool = True
+    distill_weight: float = 1.0
     # indexing data: pseudo-queries per passage (title+first sentence, then further sentences)
     pseudo_queries: int = 3
     pseudo_query_words: int = 32
@@ -83,7 +89,7 @@ class TrainConfig:
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
             if f.type in ("bool", bool):
-                parser.add_argument(flag, action="store_true", default=f.default)
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
             elif f.name in ("corpus", "questions", "out"):
                 parser.add_argument(flag, required=True)
             else:
@@ -139,6 +145,7 @@ class EncodedExample:
     first_target: int  # position whose docid logits predict level 0
     targets: list[int]  # docid-head indices per level
     allowed: list[list[int]]  # allowed docid-head indices per level (the trie)
+    nodes: list[list[int]] | None = None  # semantic node-table rows of those children (same shape as allowed)
 
 
 def encode_example(model: JointModel, tokenizer, tree: DocidTree, text: str, docid: tuple[int, ...]
@@ -146,12 +153,17 @@ def encode_example(model: JointModel, tokenizer, tree: DocidTree, text: str, doc
     prompt, _ = retrieval_prompt(model, tokenizer, text)
     inputs = prompt + [model.docid_token_id(level, s) for level, s in enumerate(docid[:-1])]
     targets = [model.docid_vocab_index(level, s) for level, s in enumerate(docid)]
-    allowed = [[model.docid_vocab_index(level, s) for s in tree.allowed(docid[:level])] for level in range(len(docid))]
-    return EncodedExample(inputs, len(prompt) - 1, targets, allowed)
+    children = [tree.allowed(docid[:level]) for level in range(len(docid))]
+    allowed = [[model.docid_vocab_index(level, s) for s in kids] for level, kids in enumerate(children)]
+    nodes = None
+    if model.semantic is not None:
+        nodes = [model.node_rows(tree, [docid[:level] + (s,) for s in kids]) for level, kids in enumerate(children)]
+    return EncodedExample(inputs, len(prompt) - 1, targets, allowed, nodes)
 
 
 def collate(examples: list[EncodedExample], vocab: int, pad_id: int):
-    """Right-padded ids, mask, target positions and a trie mask over the docid vocabulary."""
+    """Right-padded ids, mask, target positions, a trie mask over the docid vocabulary, and the semantic
+    node rows of the allowed children (-1 elsewhere; None without a semantic scorer)."""
     width = max(len(e.input_ids) for e in examples)
     levels = max(len(e.targets) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -159,6 +171,8 @@ def collate(examples: list[EncodedExample], vocab: int, pad_id: int):
     positions = torch.zeros((len(examples), levels), dtype=torch.long)
     targets = torch.full((len(examples), levels), -100, dtype=torch.long)
     allowed = torch.zeros((len(examples), levels, vocab), dtype=torch.bool)
+    semantic = examples[0].nodes is not None
+    node_rows = torch.full((len(examples), levels, vocab), -1, dtype=torch.long) if semantic else None
     for row, e in enumerate(examples):
         ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
         mask[row, : len(e.input_ids)] = 1
@@ -166,16 +180,62 @@ def collate(examples: list[EncodedExample], vocab: int, pad_id: int):
             positions[row, level] = e.first_target + level
             targets[row, level] = target
             allowed[row, level, options] = True
+            if node_rows is not None:
+                node_rows[row, level, options] = torch.tensor(e.nodes[level])
     allowed[targets == -100] = True  # padding levels: any row works, the loss ignores them
-    return ids, mask, positions, targets, allowed
+    return ids, mask, positions, targets, allowed, node_rows
 
 
 def docid_loss(docid_logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-               allowed: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy restricted to the trie's allowed children (as the beam search renormalises)."""
-    picked = docid_logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, docid_logits.shape[-1]))
-    picked = picked.float().masked_fill(~allowed, float("-inf"))
+               allowed: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy restricted to the trie's allowed children (as the beam search renormalises).
+
+    `semantic` [B, levels, vocab] is added to the picked logits (the beam search adds the same scores)."""
+    picked = docid_logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, docid_logits.shape[-1])).float()
+    if semantic is not None:
+        picked = picked + semantic
+    picked = picked.masked_fill(~allowed, float("-inf"))
     return torch.nn.functional.cross_entropy(picked.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def semantic_terms(model: JointModel, outputs, positions: torch.Tensor, node_rows: torch.Tensor | None,
+                   teacher: torch.Tensor | None):
+    """(semantic scores [B, levels, vocab] or None, distillation loss or 0) for one docid batch."""
+    if model.semantic is None or node_rows is None or outputs.query_vectors is None:
+        return None, torch.zeros(())
+    rows = torch.arange(positions.shape[0])
+    query = outputs.query_vectors[rows, positions[:, 0]]  # the <retrieve_token> position: the prompt only
+    scores = model.semantic.scores(query.unsqueeze(1).expand(-1, node_rows.shape[1], -1), node_rows)
+    distill = (1 - (query * teacher).sum(-1)).mean() if teacher is not None else torch.zeros(())
+    return scores, distill
+
+
+def teacher_vectors(model: JointModel, tree: DocidTree, examples, config: TrainConfig) -> torch.Tensor | None:
+    """Distillation targets [N, D] for the stage-1 examples, or None (no scorer, or weight 0)."""
+    if model.semantic is None or config.distill_weight == 0:
+        return None
+    vectors = torch.from_numpy(query_embeddings([text for text, _ in examples], tree.config.encoder)).float()
+    if vectors.shape[1] != model.config.semantic_dim:
+        raise UniragError(f"The teacher encoder gives {vectors.shape[1]}-dim vectors; the model's semantic_dim is "
+                          f"{model.config.semantic_dim}.")
+    return torch.nn.functional.normalize(vectors, dim=-1)
+
+
+def query_embeddings(texts: list[str], encoder_name: str) -> np.ndarray:
+    """The docid encoder's query embeddings of the training texts (the distillation targets), cached on disk."""
+    key = hashlib.sha256(json.dumps([encoder_name, texts]).encode()).hexdigest()[:20]
+    path = cache_dir() / "stage1" / f"teacher-{key}.npy"
+    if path.is_file():
+        return np.load(path)
+    from unirag.backbones import SentenceEncoder
+
+    name = None if encoder_name == TreeConfig.encoder else encoder_name
+    vectors = SentenceEncoder(name).encode_queries(texts, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npy")
+    np.save(tmp, vectors)
+    os.replace(tmp, path)
+    return vectors
 
 
 # ------------------------------------------------------------------------------------------ stage-1 cache
@@ -296,12 +356,18 @@ def build_or_resume(config: TrainConfig, corpus: Corpus, tree: DocidTree, resume
     if out.exists() and any(out.iterdir()) and not resume:
         raise UniragError(f"{out} already holds files; pass --resume to continue it or choose another --out.")
     base, tokenizer = load_llm(config.base_model, load_in_4bit=config.load_in_4bit)
+    doc_vectors = docids.corpus_embeddings(corpus, encoder_name=tree.config.encoder) if config.semantic_docids \
+        else None
     joint_config = JointConfig(
         docid_levels=tree.depth, docid_branching=tree.branching, base_model=config.base_model,
         pathway_layers=config.pathway_layers, retrieval_heads=config.retrieval_heads,
         retrieval_mlp_dim=config.retrieval_mlp_dim,
+        semantic_dim=int(doc_vectors.shape[1]) if doc_vectors is not None else 0,
+        semantic_nodes=len(tree_prefixes(tree)) if doc_vectors is not None else 0,
     )
     model = JointModel(base, joint_config, tokenizer)
+    if doc_vectors is not None:
+        model.init_semantic_nodes(tree, dict(zip(corpus.ids, doc_vectors, strict=True)))
     return model, tokenizer, {"stage": 1, "epoch": 0, "step": 0, "best_recall@1": -1.0}
 
 
@@ -312,6 +378,7 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
                           [e.input_ids for e in encoded]]) + str(model.extra_embed.weight.sum().item())
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     cached = boundary_cache(model, encoded, key, config.batch_size)
+    teacher = teacher_vectors(model, tree, examples, config)
     params = model.stage1_parameters()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -332,7 +399,7 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
         batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         rng.shuffle(batches)
         model.train()
-        running = []
+        running, distills = [], []
         bar = tqdm(batches, desc=f"stage 1 epoch {epoch + 1}/{config.stage1_epochs}", unit="batch")
         for step_in_epoch, rows in enumerate(bar):
             global_step = epoch * steps_per_epoch + step_in_epoch
@@ -340,21 +407,26 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
                 warm = min(1.0, (global_step + 1) / 50)
                 group["lr"] = config.stage1_lr * warm * 0.5 * (1 + math.cos(math.pi * global_step / total))
             batch = [encoded[i] for i in rows]
-            ids, mask, positions, targets, allowed = collate(batch, vocab, pad)
+            ids, mask, positions, targets, allowed, node_rows = collate(batch, vocab, pad)
             hidden = torch.zeros(ids.shape[0], ids.shape[1], cached[rows[0]].shape[-1])
             for j, i in enumerate(rows):
                 hidden[j, : cached[i].shape[0]] = cached[i].float()
             outputs = model(ids, attention_mask=mask, inputs_embeds=hidden.to(model.dtype), start_layer=layer,
                             pathway=True, bridge=False, return_lm_logits=False)
-            loss = docid_loss(outputs.docid_logits, positions, targets, allowed)
+            semantic, distill = semantic_terms(model, outputs, positions, node_rows,
+                                               teacher[rows] if teacher is not None else None)
+            loss = docid_loss(outputs.docid_logits, positions, targets, allowed, semantic) + \
+                config.distill_weight * distill
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             running.append(loss.item())
+            distills.append(float(distill.detach()))
             bar.set_postfix(loss=f"{sum(running[-50:]) / len(running[-50:]):.3f}")
         metrics = retrieval_recall(model, tokenizer, tree, valid) if valid else {}
         record = {"stage": 1, "epoch": epoch + 1, "loss": round(sum(running) / len(running), 4),
+                  "distill": round(sum(distills) / len(distills), 4),
                   "valid": metrics, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         log_losses(out, record)
         print(json.dumps(record), flush=True)
@@ -387,6 +459,7 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.stage2_lr, weight_decay=0.0)
+    teacher = teacher_vectors(model, tree, examples, config)
     start_step = state["step"] if state["stage"] == 2 else 0
     if state["stage"] == 2 and start_step > 0:
         load_optimizer(optimizer, out, state.get("optimizer_scalars", {}))
@@ -402,11 +475,14 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
             group["lr"] = config.stage2_lr * min(1.0, (step + 1) / 20)
         model.train()
         # Docid loss: a full forward (LoRA changes the lower layers too, so no cache here).
-        batch = [encode_example(model, tokenizer, tree, *examples[rng.randrange(len(examples))])
-                 for _ in range(config.stage2_docid_batch)]
-        ids, mask, positions, targets, allowed = collate(batch, vocab, pad)
+        picks = [rng.randrange(len(examples)) for _ in range(config.stage2_docid_batch)]
+        batch = [encode_example(model, tokenizer, tree, *examples[i]) for i in picks]
+        ids, mask, positions, targets, allowed, node_rows = collate(batch, vocab, pad)
         out_docid = model(ids, attention_mask=mask, pathway=True, bridge=True, return_lm_logits=False)
-        loss_docid = docid_loss(out_docid.docid_logits, positions, targets, allowed)
+        semantic, distill = semantic_terms(model, out_docid, positions, node_rows,
+                                           teacher[picks] if teacher is not None else None)
+        loss_docid = docid_loss(out_docid.docid_logits, positions, targets, allowed, semantic) + \
+            config.distill_weight * distill
         # Answer loss: read the documents the model itself retrieves.
         model.eval()
         pairs = [_answer_example(model, tokenizer, corpus, tree, answerable[rng.randrange(len(answerable))],
@@ -429,7 +505,7 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        running.append((loss_docid.item(), loss_answer.item()))
+        running.append((loss_docid.item(), loss_answer.item(), float(distill.detach())))
         recent = running[-20:]
         bar.set_postfix(docid=f"{sum(r[0] for r in recent) / len(recent):.3f}",
                         answer=f"{sum(r[1] for r in recent) / len(recent):.3f}")
@@ -437,6 +513,7 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
             record = {"stage": 2, "step": step + 1,
                       "loss_docid": round(sum(r[0] for r in running) / len(running), 4),
                       "loss_answer": round(sum(r[1] for r in running) / len(running), 4),
+                      "distill": round(sum(r[2] for r in running) / len(running), 4),
                       "time": time.strftime("%Y-%m-%d %H:%M:%S")}
             if step + 1 == config.stage2_steps and valid:
                 record["valid"] = retrieval_recall(model, tokenizer, tree, valid)
