@@ -143,3 +143,46 @@ def test_refuses_dev_split(tmp_path):
     with pytest.raises(UniragError, match="train split"):
         training.train(training.TrainConfig(corpus="../shared/data/nq/corpus.jsonl",
                                             questions="../shared/data/nq/dev.jsonl", out=str(tmp_path / "x")))
+
+
+def test_accelerate_launch_two_processes(tiny_llm_dirs, tmp_path):
+    """The same training code under `accelerate launch` (2 processes; on this CPU they use gloo; `--multi_gpu` is
+    what launches them, as on a GPU machine): gradients are averaged, only
+    the main process writes, and both processes end with identical weights."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    if launcher is None:
+        pytest.skip("accelerate CLI not installed")
+    corpus_path, q_path = tmp_path / "corpus.jsonl", tmp_path / "train.jsonl"
+    corpus_path.write_text("".join(json.dumps({"id": f"d{i}", "title": f"T{i}",
+                                               "text": f"Fact {i} is true. Detail {i} follows here."}) + "\n"
+                                   for i in range(8)))
+    q_path.write_text("".join(json.dumps({"id": f"q{i}", "question": f"what about {i}?", "answers": [str(i)],
+                                          "doc_id": f"d{i}"}) + "\n" for i in range(8)))
+    out = tmp_path / "ckpt"
+    env = {**os.environ, "UNIRAG_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "UNIRAG_DUMP_WEIGHTS": str(tmp_path / "rank")}
+    cmd = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "unirag", "train", "--corpus", str(corpus_path), "--questions",
+           str(q_path), "--out", str(out), "--base-model", str(tiny_llm_dirs["llama"]), "--tree-k", "2",
+           "--tree-c", "2", "--pathway-layers", "2", "--stage1-epochs", "1", "--batch-size", "2",
+           "--validation-questions", "2", "--pseudo-queries", "1", "--stage2-steps", "2", "--save-every", "2",
+           "--stage2-docid-batch", "2", "--stage2-answer-batch", "1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = [json.loads(line) for line in (out / "loss_log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r.get("epoch"), r.get("step")) for r in log] == [(1, 1, None), (2, None, 2)]  # main only
+    ranks = [load_file_dict(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys() and ranks[0]
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+
+
+def load_file_dict(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

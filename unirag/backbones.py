@@ -115,8 +115,12 @@ def load_llm(
     load_in_4bit: bool = False,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "eager",
+    device: str | None = None,
 ):
-    """Return (model, tokenizer). `load_in_4bit` uses bitsandbytes NF4 (works on this CPU)."""
+    """Return (model, tokenizer). `load_in_4bit` uses bitsandbytes NF4 (works on this CPU).
+
+    `device` (e.g. "cuda:1", one per process under `accelerate launch`) places the whole model there;
+    by default it stays on the CPU, or NF4 goes to the GPUs with device_map="auto"."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_llm_path(name)
@@ -128,7 +132,9 @@ def load_llm(
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
-        if torch.cuda.is_available():
+        if device is not None and device != "cpu":
+            kwargs["device_map"] = {"": device}
+        elif device is None and torch.cuda.is_available():
             kwargs["device_map"] = "auto"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -140,6 +146,8 @@ def load_llm(
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if device is not None and not load_in_4bit:
+        model.to(device)
     model.eval()
     return model, tokenizer
 

@@ -1219,7 +1219,8 @@ class JointModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, checkpoint_dir: str | Path, load_in_4bit: bool = False, base_model: str | None = None
+        cls, checkpoint_dir: str | Path, load_in_4bit: bool = False, base_model: str | None = None,
+        dtype: torch.dtype = torch.float32, device: str | None = None,
     ) -> JointModel:
         """Load a checkpoint written by save_pretrained; the base comes from `base_model` or the saved config.
 
@@ -1258,7 +1259,7 @@ class JointModel(nn.Module):
             )
         tensors = _load_safetensors(weights_path)
 
-        base, tokenizer = load_llm(name, load_in_4bit=load_in_4bit)
+        base, tokenizer = load_llm(name, load_in_4bit=load_in_4bit, dtype=dtype, device=device)
         lora = config.lora
         config.lora = None
         model = cls(base, config, tokenizer=None)

@@ -53,6 +53,7 @@ class TrainConfig:
     out: str
     base_model: str | None = None
     load_in_4bit: bool = False  # stage 2 QLoRA-style on an NF4 base
+    dtype: str = "float32"  # compute dtype of the base (bfloat16 on GPUs)
     seed: int = 0
     # docid tree
     tree_k: int = 10
@@ -101,6 +102,50 @@ class TrainConfig:
         config = cls(**args)
         config.resume = resume  # type: ignore[attr-defined]
         return config
+
+
+class Distributed:
+    """Data-parallel training under `accelerate launch` (each process trains on its share of the batches and
+    gradients are averaged); in a plain single process every method is a no-op and the device is the CPU or
+    the default GPU."""
+
+    def __init__(self) -> None:
+        from accelerate import PartialState
+
+        # cpu=True without a GPU: multi-process CPU runs (gloo) are otherwise not detected as distributed.
+        self.state = PartialState(cpu=not torch.cuda.is_available())
+        self.rank, self.world = self.state.process_index, self.state.num_processes
+        self.is_main = self.state.is_main_process
+        self.device = self.state.device
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.state.wait_for_everyone()
+
+    def shard(self, batches: list) -> list:
+        """This process's batches; every process gets the same count (a collective per step must match)."""
+        if self.world == 1:
+            return batches
+        usable = len(batches) // self.world * self.world
+        return batches[self.rank : usable : self.world]
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        if self.world == 1:
+            return
+        for p in params:
+            if p.grad is None:  # unused this step here, maybe used elsewhere: all ranks must join the reduce
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= self.world
+
+    def main_first(self, fn):
+        """Run `fn` on the main process first (it writes a disk cache), then on the others (they read it)."""
+        if not self.is_main:
+            self.barrier()
+        result = fn()
+        if self.is_main:
+            self.barrier()
+        return result
 
 
 def seed_everything(seed: int) -> None:
@@ -347,15 +392,20 @@ def retrieval_recall(model: JointModel, tokenizer, tree: DocidTree, questions: l
 # ------------------------------------------------------------------------------------------ training
 
 
-def build_or_resume(config: TrainConfig, corpus: Corpus, tree: DocidTree, resume: bool):
+def build_or_resume(config: TrainConfig, corpus: Corpus, tree: DocidTree, resume: bool, dist: Distributed):
     out = Path(config.out)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype)
+    if dtype is None:
+        raise UniragError(f"--dtype {config.dtype!r}: use float32, bfloat16 or float16.")
+    device = str(dist.device) if dist.device.type != "cpu" else None
     if resume and (out / STATE_FILE).is_file():
-        model = JointModel.from_pretrained(out, load_in_4bit=config.load_in_4bit, base_model=config.base_model)
+        model = JointModel.from_pretrained(out, load_in_4bit=config.load_in_4bit, base_model=config.base_model,
+                                           dtype=dtype, device=device)
         state = json.loads((out / STATE_FILE).read_text())
         return model, model.tokenizer, state
     if out.exists() and any(out.iterdir()) and not resume:
         raise UniragError(f"{out} already holds files; pass --resume to continue it or choose another --out.")
-    base, tokenizer = load_llm(config.base_model, load_in_4bit=config.load_in_4bit)
+    base, tokenizer = load_llm(config.base_model, load_in_4bit=config.load_in_4bit, dtype=dtype, device=device)
     doc_vectors = docids.corpus_embeddings(corpus, encoder_name=tree.config.encoder) if config.semantic_docids \
         else None
     joint_config = JointConfig(
@@ -372,13 +422,14 @@ def build_or_resume(config: TrainConfig, corpus: Corpus, tree: DocidTree, resume
 
 
 def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: list[Question],
-               config: TrainConfig, state: dict, out: Path) -> dict:
+               config: TrainConfig, state: dict, out: Path, dist: Distributed) -> dict:
     encoded = [encode_example(model, tokenizer, tree, text, docid) for text, docid in examples]
     key_src = json.dumps([config.base_model, model.pathway_layer_ids, tree.corpus_fingerprint,
                           [e.input_ids for e in encoded]]) + str(model.extra_embed.weight.sum().item())
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
-    cached = boundary_cache(model, encoded, key, config.batch_size)
-    teacher = teacher_vectors(model, tree, examples, config)
+    cached = dist.main_first(lambda: boundary_cache(model, encoded, key, config.batch_size))
+    teacher = dist.main_first(lambda: teacher_vectors(model, tree, examples, config))
+    device = model.device
     params = model.stage1_parameters()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -390,7 +441,7 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
     vocab = model.docid_head.out_features
     pad = tokenizer.pad_token_id or 0
     layer = model.pathway_layer_ids[0]
-    steps_per_epoch = math.ceil(len(encoded) / config.batch_size)
+    steps_per_epoch = len(dist.shard(list(range(math.ceil(len(encoded) / config.batch_size)))))
     total = steps_per_epoch * config.stage1_epochs
     for epoch in range(state["epoch"], config.stage1_epochs):
         rng = random.Random(config.seed * 1000 + epoch)
@@ -398,40 +449,47 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
         order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i].input_ids), rng.random()))
         batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         rng.shuffle(batches)
+        batches = dist.shard(batches)
         model.train()
         running, distills = [], []
-        bar = tqdm(batches, desc=f"stage 1 epoch {epoch + 1}/{config.stage1_epochs}", unit="batch")
+        bar = tqdm(batches, desc=f"stage 1 epoch {epoch + 1}/{config.stage1_epochs}", unit="batch",
+                   disable=not dist.is_main)
         for step_in_epoch, rows in enumerate(bar):
             global_step = epoch * steps_per_epoch + step_in_epoch
             for group in optimizer.param_groups:  # cosine decay with a short warm-up
                 warm = min(1.0, (global_step + 1) / 50)
                 group["lr"] = config.stage1_lr * warm * 0.5 * (1 + math.cos(math.pi * global_step / total))
             batch = [encoded[i] for i in rows]
-            ids, mask, positions, targets, allowed, node_rows = collate(batch, vocab, pad)
+            ids, mask, positions, targets, allowed, node_rows = _to(device, *collate(batch, vocab, pad))
             hidden = torch.zeros(ids.shape[0], ids.shape[1], cached[rows[0]].shape[-1])
             for j, i in enumerate(rows):
                 hidden[j, : cached[i].shape[0]] = cached[i].float()
-            outputs = model(ids, attention_mask=mask, inputs_embeds=hidden.to(model.dtype), start_layer=layer,
+            outputs = model(ids, attention_mask=mask, inputs_embeds=hidden.to(device, model.dtype), start_layer=layer,
                             pathway=True, bridge=False, return_lm_logits=False)
             semantic, distill = semantic_terms(model, outputs, positions, node_rows,
-                                               teacher[rows] if teacher is not None else None)
+                                               teacher[rows].to(device) if teacher is not None else None)
             loss = docid_loss(outputs.docid_logits, positions, targets, allowed, semantic) + \
                 config.distill_weight * distill
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            dist.average_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             running.append(loss.item())
             distills.append(float(distill.detach()))
             bar.set_postfix(loss=f"{sum(running[-50:]) / len(running[-50:]):.3f}")
+        state.update(stage=1, epoch=epoch + 1, step=0)
+        if not dist.is_main:
+            dist.barrier()  # the main process validates and saves
+            continue
         metrics = retrieval_recall(model, tokenizer, tree, valid) if valid else {}
         record = {"stage": 1, "epoch": epoch + 1, "loss": round(sum(running) / len(running), 4),
                   "distill": round(sum(distills) / len(distills), 4),
                   "valid": metrics, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         log_losses(out, record)
         print(json.dumps(record), flush=True)
-        state.update(stage=1, epoch=epoch + 1, step=0)
         save_checkpoint(model, tree, optimizer, out, state, config)
+        dist.barrier()
     return state
 
 
@@ -450,7 +508,7 @@ def _answer_example(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTre
 
 
 def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, examples, train_qs: list[Question],
-               valid: list[Question], config: TrainConfig, state: dict, out: Path) -> dict:
+               valid: list[Question], config: TrainConfig, state: dict, out: Path, dist: Distributed) -> dict:
     if not model.lora_enabled:
         model.enable_lora(r=config.lora_r, alpha=config.lora_alpha)
     params = model.trainable_parameters(stage=2)
@@ -459,7 +517,8 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.stage2_lr, weight_decay=0.0)
-    teacher = teacher_vectors(model, tree, examples, config)
+    teacher = dist.main_first(lambda: teacher_vectors(model, tree, examples, config))
+    device = model.device
     start_step = state["step"] if state["stage"] == 2 else 0
     if state["stage"] == 2 and start_step > 0:
         load_optimizer(optimizer, out, state.get("optimizer_scalars", {}))
@@ -467,20 +526,20 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
     pad = tokenizer.pad_token_id or 0
     answerable = [q for q in train_qs if q.answers]
     bar = tqdm(range(start_step, config.stage2_steps), desc="stage 2 (docid + answer)", unit="step",
-               initial=start_step, total=config.stage2_steps)
+               initial=start_step, total=config.stage2_steps, disable=not dist.is_main)
     running = []
     for step in bar:
-        rng = random.Random(config.seed * 7919 + step)
+        rng = random.Random(config.seed * 7919 + step + 1_000_003 * dist.rank)  # each process its own examples
         for group in optimizer.param_groups:
             group["lr"] = config.stage2_lr * min(1.0, (step + 1) / 20)
         model.train()
         # Docid loss: a full forward (LoRA changes the lower layers too, so no cache here).
         picks = [rng.randrange(len(examples)) for _ in range(config.stage2_docid_batch)]
         batch = [encode_example(model, tokenizer, tree, *examples[i]) for i in picks]
-        ids, mask, positions, targets, allowed, node_rows = collate(batch, vocab, pad)
+        ids, mask, positions, targets, allowed, node_rows = _to(device, *collate(batch, vocab, pad))
         out_docid = model(ids, attention_mask=mask, pathway=True, bridge=True, return_lm_logits=False)
         semantic, distill = semantic_terms(model, out_docid, positions, node_rows,
-                                           teacher[picks] if teacher is not None else None)
+                                           teacher[picks].to(device) if teacher is not None else None)
         loss_docid = docid_loss(out_docid.docid_logits, positions, targets, allowed, semantic) + \
             config.distill_weight * distill
         # Answer loss: read the documents the model itself retrieves.
@@ -496,6 +555,7 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
             a_ids[row, : len(inp)] = torch.tensor(inp)
             a_mask[row, : len(inp)] = 1
             labels[row, : len(lab)] = torch.tensor(lab)
+        a_ids, a_mask, labels = _to(device, a_ids, a_mask, labels)
         out_answer = model(a_ids, attention_mask=a_mask, pathway=True, bridge=True)
         logits = out_answer.lm_logits[:, :-1].float()
         loss_answer = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
@@ -503,6 +563,7 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
         loss = 0.5 * loss_docid + 0.5 * loss_answer  # the balanced mix
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        dist.average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         running.append((loss_docid.item(), loss_answer.item(), float(distill.detach())))
@@ -515,13 +576,15 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
                       "loss_answer": round(sum(r[1] for r in running) / len(running), 4),
                       "distill": round(sum(r[2] for r in running) / len(running), 4),
                       "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-            if step + 1 == config.stage2_steps and valid:
-                record["valid"] = retrieval_recall(model, tokenizer, tree, valid)
-            log_losses(out, record)
-            print(json.dumps(record), flush=True)
             running = []
             state.update(stage=2, step=step + 1)
-            save_checkpoint(model, tree, optimizer, out, state, config)
+            if dist.is_main:  # the main process logs, validates and saves; the others wait for it
+                if step + 1 == config.stage2_steps and valid:
+                    record["valid"] = retrieval_recall(model, tokenizer, tree, valid)
+                log_losses(out, record)
+                print(json.dumps(record), flush=True)
+                save_checkpoint(model, tree, optimizer, out, state, config)
+            dist.barrier()
     return state
 
 
@@ -536,19 +599,29 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     rng.shuffle(shuffled)
     valid = [q for q in shuffled[: config.validation_questions] if q.doc_id]
     train_qs = shuffled[config.validation_questions :]
-    tree = load_or_build_tree(corpus, TreeConfig(k=config.tree_k, c=config.tree_c, seed=config.seed))
     out = Path(config.out)
-    model, tokenizer, state = build_or_resume(config, corpus, tree, resume)
+    dist = Distributed()
+    tree = dist.main_first(lambda: load_or_build_tree(corpus, TreeConfig(k=config.tree_k, c=config.tree_c,
+                                                                         seed=config.seed)))
+    model, tokenizer, state = build_or_resume(config, corpus, tree, resume, dist)
     if tree.corpus_fingerprint != corpus.fingerprint:
         raise UniragError("The docid tree does not match the corpus.")
     examples = stage1_examples(corpus, train_qs, tree, config)
     print(f"[train] {len(train_qs)} train questions, {len(valid)} held out, {len(examples)} stage-1 examples, "
           f"tree depth {tree.depth}, branching {tree.branching}", flush=True)
     if state["stage"] == 1 and state["epoch"] < config.stage1_epochs:
-        state = run_stage1(model, tokenizer, tree, examples, valid, config, state, out)
+        state = run_stage1(model, tokenizer, tree, examples, valid, config, state, out, dist)
     if config.stage2_steps > 0 and (state["stage"] == 1 or state["step"] < config.stage2_steps):
-        state = run_stage2(model, tokenizer, corpus, tree, examples, train_qs, valid, config, state, out)
+        state = run_stage2(model, tokenizer, corpus, tree, examples, train_qs, valid, config, state, out, dist)
+    dump = os.environ.get("UNIRAG_DUMP_WEIGHTS")
+    if dump:  # tests: each process writes its final trainable weights, to check the processes agree
+        save_file({n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  f"{dump}{dist.rank}.safetensors")
     return out
+
+
+def _to(device: torch.device, *tensors):
+    return tuple(t.to(device) if t is not None else None for t in tensors)
 
 
 def main(argv: list[str]) -> int:
