@@ -97,8 +97,8 @@ def cmd_index(args: argparse.Namespace) -> int:
 def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = "eager"):
     """Return (system object, batch answer function over Question lists).
 
-    Baselines read with `attn_implementation`; eval passes "sdpa" (no heatmaps needed; 1.7x faster on
-    squad k=5 on the 2-core CPU), the same greedy answers up to float rounding.
+    Models load with `attn_implementation`; eval passes "sdpa" and skips attention traces (no heatmaps
+    needed; 1.7x faster for RAG k=5 on squad on the 2-core CPU), the same greedy answers up to float rounding.
     """
     from unirag.backbones import load_llm
     from unirag.rag import DenseRagSystem, DenseRetriever, NoRagSystem, Reader
@@ -109,7 +109,9 @@ def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = 
 
         if not args.checkpoint:
             raise UniragError("--system joint needs --checkpoint DIR (e.g. checkpoints/nq-smollm2).")
-        system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit)
+        system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
+                                             attn_implementation=attn_implementation,
+                                             traces=attn_implementation == "eager")
         retriever = DenseRetriever.from_corpus(corpus, args.encoder) if args.system == "rag" else None
 
         def answer_joint(questions):

@@ -404,7 +404,7 @@ class JointSystem:
     name = "joint"
 
     def __init__(self, model: JointModel, tokenizer, corpus, trie: DocidTrie, pathway: bool = True,
-                 bridge: bool = True, reader_pathway: bool | None = None) -> None:
+                 bridge: bool = True, reader_pathway: bool | None = None, traces: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.corpus = corpus
@@ -414,6 +414,7 @@ class JointSystem:
         # Until stage 2 (LoRA) has adapted the LLM to the pathway's residual, read with the pathway off:
         # the reader is then exactly the base LLM.
         self.reader_pathway = model.lora_enabled if reader_pathway is None else reader_pathway
+        self.traces = traces  # False skips the answer-attention trace (evaluation does not draw heatmaps)
 
     @classmethod
     def from_checkpoint(
@@ -424,8 +425,12 @@ class JointSystem:
         base_model: str | None = None,
         pathway: bool = True,
         bridge: bool = True,
+        attn_implementation: str = "eager",
+        traces: bool = True,
     ) -> JointSystem:
-        """Load model, tokenizer and the checkpoint's docid tree (checked against `corpus`)."""
+        """Load model, tokenizer and the checkpoint's docid tree (checked against `corpus`).
+
+        Evaluation passes attn_implementation="sdpa", traces=False: faster, and no heatmaps are drawn."""
         from unirag.docids import DocidTree
 
         ckpt = Path(checkpoint_dir)
@@ -433,8 +438,9 @@ class JointSystem:
         if not tree_path.is_file():
             raise UniragError(f"{tree_path} is missing: a joint checkpoint must ship its docid tree.")
         tree = DocidTree.load(tree_path, corpus)  # before the model: a corpus mismatch fails fast
-        model = JointModel.from_pretrained(ckpt, load_in_4bit=load_in_4bit, base_model=base_model)
-        return cls(model, model.tokenizer, corpus, tree, pathway=pathway, bridge=bridge)
+        model = JointModel.from_pretrained(ckpt, load_in_4bit=load_in_4bit, base_model=base_model,
+                                           attn_implementation=attn_implementation)
+        return cls(model, model.tokenizer, corpus, tree, pathway=pathway, bridge=bridge, traces=traces)
 
     def answer(
         self,
@@ -493,7 +499,8 @@ class JointSystem:
         start = time.perf_counter()
         generation = answer_with_docs(
             model, self.tokenizer, text, [(d.doc_id, d.title, d.text) for d in docs],
-            max_new_tokens=max_new_tokens, pathway=self.reader_pathway, bridge=self.reader_pathway and self.bridge,
+            max_new_tokens=max_new_tokens, output_attentions=self.traces, pathway=self.reader_pathway,
+            bridge=self.reader_pathway and self.bridge,
         )
         timings["generate"] = (time.perf_counter() - start) * 1000
         traces["answer_attention"] = generation.attention

@@ -1220,7 +1220,7 @@ class JointModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, checkpoint_dir: str | Path, load_in_4bit: bool = False, base_model: str | None = None,
-        dtype: torch.dtype = torch.float32, device: str | None = None,
+        dtype: torch.dtype = torch.float32, device: str | None = None, attn_implementation: str = "eager",
     ) -> JointModel:
         """Load a checkpoint written by save_pretrained; the base comes from `base_model` or the saved config.
 
@@ -1259,7 +1259,8 @@ class JointModel(nn.Module):
             )
         tensors = _load_safetensors(weights_path)
 
-        base, tokenizer = load_llm(name, load_in_4bit=load_in_4bit, dtype=dtype, device=device)
+        base, tokenizer = load_llm(name, load_in_4bit=load_in_4bit, dtype=dtype, device=device,
+                                   attn_implementation=attn_implementation)
         lora = config.lora
         config.lora = None
         model = cls(base, config, tokenizer=None)
