@@ -270,7 +270,10 @@ def about_markdown(pipeline: Pipeline) -> str:
 2. **Retrieval as reasoning.** The question is followed by a `<retrieve_token>`; a *docid head* predicts the first
    cluster, the chosen symbol is fed back, and so on down the tree. A beam search keeps the best paths, restricted to
    branches that exist (a trie of the tree), so every finished path is a real document. Extra *retrieval heads* read
-   the question next to the normal attention (the **Retrieval heads attended to** line shows their weights).
+   the question next to the normal attention (the **Retrieval heads attended to** line shows their weights). Each
+   cluster's score adds a semantic term: the cosine between the model's query vector and that cluster's embedding,
+   which starts at the cluster centroid (training also pulls the query vector towards the bi-encoder's embedding of
+   the question, so the LLM learns to walk the tree the encoder built).
 3. **Answering.** The 1–3 selected documents go into the prompt; a *bridge* lets the answer attend to what the
    retrieval pathway computed. The heatmaps show which context tokens (or sentences) each answer token attended to,
    and the highlighted sentences in the documents are the ones the answer used (GeAR-style localisation).

@@ -39,18 +39,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+def wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Block until the app at `url` serves its config (also used by the app tests)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"app exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"app exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url + "config", timeout=5) as resp:
                 if resp.status == 200:
                     return
         except OSError:
             time.sleep(0.5)
-    raise SystemExit(f"app not up after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"app not up after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 
 
 def memory_mb(pid: int) -> dict[str, float]:

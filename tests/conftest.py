@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import string
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# The repo root on sys.path, whatever the working directory: tests import `benchmarks` helpers too.
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

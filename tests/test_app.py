@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from benchmarks.app_performance import free_port, wait_for_server
+
+REPO = Path(__file__).resolve().parent.parent  # on sys.path via conftest.py
 
 SCRIPT = '<script>alert("x")</script>'
 
@@ -351,12 +350,6 @@ def test_cli_flags_and_env(monkeypatch):
 # --------------------------------------------------------------------------------------------- slow: end to end
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _data_available() -> bool:
     from unirag.paths import default_data_dir
 
@@ -373,7 +366,7 @@ def running_app(args: list[str], log_path: Path, env: dict[str, str] | None = No
         proc = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        wait_until_ready(url, proc, log_path)
+        wait_for_server(url, proc, log_path)
         yield url, proc
     finally:
         proc.terminate()
@@ -401,22 +394,6 @@ def live_app(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("applog") / "app.log"
     with running_app(["--checkpoint-dir", str(ckpt_root)], log_path) as (url, proc):
         yield url, log_path, proc
-
-
-def wait_until_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 300) -> None:
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"app exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "config", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"app not up after {timeout}s:\n{log_path.read_text()[-3000:]}")
 
 
 def _check_ask_result(result) -> None:

@@ -58,16 +58,16 @@ def joint(tiny_llm_dirs) -> JointModel:
     return _build(tiny_llm_dirs["llama"])
 
 
-def _build(path) -> JointModel:
+def _build(path, seed: int = 0, **config) -> JointModel:
     base, tok = load_llm(str(path))
     model = JointModel(
         base,
         JointConfig(base_model=str(path), docid_levels=3, docid_branching=4, pathway_layers=2, retrieval_heads=2,
-                    retrieval_mlp_dim=32),
+                    retrieval_mlp_dim=32, **config),
         tokenizer=tok,
     ).eval()
     model.tokenizer = tok
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in model.joint_named_parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
@@ -249,18 +249,7 @@ def test_joint_system_from_checkpoint(joint, tmp_path):
 def semantic_joint(tiny_llm_dirs) -> JointModel:
     from unirag.joint.modeling import tree_prefixes
 
-    path = tiny_llm_dirs["llama"]
-    base, tok = load_llm(str(path))
-    nodes = len(tree_prefixes(FakeTrie(DOCIDS)))
-    model = JointModel(base, JointConfig(base_model=str(path), docid_levels=3, docid_branching=4, pathway_layers=2,
-                                         retrieval_heads=2, retrieval_mlp_dim=32, semantic_dim=6,
-                                         semantic_nodes=nodes), tokenizer=tok).eval()
-    model.tokenizer = tok
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, p in model.joint_named_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return model
+    return _build(tiny_llm_dirs["llama"], seed=1, semantic_dim=6, semantic_nodes=len(tree_prefixes(FakeTrie(DOCIDS))))
 
 
 @torch.no_grad()

@@ -69,12 +69,7 @@ def test_docid_loss_respects_trie(setup):
 
 def test_train_stage1_stage2_and_resume(tiny_llm_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
-    corpus_path, q_path = tmp_path / "corpus.jsonl", tmp_path / "train.jsonl"
-    corpus_path.write_text("".join(json.dumps({"id": f"d{i}", "title": f"T{i}",
-                                               "text": f"Fact {i} is true. Detail {i} follows here."}) + "\n"
-                                   for i in range(8)))
-    q_path.write_text("".join(json.dumps({"id": f"q{i}", "question": f"what about {i}?", "answers": [str(i)],
-                                          "doc_id": f"d{i}"}) + "\n" for i in range(8)))
+    corpus_path, q_path = write_tiny_data(tmp_path)
     encoder = "embedded:all-minilm-l6-v2"
     emb = torch.randn(8, 8).numpy()
     monkeypatch.setattr("unirag.docids.corpus_embeddings", lambda *a, **k: emb)
@@ -139,6 +134,17 @@ def test_semantic_query_vectors_match_between_cached_and_full_forward(tiny_llm_d
     assert scores.shape == allowed.shape and 0 <= distill.item() <= 2 and torch.isfinite(loss)
 
 
+def write_tiny_data(root):
+    """An 8-passage corpus and one training question per passage (JSONL)."""
+    corpus_path, q_path = root / "corpus.jsonl", root / "train.jsonl"
+    corpus_path.write_text("".join(json.dumps({"id": f"d{i}", "title": f"T{i}",
+                                               "text": f"Fact {i} is true. Detail {i} follows here."}) + "\n"
+                                   for i in range(8)))
+    q_path.write_text("".join(json.dumps({"id": f"q{i}", "question": f"what about {i}?", "answers": [str(i)],
+                                          "doc_id": f"d{i}"}) + "\n" for i in range(8)))
+    return corpus_path, q_path
+
+
 def test_refuses_dev_split(tmp_path):
     with pytest.raises(UniragError, match="train split"):
         training.train(training.TrainConfig(corpus="../shared/data/nq/corpus.jsonl",
@@ -157,12 +163,7 @@ def test_accelerate_launch_two_processes(tiny_llm_dirs, tmp_path):
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     if launcher is None:
         pytest.skip("accelerate CLI not installed")
-    corpus_path, q_path = tmp_path / "corpus.jsonl", tmp_path / "train.jsonl"
-    corpus_path.write_text("".join(json.dumps({"id": f"d{i}", "title": f"T{i}",
-                                               "text": f"Fact {i} is true. Detail {i} follows here."}) + "\n"
-                                   for i in range(8)))
-    q_path.write_text("".join(json.dumps({"id": f"q{i}", "question": f"what about {i}?", "answers": [str(i)],
-                                          "doc_id": f"d{i}"}) + "\n" for i in range(8)))
+    corpus_path, q_path = write_tiny_data(tmp_path)
     out = tmp_path / "ckpt"
     env = {**os.environ, "UNIRAG_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            "UNIRAG_DUMP_WEIGHTS": str(tmp_path / "rank")}
