@@ -187,3 +187,17 @@ def load_file_dict(path):
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def test_boundary_cache_key_survives_a_checkpoint_roundtrip(setup, tmp_path):
+    """Checkpoints store fp16 weights: a resumed run must still find the lower-layer cache of the first run."""
+    corpus, tree, model, tok = setup
+    config = training.TrainConfig(corpus="c", questions="q", out="o")
+    enc = [training.encode_example(model, tok, tree, "fact 3", (1, 1))]
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = JointModel.from_pretrained(tmp_path / "ckpt")
+    key = training.boundary_cache_key(model, tree, enc, config)
+    assert training.boundary_cache_key(loaded, tree, enc, config) == key
+    with torch.no_grad():
+        loaded.extra_embed.weight[3] += 1.0
+    assert training.boundary_cache_key(loaded, tree, enc, config) != key

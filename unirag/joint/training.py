@@ -286,6 +286,16 @@ def query_embeddings(texts: list[str], encoder_name: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ stage-1 cache
 
 
+def boundary_cache_key(model: JointModel, tree: DocidTree, encoded: list[EncodedExample], config: TrainConfig
+                       ) -> str:
+    """What the cached lower-layer states depend on: base, layers, inputs and the (frozen) extra-token embeddings.
+    The embeddings enter at fp16 precision, so a resumed run (weights stored as fp16) finds the same cache."""
+    extra = model.extra_embed.weight.detach().to(torch.float16).float().sum().item()
+    key_src = json.dumps([config.base_model, model.pathway_layer_ids, tree.corpus_fingerprint,
+                          [e.input_ids for e in encoded], round(extra, 3)])
+    return hashlib.sha256(key_src.encode()).hexdigest()[:20]
+
+
 def boundary_cache(model: JointModel, examples: list[EncodedExample], key: str, batch_size: int
                    ) -> list[torch.Tensor]:
     """Hidden states entering the first pathway layer, per example (fp16, cached on disk by `key`)."""
@@ -424,9 +434,7 @@ def build_or_resume(config: TrainConfig, corpus: Corpus, tree: DocidTree, resume
 def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: list[Question],
                config: TrainConfig, state: dict, out: Path, dist: Distributed) -> dict:
     encoded = [encode_example(model, tokenizer, tree, text, docid) for text, docid in examples]
-    key_src = json.dumps([config.base_model, model.pathway_layer_ids, tree.corpus_fingerprint,
-                          [e.input_ids for e in encoded]]) + str(model.extra_embed.weight.sum().item())
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
+    key = boundary_cache_key(model, tree, encoded, config)
     cached = dist.main_first(lambda: boundary_cache(model, encoded, key, config.batch_size))
     teacher = dist.main_first(lambda: teacher_vectors(model, tree, examples, config))
     device = model.device
