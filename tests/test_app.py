@@ -227,6 +227,11 @@ def test_eval_results_and_quantization_cost(tmp_path):
     cost = quantization_cost(rows)
     assert len(cost) == 1 and "-4.0 points" in cost[0]
     assert quantization_cost(rows[:1]) == []
+    # Another run of the same system (k=3) is paired with its own fp32 run, not mixed with k=2.
+    (folder / "eval_joint-k3_4bit.json").write_text(json.dumps({**base, "k": 3, "accuracy": 0.20}))
+    (folder / "eval_joint-k3_fp32.json").write_text(json.dumps({**base, "k": 3, "accuracy": 0.25}))
+    cost = quantization_cost(load_eval_results(tmp_path))
+    assert len(cost) == 2 and any("-4.0 points" in c for c in cost) and any("-5.0 points" in c for c in cost)
 
 
 # --------------------------------------------------------------------------------------------- fast: callbacks

@@ -488,7 +488,9 @@ def quantization_cost(results: list[dict[str, Any]]) -> list[str]:
     by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for r in results:
         if r.get("precision") in PRECISIONS and r.get("accuracy") is not None:
-            by_key.setdefault((r["corpus"], r["system"]), {})[r["precision"]] = r
+            # The run name (file name without the precision) keeps k=2 and k=3 of one system apart.
+            run = re.sub(r"_(4bit|fp32)$", "", Path(r.get("file", "")).stem).removeprefix("eval_") or r["system"]
+            by_key.setdefault((r["corpus"], run), {})[r["precision"]] = r
     for (corpus, system), pair in sorted(by_key.items()):
         if "4bit" in pair and "fp32" in pair:
             q, f = pair["4bit"], pair["fp32"]
