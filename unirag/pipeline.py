@@ -417,6 +417,9 @@ class Pipeline:
                                             max_new_tokens=max_new_tokens), gold)
         comparison.rag = self._side(
             lambda: bundle.rag.answer(question, k=rag_k, max_new_tokens=max_new_tokens, with_attention=True), gold)
+        from unirag.backbones import release_memory
+
+        release_memory()  # attention traces and KV caches leave freed heap pages behind
         return comparison
 
     def _side(self, run: Callable[[], Answer], gold: Question | None) -> SideResult:
