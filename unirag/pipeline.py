@@ -419,7 +419,7 @@ class Pipeline:
             lambda: bundle.rag.answer(question, k=rag_k, max_new_tokens=max_new_tokens, with_attention=True), gold)
         from unirag.backbones import release_memory
 
-        release_memory()  # attention traces and KV caches leave freed heap pages behind
+        release_memory(collect=False)  # attention traces and KV caches leave freed heap pages behind
         return comparison
 
     def _side(self, run: Callable[[], Answer], gold: Question | None) -> SideResult:
