@@ -94,7 +94,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = "eager"):
+def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = "eager", traces: bool = True):
     """Return (system object, batch answer function over Question lists).
 
     Models load with `attn_implementation`; eval passes "sdpa" and skips attention traces (no heatmaps
@@ -111,7 +111,7 @@ def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = 
             raise UniragError("--system joint needs --checkpoint DIR (e.g. checkpoints/nq-smollm2).")
         system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
                                              attn_implementation=attn_implementation,
-                                             traces=attn_implementation == "eager")
+                                             traces=traces)
         retriever = DenseRetriever.from_corpus(corpus, args.encoder) if args.system == "rag" else None
 
         def answer_joint(questions):
@@ -155,7 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     questions = load_questions(args.questions, corpus)[: args.limit]
     if args.gold and any(q.doc_id is None for q in questions):
         raise UniragError("--gold needs a doc_id on every question.")
-    _, answer_batch = _make_answerer(args, corpus, attn_implementation="sdpa")
+    _, answer_batch = _make_answerer(args, corpus, attn_implementation="sdpa", traces=False)
     batch = 1 if (args.system == "joint" or args.checkpoint) else args.batch_size
     summary = run_eval(
         answer_batch, args.system + ("-gold" if args.gold else ""), questions, args.k, batch_size=batch, out=args.out
