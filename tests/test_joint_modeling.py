@@ -472,6 +472,31 @@ def test_lora_wraps_base_projections_only(tiny_llm_dirs, tmp_path):
         loaded.enable_lora()
 
 
+def test_lora_on_top_layers_only(tiny_llm_dirs, tmp_path):
+    model = make_joint(tiny_llm_dirs["llama"], pathway_layers=1, save_dtype="float32")
+    with pytest.raises(UniragError):
+        model.enable_lora(r=4, alpha=8, layers=[3])  # the tiny model has layers 0-2
+    model.enable_lora(r=4, alpha=8, layers=[2])
+    wrapped = _lora_module_names(model)
+    assert len(wrapped) == 7 and all(".layers.2." in n for n in wrapped)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    model.trainable_parameters(2)
+    assert not model.extra_embed.weight.requires_grad  # frozen: no gradient has to reach the bottom
+    ids = sample_ids(model)
+    model.train()
+    model(ids, pathway=True, bridge=True).lm_logits.sum().backward()
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    model.eval()
+    out_dir = model.save_pretrained(tmp_path / "ckpt")
+    loaded = JointModel.from_pretrained(out_dir)
+    assert _lora_module_names(loaded) == wrapped
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).lm_logits, model(ids).lm_logits, atol=1e-6, rtol=0)
+
+
 def test_lora_refuses_joint_targets(tiny_llm_dirs):
     model = make_joint(tiny_llm_dirs["llama"])
     with pytest.raises(UniragError):

@@ -1070,8 +1070,12 @@ class JointModel(nn.Module):
         alpha: int = 32,
         dropout: float = 0.05,
         target_modules: Sequence[str] = DEFAULT_LORA_TARGETS,
+        layers: Sequence[int] | None = None,
     ) -> None:
         """Wrap the base's projections with peft LoRA (works on a bitsandbytes 4-bit base).
+
+        `layers` limits LoRA to those decoder layers (None: all). With only top layers adapted, and the
+        bottom embeddings frozen, backpropagation stops at the lowest adapted layer.
 
         Only the base is given to peft, so the pathway/bridge/heads cannot be caught; nothing goes to
         `modules_to_save` (the joint weights are saved separately), which avoids the peft pitfall of a module
@@ -1090,13 +1094,18 @@ class JointModel(nn.Module):
             # Freezes the base and upcasts fp16/bf16 non-quantised tensors; no gradient checkpointing (the
             # side channel does not survive recomputation, and it costs a second forward on CPU).
             prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
+        n_layers = len(self.decoder.layers)
+        layers = sorted({int(i) for i in layers}) if layers is not None else None
+        if layers is not None and (not layers or layers[0] < 0 or layers[-1] >= n_layers):
+            raise UniragError(f"LoRA layers {layers} must be non-empty indices below {n_layers}.")
         lora_config = LoraConfig(
             r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none",
-            task_type="CAUSAL_LM",
+            task_type="CAUSAL_LM", layers_to_transform=layers, layers_pattern="layers" if layers else None,
         )
         self.base = get_peft_model(lm, lora_config)
         self._lora_enabled = True
-        self.config.lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules}
+        self.config.lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules,
+                            "layers": layers}
         # prepare_model_for_kbit_training may have upcast the embedding: keep the new modules in step.
         dtype = self.causal_lm.get_input_embeddings().weight.dtype
         for module in self._new_modules():
@@ -1111,11 +1120,13 @@ class JointModel(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if n.startswith(JOINT_PREFIXES)]
 
     def stage_parameters(self, stage: int) -> list[nn.Parameter]:
-        """Parameters trained in a stage (no side effects). 1: pathway + docid head + extra embeddings;
-        2: those + bridge + LoRA (if enabled)."""
+        """Parameters trained in a stage (no side effects). 1: pathway + docid head + entry embeddings;
+        2: those + bridge + LoRA (if enabled). The new tokens' bottom embeddings (`extra_embed`, copied from
+        existing tokens) stay frozen: their trainable part is the entry embedding added at the first pathway
+        layer, so no gradient has to travel below it (the stage-1 cache, a cheap stage-2 backward)."""
         if stage not in (1, 2):
             raise UniragError(f"Unknown training stage {stage}; use 1 or 2.")
-        prefixes = ("pathways.", "docid_head.", "extra_embed.", "entry_embed.", "semantic.") + (
+        prefixes = ("pathways.", "docid_head.", "entry_embed.", "semantic.") + (
             ("bridge.",) if stage == 2 else ())
         return [
             p for n, p in self.named_parameters()
@@ -1127,7 +1138,7 @@ class JointModel(nn.Module):
 
     def trainable_parameters(self, stage: int) -> list[nn.Parameter]:
         """Set requires_grad for a training stage (True for its parameters, False for all others) and return
-        the trainable parameters. Stage 1: pathway + docid head + extra embeddings (base and bridge frozen).
+        the trainable parameters. Stage 1: pathway + docid head + entry embeddings (base and bridge frozen).
         Stage 2: stage 1 + bridge + LoRA (if enabled).
         """
         chosen = self.stage_parameters(stage)
