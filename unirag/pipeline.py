@@ -339,9 +339,8 @@ class Pipeline:
             self._say(name, "no joint checkpoint: " + bundle.joint_message)
             return
         try:
-            from unirag.docids import DocidTree
             from unirag.joint.decoding import JointSystem
-            from unirag.joint.modeling import TREE_FILE, JointModel
+            from unirag.joint.modeling import TREE_FILE
         except ImportError as exc:
             bundle.joint_message = (f"The joint model code is not importable ({exc}); only the dense RAG column "
                                     "answers. Reinstall with `make install`.")
@@ -352,15 +351,9 @@ class Pipeline:
             tree_path = ckpt / TREE_FILE
             if not tree_path.is_file():
                 raise UniragError(f"{_rel(tree_path)} is missing: the checkpoint must ship its docid tree.")
-            if hasattr(JointSystem, "from_checkpoint"):
-                bundle.joint = JointSystem.from_checkpoint(ckpt, bundle.corpus, load_in_4bit=self.settings.load_in_4bit,
-                                                           base_model=self.settings.llm)
-                tree = bundle.joint.trie
-            else:  # the planned API before from_checkpoint existed
-                tree = DocidTree.load(tree_path, bundle.corpus)
-                model = JointModel.from_pretrained(ckpt, load_in_4bit=self.settings.load_in_4bit,
-                                                   base_model=self.settings.llm)
-                bundle.joint = JointSystem(model, model.tokenizer, bundle.corpus, tree)
+            bundle.joint = JointSystem.from_checkpoint(ckpt, bundle.corpus, load_in_4bit=self.settings.load_in_4bit,
+                                                       base_model=self.settings.llm)
+            tree = bundle.joint.trie
             bundle.tree, bundle.tree_source, bundle.checkpoint = tree, f"checkpoint {_rel(tree_path)}", ckpt
         except UniragError as exc:
             bundle.joint_message = f"The joint checkpoint {_rel(ckpt)} could not be loaded: {exc}"
