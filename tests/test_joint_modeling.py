@@ -497,6 +497,29 @@ def test_lora_on_top_layers_only(tiny_llm_dirs, tmp_path):
         torch.testing.assert_close(loaded(ids).lm_logits, model(ids).lm_logits, atol=1e-6, rtol=0)
 
 
+def test_retrieval_mode_switches_the_adapter_off(tiny_llm_dirs):
+    model = make_joint(tiny_llm_dirs["llama"], pathway_layers=2)
+    ids = sample_ids(model)
+    with torch.no_grad():
+        before = model(ids).docid_logits
+        with model.retrieval_mode():  # no LoRA yet: a no-op
+            torch.testing.assert_close(model(ids).docid_logits, before)
+    model.enable_lora(r=4, alpha=8)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        adapted = model(ids).docid_logits
+        assert (adapted - before).abs().max() > 1e-3
+        model.config.adapter_in_retrieval = True
+        with model.retrieval_mode():
+            torch.testing.assert_close(model(ids).docid_logits, adapted)
+        model.config.adapter_in_retrieval = False
+        with model.retrieval_mode():
+            torch.testing.assert_close(model(ids).docid_logits, before, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(ids).docid_logits, adapted)  # back on after the context
+
+
 def test_lora_refuses_joint_targets(tiny_llm_dirs):
     model = make_joint(tiny_llm_dirs["llama"])
     with pytest.raises(UniragError):

@@ -100,6 +100,9 @@ def test_train_stage1_stage2_and_resume(tiny_llm_dirs, tmp_path, monkeypatch):
     assert loaded.lora_enabled and encoder
     assert loaded.semantic is not None and loaded.config.semantic_dim == 8 and teacher_calls
     assert all("distill" in r for r in log)
+    assert loaded.config.adapter_in_retrieval is False  # the default: docids are generated without the adapter
+    with pytest.raises(UniragError, match="no-adapter-in-retrieval"):
+        training.main(args + ["--resume", "--stage2-steps", "3", "--adapter-in-retrieval"])
 
 
 def test_semantic_query_vectors_match_between_cached_and_full_forward(tiny_llm_dirs, tmp_path, monkeypatch):

@@ -192,6 +192,12 @@ def search_docids(
     """
     if beam_width < 1 or num_return < 1:
         raise UniragError("beam_width and num_return must be >= 1.")
+    with model.retrieval_mode():
+        return _search_docids(model, tokenizer, question, trie, beam_width, num_return, pathway, bridge)
+
+
+def _search_docids(model: JointModel, tokenizer, question: str, trie: DocidTrie, beam_width: int, num_return: int,
+                   pathway: bool, bridge: bool) -> DocidSearch:
     L = model.config.docid_levels
     device = model.device
     prompt_ids, question_positions = retrieval_prompt(model, tokenizer, question)

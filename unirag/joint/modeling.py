@@ -28,6 +28,7 @@ model's whatever the new parameters hold.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copy
 import hashlib
@@ -83,7 +84,10 @@ class JointConfig:
     # embedding per tree node (initialised from the cluster centroids) and added to the docid-head logits.
     semantic_dim: int = 0
     semantic_nodes: int = 0  # number of tree nodes (every non-empty docid prefix) the node table holds
-    lora: dict[str, Any] | None = None  # set by enable_lora: {"r", "alpha", "dropout", "target_modules"}
+    lora: dict[str, Any] | None = None  # set by enable_lora: {"r", "alpha", "dropout", "target_modules", "layers"}
+    # Whether docid generation runs with the LoRA adapter. False: the adapter is the reader's only (switched off
+    # while generating docids), so stage 2's answer loss cannot move the hidden states retrieval was trained on.
+    adapter_in_retrieval: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.pathway_layers, tuple):
@@ -1115,6 +1119,16 @@ class JointModel(nn.Module):
     @property
     def lora_enabled(self) -> bool:
         return self._lora_enabled
+
+    @contextlib.contextmanager
+    def retrieval_mode(self):
+        """Context for docid generation: switches the LoRA adapter off when `config.adapter_in_retrieval` is
+        False (a no-op otherwise, or without LoRA)."""
+        if self._lora_enabled and not self.config.adapter_in_retrieval:
+            with self.base.disable_adapter():
+                yield
+        else:
+            yield
 
     def joint_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if n.startswith(JOINT_PREFIXES)]

@@ -85,6 +85,9 @@ class TrainConfig:
     # LoRA on the top N decoder layers (0: all). Backpropagation then stops below them, which is what makes
     # stage 2 affordable on a CPU (SmolLM2, one thread: ~8 s per step instead of 16-20 s with all 30 layers).
     lora_layers: int = 8
+    # Docid generation with the LoRA adapter on (the adapter serves retrieval and reading) or off (the reader's
+    # only; the answer loss then trains LoRA and the bridge, the docid loss the retrieval parameters).
+    adapter_in_retrieval: bool = False
     save_every: int = 50  # steps between checkpoints
 
     @classmethod
@@ -526,6 +529,11 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
             raise UniragError(f"--lora-layers {config.lora_layers}: use 0 (all layers) or a positive count.")
         top = range(max(0, n_layers - config.lora_layers), n_layers) if config.lora_layers else None
         model.enable_lora(r=config.lora_r, alpha=config.lora_alpha, layers=top)
+        model.config.adapter_in_retrieval = config.adapter_in_retrieval
+    elif model.config.adapter_in_retrieval != config.adapter_in_retrieval:
+        flag = "--adapter-in-retrieval" if model.config.adapter_in_retrieval else "--no-adapter-in-retrieval"
+        raise UniragError(f"{out} was trained with {flag}; resume it with the same setting.")
+    retrieval_params = {id(p) for p in model.stage_parameters(1)}
     params = model.trainable_parameters(stage=2)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -552,7 +560,8 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
         picks = [rng.randrange(len(examples)) for _ in range(config.stage2_docid_batch)]
         batch = [encode_example(model, tokenizer, tree, *examples[i]) for i in picks]
         ids, mask, positions, targets, allowed, node_rows = _to(device, *collate(batch, vocab, pad))
-        out_docid = model(ids, attention_mask=mask, pathway=True, bridge=True, return_lm_logits=False)
+        with model.retrieval_mode():
+            out_docid = model(ids, attention_mask=mask, pathway=True, bridge=True, return_lm_logits=False)
         semantic, distill = semantic_terms(model, out_docid, positions, node_rows,
                                            teacher[picks].to(device) if teacher is not None else None)
         loss_docid = docid_loss(out_docid.docid_logits, positions, targets, allowed, semantic) + \
@@ -575,9 +584,16 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
         logits = out_answer.lm_logits[:, :-1].float()
         loss_answer = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
                                                         ignore_index=-100)
-        loss = 0.5 * loss_docid + 0.5 * loss_answer  # the balanced mix
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if model.config.adapter_in_retrieval:
+            (0.5 * loss_docid + 0.5 * loss_answer).backward()  # the balanced mix
+        else:
+            # The same mix, but the answer loss may not move the retrieval parameters (their docid loss does).
+            (0.5 * loss_answer).backward()
+            for p in params:
+                if id(p) in retrieval_params:
+                    p.grad = None
+            (0.5 * loss_docid).backward()
         dist.average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
