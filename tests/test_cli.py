@@ -53,6 +53,9 @@ def test_bad_numbers_and_output_folder(files, capsys):
     assert code == 2 and "--k must be at least 1" in err
     code, _, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag", "--out", root)
     assert code == 2 and "is a folder" in err
+    code, _, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag",
+                       "--summary-out", root / "missing" / "s.json")
+    assert code == 2 and "does not exist" in err
 
 
 def test_missing_embedded_model_package(files, capsys, monkeypatch, tmp_path):
@@ -113,6 +116,8 @@ def test_ask_with_empty_question_and_eval_contract(files, capsys, tiny_llm_dirs)
         3,
         "--out",
         out_file,
+        "--summary-out",
+        root / "eval_smoke-norag_fp32.json",
     )
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
@@ -129,6 +134,10 @@ def test_ask_with_empty_question_and_eval_contract(files, capsys, tiny_llm_dirs)
     ):
         assert key in summary
     assert summary["n"] == 1 and json.loads(out_file.read_text())["summary"] == summary
+    # The app's Evaluation tab reads these labelled summaries (corpus from the data folder, run from the name).
+    labelled = json.loads((root / "eval_smoke-norag_fp32.json").read_text())["summary"]
+    assert labelled == {**summary, "run": "smoke-norag"}
+    assert (labelled["corpus"], labelled["precision"]) == (root.name, "fp32")
 
 
 def _joint_checkpoint(root, llm_dir, corpus_path):

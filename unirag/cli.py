@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="joint checkpoint folder; with --system rag, its reader reads the dense top-k")
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
     ev.add_argument("--out", default=None, help="write per-question records to this JSON file")
+    ev.add_argument("--summary-out", default=None,
+                    help="write the summary only, labelled with corpus, precision and run name, to this JSON file "
+                         "(the app's Evaluation tab reads checkpoints/*/eval_<run>_<precision>.json)")
     ev.add_argument("--batch-size", type=int, default=8, help="questions per generation batch")
     ev.add_argument("--max-new-tokens", type=int, default=32)
     ev.add_argument("--gold", action="store_true", help="read the gold passage only (reader upper bound)")
@@ -149,8 +154,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     for name in ("k", "limit", "batch_size", "max_new_tokens", "beam_width"):
         _positive(name.replace("_", "-"), getattr(args, name))
-    if args.out and Path(args.out).is_dir():
-        raise UniragError(f"--out {args.out} is a folder; give a file name.")
+    for flag in ("out", "summary_out"):
+        target = getattr(args, flag)
+        if target and Path(target).is_dir():
+            raise UniragError(f"--{flag.replace('_', '-')} {target} is a folder; give a file name.")
+        if target and not Path(target).resolve().parent.is_dir():
+            raise UniragError(f"--{flag.replace('_', '-')}: the folder of {target} does not exist.")
     corpus = load_corpus(args.corpus)
     questions = load_questions(args.questions, corpus)[: args.limit]
     if args.gold and any(q.doc_id is None for q in questions):
@@ -158,10 +167,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _, answer_batch = _make_answerer(args, corpus, attn_implementation="sdpa", traces=False)
     batch = 1 if (args.system == "joint" or args.checkpoint) else args.batch_size
     summary = run_eval(
-        answer_batch, args.system + ("-gold" if args.gold else ""), questions, args.k, batch_size=batch, out=args.out
+        answer_batch, args.system + ("-gold" if args.gold else ""), questions, args.k, batch_size=batch, out=args.out,
+        labels={"corpus": Path(args.corpus).resolve().parent.name,
+                "precision": "4bit" if args.load_in_4bit else "fp32"},
     )
+    if args.summary_out:
+        run = re.sub(r"_(4bit|fp32)$", "", Path(args.summary_out).stem).removeprefix("eval_")
+        _write_json(args.summary_out, {"summary": {**summary, "run": run}})
     print(json.dumps(summary), flush=True)
     return 0
+
+
+def _write_json(path: str | Path, blob: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(blob, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:

@@ -95,8 +95,10 @@ def run_eval(
     batch_size: int = 8,
     out: str | Path | None = None,
     progress: bool = True,
+    labels: dict | None = None,
 ) -> dict:
-    """Answer every question, write per-question records to `out` (atomically) and return the summary."""
+    """Answer every question, write per-question records to `out` (atomically) and return the summary
+    (with `labels`, e.g. corpus and precision, merged in)."""
     from tqdm.auto import tqdm
 
     if not questions:
@@ -114,6 +116,7 @@ def run_eval(
             bar.update(len(chunk))
     summary = summarize(system, records, k)
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
+    summary.update(labels or {})
     if out_path is not None:
         tmp = out_path.with_name(out_path.name + f".{os.getpid()}.tmp")
         try:
