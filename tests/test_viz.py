@@ -231,5 +231,8 @@ def test_eval_rows_and_figure():
     rows = viz.eval_rows(results)
     assert len(rows) == 2 and len(rows[0]) == len(viz.EVAL_HEADERS) and rows[0][8] == ""
     fig = viz.eval_figure(results)
-    assert len(fig.data) == 2 and list(fig.data[1].y) == [0.4, 0.2, 0.3, 0.6, 0.8]
+    # One trace per metric, one bar per result: the bars carry the summaries' numbers (None drawn as 0, "n/a").
+    assert [t.name for t in fig.data] == list(viz.EVAL_METRICS)
+    assert list(fig.data[0].x) == [0.3, 0.4] and list(fig.data[4].x) == [0, 0.8] and fig.data[4].text[0] == "n/a"
+    assert list(fig.data[0].y) == ["nq · joint k=2 · 4bit", "nq · rag k=5"]
     assert not viz.eval_figure([]).data

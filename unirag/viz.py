@@ -665,18 +665,23 @@ def eval_rows(results: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
 
 
 def eval_figure(results: Sequence[Mapping[str, Any]]) -> go.Figure:
-    """Grouped bars: one group per metric, one bar per (corpus, system, precision) result."""
+    """Horizontal grouped bars: one row per result (corpus · run · precision), one colour per metric, so that a
+    score of runs stays readable."""
     if not results:
         return empty_figure("No evaluation results yet.", "Evaluation", 300)
+    labels = []
+    for r in results:
+        run = r.get("run") or f"{r.get('system', '?')} k={r.get('k', '?')}"
+        labels.append(_p(" · ".join(str(x) for x in (r.get("corpus", "?"), run, r.get("precision")) if x)))
     fig = go.Figure()
-    palette = ["#7c3aed", "#0284c7", "#64748b", "#db2777", "#16a34a", "#ea580c", "#0f766e", "#a16207"]
-    for i, r in enumerate(results):
-        name = f"{r.get('corpus', '?')} · {r.get('system', '?')}"
-        name += f" · {r['precision']}" if r.get("precision") else ""
-        ys = [r.get(m) for m in EVAL_METRICS]
-        fig.add_trace(go.Bar(name=_p(name), x=list(EVAL_METRICS), y=[y if y is not None else 0 for y in ys],
-                             text=[f"{y:.2f}" if isinstance(y, (int, float)) else "n/a" for y in ys],
-                             textposition="outside", marker={"color": palette[i % len(palette)]}))
-    fig.update_yaxes(range=[0, 1.1], gridcolor="#e2e8f0")
-    return _layout(fig, "Evaluation results (from eval_*.json in the checkpoint folders)", 420, barmode="group",
-                   legend={"orientation": "h", "y": -0.15})
+    palette = {"accuracy": "#7c3aed", "em": "#94a3b8", "f1": "#64748b", "recall@1": "#0284c7", "recall@k": "#7dd3fc"}
+    for metric in EVAL_METRICS:
+        values = [r.get(metric) for r in results]
+        fig.add_trace(go.Bar(name=metric, y=labels, x=[v if v is not None else 0 for v in values], orientation="h",
+                             text=[f"{v:.2f}" if isinstance(v, (int, float)) else "n/a" for v in values],
+                             textposition="outside", marker={"color": palette[metric]}))
+    fig.update_xaxes(range=[0, 1.1], gridcolor="#e2e8f0")
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, "Evaluation results (from eval_*.json in the checkpoint folders)",
+                   max(320, 60 + 26 * len(EVAL_METRICS) * len(results) // 2), barmode="group",
+                   legend={"orientation": "h", "y": 1.02, "yanchor": "bottom"})
