@@ -245,10 +245,10 @@ def evaluation(pipeline: Pipeline) -> tuple:
     if not results:
         note = viz.message_html(
             f"No evaluation results yet: no `eval_*.json` in `{pipeline.settings.checkpoint_dir}/*/`. Write them with "
-            "`python -m unirag eval --system joint --checkpoint checkpoints/nq-smollm2 --load-in-4bit --corpus "
-            "../shared/data/nq/corpus.jsonl --questions ../shared/data/nq/dev.jsonl --out "
-            "checkpoints/nq-smollm2/eval_joint_4bit.json` (and the same without `--load-in-4bit` into "
-            "`eval_joint_fp32.json`: the About tab then shows the accuracy cost of 4-bit).",
+            "`python -m unirag eval --system joint --checkpoint checkpoints/nq-smollm2 --k 2 --load-in-4bit --corpus "
+            "../shared/data/nq/corpus.jsonl --questions ../shared/data/nq/dev.jsonl --summary-out "
+            "checkpoints/nq-smollm2/eval_nq-dev-joint-k2_4bit.json` (and the same without `--load-in-4bit` into "
+            "`eval_nq-dev-joint-k2_fp32.json`: the About tab then shows the accuracy cost of 4-bit).",
             "info")
     else:
         where = html.escape(str(pipeline.settings.checkpoint_dir))
