@@ -272,7 +272,8 @@ def cluster_labels(corpus: Corpus, tree: DocidTree, top_n: int = 3) -> dict[tupl
         idf = np.log1p(avg_words / np.maximum(tf.sum(axis=0), 1.0))
         weights = (tf / np.maximum(tf.sum(axis=1, keepdims=True), 1.0)) * idf
         for node, row in zip(nodes, weights, strict=True):
-            top = [vocab[j] for j in np.argsort(-row)[:top_n] if row[j] > 0]
+            # A stable sort: numpy's default picks a SIMD kernel per CPU, which orders tied scores differently.
+            top = [vocab[j] for j in np.argsort(-row, kind="stable")[:top_n] if row[j] > 0]
             labels[node] = ", ".join(top)
     for doc_id, docid in zip(tree.doc_ids, tree.docids, strict=True):
         labels[docid] = corpus[doc_id].title or doc_id

@@ -1195,6 +1195,7 @@ class JointModel(nn.Module):
 
         if self._lora_enabled:
             self.base.save_pretrained(str(save_dir / LORA_DIR), safe_serialization=True)
+            (save_dir / LORA_DIR / "README.md").unlink(missing_ok=True)  # peft's blank model card
         if tree is not None:
             tree.save(save_dir / TREE_FILE)
         for name, content in (extra_files or {}).items():
