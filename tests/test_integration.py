@@ -74,17 +74,26 @@ def test_cli_eval_rag_prints_json_contract(nq, tmp_path):
     assert json.loads(out.read_text())["summary"]["n"] == 4
 
 
-def test_shipped_nq_checkpoint_retrieves_by_generating_docids(nq):
-    """The shipped stage-1 checkpoint must really retrieve: generative R@3 on the first 40 nq/dev questions.
+# Generative R@3 of each shipped checkpoint on its first 40 dev questions must clear these bars. They sit well below
+# the full figures in docs/RESULTS.md and far above an untrained pathway (about 0.01); the search is deterministic.
+SHIPPED_R3_BARS = {"nq": 0.35, "squad": 0.35}
 
-    The bar (0.35) sits well below the full-dev figure in docs/RESULTS.md and far above an untrained pathway
-    (about 0.01 at R@3); the docid search is deterministic, so this does not flake."""
+
+@pytest.mark.parametrize("dataset", sorted(SHIPPED_R3_BARS))
+def test_shipped_checkpoint_retrieves_by_generating_docids(dataset):
+    """The shipped checkpoint must really retrieve, in fp32 as evaluation loads it."""
     from unirag.joint.decoding import JointSystem, search_docids
 
-    ckpt = REPO / "checkpoints" / "nq-smollm2"
+    ckpt = REPO / "checkpoints" / f"{dataset}-smollm2"
     if not (ckpt / "joint_config.json").is_file():
         pytest.fail(f"{ckpt} is not shipped")
-    _, _, corpus, questions = nq
+    if not (default_data_dir() / dataset).is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared data missing in CI: {default_data_dir()}")
+        pytest.skip("shared data not available")
+    corpus_path, dev_path = dataset_paths(dataset, "dev")
+    corpus = load_corpus(corpus_path)
+    questions = load_questions(dev_path, corpus)
     system = JointSystem.from_checkpoint(ckpt, corpus, attn_implementation="sdpa", traces=False)
     sample = [q for q in questions if q.doc_id][:40]
     hits = sum(
@@ -92,4 +101,4 @@ def test_shipped_nq_checkpoint_retrieves_by_generating_docids(nq):
                                                      pathway=True, bridge=system.model.lora_enabled).beams]
         for q in sample
     )
-    assert hits / len(sample) >= 0.35, hits / len(sample)
+    assert hits / len(sample) >= SHIPPED_R3_BARS[dataset], hits / len(sample)
