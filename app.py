@@ -276,7 +276,8 @@ def about_markdown(pipeline: Pipeline) -> str:
    the question, so the LLM learns to walk the tree the encoder built).
 3. **Answering.** The 1–3 selected documents go into the prompt; a *bridge* lets the answer attend to what the
    retrieval pathway computed. Stage 2 trained a LoRA adapter (QLoRA on the 4-bit base the app loads) and the bridge
-   on the model's own retrievals, with short gold answers as targets, so the reader answers tersely. The heatmaps show which context tokens (or sentences) each answer token attended to,
+   on the model's own retrievals, with short gold answers as targets, so the reader answers tersely. The heatmaps
+   show which context tokens (or sentences) each answer token attended to,
    and the highlighted sentences in the documents are the ones the answer used (GeAR-style localisation).
 
 The dense RAG baseline embeds the question with the same bi-encoder, takes the top-k passages by cosine similarity
