@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -150,7 +148,7 @@ def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from unirag.data import load_corpus, load_questions
-    from unirag.eval import run_eval
+    from unirag.eval import run_eval, run_name, write_json_atomic
 
     for name in ("k", "limit", "batch_size", "max_new_tokens", "beam_width"):
         _positive(name.replace("_", "-"), getattr(args, name))
@@ -172,17 +170,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "precision": "4bit" if args.load_in_4bit else "fp32"},
     )
     if args.summary_out:
-        run = re.sub(r"_(4bit|fp32)$", "", Path(args.summary_out).stem).removeprefix("eval_")
-        _write_json(args.summary_out, {"summary": {**summary, "run": run}})
+        write_json_atomic(args.summary_out, {"summary": {**summary, "run": run_name(args.summary_out)}})
     print(json.dumps(summary), flush=True)
     return 0
-
-
-def _write_json(path: str | Path, blob: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(blob, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:

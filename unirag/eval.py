@@ -118,10 +118,21 @@ def run_eval(
     summary["wall_time_s"] = round(time.perf_counter() - start, 1)
     summary.update(labels or {})
     if out_path is not None:
-        tmp = out_path.with_name(out_path.name + f".{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps({"summary": summary, "records": records}, ensure_ascii=False, indent=1))
-            os.replace(tmp, out_path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_json_atomic(out_path, {"summary": summary, "records": records})
     return summary
+
+
+def write_json_atomic(path: str | Path, blob: dict) -> None:
+    """Write JSON through a temporary sibling, so a crash never leaves a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(blob, ensure_ascii=False, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_name(path: str | Path) -> str:
+    """The run of a summary file `eval_<run>_<precision>.json` (what the app pairs 4-bit and fp32 by)."""
+    return re.sub(r"_(4bit|fp32)$", "", Path(path).stem).removeprefix("eval_")

@@ -27,7 +27,7 @@ from typing import Any
 from unirag.answer import Answer
 from unirag.data import DATASETS, Corpus, Question, dataset_paths, load_corpus, load_questions, prepare_question
 from unirag.errors import UniragError
-from unirag.eval import contains_answer, normalize_answer
+from unirag.eval import contains_answer, normalize_answer, run_name
 from unirag.paths import REPO_ROOT, default_data_dir
 
 log = logging.getLogger("unirag.app")
@@ -485,7 +485,7 @@ def quantization_cost(results: list[dict[str, Any]]) -> list[str]:
     for r in results:
         if r.get("precision") in PRECISIONS and r.get("accuracy") is not None:
             # The run name (file name without the precision) keeps k=2 and k=3 of one system apart.
-            run = re.sub(r"_(4bit|fp32)$", "", Path(r.get("file", "")).stem).removeprefix("eval_") or r["system"]
+            run = run_name(r.get("file", "")) or r["system"]
             by_key.setdefault((r["corpus"], run), {})[r["precision"]] = r
     for (corpus, system), pair in sorted(by_key.items()):
         if "4bit" in pair and "fp32" in pair:
