@@ -101,6 +101,9 @@ def test_pathway_and_bridge_change_outputs(tiny_llm_dirs):
     assert off.docid_logits.shape == (2, 9, 3 * 4 + 1)
     with pytest.raises(UniragError):
         model(ids, pathway=False, bridge=True)
+    with torch.no_grad():
+        last = model(ids, pathway=True, bridge=True, logits_to_keep=1)
+    assert last.lm_logits.shape[1] == 1 and torch.allclose(last.lm_logits, both.lm_logits[:, -1:], atol=1e-5)
 
 
 @pytest.mark.parametrize("layers", [3, [0, 1, 2], [0, -1]])

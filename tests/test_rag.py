@@ -78,3 +78,31 @@ def test_bad_questions_are_handled(tiny_llm_dirs, retriever):
     long = rag.answer("capital " * 3000)
     assert long.notices and "truncated" in long.notices[0]
     assert rag.answer("Où est Rome ? 🇮🇹").text is not None
+
+
+def test_answer_attention_is_recorded_during_generation(tiny_llm_dirs, corpus):
+    """Row i = the last 4 layers' attention (mean over heads) of the query that produced answer token i,
+    renormalised over the context: checked against one full forward pass, also for a left-padded batch."""
+    import torch
+
+    model, tok = load_llm(str(tiny_llm_dirs["llama"]))
+    reader = Reader(model, tok, max_new_tokens=4)
+    reader.stop_ids = [199]
+    passages = [[corpus["p1"], corpus["p0"]], [corpus["p2"]]]
+    outs = reader.read_many(["capital of Italy?", "Norway?"], passages, with_attention=True)
+    single = reader.read("Norway?", [corpus["p2"]], with_attention=True)
+    assert np.allclose(outs[1].attention["weights"], single.attention["weights"], atol=1e-4)
+
+    prompt = build_prompt(tok, "capital of Italy?", "\n".join(p.as_context() for p in passages[0]))
+    prompt_ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    answer_ids = tok.convert_tokens_to_ids(outs[0].attention["answer_tokens"])
+    with torch.inference_mode():
+        full = model(input_ids=torch.cat([prompt_ids, torch.tensor(answer_ids)])[None], output_attentions=True)
+    start, end = reader.context_span(prompt, "\n".join(p.as_context() for p in passages[0]))
+    n = len(prompt_ids)
+    mean = torch.stack([a[0].float() for a in full.attentions[-4:]]).mean(dim=(0, 1))
+    expected = mean[n - 1 : n - 1 + len(answer_ids)]
+    expected = expected[:, start:end] / expected[:, start:end].sum(-1, keepdim=True)
+    assert len(outs[0].attention["context_tokens"]) == end - start
+    assert np.allclose(outs[0].attention["weights"], expected.numpy(), atol=1e-4)
+    assert reader.read("x?", [corpus["p0"]]).attention == {}  # not asked for: no hooks, no trace

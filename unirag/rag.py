@@ -46,34 +46,49 @@ def clean_generation(text: str) -> str:
     return ""
 
 
-def answer_attention(
-    model,
-    tokenizer,
-    prompt_ids: torch.Tensor,
-    answer_ids: torch.Tensor,
-    context_span: tuple[int, int],
-    last_layers: int = 4,
-) -> dict:
-    """Answer-token × context-token attention (mean over heads of the last layers), for heatmaps.
+class AnswerAttentionRecorder:
+    """Records, during greedy generation, the last layers' attention of each new query position.
 
-    Needs eager attention: SDPA returns no weights.
+    Row i is the attention of the query that produced answer token i (the prompt's last position, then
+    each fed-back token), mean over heads and layers: the same definition as the joint model's heatmap,
+    and no second forward pass over prompt + answer. Needs eager attention (SDPA returns no weights).
     """
-    ids = torch.cat([prompt_ids, answer_ids]).unsqueeze(0)
-    with torch.inference_mode():
-        out = model(input_ids=ids, output_attentions=True)
-    if not out.attentions or out.attentions[-1] is None:
-        return {}
-    layers = torch.stack([a[0].float() for a in out.attentions[-last_layers:]])  # [L, H, T, T]
-    start, end = context_span
-    n_prompt = prompt_ids.shape[0]
-    weights = layers.mean(dim=(0, 1))[n_prompt:, start:end]
-    # Renormalise over the context so rows compare across answer tokens.
-    weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-9)
-    return {
-        "answer_tokens": tokenizer.convert_ids_to_tokens(answer_ids.tolist()),
-        "context_tokens": tokenizer.convert_ids_to_tokens(prompt_ids[start:end].tolist()),
-        "weights": weights.tolist(),
-    }
+
+    def __init__(self, model, last_layers: int = 4) -> None:
+        layers = _decoder_layers(model)
+        self._handles = [layer.self_attn.register_forward_hook(self._hook) for layer in layers[-last_layers:]]
+        self._step: list[torch.Tensor] = []
+        self.steps: list[torch.Tensor] = []  # per generated token: [batch, kv_len]
+
+    def _hook(self, module, args, output) -> None:
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None:
+            return
+        self._step.append(weights[:, :, -1, :].float().mean(dim=1))
+        if len(self._step) == len(self._handles):
+            self.steps.append(torch.stack(self._step).mean(dim=0))
+            self._step = []
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def rows(self, batch_row: int, n_answer: int, span: tuple[int, int], offset: int) -> list[list[float]]:
+        """Answer tokens × context tokens for one batch row; `offset` is its left padding."""
+        start, end = span
+        out = []
+        for step in self.steps[:n_answer]:
+            row = step[batch_row, offset + start: offset + end]
+            out.append((row / row.sum().clamp(min=1e-9)).tolist())  # renormalised over the context
+        return out
+
+
+def _decoder_layers(model):
+    base = getattr(model, "get_decoder", lambda: None)() or getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise UniragError(f"Cannot find the decoder layers of {type(model).__name__} for the attention trace.")
+    return layers
 
 
 @dataclass
@@ -132,14 +147,19 @@ class Reader:
         ]
         self.tokenizer.padding_side = "left"
         batch = self.tokenizer(prompts, return_tensors="pt", add_special_tokens=False, padding=True)
+        recorder = AnswerAttentionRecorder(self.model) if with_attention else None
         start = time.perf_counter()
-        output = self.model.generate(
-            **batch,
-            do_sample=False,
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        try:
+            output = self.model.generate(
+                **batch,
+                do_sample=False,
+                max_new_tokens=max_new_tokens or self.max_new_tokens,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        finally:
+            if recorder is not None:
+                recorder.remove()
         elapsed = (time.perf_counter() - start) * 1000 / len(prompts)
         results = []
         width = batch["input_ids"].shape[1]
@@ -152,10 +172,13 @@ class Reader:
             text = clean_generation(self.tokenizer.decode(new_ids, skip_special_tokens=True))
             n_context = len(self.tokenizer(context, add_special_tokens=False)["input_ids"]) if context else 0
             attention = {}
-            if with_attention and len(new_ids):
-                attention = answer_attention(
-                    self.model, self.tokenizer, prompt_ids, new_ids, self.context_span(prompt, context)
-                )
+            if recorder is not None and recorder.steps and len(new_ids):
+                start_tok, end_tok = self.context_span(prompt, context)
+                attention = {
+                    "answer_tokens": self.tokenizer.convert_ids_to_tokens(new_ids.tolist()),
+                    "context_tokens": self.tokenizer.convert_ids_to_tokens(prompt_ids[start_tok:end_tok].tolist()),
+                    "weights": recorder.rows(row, len(new_ids), (start_tok, end_tok), width - len(prompt_ids)),
+                }
             results.append(
                 ReaderOutput(text, int(prompt_ids.shape[0]), n_context, int(len(new_ids)), elapsed, attention)
             )

@@ -356,7 +356,7 @@ def answer_with_docs(
             row = torch.stack([out.attentions[i][0, :, -1, :].float() for i in last_layers]).mean(dim=(0, 1))
         return row[ctx].tolist()
 
-    out = model(torch.tensor([prompt.ids], device=device), use_cache=True, **kwargs)
+    out = model(torch.tensor([prompt.ids], device=device), use_cache=True, logits_to_keep=1, **kwargs)
     answer_ids: list[int] = []
     rows: list[list[float]] = []
     stop, started = "max_new_tokens", False
