@@ -1,6 +1,7 @@
 """Training on a tiny random model: stage 1 (cached lower layers), stage 2 (LoRA + answers), resume."""
 
 import json
+from dataclasses import fields
 
 import pytest
 import torch
@@ -204,3 +205,16 @@ def test_boundary_cache_key_survives_a_checkpoint_roundtrip(setup, tmp_path):
     with torch.no_grad():
         loaded.extra_embed.weight[3] += 1.0
     assert training.boundary_cache_key(loaded, tree, enc, config) != key
+
+
+def test_train_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        training.TrainConfig.from_args(["--help"])
+    text = capsys.readouterr().out
+    for f in fields(training.TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text
+    config = training.TrainConfig.from_args(["--corpus", "c", "--questions", "q", "--out", "o", "--pathway-layers", "8",
+                                             "--no-semantic-docids", "--stage1-lr", "0.01"])
+    assert (config.pathway_layers, config.semantic_docids, config.stage1_lr) == (8, False, 0.01)
+    assert set(training._field_comments(training.TrainConfig)) == {f.name for f in fields(training.TrainConfig)}

@@ -48,66 +48,81 @@ LOSS_LOG = "loss_log.jsonl"
 
 @dataclass
 class TrainConfig:
-    corpus: str
+    corpus: str  # corpus.jsonl (id, title, text)
     questions: str  # the train split only: dev questions must never be trained on
-    out: str
-    base_model: str | None = None
+    out: str  # checkpoint folder (written atomically; --resume continues from it)
+    base_model: str | None = None  # hub id or folder; default: the embedded SmolLM2-135M-Instruct
     load_in_4bit: bool = False  # stage 2 QLoRA-style on an NF4 base
     dtype: str = "float32"  # compute dtype of the base (bfloat16 on GPUs)
-    seed: int = 0
+    seed: int = 0  # seeds python, numpy and torch; also the held-out split
     # docid tree
-    tree_k: int = 10
-    tree_c: int = 10
+    tree_k: int = 10  # k-means branching factor per level
+    tree_c: int = 10  # a cluster with more than c documents is split again
     # architecture
-    pathway_layers: int = 4
-    retrieval_heads: int = 4
-    retrieval_mlp_dim: int = 512
+    pathway_layers: int = 4  # the retrieval pathway sits in the top N decoder layers
+    retrieval_heads: int = 4  # extra query heads per pathway layer (rounded to a multiple of the KV heads)
+    retrieval_mlp_dim: int = 512  # width of the retrieval MLP'
     # semantic docid scores: node embeddings from the tree's cluster centroids, plus a distillation loss that
     # pulls the model's query vector towards the docid encoder's embedding of the query text
-    semantic_docids: bool = True
-    distill_weight: float = 1.0
+    semantic_docids: bool = True  # add the semantic node scores to the docid head's logits
+    distill_weight: float = 1.0  # weight of the query-vector distillation loss
     # indexing data: pseudo-queries per passage (title+first sentence, then further sentences)
-    pseudo_queries: int = 3
-    pseudo_query_words: int = 32
+    pseudo_queries: int = 3  # indexing examples per passage besides the passage itself
+    pseudo_query_words: int = 32  # maximum words per pseudo-query
     validation_questions: int = 100  # held out from the train split to pick/monitor, never dev
     # stage 1
-    stage1_epochs: int = 4
-    stage1_lr: float = 2e-3
-    batch_size: int = 32
+    stage1_epochs: int = 4  # epochs of stage 1 (retrieval warm-up, base frozen)
+    stage1_lr: float = 2e-3  # AdamW peak learning rate, cosine schedule
+    batch_size: int = 32  # stage-1 batch size
     # stage 2
-    stage2_steps: int = 0
-    stage2_lr: float = 3e-4
-    stage2_docid_batch: int = 8
-    stage2_answer_batch: int = 2
-    stage2_docs: int = 2
-    lora_r: int = 16
-    lora_alpha: int = 32
+    stage2_steps: int = 0  # steps of stage 2 (LoRA + bridge, docid + answer loss); 0 skips it
+    stage2_lr: float = 3e-4  # AdamW learning rate of stage 2
+    stage2_docid_batch: int = 8  # docid examples per stage-2 step
+    stage2_answer_batch: int = 2  # answer examples per stage-2 step (read from the model's own retrieval)
+    stage2_docs: int = 2  # documents the answer examples read
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA alpha
     # LoRA on the top N decoder layers (0: all). Backpropagation then stops below them, which is what makes
     # stage 2 affordable on a CPU (SmolLM2, one thread: ~8 s per step instead of 16-20 s with all 30 layers).
-    lora_layers: int = 8
+    lora_layers: int = 8  # LoRA on the top N decoder layers (0: all)
     # Docid generation with the LoRA adapter on (the adapter serves retrieval and reading) or off (the reader's
     # only; the answer loss then trains LoRA and the bridge, the docid loss the retrieval parameters).
-    adapter_in_retrieval: bool = False
+    adapter_in_retrieval: bool = False  # docid generation with the LoRA adapter on
     save_every: int = 50  # steps between checkpoints
 
     @classmethod
     def from_args(cls, argv: list[str]) -> TrainConfig:
-        parser = argparse.ArgumentParser(prog="python -m unirag train", description=__doc__.split("\n\n")[0])
+        parser = argparse.ArgumentParser(prog="python -m unirag train", description=__doc__.split("\n\n")[0],
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        helps = _field_comments(cls)
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
+            text = helps.get(f.name)
             if f.type in ("bool", bool):
-                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
             elif f.name in ("corpus", "questions", "out"):
-                parser.add_argument(flag, required=True)
+                parser.add_argument(flag, required=True, help=text)
             else:
                 kind = {"int": int, "float": float}.get(str(f.type), str)
-                parser.add_argument(flag, type=kind, default=f.default)
+                parser.add_argument(flag, type=kind, default=f.default, help=text)
         parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
         args = vars(parser.parse_args(argv))
         resume = args.pop("resume")
         config = cls(**args)
         config.resume = resume  # type: ignore[attr-defined]
         return config
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """`name: type = default  # comment` lines of a dataclass, for --help (the comments stay the one source)."""
+    import inspect
+
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+): [^#]+#\s*(.+)$", line)
+        if match:
+            out[match.group(1)] = match.group(2).strip()
+    return out
 
 
 class Distributed:
@@ -156,6 +171,7 @@ class Distributed:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
+    np.random.seed(seed)
     torch.manual_seed(seed)
 
 
