@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     from unirag.pipeline import Pipeline, Settings
 
     questions = load_questions(dataset_paths(args.corpus, "dev")[1])[: args.questions + 1]
-    pipeline = Pipeline(Settings.from_env(precision=args.precision))
+    # One side after the other: each side's latency without the other competing for the cores.
+    pipeline = Pipeline(Settings.from_env(precision=args.precision, parallel_sides=False))
     pipeline.bundle(args.corpus)  # load models, index and tree before timing
     pipeline.ask(args.corpus, questions[0].question, k_docs=args.k_docs, rag_k=args.rag_k)  # warm-up
     sides: dict[str, dict[str, list[float]]] = {"joint": {}, "rag": {}}

@@ -171,6 +171,29 @@ def test_pipeline_answers_both_sides_and_marks_gold(pipeline):
     assert free.gold is None and free.rag.gold_found is None and free.rag.correct is None
 
 
+def test_sides_in_parallel_equal_sides_in_turn(tiny, pipeline, monkeypatch):
+    """Both sides at once (the default: each on its own thread) give what one after the other gives, and a side
+    that raises in the worker thread is reported on its card without taking the other side down."""
+    from dataclasses import replace
+
+    from unirag.pipeline import Pipeline
+
+    assert pipeline.settings.parallel_sides
+    in_turn = Pipeline(replace(tiny[0], parallel_sides=False))
+    args = ("nq", "When was the Eiffel Tower completed?", 4, 2, 3, 4)
+    a, b = pipeline.ask(*args), in_turn.ask(*args)
+    for side in ("joint", "rag"):
+        x, y = getattr(a, side).answer, getattr(b, side).answer
+        assert (x.text, x.doc_ids, x.context_tokens) == (y.text, y.doc_ids, y.context_tokens)
+    monkeypatch.setattr(pipeline.bundle("nq").joint, "answer", lambda *a, **k: 1 / 0)
+    broken = pipeline.ask(*args)
+    assert "ZeroDivisionError" in broken.joint.error and broken.rag.answer.text == a.rag.answer.text
+    monkeypatch.setenv("UNIRAG_PARALLEL_SIDES", "0")
+    from unirag.pipeline import Settings
+
+    assert not Settings.from_env().parallel_sides
+
+
 def test_pipeline_rejects_bad_input(pipeline):
     from unirag.errors import UniragError
 

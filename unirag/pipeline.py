@@ -20,7 +20,9 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,9 @@ class Settings:
     data_dir: Path | None = None  # UNIRAG_DATA (else ../shared/data)
     corpora: tuple[str, ...] = DATASETS
     n_examples: int = 12
+    # UNIRAG_PARALLEL_SIDES=0 answers the two sides one after the other. Together (the default) each side
+    # runs on its own thread and core: the two models are separate, so a round trip costs the slower side.
+    parallel_sides: bool = True
 
     def __post_init__(self) -> None:
         self.precision = {"nf4": "4bit", "4-bit": "4bit", "int4": "4bit", "float32": "fp32"}.get(
@@ -83,6 +88,7 @@ class Settings:
             "precision": _env("UNIRAG_PRECISION") or "4bit",
             "checkpoint_dir": Path(_env("UNIRAG_CHECKPOINT_DIR") or REPO_ROOT / "checkpoints"),
             "data_dir": Path(p) if (p := _env("UNIRAG_DATA")) else None,
+            "parallel_sides": (_env("UNIRAG_PARALLEL_SIDES") or "1").lower() not in ("0", "false", "no"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -205,9 +211,11 @@ class Pipeline:
         self._stage: dict[str, str] = {}
         self._locks = {name: threading.Lock() for name in self.settings.corpora}
         self._llm_lock = threading.Lock()
-        self._infer_lock = threading.Lock()  # one forward pass at a time: 2 CPU cores, shared models
+        # One forward pass per model at a time (the RAG reader is shared by all corpora).
+        self._side_locks = {"joint": threading.Lock(), "rag": threading.Lock()}
         self._reader = None
         self._encoder = None
+        self._worker: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------------- status / progress
 
@@ -402,22 +410,36 @@ class Pipeline:
         comparison = Comparison(name, text, gold, SideResult(), SideResult(),
                                 {"beam_width": beam_width, "k_docs": k_docs, "rag_k": rag_k,
                                  "max_new_tokens": max_new_tokens})
+        joint_side: Future[SideResult] | None = None
         if bundle.joint is None:
             comparison.joint.error = bundle.joint_message or "The joint model is not loaded."
         else:
-            comparison.joint = self._side(
-                lambda: bundle.joint.answer(question, k_docs=k_docs, beam_width=max(beam_width, k_docs),
-                                            max_new_tokens=max_new_tokens), gold)
+            joint = bundle.joint
+            run_joint = partial(self._side, "joint", lambda: joint.answer(
+                question, k_docs=k_docs, beam_width=max(beam_width, k_docs), max_new_tokens=max_new_tokens), gold)
+            if self.settings.parallel_sides:
+                joint_side = self._joint_worker().submit(run_joint)
+            else:
+                comparison.joint = run_joint()
         comparison.rag = self._side(
-            lambda: bundle.rag.answer(question, k=rag_k, max_new_tokens=max_new_tokens, with_attention=True), gold)
+            "rag", lambda: bundle.rag.answer(question, k=rag_k, max_new_tokens=max_new_tokens, with_attention=True),
+            gold)
+        if joint_side is not None:
+            comparison.joint = joint_side.result()
         from unirag.backbones import release_memory
 
         release_memory(collect=False)  # attention traces and KV caches leave freed heap pages behind
         return comparison
 
-    def _side(self, run: Callable[[], Answer], gold: Question | None) -> SideResult:
+    def _joint_worker(self) -> ThreadPoolExecutor:
+        with self._llm_lock:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unirag-joint")
+            return self._worker
+
+    def _side(self, side: str, run: Callable[[], Answer], gold: Question | None) -> SideResult:
         try:
-            with self._infer_lock:
+            with self._side_locks[side]:
                 answer = run()
         except UniragError as exc:
             return SideResult(error=str(exc))
