@@ -447,8 +447,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=int(os.environ.get("UNIRAG_CONCURRENCY", "1")),
                         help="questions answered at once (CPU: 1)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("UNIRAG_THREADS", "0")) or None,
-                        help="torch CPU threads (default: cores - 1, leaving one for the web server; OMP_NUM_THREADS "
-                        "is respected)")
+                        help="torch CPU threads (default: cores - 1, leaving one for the web server, split between "
+                        "the two sides when they run at once; OMP_NUM_THREADS is respected)")
     parser.add_argument("--no-preload", action="store_true", help="load the first corpus on the first request only")
     return parser.parse_args(argv)
 
@@ -462,7 +462,9 @@ def main(argv: list[str] | None = None) -> None:
     except UniragError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    threads = args.threads or (None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) - 1))
+    # Leave a core for the web server; the two sides answer at once (parallel_sides), so they split the rest.
+    spare = max(1, (os.cpu_count() or 1) - 1) // (2 if settings.parallel_sides else 1)
+    threads = args.threads or (None if "OMP_NUM_THREADS" in os.environ else max(1, spare))
     if threads:
         import torch
 
