@@ -82,11 +82,10 @@ class TrainConfig:
     stage2_docs: int = 2  # documents the answer examples read
     lora_r: int = 16  # LoRA rank
     lora_alpha: int = 32  # LoRA alpha
-    # LoRA on the top N decoder layers (0: all). Backpropagation then stops below them, which is what makes
-    # stage 2 affordable on a CPU (SmolLM2, one thread: ~8 s per step instead of 16-20 s with all 30 layers).
+    # Backpropagation stops below the lowest LoRA layer, which is what makes stage 2 affordable on a CPU (SmolLM2, one thread: ~8 s per step instead of 16-20 s with all 30 layers).
     lora_layers: int = 8  # LoRA on the top N decoder layers (0: all)
-    # Docid generation with the LoRA adapter on (the adapter serves retrieval and reading) or off (the reader's
-    # only; the answer loss then trains LoRA and the bridge, the docid loss the retrieval parameters).
+    # Off: the adapter is the reader's only; the answer loss then trains LoRA and the bridge, the docid loss the
+    # retrieval parameters. On: the adapter serves retrieval and reading.
     adapter_in_retrieval: bool = False  # docid generation with the LoRA adapter on
     save_every: int = 50  # steps between checkpoints
 
