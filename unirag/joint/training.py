@@ -82,7 +82,8 @@ class TrainConfig:
     stage2_docs: int = 2  # documents the answer examples read
     lora_r: int = 16  # LoRA rank
     lora_alpha: int = 32  # LoRA alpha
-    # Backpropagation stops below the lowest LoRA layer, which is what makes stage 2 affordable on a CPU (SmolLM2, one thread: ~8 s per step instead of 16-20 s with all 30 layers).
+    # Backpropagation stops below the lowest LoRA layer, which is what makes stage 2 affordable on a CPU
+    # (SmolLM2, one thread: ~8 s per step instead of 16-20 s with all 30 layers).
     lora_layers: int = 8  # LoRA on the top N decoder layers (0: all)
     # Off: the adapter is the reader's only; the answer loss then trains LoRA and the bridge, the docid loss the
     # retrieval parameters. On: the adapter serves retrieval and reading.
