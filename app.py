@@ -262,6 +262,9 @@ def about_markdown(pipeline: Pipeline) -> str:
     cost_text = "\n".join(f"  - {line}" for line in cost) if cost else (
         "  - not measured yet (no pair of 4-bit and fp32 `eval_*.json` results for the same system and corpus in the "
         "checkpoint folders)")
+    sides = ("The two sides answer at the same time, each on its own thread: the latency on each card was measured "
+             "while the other side was running." if pipeline.settings.parallel_sides else
+             "The two sides answer one after the other (`UNIRAG_PARALLEL_SIDES=0`).")
     return f"""
 ### How the joint model retrieves
 1. **Docids.** The corpus is embedded once and split by recursive k-means (k = 10 clusters per split, clusters larger
@@ -286,6 +289,7 @@ and reads them with the same LLM and prompt.
 ### This deployment
 - Precision: **{pipeline.settings.precision_label}** (`--precision fp32` for full precision).
 - LLM: **{pipeline.status()["llm"]}**, encoder: **{pipeline.status()["encoder"]}**.
+- {sides}
 - Measured accuracy cost of 4-bit:
 {cost_text}
 
