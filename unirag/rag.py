@@ -84,8 +84,8 @@ class AnswerAttentionRecorder:
 
 
 def _decoder_layers(model):
-    base = getattr(model, "get_decoder", lambda: None)() or getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
+    # The same lookup as JointModel.decoder: the causal LM's base model holds the layers.
+    layers = getattr(getattr(model, getattr(model, "base_model_prefix", "model"), None), "layers", None)
     if layers is None:
         raise UniragError(f"Cannot find the decoder layers of {type(model).__name__} for the attention trace.")
     return layers
