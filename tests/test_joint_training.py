@@ -42,6 +42,18 @@ def test_examples_cover_every_passage_and_question(setup):
     assert enc.allowed[1] == [model.docid_vocab_index(1, s) for s in (0, 1, 2)]
 
 
+def test_passage_text_indexing_examples(setup):
+    corpus, tree, model, tok = setup
+    config = training.TrainConfig(corpus="c", questions="q", out="o", pseudo_queries=1, index_passages=True,
+                                  passage_words=4)
+    examples = training.stage1_examples(corpus, [], tree, config)
+    assert len(examples) == 2 * len(corpus)
+    assert examples[1] == ("Topic 0. Fact number", tree.docid("d0"))  # title + text, clipped to 4 words
+    everything = training.TrainConfig(corpus="c", questions="q", out="o", pseudo_queries=16)
+    # more pseudo-queries than sentences: every sentence once (two per passage: "More 0 words." is too short)
+    assert len(training.stage1_examples(corpus, [], tree, everything)) == 2 * len(corpus)
+
+
 def test_cached_top_layer_forward_matches_full_forward(setup):
     corpus, tree, model, tok = setup
     with torch.no_grad():
@@ -104,6 +116,38 @@ def test_train_stage1_stage2_and_resume(tiny_llm_dirs, tmp_path, monkeypatch):
     assert loaded.config.adapter_in_retrieval is False  # the default: docids are generated without the adapter
     with pytest.raises(UniragError, match="no-adapter-in-retrieval"):
         training.main(args + ["--resume", "--stage2-steps", "3", "--adapter-in-retrieval"])
+
+
+def test_stage1_lora_trains_retrieval_and_leaves_the_reader_alone(tiny_llm_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
+    corpus_path, q_path = write_tiny_data(tmp_path)
+    monkeypatch.setattr("unirag.docids.corpus_embeddings", lambda *a, **k: torch.randn(8, 8).numpy())
+    monkeypatch.setattr(training, "query_embeddings", lambda texts, name: torch.randn(len(texts), 8).numpy())
+    out = tmp_path / "ckpt"
+    args = ["--corpus", str(corpus_path), "--questions", str(q_path), "--out", str(out), "--base-model",
+            str(tiny_llm_dirs["llama"]), "--tree-k", "2", "--tree-c", "2", "--pathway-layers", "2",
+            "--stage1-epochs", "1", "--batch-size", "4", "--validation-questions", "2", "--pseudo-queries", "1",
+            "--stage1-lora", "--stage1-lora-lr", "0.05"]
+    assert training.main(args) == 0
+    model = JointModel.from_pretrained(out)
+    assert model.lora_enabled and not model.reader_trained
+    assert model.config.adapter_in_retrieval and model.config.lora["layers"] == model.pathway_layer_ids
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained (peft initialises B to zero)
+    assert any(id(p) in {id(q) for q in model.stage_parameters(1)} for p in lora_b)
+    ids = model.tokenizer("Q: what about 3?\nA:", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        with model.reading_mode():  # the reader is still the base LLM: adapter off, pathway off
+            reading = model(ids, pathway=False, bridge=False).lm_logits
+        with model.base.disable_adapter():
+            base = model(ids, pathway=False, bridge=False).lm_logits
+        adapted = model(ids, pathway=False, bridge=False).lm_logits
+    assert torch.allclose(reading, base, atol=1e-6) and not torch.allclose(adapted, base, atol=1e-4)
+    with pytest.raises(UniragError, match="--stage1-lora"):  # resuming needs the same setting
+        training.main([a for a in args if a != "--stage1-lora"] + ["--resume", "--stage1-epochs", "2"])
+    assert training.main(args + ["--resume", "--stage2-steps", "1", "--save-every", "1", "--stage2-docid-batch",
+                                 "2", "--stage2-answer-batch", "1"]) == 0
+    assert JointModel.from_pretrained(out).reader_trained  # stage 2 trains the adapter as the reader too
 
 
 def test_semantic_query_vectors_match_between_cached_and_full_forward(tiny_llm_dirs, tmp_path, monkeypatch):

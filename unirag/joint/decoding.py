@@ -333,6 +333,13 @@ def answer_with_docs(
     answer token, the weights of the query that produced it over the context tokens: bridge attention when
     the bridge is on, else the base's last layers, averaged over heads (and layers).
     """
+    with model.reading_mode():
+        return _answer_with_docs(model, tokenizer, question, passages, max_new_tokens, output_attentions, pathway,
+                                 bridge)
+
+
+def _answer_with_docs(model: JointModel, tokenizer, question: str, passages: Sequence[tuple[str, str, str]],
+                      max_new_tokens: int, output_attentions: bool, pathway: bool, bridge: bool) -> AnswerGeneration:
     prompt = answer_prompt(model, tokenizer, question, passages)
     device = model.device
     num_layers = len(model.decoder.layers)
@@ -417,9 +424,9 @@ class JointSystem:
         self.trie = trie
         self.pathway = pathway
         self.bridge = bridge
-        # Until stage 2 (LoRA) has adapted the LLM to the pathway's residual, read with the pathway off:
+        # Until stage 2 (its LoRA) has adapted the LLM to the pathway's residual, read with the pathway off:
         # the reader is then exactly the base LLM.
-        self.reader_pathway = model.lora_enabled if reader_pathway is None else reader_pathway
+        self.reader_pathway = model.reader_trained if reader_pathway is None else reader_pathway
         self.traces = traces  # False skips the answer-attention trace (evaluation does not draw heatmaps)
 
     @classmethod

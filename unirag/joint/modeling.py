@@ -88,6 +88,9 @@ class JointConfig:
     # Whether docid generation runs with the LoRA adapter. False: the adapter is the reader's only (switched off
     # while generating docids), so stage 2's answer loss cannot move the hidden states retrieval was trained on.
     adapter_in_retrieval: bool = True
+    # Whether answers are read with the LoRA adapter. False after LoRA in stage 1 (the adapter was trained for
+    # docid generation only, so reading uses the unchanged base LLM); stage 2 sets it (it trains the reader).
+    adapter_in_reading: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.pathway_layers, tuple):
@@ -1123,6 +1126,20 @@ class JointModel(nn.Module):
     def lora_enabled(self) -> bool:
         return self._lora_enabled
 
+    @property
+    def reader_trained(self) -> bool:
+        """Whether stage 2 has adapted the LLM to read with the pathway and the bridge (its LoRA adapter)."""
+        return self._lora_enabled and self.config.adapter_in_reading
+
+    @contextlib.contextmanager
+    def reading_mode(self):
+        """Context for answer generation: switches the LoRA adapter off when it serves retrieval only."""
+        if self._lora_enabled and not self.config.adapter_in_reading:
+            with self.base.disable_adapter():
+                yield
+        else:
+            yield
+
     @contextlib.contextmanager
     def retrieval_mode(self):
         """Context for docid generation: switches the LoRA adapter off when `config.adapter_in_retrieval` is
@@ -1137,18 +1154,18 @@ class JointModel(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if n.startswith(JOINT_PREFIXES)]
 
     def stage_parameters(self, stage: int) -> list[nn.Parameter]:
-        """Parameters trained in a stage (no side effects). 1: pathway + docid head + entry embeddings;
-        2: those + bridge + LoRA (if enabled). The new tokens' bottom embeddings (`extra_embed`, copied from
-        existing tokens) stay frozen: their trainable part is the entry embedding added at the first pathway
-        layer, so no gradient has to travel below it (the stage-1 cache, a cheap stage-2 backward)."""
+        """Parameters trained in a stage (no side effects). 1: pathway + docid head + entry embeddings (+ LoRA if
+        it serves retrieval); 2: those + bridge + LoRA (if enabled). The new tokens' bottom embeddings
+        (`extra_embed`, copied from existing tokens) stay frozen: their trainable part is the entry embedding added
+        at the first pathway layer, so no gradient has to travel below it (the stage-1 cache, a cheap stage-2
+        backward)."""
         if stage not in (1, 2):
             raise UniragError(f"Unknown training stage {stage}; use 1 or 2.")
         prefixes = ("pathways.", "docid_head.", "entry_embed.", "semantic.") + (
             ("bridge.",) if stage == 2 else ())
-        return [
-            p for n, p in self.named_parameters()
-            if n.startswith(prefixes) or (stage == 2 and self._lora_enabled and "lora_" in n)
-        ]
+        # LoRA is a retrieval parameter when docid generation runs with it (LoRA in stage 1).
+        lora = self._lora_enabled and (stage == 2 or self.config.adapter_in_retrieval)
+        return [p for n, p in self.named_parameters() if n.startswith(prefixes) or (lora and "lora_" in n)]
 
     def stage1_parameters(self) -> list[nn.Parameter]:
         return self.stage_parameters(1)

@@ -69,11 +69,16 @@ class TrainConfig:
     # indexing data: pseudo-queries per passage (title+first sentence, then further sentences)
     pseudo_queries: int = 3  # indexing examples per passage besides the passage itself
     pseudo_query_words: int = 32  # maximum words per pseudo-query
+    index_passages: bool = False  # also the passage text itself (its first passage_words words) -> docid
+    passage_words: int = 128  # maximum words of a passage-text indexing example
     validation_questions: int = 100  # held out from the train split to pick/monitor, never dev
     # stage 1
     stage1_epochs: int = 4  # epochs of stage 1 (retrieval warm-up, base frozen)
     stage1_lr: float = 2e-3  # AdamW peak learning rate, cosine schedule
     batch_size: int = 32  # stage-1 batch size
+    # The reader stays the base LLM (adapter off while answering) until stage 2 trains it.
+    stage1_lora: bool = False  # LoRA on the pathway layers already in stage 1 (implies --adapter-in-retrieval)
+    stage1_lora_lr: float = 5e-4  # peak learning rate of the stage-1 LoRA weights (lower than the new modules')
     # stage 2
     stage2_steps: int = 0  # steps of stage 2 (LoRA + bridge, docid + answer loss); 0 skips it
     stage2_lr: float = 3e-4  # AdamW learning rate of stage 2
@@ -203,6 +208,9 @@ def stage1_examples(corpus: Corpus, questions: list[Question], tree: DocidTree, 
         docid = tree.docid(passage.id)
         examples += [(query, docid) for query in
                      indexing_queries(passage.title, passage.text, config.pseudo_queries, config.pseudo_query_words)]
+        if config.index_passages:
+            text = f"{passage.title}. {passage.text}" if passage.title else passage.text
+            examples.append((_clip(text, config.passage_words), docid))
     return examples
 
 
@@ -414,7 +422,7 @@ def retrieval_recall(model: JointModel, tokenizer, tree: DocidTree, questions: l
     with torch.inference_mode():
         for q in questions:
             found = [b.doc_id for b in search_docids(model, tokenizer, q.question, tree, beam_width, 3,
-                                                     pathway=True, bridge=model.lora_enabled).beams]
+                                                     pathway=True, bridge=model.reader_trained).beams]
             hits1 += q.doc_id in found[:1]
             hits3 += q.doc_id in found[:3]
     n = max(len(questions), 1)
@@ -450,6 +458,11 @@ def build_or_resume(config: TrainConfig, corpus: Corpus, tree: DocidTree, resume
     model = JointModel(base, joint_config, tokenizer)
     if doc_vectors is not None:
         model.init_semantic_nodes(tree, dict(zip(corpus.ids, doc_vectors, strict=True)))
+    if config.stage1_lora:
+        # Only the pathway layers: the layers below are frozen and cached in stage 1.
+        model.enable_lora(r=config.lora_r, alpha=config.lora_alpha, layers=model.pathway_layer_ids)
+        model.config.adapter_in_retrieval = True
+        model.config.adapter_in_reading = False
     return model, tokenizer, {"stage": 1, "epoch": 0, "step": 0, "best_recall@1": -1.0}
 
 
@@ -465,7 +478,12 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=config.stage1_lr, weight_decay=0.0)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
+    lora_ids = {id(p) for p in lora}
+    groups = [{"params": [p for p in params if id(p) not in lora_ids], "peak_lr": config.stage1_lr}]
+    if lora:
+        groups.append({"params": lora, "peak_lr": config.stage1_lora_lr})
+    optimizer = torch.optim.AdamW(groups, lr=config.stage1_lr, weight_decay=0.0)
     if state.get("optimizer_scalars") is not None and state["stage"] == 1 and state["epoch"] > 0:
         load_optimizer(optimizer, out, state["optimizer_scalars"])
     vocab = model.docid_head.out_features
@@ -488,7 +506,7 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
             global_step = epoch * steps_per_epoch + step_in_epoch
             for group in optimizer.param_groups:  # cosine decay with a short warm-up
                 warm = min(1.0, (global_step + 1) / 50)
-                group["lr"] = config.stage1_lr * warm * 0.5 * (1 + math.cos(math.pi * global_step / total))
+                group["lr"] = group["peak_lr"] * warm * 0.5 * (1 + math.cos(math.pi * global_step / total))
             batch = [encoded[i] for i in rows]
             ids, mask, positions, targets, allowed, node_rows = _to(device, *collate(batch, vocab, pad))
             hidden = torch.zeros(ids.shape[0], ids.shape[1], cached[rows[0]].shape[-1])
@@ -549,6 +567,7 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
     elif model.config.adapter_in_retrieval != config.adapter_in_retrieval:
         flag = "--adapter-in-retrieval" if model.config.adapter_in_retrieval else "--no-adapter-in-retrieval"
         raise UniragError(f"{out} was trained with {flag}; resume it with the same setting.")
+    model.config.adapter_in_reading = True  # from here on the adapter is also the reader's
     retrieval_params = {id(p) for p in model.stage_parameters(1)}
     params = model.trainable_parameters(stage=2)
     for p in model.parameters():
@@ -650,7 +669,12 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     dist = Distributed()
     tree = dist.main_first(lambda: load_or_build_tree(corpus, TreeConfig(k=config.tree_k, c=config.tree_c,
                                                                          seed=config.seed)))
+    if config.stage1_lora:
+        config.adapter_in_retrieval = True
     model, tokenizer, state = build_or_resume(config, corpus, tree, resume, dist)
+    if state["stage"] == 1 and model.lora_enabled != config.stage1_lora:
+        raise UniragError(f"{out} was trained {'with' if model.lora_enabled else 'without'} --stage1-lora; resume "
+                          "it with the same setting.")
     if tree.corpus_fingerprint != corpus.fingerprint:
         raise UniragError("The docid tree does not match the corpus.")
     examples = stage1_examples(corpus, train_qs, tree, config)
