@@ -1,0 +1,65 @@
+"""Generative retrieval alone: R@1/3/10 of a joint checkpoint's constrained beam search on a dev set.
+
+Runs only the docid search (no answer generation), so a stage-1 model or a training lever can be compared
+on the real dev questions in minutes. The documents are the model's own distinct finished beams, ranked by
+log-probability, exactly as the app and `python -m unirag eval --system joint` retrieve them.
+
+    python benchmarks/generative_recall.py --checkpoint checkpoints/nq-smollm2 --dataset nq [--load-in-4bit]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="joint checkpoint folder")
+    parser.add_argument("--dataset", default="nq", help="nq or squad (under UNIRAG_DATA)")
+    parser.add_argument("--split", default="dev")
+    parser.add_argument("--limit", type=int, default=None, help="the first N questions only")
+    parser.add_argument("--beam-width", type=int, default=10)
+    parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base, as the app loads it")
+    args = parser.parse_args(argv)
+
+    import torch
+    from tqdm import tqdm
+
+    from unirag.data import dataset_paths, load_corpus, load_questions
+    from unirag.joint import JointSystem, search_docids
+
+    corpus_path, questions_path = dataset_paths(args.dataset, args.split)
+    corpus = load_corpus(corpus_path)
+    questions = [q for q in load_questions(questions_path, corpus) if q.doc_id][: args.limit]
+    system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit)  # checks the tree
+    model, tree = system.model, system.trie
+    ks = (1, 3, 10)
+    hits = {k: 0 for k in ks}
+    seconds = []
+    model.eval()
+    with torch.inference_mode():
+        for q in tqdm(questions, desc="docid search", unit="q"):
+            start = time.perf_counter()
+            beams = search_docids(model, model.tokenizer, q.question, tree, args.beam_width, max(ks), pathway=True,
+                                  bridge=model.reader_trained).beams
+            seconds.append(time.perf_counter() - start)
+            found = [b.doc_id for b in beams]
+            for k in ks:
+                hits[k] += q.doc_id in found[:k]
+    n = len(questions)
+    print(json.dumps({"checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split, "n": n,
+                      "precision": "4bit" if args.load_in_4bit else "fp32",
+                      **{f"recall@{k}": round(hits[k] / max(n, 1), 4) for k in ks},
+                      "median_search_s": round(statistics.median(seconds), 3) if seconds else None}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
