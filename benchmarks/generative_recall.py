@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,35 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base, as the app loads it")
     args = parser.parse_args(argv)
 
-    import torch
-    from tqdm import tqdm
-
     from unirag.data import dataset_paths, load_corpus, load_questions
-    from unirag.joint import JointSystem, search_docids
+    from unirag.joint import JointSystem
+    from unirag.joint.training import retrieval_recall
 
     corpus_path, questions_path = dataset_paths(args.dataset, args.split)
     corpus = load_corpus(corpus_path)
     questions = [q for q in load_questions(questions_path, corpus) if q.doc_id][: args.limit]
     system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit)  # checks the tree
-    model, tree = system.model, system.trie
-    ks = (1, 3, 10)
-    hits = {k: 0 for k in ks}
-    seconds = []
-    model.eval()
-    with torch.inference_mode():
-        for q in tqdm(questions, desc="docid search", unit="q"):
-            start = time.perf_counter()
-            beams = search_docids(model, model.tokenizer, q.question, tree, args.beam_width, max(ks), pathway=True,
-                                  bridge=model.reader_trained).beams
-            seconds.append(time.perf_counter() - start)
-            found = [b.doc_id for b in beams]
-            for k in ks:
-                hits[k] += q.doc_id in found[:k]
-    n = len(questions)
-    print(json.dumps({"checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split, "n": n,
-                      "precision": "4bit" if args.load_in_4bit else "fp32",
-                      **{f"recall@{k}": round(hits[k] / max(n, 1), 4) for k in ks},
-                      "median_search_s": round(statistics.median(seconds), 3) if seconds else None}))
+    start = time.perf_counter()
+    recall = retrieval_recall(system.model, system.tokenizer, system.trie, questions, args.beam_width,
+                              ks=(1, 3, 10), progress=True)
+    seconds = (time.perf_counter() - start) / max(len(questions), 1)
+    print(json.dumps({"checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split,
+                      "precision": "4bit" if args.load_in_4bit else "fp32", **recall,
+                      "mean_search_s": round(seconds, 3)}))
     return 0
 
 

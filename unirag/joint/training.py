@@ -415,18 +415,18 @@ def log_losses(out: Path, record: dict) -> None:
 
 
 def retrieval_recall(model: JointModel, tokenizer, tree: DocidTree, questions: list[Question],
-                     beam_width: int = 10) -> dict:
-    """R@1 / R@3 of the model's own docid search on held-out train questions."""
-    hits1 = hits3 = 0
+                     beam_width: int = 10, ks: tuple[int, ...] = (1, 3), progress: bool = False) -> dict:
+    """R@k of the model's own docid search (held-out train questions while training; dev in the benchmark)."""
+    hits = dict.fromkeys(ks, 0)
     model.eval()
     with torch.inference_mode():
-        for q in questions:
-            found = [b.doc_id for b in search_docids(model, tokenizer, q.question, tree, beam_width, 3,
+        for q in tqdm(questions, desc="docid search", unit="q", disable=not progress):
+            found = [b.doc_id for b in search_docids(model, tokenizer, q.question, tree, beam_width, max(ks),
                                                      pathway=True, bridge=model.reader_trained).beams]
-            hits1 += q.doc_id in found[:1]
-            hits3 += q.doc_id in found[:3]
+            for k in ks:
+                hits[k] += q.doc_id in found[:k]
     n = max(len(questions), 1)
-    return {"recall@1": round(hits1 / n, 4), "recall@3": round(hits3 / n, 4), "n": len(questions)}
+    return {**{f"recall@{k}": round(hits[k] / n, 4) for k in ks}, "n": len(questions)}
 
 
 # ------------------------------------------------------------------------------------------ training
