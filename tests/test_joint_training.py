@@ -134,7 +134,6 @@ def test_stage1_lora_trains_retrieval_and_leaves_the_reader_alone(tiny_llm_dirs,
     assert model.config.adapter_in_retrieval and model.config.lora["layers"] == model.pathway_layer_ids
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained (peft initialises B to zero)
-    assert any(id(p) in {id(q) for q in model.stage_parameters(1)} for p in lora_b)
     ids = model.tokenizer("Q: what about 3?\nA:", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         with model.reading_mode():  # the reader is still the base LLM: adapter off, pathway off

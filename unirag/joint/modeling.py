@@ -1154,8 +1154,8 @@ class JointModel(nn.Module):
         return [(n, p) for n, p in self.named_parameters() if n.startswith(JOINT_PREFIXES)]
 
     def stage_parameters(self, stage: int) -> list[nn.Parameter]:
-        """Parameters trained in a stage (no side effects). 1: pathway + docid head + entry embeddings (+ LoRA if
-        it serves retrieval); 2: those + bridge + LoRA (if enabled). The new tokens' bottom embeddings
+        """Parameters trained in a stage (no side effects). 1: pathway + docid head + entry embeddings (training
+        adds LoRA with --stage1-lora); 2: those + bridge + LoRA (if enabled). The new tokens' bottom embeddings
         (`extra_embed`, copied from existing tokens) stay frozen: their trainable part is the entry embedding added
         at the first pathway layer, so no gradient has to travel below it (the stage-1 cache, a cheap stage-2
         backward)."""
@@ -1163,9 +1163,10 @@ class JointModel(nn.Module):
             raise UniragError(f"Unknown training stage {stage}; use 1 or 2.")
         prefixes = ("pathways.", "docid_head.", "entry_embed.", "semantic.") + (
             ("bridge.",) if stage == 2 else ())
-        # LoRA is a retrieval parameter when docid generation runs with it (LoRA in stage 1).
-        lora = self._lora_enabled and (stage == 2 or self.config.adapter_in_retrieval)
-        return [p for n, p in self.named_parameters() if n.startswith(prefixes) or (lora and "lora_" in n)]
+        return [
+            p for n, p in self.named_parameters()
+            if n.startswith(prefixes) or (stage == 2 and self._lora_enabled and "lora_" in n)
+        ]
 
     def stage1_parameters(self) -> list[nn.Parameter]:
         return self.stage_parameters(1)

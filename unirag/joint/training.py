@@ -474,15 +474,15 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
     teacher = dist.main_first(lambda: teacher_vectors(model, tree, examples, config))
     device = model.device
     params = model.stage1_parameters()
+    lora = [p for n, p in model.named_parameters() if "lora_" in n] if config.stage1_lora else []
+    groups = [{"params": params, "peak_lr": config.stage1_lr}]
+    if lora:
+        groups.append({"params": lora, "peak_lr": config.stage1_lora_lr})
+    params = params + lora
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    lora = [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
-    lora_ids = {id(p) for p in lora}
-    groups = [{"params": [p for p in params if id(p) not in lora_ids], "peak_lr": config.stage1_lr}]
-    if lora:
-        groups.append({"params": lora, "peak_lr": config.stage1_lora_lr})
     optimizer = torch.optim.AdamW(groups, lr=config.stage1_lr, weight_decay=0.0)
     if state.get("optimizer_scalars") is not None and state["stage"] == 1 and state["epoch"] > 0:
         load_optimizer(optimizer, out, state["optimizer_scalars"])
