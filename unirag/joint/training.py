@@ -67,7 +67,7 @@ class TrainConfig:
     semantic_docids: bool = True  # add the semantic node scores to the docid head's logits
     distill_weight: float = 1.0  # weight of the query-vector distillation loss
     # indexing data: pseudo-queries per passage (title+first sentence, then further sentences)
-    pseudo_queries: int = 3  # indexing examples per passage besides the passage itself
+    pseudo_queries: int = 3  # pseudo-queries per passage (more than its sentences: every sentence once)
     pseudo_query_words: int = 32  # maximum words per pseudo-query
     index_passages: bool = False  # also the passage text itself (its first passage_words words) -> docid
     passage_words: int = 128  # maximum words of a passage-text indexing example
