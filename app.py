@@ -159,7 +159,7 @@ def render(comparison: Comparison, bundle) -> tuple:
         path_fig = viz.docid_path_figure(joint.answer, bundle.tree)
         beams = pd.DataFrame(viz.beam_rows(joint.answer, bundle.titles()), columns=viz.BEAM_HEADERS)
         joint_docs = viz.question_html(joint.answer) + viz.documents_html(joint.answer, gold_doc,
-                                                                          scores_label="log-prob")
+                                                                          scores_label="score")
         joint_heat = viz.attention_heatmap(joint.answer, "Joint: answer tokens × selected documents")
     else:
         short = "The joint model is not loaded (see the message above)." if bundle.joint is None else (
@@ -344,8 +344,8 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                         gr.HTML('<div class="ur-col-title">Retrieval as reasoning (joint model)</div><div '
                                 'class="ur-col-help">The LLM writes a docid one level at a time: at each level of the '
                                 'cluster tree it scores the candidate clusters (circles, size = probability) and a '
-                                'beam search keeps the best paths. The documents at the ends of the best paths are '
-                                'read to answer.</div>')
+                                'beam search keeps the best paths. A finished path scores its log-probability plus how '
+                                'well the document itself matches the question; the best documents are read.</div>')
                         joint_card = gr.HTML(viz.answer_card_html(None, "Joint model", viz.JOINT_COLOR),
                                              elem_id="ur-joint-answer")
                         joint_path = gr.Plot(show_label=False, elem_id="ur-joint-path")

@@ -2,7 +2,8 @@
 
 Runs only the docid search (no answer generation), so a stage-1 model or a training lever can be compared
 on the real dev questions in minutes. The documents are the model's own distinct finished beams, ranked by
-log-probability, exactly as the app and `python -m unirag eval --system joint` retrieve them.
+score (path log-probability plus the document-level match), exactly as the app and
+`python -m unirag eval --system joint` retrieve them.
 
     python benchmarks/generative_recall.py --checkpoint checkpoints/nq-smollm2 --dataset nq [--load-in-4bit]
 """
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="the first N questions only")
     parser.add_argument("--beam-width", type=int, default=10)
     parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base, as the app loads it")
+    parser.add_argument("--path-logprob-only", action="store_true",
+                        help="rank by the path's log-probability alone (no document-level rescoring)")
     args = parser.parse_args(argv)
 
     from unirag.data import dataset_paths, load_corpus, load_questions
@@ -38,10 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit)  # checks the tree
     start = time.perf_counter()
     recall = retrieval_recall(system.model, system.tokenizer, system.trie, questions, args.beam_width,
-                              ks=(1, 3, 10), progress=True)
+                              ks=(1, 3, 10), progress=True,
+                              rescore=not args.path_logprob_only)
     seconds = (time.perf_counter() - start) / max(len(questions), 1)
     print(json.dumps({"checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split,
-                      "precision": "4bit" if args.load_in_4bit else "fp32", **recall,
+                      "precision": "4bit" if args.load_in_4bit else "fp32",
+                      "ranking": "path log-prob" if args.path_logprob_only else "path log-prob + document match",
+                      **recall,
                       "mean_search_s": round(seconds, 3)}))
     return 0
 

@@ -275,7 +275,10 @@ def test_ask_callback_outputs(pipeline):
     assert "q4" in gold_info and "gold answer" in gold_info
     for fig in (path_fig, joint_heat, bars, rag_heat):
         assert isinstance(fig, go.Figure) and fig.data
-    assert len(beams) >= 2 and list(beams.columns) == ["#", "docid", "doc id", "title", "log-prob", "used"]
+    from unirag import viz
+
+    assert len(beams) >= 2 and list(beams.columns) == viz.BEAM_HEADERS and "score" in beams.columns
+    assert list(beams["score"]) == sorted(beams["score"], reverse=True)
     assert "Joint model" in joint_card and "Dense RAG" in rag_card
     assert "Precision" in banner and "fp32" in banner
     # The <script> passage is retrieved by RAG (its gold) and must be escaped wherever it appears.

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from unirag.answer import Answer
 from unirag.backbones import load_llm
@@ -100,6 +101,7 @@ def test_beam_search_finds_the_exact_top_documents(joint):
         assert beam.logprob == pytest.approx(logprob, abs=1e-4)
     logprobs = [b.logprob for b in beams]
     assert logprobs == sorted(logprobs, reverse=True)
+    assert all(b.document_match == 0.0 and b.score == b.logprob for b in beams)  # no semantic scorer: no match
 
 
 def test_beam_levels_trace(joint):
@@ -268,18 +270,44 @@ def brute_force_semantic_logprob(model: JointModel, question: str, trie: FakeTri
     return total
 
 
+@torch.no_grad()
+def brute_force_document_match(model: JointModel, question: str, trie: FakeTrie, docid: tuple[int, ...]) -> float:
+    ids, _ = retrieval_prompt(model, model.tokenizer, question)
+    query = model(torch.tensor([ids])).query_vectors[0, -1]
+    node = F.normalize(model.semantic.node_embed.weight[model.node_rows(trie, [docid])[0]].float(), dim=0)
+    return float(query.float() @ node) * float(model.semantic.log_scale.exp())
+
+
 def test_semantic_scores_enter_the_beam_search_exactly(semantic_joint):
     trie = FakeTrie(DOCIDS)
     question = "which river is longest?"
     exact = sorted(((brute_force_semantic_logprob(semantic_joint, question, trie, d), name)
                     for d, name in DOCIDS.items()), reverse=True)
     beams = generate_docids(semantic_joint, semantic_joint.tokenizer, question, trie, beam_width=len(DOCIDS),
-                            num_return=3)
+                            num_return=3, rescore=False)
     assert [b.doc_id for b in beams] == [name for _, name in exact[:3]]
     for beam, (logprob, _) in zip(beams, exact[:3], strict=True):
         assert beam.logprob == pytest.approx(logprob, abs=1e-4)
+        assert beam.document_match == 0.0 and beam.score == beam.logprob
     for level in beams[0].levels:
         assert sum(level["probs"]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("num_return", [1, 3, len(DOCIDS)])
+def test_rescored_ranking_is_exact(semantic_joint, num_return):
+    """score = path log-prob + the document node's scaled cosine, and the pruning never drops a winner."""
+    model, trie = semantic_joint, FakeTrie(DOCIDS)
+    for question in ("which river is longest?", "who painted the ceiling?", "when did it end"):
+        exact = sorted(((brute_force_semantic_logprob(model, question, trie, d)
+                         + brute_force_document_match(model, question, trie, d), name)
+                        for d, name in DOCIDS.items()), reverse=True)
+        beams = generate_docids(model, model.tokenizer, question, trie, beam_width=len(DOCIDS), num_return=num_return)
+        assert [b.doc_id for b in beams] == [name for _, name in exact[:num_return]]
+        for beam, (score, _) in zip(beams, exact, strict=False):
+            assert beam.score == pytest.approx(score, abs=1e-4)
+            assert beam.document_match == pytest.approx(brute_force_document_match(model, question, trie,
+                                                                                   beam.docid), abs=1e-4)
+            assert beam.score == pytest.approx(beam.logprob + beam.document_match, abs=1e-6)
 
 
 def test_semantic_node_embeddings_steer_retrieval(semantic_joint):

@@ -105,8 +105,10 @@ def test_docid_path_without_trace_is_a_message():
 def test_beam_rows(tree):
     rows = viz.beam_rows(joint_answer(tree), {"d1": "Title 1", "d0": "Title 0"})
     assert [r[1] for r in rows] == ["0-0-1", "0-1-0", "0-0-0"]
-    assert [r[5] for r in rows] == ["✓", "✓", ""] and rows[0][3] == "Title 1"
+    assert [r[7] for r in rows] == ["✓", "✓", ""] and rows[0][3] == "Title 1"
     assert rows[0][4] == pytest.approx(math.log(0.7 * 0.6 * 0.45), abs=1e-3)
+    assert rows[0][5] == 0.0 and rows[0][6] == rows[0][4]  # no document match recorded: score = log-prob
+    assert len(rows[0]) == len(viz.BEAM_HEADERS)
 
 
 # --------------------------------------------------------------------------------------------- bars

@@ -8,7 +8,7 @@ from typing import Any
 
 @dataclass
 class RetrievedDoc:
-    """One retrieved passage. `score` is a cosine similarity (dense) or a log-probability (joint)."""
+    """One retrieved passage. `score`: cosine similarity (dense) or beam score (joint: path log-prob + doc match)."""
 
     doc_id: str
     title: str

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=32)
     ev.add_argument("--gold", action="store_true", help="read the gold passage only (reader upper bound)")
     ev.add_argument("--beam-width", type=int, default=10, help="joint: constrained beam width")
+    ev.add_argument("--path-logprob-only", action="store_true",
+                    help="joint: rank documents by the docid path's log-probability alone, without the "
+                         "document-level match (the ranking before 2026-11-25)")
 
     ask = sub.add_parser("ask", help="answer one question with a system")
     _add_corpus(ask)
@@ -114,7 +117,8 @@ def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = 
             raise UniragError("--system joint needs --checkpoint DIR (e.g. checkpoints/nq-smollm2).")
         system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
                                              attn_implementation=attn_implementation,
-                                             traces=traces)
+                                             traces=traces,
+                                             rescore=not getattr(args, "path_logprob_only", False))
         retriever = DenseRetriever.from_corpus(corpus, args.encoder) if args.system == "rag" else None
 
         def answer_joint(questions):
@@ -167,7 +171,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     summary = run_eval(
         answer_batch, args.system + ("-gold" if args.gold else ""), questions, args.k, batch_size=batch, out=args.out,
         labels={"corpus": Path(args.corpus).resolve().parent.name,
-                "precision": "4bit" if args.load_in_4bit else "fp32"},
+                "precision": "4bit" if args.load_in_4bit else "fp32",
+                **({"ranking": "path log-prob" if args.path_logprob_only else "path log-prob + document match"}
+                   if args.system == "joint" and not args.gold else {})},
     )
     if args.summary_out:
         write_json_atomic(args.summary_out, {"summary": {**summary, "run": run_name(args.summary_out)}})

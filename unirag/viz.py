@@ -311,11 +311,11 @@ def docid_path_figure(answer: Answer | None, tree=None, height: int | None = Non
 # --------------------------------------------------------------------------------------------- tables
 
 
-BEAM_HEADERS = ["#", "docid", "doc id", "title", "log-prob", "used"]
+BEAM_HEADERS = ["#", "docid", "doc id", "title", "path log-prob", "doc match", "score", "used"]
 
 
 def beam_rows(answer: Answer | None, titles: Mapping[str, str] | None = None, limit: int = 10) -> list[list[Any]]:
-    """Rows of the beam table: every finished beam, best first."""
+    """Rows of the beam table: every finished beam, best first (score = path log-prob + document match)."""
     if answer is None:
         return []
     titles = titles or {}
@@ -323,8 +323,11 @@ def beam_rows(answer: Answer | None, titles: Mapping[str, str] | None = None, li
     rows = []
     for rank, beam in enumerate((answer.traces.get("beams") or [])[:limit], start=1):
         doc_id = str(beam.get("doc_id", ""))
-        rows.append([rank, docid_str(beam.get("docid")), doc_id, titles.get(doc_id, ""),
-                     round(float(beam.get("logprob", float("nan"))), 3), "✓" if doc_id in selected else ""])
+        logprob = float(beam.get("logprob", float("nan")))
+        match = float(beam.get("document_match", 0.0))
+        rows.append([rank, docid_str(beam.get("docid")), doc_id, titles.get(doc_id, ""), round(logprob, 3),
+                     round(match, 3), round(float(beam.get("score", logprob + match)), 3),
+                     "✓" if doc_id in selected else ""])
     return rows
 
 

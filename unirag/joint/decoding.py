@@ -37,12 +37,18 @@ class DocidTrie(Protocol):
 
 @dataclass
 class DocidBeam:
-    """One retrieved document: its docid path, log-probability and per-level choices."""
+    """One retrieved document: its docid path, scores and per-level choices.
+
+    score = logprob + document_match: the path's log-probability (each level renormalised over the siblings)
+    plus the semantic scorer's scaled cosine of the query vector with the document's own node (0 without a
+    scorer, or when the search ran with rescore=False). Beams are ranked by score."""
 
     docid: tuple[int, ...]
     doc_id: str
     logprob: float
     levels: list[dict[str, Any]]  # per level: prefix, children, probs (sum to 1), chosen
+    document_match: float = 0.0
+    score: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
@@ -182,6 +188,7 @@ def search_docids(
     num_return: int = 3,
     pathway: bool = True,
     bridge: bool = True,
+    rescore: bool = True,
 ) -> DocidSearch:
     """Beam search over the docid trie with the docid head; returns distinct documents and traces.
 
@@ -189,15 +196,20 @@ def search_docids(
     re-indexed to follow the surviving beams. At each level the docid head's logits are restricted to the
     allowed children and renormalised (log-softmax over that set). A complete docid (allowed == []) can
     only be followed by end-of-docid, whose renormalised log-probability is 0, so the beam finishes.
+
+    rescore: a finished path's score also gets the semantic scorer's match of the query with the document
+    itself. The per-level softmax only compares siblings, so a path can be confident all the way down to a
+    document that fits the question poorly in absolute terms; the document-level match puts that back
+    (measured: nq/dev R@1 0.455 → 0.564; docs/RESULTS.md).
     """
     if beam_width < 1 or num_return < 1:
         raise UniragError("beam_width and num_return must be >= 1.")
     with model.retrieval_mode():
-        return _search_docids(model, tokenizer, question, trie, beam_width, num_return, pathway, bridge)
+        return _search_docids(model, tokenizer, question, trie, beam_width, num_return, pathway, bridge, rescore)
 
 
 def _search_docids(model: JointModel, tokenizer, question: str, trie: DocidTrie, beam_width: int, num_return: int,
-                   pathway: bool, bridge: bool) -> DocidSearch:
+                   pathway: bool, bridge: bool, rescore: bool) -> DocidSearch:
     L = model.config.docid_levels
     device = model.device
     prompt_ids, question_positions = retrieval_prompt(model, tokenizer, question)
@@ -213,8 +225,11 @@ def _search_docids(model: JointModel, tokenizer, question: str, trie: DocidTrie,
     rows = out.docid_logits[:, -1].float()
     # The semantic scorer reads the prompt pass only: its query vector pools the whole question.
     query = out.query_vectors[0, -1] if out.query_vectors is not None else None
+    rescore = rescore and query is not None
+    # Cosines are at most 1, so no live beam can gain more than the scorer's scale (pruning bound below).
+    max_match = float(model.semantic.log_scale.exp()) if rescore else 0.0
 
-    finished: list[_Hyp] = []
+    finished: list[tuple[_Hyp, float]] = []  # (path, document match)
     best_per_doc: dict[str, float] = {}  # distinct documents found so far → best log-prob
     active = [_Hyp((), 0.0, [], root_children)]
     while active:
@@ -242,13 +257,14 @@ def _search_docids(model: JointModel, tokenizer, question: str, trie: DocidTrie,
                 parents.append(b)
                 next_tokens.append(model.docid_token_id(len(parent.prefix), c))
             else:
-                finished.append(hyp)
+                match = float(model.semantic_scores(trie, query, parent.prefix, [c])[0]) if rescore else 0.0
+                finished.append((hyp, match))
                 doc = trie.doc_id(prefix)
-                best_per_doc[doc] = max(score, best_per_doc.get(doc, -math.inf))
-        # Scores only decrease: stop once no live beam can beat the num_return-th distinct document.
+                best_per_doc[doc] = max(score + match, best_per_doc.get(doc, -math.inf))
+        # Log-probabilities only decrease: stop once no live beam can beat the num_return-th distinct document.
         if len(best_per_doc) >= num_return:
             bar = sorted(best_per_doc.values(), reverse=True)[num_return - 1]
-            keep = [i for i, h in enumerate(next_active) if h.score > bar]
+            keep = [i for i, h in enumerate(next_active) if h.score + max_match > bar]
             next_active = [next_active[i] for i in keep]
             parents = [parents[i] for i in keep]
             next_tokens = [next_tokens[i] for i in keep]
@@ -263,8 +279,9 @@ def _search_docids(model: JointModel, tokenizer, question: str, trie: DocidTrie,
         cache = out.past_key_values
         rows = out.docid_logits[:, -1].float()
 
-    finished.sort(key=lambda h: -h.score)
-    all_beams = [DocidBeam(h.prefix, trie.doc_id(h.prefix), h.score, h.levels) for h in finished]
+    all_beams = [DocidBeam(h.prefix, trie.doc_id(h.prefix), h.score, h.levels, match, h.score + match)
+                 for h, match in finished]
+    all_beams.sort(key=lambda b: -b.score)
     distinct: list[DocidBeam] = []
     seen: set[str] = set()
     for beam in all_beams:
@@ -283,9 +300,10 @@ def generate_docids(
     num_return: int = 3,
     pathway: bool = True,
     bridge: bool = True,
+    rescore: bool = True,
 ) -> list[DocidBeam]:
-    """Distinct documents ranked by docid log-probability (see `search_docids` for the traces)."""
-    return search_docids(model, tokenizer, question, trie, beam_width, num_return, pathway, bridge).beams
+    """Distinct documents ranked by score (see `search_docids` for the score and the traces)."""
+    return search_docids(model, tokenizer, question, trie, beam_width, num_return, pathway, bridge, rescore).beams
 
 
 def _retrieval_attention(model, tokenizer, prompt_ids, question_positions, out) -> dict[str, Any]:
@@ -417,7 +435,8 @@ class JointSystem:
     name = "joint"
 
     def __init__(self, model: JointModel, tokenizer, corpus, trie: DocidTrie, pathway: bool = True,
-                 bridge: bool = True, reader_pathway: bool | None = None, traces: bool = True) -> None:
+                 bridge: bool = True, reader_pathway: bool | None = None, traces: bool = True,
+                 rescore: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.corpus = corpus
@@ -428,6 +447,7 @@ class JointSystem:
         # the reader is then exactly the base LLM.
         self.reader_pathway = model.reader_trained if reader_pathway is None else reader_pathway
         self.traces = traces  # False skips the answer-attention trace (evaluation does not draw heatmaps)
+        self.rescore = rescore  # False ranks documents by path log-probability alone (see search_docids)
 
     @classmethod
     def from_checkpoint(
@@ -440,6 +460,7 @@ class JointSystem:
         bridge: bool = True,
         attn_implementation: str = "eager",
         traces: bool = True,
+        rescore: bool = True,
     ) -> JointSystem:
         """Load model, tokenizer and the checkpoint's docid tree (checked against `corpus`).
 
@@ -453,7 +474,7 @@ class JointSystem:
         tree = DocidTree.load(tree_path, corpus)  # before the model: a corpus mismatch fails fast
         model = JointModel.from_pretrained(ckpt, load_in_4bit=load_in_4bit, base_model=base_model,
                                            attn_implementation=attn_implementation)
-        return cls(model, model.tokenizer, corpus, tree, pathway=pathway, bridge=bridge, traces=traces)
+        return cls(model, model.tokenizer, corpus, tree, pathway=pathway, bridge=bridge, traces=traces, rescore=rescore)
 
     def answer(
         self,
@@ -494,12 +515,12 @@ class JointSystem:
         else:
             start = time.perf_counter()
             search = search_docids(model, self.tokenizer, text, self.trie, max(beam_width, k_docs), k_docs,
-                                   self.pathway, self.bridge)
+                                   self.pathway, self.bridge, self.rescore)
             timings["retrieve"] = (time.perf_counter() - start) * 1000
             docs = []
             for beam in search.beams:
                 passage = self.corpus[beam.doc_id]
-                docs.append(RetrievedDoc(passage.id, passage.title, passage.text, beam.logprob, beam.docid))
+                docs.append(RetrievedDoc(passage.id, passage.title, passage.text, beam.score, beam.docid))
             traces.update(
                 beams=[b.to_dict() for b in search.finished],
                 paths=[b.levels for b in search.beams],

@@ -415,14 +415,16 @@ def log_losses(out: Path, record: dict) -> None:
 
 
 def retrieval_recall(model: JointModel, tokenizer, tree: DocidTree, questions: list[Question],
-                     beam_width: int = 10, ks: tuple[int, ...] = (1, 3), progress: bool = False) -> dict:
+                     beam_width: int = 10, ks: tuple[int, ...] = (1, 3), progress: bool = False,
+                     rescore: bool = True) -> dict:
     """R@k of the model's own docid search (held-out train questions while training; dev in the benchmark)."""
     hits = dict.fromkeys(ks, 0)
     model.eval()
     with torch.inference_mode():
         for q in tqdm(questions, desc="docid search", unit="q", disable=not progress):
             found = [b.doc_id for b in search_docids(model, tokenizer, q.question, tree, beam_width, max(ks),
-                                                     pathway=True, bridge=model.reader_trained).beams]
+                                                     pathway=True, bridge=model.reader_trained,
+                                                     rescore=rescore).beams]
             for k in ks:
                 hits[k] += q.doc_id in found[:k]
     n = max(len(questions), 1)
