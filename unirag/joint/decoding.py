@@ -48,11 +48,15 @@ class DocidBeam:
     logprob: float
     levels: list[dict[str, Any]]  # per level: prefix, children, probs (sum to 1), chosen
     document_match: float = 0.0
-    score: float = 0.0
+
+    @property
+    def score(self) -> float:
+        return self.logprob + self.document_match
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
         record["docid"] = list(self.docid)
+        record["score"] = self.score
         return record
 
 
@@ -230,7 +234,7 @@ def _search_docids(model: JointModel, tokenizer, question: str, trie: DocidTrie,
     max_match = float(model.semantic.log_scale.exp()) if rescore else 0.0
 
     finished: list[tuple[_Hyp, float]] = []  # (path, document match)
-    best_per_doc: dict[str, float] = {}  # distinct documents found so far → best log-prob
+    best_per_doc: dict[str, float] = {}  # distinct documents found so far → best score
     active = [_Hyp((), 0.0, [], root_children)]
     while active:
         candidates: list[tuple[float, int, int, dict[str, Any]]] = []
@@ -279,8 +283,7 @@ def _search_docids(model: JointModel, tokenizer, question: str, trie: DocidTrie,
         cache = out.past_key_values
         rows = out.docid_logits[:, -1].float()
 
-    all_beams = [DocidBeam(h.prefix, trie.doc_id(h.prefix), h.score, h.levels, match, h.score + match)
-                 for h, match in finished]
+    all_beams = [DocidBeam(h.prefix, trie.doc_id(h.prefix), h.score, h.levels, match) for h, match in finished]
     all_beams.sort(key=lambda b: -b.score)
     distinct: list[DocidBeam] = []
     seen: set[str] = set()
