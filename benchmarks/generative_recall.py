@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from unirag.data import dataset_paths, load_corpus, load_questions
     from unirag.joint import JointSystem
+    from unirag.joint.decoding import ranking_name
     from unirag.joint.training import retrieval_recall
 
     corpus_path, questions_path = dataset_paths(args.dataset, args.split)
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = (time.perf_counter() - start) / max(len(questions), 1)
     print(json.dumps({"checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split,
                       "precision": "4bit" if args.load_in_4bit else "fp32",
-                      "ranking": "path log-prob" if args.path_logprob_only else "path log-prob + document match",
+                      "ranking": ranking_name(not args.path_logprob_only),
                       **recall,
                       "mean_search_s": round(seconds, 3)}))
     return 0

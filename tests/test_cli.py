@@ -166,6 +166,7 @@ def test_eval_joint_and_rag_with_joint_reader(files, capsys, tiny_llm_dirs, monk
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["system"] == "joint" and summary["recall@k"] is not None
+    assert summary["ranking"] == "path log-prob + document match"
     # dense top-k read by the joint model's reader (bag-of-words stand-in encoder: no model download)
     from conftest import BagOfWordsEncoder
 

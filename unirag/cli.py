@@ -153,6 +153,7 @@ def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = 
 def cmd_eval(args: argparse.Namespace) -> int:
     from unirag.data import load_corpus, load_questions
     from unirag.eval import run_eval, run_name, write_json_atomic
+    from unirag.joint.decoding import ranking_name
 
     for name in ("k", "limit", "batch_size", "max_new_tokens", "beam_width"):
         _positive(name.replace("_", "-"), getattr(args, name))
@@ -172,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         answer_batch, args.system + ("-gold" if args.gold else ""), questions, args.k, batch_size=batch, out=args.out,
         labels={"corpus": Path(args.corpus).resolve().parent.name,
                 "precision": "4bit" if args.load_in_4bit else "fp32",
-                **({"ranking": "path log-prob" if args.path_logprob_only else "path log-prob + document match"}
+                **({"ranking": ranking_name(not args.path_logprob_only)}
                    if args.system == "joint" and not args.gold else {})},
     )
     if args.summary_out:

@@ -294,6 +294,11 @@ def _search_docids(model: JointModel, tokenizer, question: str, trie: DocidTrie,
     return DocidSearch(distinct[:num_return], all_beams, attention, len(prompt_ids))
 
 
+def ranking_name(rescore: bool) -> str:
+    """How the search ranks documents, as eval summaries and benchmarks label it."""
+    return "path log-prob + document match" if rescore else "path log-prob"
+
+
 def generate_docids(
     model: JointModel,
     tokenizer,
@@ -566,6 +571,7 @@ __all__ = [
     "answer_prompt",
     "answer_with_docs",
     "generate_docids",
+    "ranking_name",
     "retrieval_prompt",
     "search_docids",
 ]
