@@ -176,9 +176,21 @@ def test_semantic_query_vectors_match_between_cached_and_full_forward(tiny_llm_d
     assert torch.allclose(full.query_vectors[rows, positions[:, 0]], top.query_vectors[rows, positions[:, 0]],
                           atol=1e-5)
     teacher = torch.nn.functional.normalize(torch.randn(2, 5), dim=-1)
-    scores, distill = training.semantic_terms(model, top, positions, node_rows, teacher)
+    scores, distill, query = training.semantic_terms(model, top, positions, node_rows, teacher)
     loss = training.docid_loss(top.docid_logits, positions, targets, allowed, scores)
     assert scores.shape == allowed.shape and 0 <= distill.item() <= 2 and torch.isfinite(loss)
+
+    # The all-documents contrast is the cross-entropy of the gold leaf among every leaf's match, with the same
+    # scaled cosine the search ranks by.
+    documents = training.document_rows(model, tree)
+    assert len(documents) == len(tree.docids)
+    contrast = training.document_contrast(model, query, targets, node_rows, documents)
+    matches = torch.stack([torch.stack([model.semantic_scores(tree, query[b], d[:-1], [d[-1]])[0]
+                                        for d in tree.docids]) for b in range(2)])
+    gold = torch.tensor([tree.docids.index((1, 1)), tree.docids.index((0, 1))])
+    assert torch.allclose(contrast, torch.nn.functional.cross_entropy(matches, gold), atol=1e-5)
+    contrast.backward()
+    assert model.semantic.node_embed.weight.grad is not None  # (the query came from a no-grad forward)
 
 
 def write_tiny_data(root):

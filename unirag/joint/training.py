@@ -66,6 +66,9 @@ class TrainConfig:
     # pulls the model's query vector towards the docid encoder's embedding of the query text
     semantic_docids: bool = True  # add the semantic node scores to the docid head's logits
     distill_weight: float = 1.0  # weight of the query-vector distillation loss
+    # The search ranks finished paths by log-prob + document match, but the per-level loss only contrasts a
+    # document with its <= k siblings; this term contrasts it with every document of the corpus.
+    doc_contrast_weight: float = 0.0  # weight of the all-documents cross-entropy of the document match
     # indexing data: pseudo-queries per passage (title+first sentence, then further sentences)
     pseudo_queries: int = 3  # pseudo-queries per passage (more than its sentences: every sentence once)
     pseudo_query_words: int = 32  # maximum words per pseudo-query
@@ -275,14 +278,36 @@ def docid_loss(docid_logits: torch.Tensor, positions: torch.Tensor, targets: tor
 
 def semantic_terms(model: JointModel, outputs, positions: torch.Tensor, node_rows: torch.Tensor | None,
                    teacher: torch.Tensor | None):
-    """(semantic scores [B, levels, vocab] or None, distillation loss or 0) for one docid batch."""
+    """(semantic scores [B, levels, vocab] or None, distillation loss or 0, query vectors [B, D] or None)."""
     if model.semantic is None or node_rows is None or outputs.query_vectors is None:
-        return None, torch.zeros(())
+        return None, torch.zeros(()), None
     rows = torch.arange(positions.shape[0])
     query = outputs.query_vectors[rows, positions[:, 0]]  # the <retrieve_token> position: the prompt only
     scores = model.semantic.scores(query.unsqueeze(1).expand(-1, node_rows.shape[1], -1), node_rows)
     distill = (1 - (query * teacher).sum(-1)).mean() if teacher is not None else torch.zeros(())
-    return scores, distill
+    return scores, distill, query
+
+
+def document_rows(model: JointModel, tree: DocidTree) -> torch.Tensor:
+    """Semantic node-table rows of every document (the leaves), in the tree's document order."""
+    return torch.tensor(model.node_rows(tree, tree.docids), dtype=torch.long)
+
+
+def document_contrast(model: JointModel, query: torch.Tensor | None, targets: torch.Tensor, node_rows: torch.Tensor,
+                      documents: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy of the gold document's match (scaled cosine, as the search's ranking uses it) against the
+    match of every document in `documents` (leaf rows). The gold leaf is the target child at the last level."""
+    if query is None or documents is None:
+        return torch.zeros(())
+    last = (targets != -100).sum(1) - 1
+    rows = torch.arange(targets.shape[0], device=targets.device)
+    gold = node_rows[rows, last, targets[rows, last]]
+    match = gold.unsqueeze(1) == documents.to(gold.device).unsqueeze(0)  # [B, N]
+    if not bool(match.any(1).all()):
+        raise UniragError("A training docid's leaf is not among the tree's documents.")
+    nodes = torch.nn.functional.normalize(model.semantic.node_embed(documents.to(query.device)).float(), dim=-1)
+    logits = (query.float() @ nodes.T) * model.semantic.log_scale.exp().float()  # as SemanticDocidScorer.scores
+    return torch.nn.functional.cross_entropy(logits, match.float().argmax(1))
 
 
 def teacher_vectors(model: JointModel, tree: DocidTree, examples, config: TrainConfig) -> torch.Tensor | None:
@@ -474,6 +499,7 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
     key = boundary_cache_key(model, tree, encoded, config)
     cached = dist.main_first(lambda: boundary_cache(model, encoded, key, config.batch_size))
     teacher = dist.main_first(lambda: teacher_vectors(model, tree, examples, config))
+    documents = document_rows(model, tree) if config.doc_contrast_weight and model.semantic is not None else None
     device = model.device
     params = model.stage1_parameters()
     lora = [p for n, p in model.named_parameters() if "lora_" in n] if config.stage1_lora else []
@@ -501,7 +527,7 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
         rng.shuffle(batches)
         batches = dist.shard(batches)
         model.train()
-        running, distills = [], []
+        running, distills, contrasts = [], [], []
         bar = tqdm(batches, desc=f"stage 1 epoch {epoch + 1}/{config.stage1_epochs}", unit="batch",
                    disable=not dist.is_main)
         for step_in_epoch, rows in enumerate(bar):
@@ -516,10 +542,11 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
                 hidden[j, : cached[i].shape[0]] = cached[i].float()
             outputs = model(ids, attention_mask=mask, inputs_embeds=hidden.to(device, model.dtype), start_layer=layer,
                             pathway=True, bridge=False, return_lm_logits=False)
-            semantic, distill = semantic_terms(model, outputs, positions, node_rows,
-                                               teacher[rows].to(device) if teacher is not None else None)
+            semantic, distill, query = semantic_terms(model, outputs, positions, node_rows,
+                                                      teacher[rows].to(device) if teacher is not None else None)
+            contrast = document_contrast(model, query, targets, node_rows, documents)
             loss = docid_loss(outputs.docid_logits, positions, targets, allowed, semantic) + \
-                config.distill_weight * distill
+                config.distill_weight * distill + config.doc_contrast_weight * contrast
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             dist.average_gradients(params)
@@ -527,6 +554,7 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
             optimizer.step()
             running.append(loss.item())
             distills.append(float(distill.detach()))
+            contrasts.append(float(contrast.detach()))
             bar.set_postfix(loss=f"{sum(running[-50:]) / len(running[-50:]):.3f}")
         state.update(stage=1, epoch=epoch + 1, step=0)
         if not dist.is_main:
@@ -535,6 +563,7 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
         metrics = retrieval_recall(model, tokenizer, tree, valid) if valid else {}
         record = {"stage": 1, "epoch": epoch + 1, "loss": round(sum(running) / len(running), 4),
                   "distill": round(sum(distills) / len(distills), 4),
+                  **({"doc_contrast": round(sum(contrasts) / len(contrasts), 4)} if documents is not None else {}),
                   "valid": metrics, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         log_losses(out, record)
         print(json.dumps(record), flush=True)
@@ -578,6 +607,7 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.stage2_lr, weight_decay=0.0)
     teacher = dist.main_first(lambda: teacher_vectors(model, tree, examples, config))
+    documents = document_rows(model, tree) if config.doc_contrast_weight and model.semantic is not None else None
     device = model.device
     start_step = state["step"] if state["stage"] == 2 else 0
     if state["stage"] == 2 and start_step > 0:
@@ -599,10 +629,11 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
         ids, mask, positions, targets, allowed, node_rows = _to(device, *collate(batch, vocab, pad))
         with model.retrieval_mode():
             out_docid = model(ids, attention_mask=mask, pathway=True, bridge=True, return_lm_logits=False)
-        semantic, distill = semantic_terms(model, out_docid, positions, node_rows,
-                                           teacher[picks].to(device) if teacher is not None else None)
+        semantic, distill, query = semantic_terms(model, out_docid, positions, node_rows,
+                                                  teacher[picks].to(device) if teacher is not None else None)
         loss_docid = docid_loss(out_docid.docid_logits, positions, targets, allowed, semantic) + \
-            config.distill_weight * distill
+            config.distill_weight * distill + \
+            config.doc_contrast_weight * document_contrast(model, query, targets, node_rows, documents)
         # Answer loss: read the documents the model itself retrieves.
         model.eval()
         pairs = [_answer_example(model, tokenizer, corpus, tree, answerable[rng.randrange(len(answerable))],
