@@ -166,7 +166,14 @@ def test_eval_joint_and_rag_with_joint_reader(files, capsys, tiny_llm_dirs, monk
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["system"] == "joint" and summary["recall@k"] is not None
-    assert summary["ranking"] == "path log-prob + document match"
+    assert summary["ranking"] == "path log-prob + document match" and "reader" not in summary
+    code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "joint",
+                         "--checkpoint", ckpt, "--k", 1, "--max-new-tokens", 2, "--base-reader")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["reader"] == "base LLM"
+    code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag",
+                         "--base-reader")
+    assert code != 0 and "--base-reader" in err
     # dense top-k read by the joint model's reader (bag-of-words stand-in encoder: no model download)
     from conftest import BagOfWordsEncoder
 

@@ -362,3 +362,37 @@ def test_init_semantic_nodes_uses_centroids(semantic_joint):
     finally:
         with torch.no_grad():
             semantic_joint.semantic.node_embed.weight.copy_(saved)
+
+
+def test_base_reader_reads_with_the_base_llm(tiny_llm_dirs):
+    """--base-reader: a stage-2 model (trained adapter, reader pathway and bridge on) reads as the base LLM."""
+    plain = _build(tiny_llm_dirs["llama"], seed=3)  # the same joint weights, no adapter at all
+    adapted = _build(tiny_llm_dirs["llama"], seed=3)
+    adapted.enable_lora(r=4, alpha=8, dropout=0.0)
+    adapted.config.adapter_in_reading = True  # as after stage 2 (which retrieves without the adapter)
+    adapted.config.adapter_in_retrieval = False
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    assert adapted.reader_trained
+    trie = FakeTrie(DOCIDS)
+    question = "who wrote it?"
+    base_side = JointSystem(plain, plain.tokenizer, CORPUS, trie, reader_pathway=False)
+    as_base = JointSystem(adapted, adapted.tokenizer, CORPUS, trie, base_reader=True)
+    trained = JointSystem(adapted, adapted.tokenizer, CORPUS, trie)
+    expected = base_side.answer(question, k_docs=2, beam_width=4, max_new_tokens=6)
+    got = as_base.answer(question, k_docs=2, beam_width=4, max_new_tokens=6)
+    assert got.doc_ids == expected.doc_ids and got.text == expected.text
+    assert as_base.reader_pathway is False and trained.reader_pathway is True
+    passages = [(d.doc_id, d.title, d.text) for d in got.docs]
+    ids = torch.tensor([answer_prompt(adapted, adapted.tokenizer, question, passages).ids])
+    with torch.no_grad():
+        with adapted.reading_mode(adapter=False):
+            base_logits = adapted(ids, pathway=False, bridge=False).lm_logits
+        with adapted.reading_mode():
+            adapter_logits = adapted(ids, pathway=False, bridge=False).lm_logits
+        plain_logits = plain(ids, pathway=False, bridge=False).lm_logits
+    assert torch.allclose(base_logits, plain_logits, atol=1e-5)
+    assert not torch.allclose(adapter_logits, plain_logits, atol=1e-3)  # the adapter does change the reader

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--path-logprob-only", action="store_true",
                     help="joint: rank documents by the docid path's log-probability alone, without the "
                          "document-level match (the ranking before 2026-11-25)")
+    ev.add_argument("--base-reader", action="store_true",
+                    help="joint: the base LLM reads the retrieved documents (stage-2 LoRA adapter, pathway and "
+                         "bridge off), the same reader as --system rag: isolates the retrieval effect")
 
     ask = sub.add_parser("ask", help="answer one question with a system")
     _add_corpus(ask)
@@ -118,7 +121,8 @@ def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = 
         system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
                                              attn_implementation=attn_implementation,
                                              traces=traces,
-                                             rescore=not getattr(args, "path_logprob_only", False))
+                                             rescore=not getattr(args, "path_logprob_only", False),
+                                             base_reader=getattr(args, "base_reader", False))
         retriever = DenseRetriever.from_corpus(corpus, args.encoder) if args.system == "rag" else None
 
         def answer_joint(questions):
@@ -163,6 +167,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UniragError(f"--{flag.replace('_', '-')} {target} is a folder; give a file name.")
         if target and not Path(target).resolve().parent.is_dir():
             raise UniragError(f"--{flag.replace('_', '-')}: the folder of {target} does not exist.")
+    if args.base_reader and args.system != "joint":
+        raise UniragError("--base-reader applies to --system joint (the rag system always reads with the base LLM).")
     corpus = load_corpus(args.corpus)
     questions = load_questions(args.questions, corpus)[: args.limit]
     if args.gold and any(q.doc_id is None for q in questions):
@@ -174,7 +180,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         labels={"corpus": Path(args.corpus).resolve().parent.name,
                 "precision": "4bit" if args.load_in_4bit else "fp32",
                 **({"ranking": ranking_name(not args.path_logprob_only)}
-                   if args.system == "joint" and not args.gold else {})},
+                   if args.system == "joint" and not args.gold else {}),
+                **({"reader": "base LLM"} if args.base_reader else {})},
     )
     if args.summary_out:
         write_json_atomic(args.summary_out, {"summary": {**summary, "run": run_name(args.summary_out)}})

@@ -352,14 +352,16 @@ def answer_with_docs(
     output_attentions: bool = True,
     pathway: bool = True,
     bridge: bool = True,
+    adapter: bool = True,
 ) -> AnswerGeneration:
     """Greedy answer from (doc_id, title, text) passages with the KV cache; stops at EOS or a newline.
+    adapter=False reads without the stage-2 LoRA adapter (with pathway and bridge off: the base LLM).
 
     Leading newlines are skipped rather than ending the answer empty. The attention trace has, for each
     answer token, the weights of the query that produced it over the context tokens: bridge attention when
     the bridge is on, else the base's last layers, averaged over heads (and layers).
     """
-    with model.reading_mode():
+    with model.reading_mode(adapter):
         return _answer_with_docs(model, tokenizer, question, passages, max_new_tokens, output_attentions, pathway,
                                  bridge)
 
@@ -444,7 +446,7 @@ class JointSystem:
 
     def __init__(self, model: JointModel, tokenizer, corpus, trie: DocidTrie, pathway: bool = True,
                  bridge: bool = True, reader_pathway: bool | None = None, traces: bool = True,
-                 rescore: bool = True) -> None:
+                 rescore: bool = True, base_reader: bool = False) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.corpus = corpus
@@ -454,6 +456,11 @@ class JointSystem:
         # Until stage 2 (its LoRA) has adapted the LLM to the pathway's residual, read with the pathway off:
         # the reader is then exactly the base LLM.
         self.reader_pathway = model.reader_trained if reader_pathway is None else reader_pathway
+        # base_reader: the base LLM reads the joint model's documents (stage-2 adapter, pathway and bridge off),
+        # the same reader as the dense RAG baseline, so the comparison isolates retrieval.
+        self.base_reader = base_reader
+        if base_reader:
+            self.reader_pathway = False
         self.traces = traces  # False skips the answer-attention trace (evaluation does not draw heatmaps)
         self.rescore = rescore  # False ranks documents by path log-probability alone (see search_docids)
 
@@ -469,6 +476,7 @@ class JointSystem:
         attn_implementation: str = "eager",
         traces: bool = True,
         rescore: bool = True,
+        base_reader: bool = False,
     ) -> JointSystem:
         """Load model, tokenizer and the checkpoint's docid tree (checked against `corpus`).
 
@@ -482,7 +490,8 @@ class JointSystem:
         tree = DocidTree.load(tree_path, corpus)  # before the model: a corpus mismatch fails fast
         model = JointModel.from_pretrained(ckpt, load_in_4bit=load_in_4bit, base_model=base_model,
                                            attn_implementation=attn_implementation)
-        return cls(model, model.tokenizer, corpus, tree, pathway=pathway, bridge=bridge, traces=traces, rescore=rescore)
+        return cls(model, model.tokenizer, corpus, tree, pathway=pathway, bridge=bridge, traces=traces, rescore=rescore,
+                   base_reader=base_reader)
 
     def answer(
         self,
@@ -542,7 +551,7 @@ class JointSystem:
         generation = answer_with_docs(
             model, self.tokenizer, text, [(d.doc_id, d.title, d.text) for d in docs],
             max_new_tokens=max_new_tokens, output_attentions=self.traces, pathway=self.reader_pathway,
-            bridge=self.reader_pathway and self.bridge,
+            bridge=self.reader_pathway and self.bridge, adapter=not self.base_reader,
         )
         timings["generate"] = (time.perf_counter() - start) * 1000
         traces["answer_attention"] = generation.attention

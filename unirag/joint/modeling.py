@@ -1132,9 +1132,10 @@ class JointModel(nn.Module):
         return self._lora_enabled and self.config.adapter_in_reading
 
     @contextlib.contextmanager
-    def reading_mode(self):
-        """Context for answer generation: switches the LoRA adapter off when it serves retrieval only."""
-        if self._lora_enabled and not self.config.adapter_in_reading:
+    def reading_mode(self, adapter: bool = True):
+        """Context for answer generation: switches the LoRA adapter off when it serves retrieval only, or when
+        `adapter` is False (the base LLM reads)."""
+        if self._lora_enabled and not (adapter and self.config.adapter_in_reading):
             with self.base.disable_adapter():
                 yield
         else:
