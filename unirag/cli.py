@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "document-level match (the ranking before 2026-11-25)")
     ev.add_argument("--base-reader", action="store_true",
                     help="joint: the base LLM reads the retrieved documents (stage-2 LoRA adapter, pathway and "
-                         "bridge off), the same reader as --system rag: isolates the retrieval effect")
+                         "bridge off), the weights --system rag reads with: isolates the retrieval effect")
 
     ask = sub.add_parser("ask", help="answer one question with a system")
     _add_corpus(ask)

@@ -457,7 +457,7 @@ class JointSystem:
         # the reader is then exactly the base LLM.
         self.reader_pathway = model.reader_trained if reader_pathway is None else reader_pathway
         # base_reader: the base LLM reads the joint model's documents (stage-2 adapter, pathway and bridge off),
-        # the same reader as the dense RAG baseline, so the comparison isolates retrieval.
+        # the weights the dense RAG baseline reads with (same prompt text plus the <generates_token> marker).
         self.base_reader = base_reader
         if base_reader:
             self.reader_pathway = False
