@@ -279,6 +279,11 @@ class SemanticDocidScorer(nn.Module):
         features = torch.cat([pooled, hidden.to(pooled.dtype)], dim=-1).to(self.proj.weight.dtype)
         return F.normalize(self.proj(features).float(), dim=-1)
 
+    def matches(self, query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """query [B, D] (unit) against one shared node set rows [N] → [B, N] scaled cosine (as `scores`)."""
+        nodes = F.normalize(self.node_embed(rows).float(), dim=-1)
+        return (query.float() @ nodes.T) * self.log_scale.exp().float()
+
     def scores(self, query: torch.Tensor, node_rows: torch.Tensor) -> torch.Tensor:
         """query [..., D] (unit), node_rows [..., C] (-1 = no node) → [..., C] scaled cosine (0 where -1)."""
         nodes = F.normalize(self.node_embed(node_rows.clamp(min=0)).float(), dim=-1)

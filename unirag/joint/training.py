@@ -305,8 +305,7 @@ def document_contrast(model: JointModel, query: torch.Tensor | None, targets: to
     match = gold.unsqueeze(1) == documents.to(gold.device).unsqueeze(0)  # [B, N]
     if not bool(match.any(1).all()):
         raise UniragError("A training docid's leaf is not among the tree's documents.")
-    nodes = torch.nn.functional.normalize(model.semantic.node_embed(documents.to(query.device)).float(), dim=-1)
-    logits = (query.float() @ nodes.T) * model.semantic.log_scale.exp().float()  # as SemanticDocidScorer.scores
+    logits = model.semantic.matches(query, documents.to(query.device))
     return torch.nn.functional.cross_entropy(logits, match.float().argmax(1))
 
 
