@@ -38,6 +38,8 @@ INTRO = (
     "and then answers from the documents it picked (left). The same LLM with a vanilla dense retriever "
     "(DPR-style bi-encoder, top-k by cosine similarity) answers on the right."
 )
+JOINT_READER_CHOICES = [("its stage-2 reader (LoRA + bridge: terse answers)", "trained"),
+                        ("the base LLM (the RAG side's reader)", "base")]
 CSS = """
 .gradio-container {max-width: 1500px !important}
 #ur-header h1 {margin-bottom: 0}
@@ -151,7 +153,8 @@ def render(comparison: Comparison, bundle) -> tuple:
     gold_doc = comparison.gold.doc_id if comparison.gold else None
     answers = comparison.gold.answers if comparison.gold else ()
     joint, rag = comparison.joint, comparison.rag
-    joint_card = viz.answer_card_html(joint.answer, "Joint model · retrieval as reasoning", viz.JOINT_COLOR,
+    reader = " · base LLM reads" if comparison.settings.get("joint_reader") == "base" else ""
+    joint_card = viz.answer_card_html(joint.answer, f"Joint model · retrieval as reasoning{reader}", viz.JOINT_COLOR,
                                       joint.gold_found, joint.gold_rank, joint.correct, answers, joint.error)
     rag_card = viz.answer_card_html(rag.answer, f"Dense RAG · top-{comparison.settings['rag_k']}", viz.RAG_COLOR,
                                     rag.gold_found, rag.gold_rank, rag.correct, answers, rag.error)
@@ -184,9 +187,10 @@ def render(comparison: Comparison, bundle) -> tuple:
 
 
 def ask(pipeline: Pipeline, corpus: str, question: str, beam_width: float, k_docs: float, rag_k: float,
-        max_new_tokens: float) -> tuple:
+        max_new_tokens: float, joint_reader: str = "trained") -> tuple:
     """Answer with both systems; returns the outputs in `render` order, the banner and the path for the tree tab."""
-    comparison = pipeline.ask(corpus, question or "", int(beam_width), int(k_docs), int(rag_k), int(max_new_tokens))
+    comparison = pipeline.ask(corpus, question or "", int(beam_width), int(k_docs), int(rag_k), int(max_new_tokens),
+                              joint_reader or "trained")
     return (*render(comparison, pipeline.bundle(corpus)), banner_html(pipeline), last_docid(comparison))
 
 
@@ -279,7 +283,11 @@ def about_markdown(pipeline: Pipeline) -> str:
    the question, so the LLM learns to walk the tree the encoder built).
 3. **Answering.** The 1–3 selected documents go into the prompt; a *bridge* lets the answer attend to what the
    retrieval pathway computed. Stage 2 trained a LoRA adapter (QLoRA on the 4-bit base the app loads) and the bridge
-   on the model's own retrievals, with short gold answers as targets, so the reader answers tersely. The heatmaps
+   on the model's own retrievals, with short gold answers as targets, so the reader answers tersely (higher EM and
+   F1, but a gold answer appears in its output less often than in the base LLM's). *Advanced settings → Joint
+   reader → the base LLM* has the joint model's documents read by the base LLM instead, the RAG side's reader:
+   the two answers then differ only in what was retrieved (`eval --base-reader`; docs/RESULTS.md compares both).
+   The heatmaps
    show which context tokens (or sentences) each answer token attended to,
    and the highlighted sentences in the documents are the ones the answer used (GeAR-style localisation).
 
@@ -338,6 +346,10 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                         k_docs = gr.Slider(1, 3, value=2, step=1, label="Documents selected (joint)")
                         rag_k = gr.Slider(1, 10, value=5, step=1, label="RAG k (top-k passages)")
                         max_new = gr.Slider(4, 128, value=32, step=1, label="Max new tokens")
+                    joint_reader = gr.Radio(JOINT_READER_CHOICES, value="trained", label="Joint reader",
+                                            info="Who reads the joint model's documents. The base LLM is what the RAG "
+                                            "side reads with, so the two answers then differ only in retrieval "
+                                            "(docs/RESULTS.md: more accurate, less terse).", elem_id="ur-reader")
                 gold_info = gr.HTML("", elem_id="ur-gold")
                 with gr.Row(equal_height=False):
                     with gr.Column(elem_classes=["ur-col-joint"]):
@@ -389,10 +401,10 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
 
         ask_outputs = [gold_info, joint_card, joint_path, joint_beams, joint_docs, joint_heat, rag_card, rag_bars,
                        rag_docs, rag_heat, banner, last]
-        ask_inputs = [corpus, question, beam_width, k_docs, rag_k, max_new]
+        ask_inputs = [corpus, question, beam_width, k_docs, rag_k, max_new, joint_reader]
 
-        def on_ask(corpus, question, beam_width, docs_selected, rag_k, max_new_tokens):
-            return ask(pipeline, corpus, question, beam_width, docs_selected, rag_k, max_new_tokens)
+        def on_ask(corpus, question, beam_width, docs_selected, rag_k, max_new_tokens, reader="trained"):
+            return ask(pipeline, corpus, question, beam_width, docs_selected, rag_k, max_new_tokens, reader)
 
         def on_tree_tab(corpus_name, last_path):
             return tree_view(pipeline, corpus_name, last_path)

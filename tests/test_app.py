@@ -309,6 +309,25 @@ def test_ask_callback_errors_become_gr_error(pipeline):
         app._guard(boom)()
 
 
+def test_joint_reader_choice(pipeline):
+    """The "Joint reader" setting reaches the joint side: the base LLM reads the same documents and says so."""
+    import app
+    from unirag.errors import UniragError
+
+    args = ("nq", "which planet is called the red planet", 3, 1, 2, 3)
+    own, base = pipeline.ask(*args), pipeline.ask(*args, joint_reader="base")
+    assert own.settings["joint_reader"] == "trained" and base.settings["joint_reader"] == "base"
+    assert base.joint.answer.doc_ids == own.joint.answer.doc_ids  # retrieval does not depend on the reader
+    # This checkpoint has no stage 2, so its own reader is the base LLM already: the same answer.
+    assert base.joint.answer.text == own.joint.answer.text
+    assert any("base LLM" in n for n in base.joint.answer.notices)
+    assert not any("base LLM" in n for n in own.joint.answer.notices)
+    card = app.ask(pipeline, *args, "base")[1]
+    assert "base LLM reads" in card and "base LLM reads" not in app.ask(pipeline, *args)[1]
+    with pytest.raises(UniragError, match="joint reader"):
+        pipeline.ask(*args, joint_reader="lora")
+
+
 def test_side_error_does_not_kill_the_other_side(pipeline, monkeypatch):
     bundle = pipeline.bundle("nq")
 
@@ -448,7 +467,10 @@ def test_end_to_end_one_question(live_app):
     result = client.predict("nq", "who sang the song i wanna be sedated", 10, 2, 5, 24, api_name="/ask")
     elapsed = time.perf_counter() - start
     _check_ask_result(result)
-    assert "gold answer" in result[0]
+    assert "gold answer" in result[0] and "base LLM reads" not in result[1]
+    base = client.predict("nq", "who sang the song i wanna be sedated", 10, 2, 5, 24, "base", api_name="/ask")
+    _check_ask_result(base)
+    assert "base LLM reads" in base[1]
     print(f"one question, cold: {elapsed:.1f} s")
 
 

@@ -385,7 +385,13 @@ def test_base_reader_reads_with_the_base_llm(tiny_llm_dirs):
     expected = base_side.answer(question, k_docs=2, beam_width=4, max_new_tokens=6)
     got = as_base.answer(question, k_docs=2, beam_width=4, max_new_tokens=6)
     assert got.doc_ids == expected.doc_ids and got.text == expected.text
-    assert as_base.reader_pathway is False and trained.reader_pathway is True
+    assert trained.reader_pathway is True
+    # The reader can also be chosen per call (the app's "Joint reader" setting), either way round.
+    per_call = trained.answer(question, k_docs=2, beam_width=4, max_new_tokens=6, base_reader=True)
+    assert per_call.doc_ids == expected.doc_ids and per_call.text == expected.text
+    own = trained.answer(question, k_docs=2, beam_width=4, max_new_tokens=6)
+    back = as_base.answer(question, k_docs=2, beam_width=4, max_new_tokens=6, base_reader=False)
+    assert back.text == own.text and back.doc_ids == own.doc_ids
     passages = [(d.doc_id, d.title, d.text) for d in got.docs]
     ids = torch.tensor([answer_prompt(adapted, adapted.tokenizer, question, passages).ids])
     with torch.no_grad():

@@ -38,6 +38,9 @@ PRECISIONS = ("4bit", "fp32")
 PRECISION_LABELS = {"4bit": "4-bit NF4 (bitsandbytes)", "fp32": "fp32"}
 CORPUS_LABELS = {"nq": "Natural Questions", "squad": "SQuAD v1.1"}
 LIMITS = {"beam_width": (1, 32), "k_docs": (1, 3), "rag_k": (1, 10), "max_new_tokens": (1, 128)}
+# Who reads the joint model's documents: its stage-2 reader (LoRA adapter, pathway, bridge), or the base LLM, the
+# weights the RAG side reads with (then the two sides differ only in what they retrieved).
+JOINT_READERS = ("trained", "base")
 
 Progress = Callable[[str], None]
 
@@ -400,23 +403,26 @@ class Pipeline:
         return number
 
     def ask(self, name: str, question: str, beam_width: int = 10, k_docs: int = 2, rag_k: int = 5,
-            max_new_tokens: int = 32) -> Comparison:
+            max_new_tokens: int = 32, joint_reader: str = "trained") -> Comparison:
         """Both systems on one question. Bad input raises UniragError; a failing side is reported in its result."""
         text, _ = prepare_question(question)
         beam_width, k_docs = self._check("beam_width", beam_width), self._check("k_docs", k_docs)
         rag_k, max_new_tokens = self._check("rag_k", rag_k), self._check("max_new_tokens", max_new_tokens)
+        if joint_reader not in JOINT_READERS:
+            raise UniragError(f"joint reader must be one of {', '.join(JOINT_READERS)} (got {joint_reader!r}).")
         bundle = self.bundle(name)
         gold = bundle.match(text)
         comparison = Comparison(name, text, gold, SideResult(), SideResult(),
                                 {"beam_width": beam_width, "k_docs": k_docs, "rag_k": rag_k,
-                                 "max_new_tokens": max_new_tokens})
+                                 "max_new_tokens": max_new_tokens, "joint_reader": joint_reader})
         joint_side: Future[SideResult] | None = None
         if bundle.joint is None:
             comparison.joint.error = bundle.joint_message or "The joint model is not loaded."
         else:
             joint = bundle.joint
             run_joint = partial(self._side, "joint", lambda: joint.answer(
-                question, k_docs=k_docs, beam_width=max(beam_width, k_docs), max_new_tokens=max_new_tokens), gold)
+                question, k_docs=k_docs, beam_width=max(beam_width, k_docs), max_new_tokens=max_new_tokens,
+                base_reader=joint_reader == "base"), gold)
             if self.settings.parallel_sides:
                 joint_side = self._joint_worker().submit(run_joint)
             else:

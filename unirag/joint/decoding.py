@@ -458,9 +458,7 @@ class JointSystem:
         self.reader_pathway = model.reader_trained if reader_pathway is None else reader_pathway
         # base_reader: the base LLM reads the joint model's documents (stage-2 adapter, pathway and bridge off),
         # the weights the dense RAG baseline reads with (same prompt text plus the <generates_token> marker).
-        self.base_reader = base_reader
-        if base_reader:
-            self.reader_pathway = False
+        self.base_reader = base_reader  # the default of `answer(base_reader=...)`
         self.traces = traces  # False skips the answer-attention trace (evaluation does not draw heatmaps)
         self.rescore = rescore  # False ranks documents by path log-probability alone (see search_docids)
 
@@ -502,8 +500,12 @@ class JointSystem:
         gold_doc_id: str | None = None,
         doc_ids: Sequence[str] | None = None,
         doc_scores: Sequence[float] | None = None,
+        base_reader: bool | None = None,
     ) -> Answer:
+        """`base_reader` overrides the system's reader for this call (None: the system's own setting)."""
         text, notices = prepare_question(question)
+        base_reader = self.base_reader if base_reader is None else base_reader
+        reader_pathway = False if base_reader else self.reader_pathway
         if k_docs < 1:
             raise UniragError("k_docs must be >= 1.")
         model = self.model
@@ -550,10 +552,13 @@ class JointSystem:
         start = time.perf_counter()
         generation = answer_with_docs(
             model, self.tokenizer, text, [(d.doc_id, d.title, d.text) for d in docs],
-            max_new_tokens=max_new_tokens, output_attentions=self.traces, pathway=self.reader_pathway,
-            bridge=self.reader_pathway and self.bridge, adapter=not self.base_reader,
+            max_new_tokens=max_new_tokens, output_attentions=self.traces, pathway=reader_pathway,
+            bridge=reader_pathway and self.bridge, adapter=not base_reader,
         )
         timings["generate"] = (time.perf_counter() - start) * 1000
+        if base_reader:
+            notices.append("Read by the base LLM (the stage-2 adapter, pathway and bridge are off while answering): "
+                           "the weights the dense RAG baseline reads with.")
         traces["answer_attention"] = generation.attention
         traces["stop_reason"] = generation.stop_reason
         return Answer(
