@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", default="nq")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--out", default=None, help="also write the JSON summary here")
+    parser.add_argument("--joint-reader", choices=["trained", "base"], default="trained",
+                        help="who reads the joint model's documents (the app's 'Joint reader' setting)")
+    parser.add_argument("--k-docs", type=int, default=2, help="documents the joint model reads")
     parser.add_argument("app_args", nargs="*", help="extra arguments for app.py (after --)")
     args = parser.parse_args(argv)
 
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     log = Path(tempfile.mkdtemp(prefix="unirag-bench-")) / "app.log"
     command = [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--precision", args.precision,
                "--corpus", args.corpus, *args.app_args]
-    settings = (10, 2, 5, 32)  # the app's default beam width, documents, RAG k, max new tokens
+    # the app's defaults: beam width, documents, RAG k, max new tokens, joint reader
+    settings = (10, args.k_docs, 5, 32, args.joint_reader)
     with log.open("w") as handle:
         start = time.perf_counter()
         proc = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ))
@@ -112,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "precision": args.precision,
         "corpus": args.corpus,
+        "joint_reader": args.joint_reader,
+        "k_docs": args.k_docs,
         "server_up_s": round(server_up, 1),
         "cold_start_to_first_answer_s": round(cold, 1),
         "n": len(latencies),

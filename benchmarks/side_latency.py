@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=20, help="nq/dev questions timed after one warm-up")
     parser.add_argument("--k-docs", type=int, default=2)
     parser.add_argument("--rag-k", type=int, default=5)
+    parser.add_argument("--joint-reader", choices=["trained", "base"], default="trained",
+                        help="who reads the joint model's documents (the app's 'Joint reader' setting)")
     args = parser.parse_args(argv)
 
     from unirag.data import dataset_paths, load_questions
@@ -38,11 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     # One side after the other: each side's latency without the other competing for the cores.
     pipeline = Pipeline(Settings.from_env(precision=args.precision, parallel_sides=False))
     pipeline.bundle(args.corpus)  # load models, index and tree before timing
-    pipeline.ask(args.corpus, questions[0].question, k_docs=args.k_docs, rag_k=args.rag_k)  # warm-up
+    options = {"k_docs": args.k_docs, "rag_k": args.rag_k, "joint_reader": args.joint_reader}
+    pipeline.ask(args.corpus, questions[0].question, **options)  # warm-up
     sides: dict[str, dict[str, list[float]]] = {"joint": {}, "rag": {}}
     for q in questions[1:]:
         start = time.perf_counter()
-        comparison = pipeline.ask(args.corpus, q.question, k_docs=args.k_docs, rag_k=args.rag_k)
+        comparison = pipeline.ask(args.corpus, q.question, **options)
         sides.setdefault("both", {}).setdefault("wall", []).append((time.perf_counter() - start) * 1000)
         for name, side in (("joint", comparison.joint), ("rag", comparison.rag)):
             if side.answer is None:
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             for stage, ms in side.answer.timings_ms.items():
                 stats.setdefault(stage, []).append(ms)
     summary = {"precision": args.precision, "corpus": args.corpus, "n": len(questions) - 1,
-               "k_docs": args.k_docs, "rag_k": args.rag_k,
+               "k_docs": args.k_docs, "rag_k": args.rag_k, "joint_reader": args.joint_reader,
                **{f"{name}_{key}_median": median_of(values) for name, stats in sides.items()
                   for key, values in stats.items()},
                "date": time.strftime("%Y-%m-%d %H:%M")}
