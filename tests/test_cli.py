@@ -198,3 +198,22 @@ def test_joint_checkpoint_for_another_corpus(files, capsys, tiny_llm_dirs):
     code, _, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "joint",
                        "--checkpoint", ckpt, "--out", root / "o.json")
     assert code == 2 and "built for another corpus" in err and not (root / "o.json").exists()
+
+
+def test_compare_two_eval_runs(tmp_path, capsys):
+    def write(name, right):
+        records = [{"id": f"q{i}", "accuracy": float(i in right)} for i in range(8)]
+        path = tmp_path / name
+        path.write_text(json.dumps({"summary": {"n": 8}, "records": records}))
+        return path
+
+    a, b = write("a.json", {0, 1, 2, 3, 4}), write("b.json", {4})
+    code, out, _ = run(capsys, "compare", a, b)
+    result = json.loads(out)
+    assert code == 0 and (result["only_a"], result["only_b"]) == (4, 0) and result["sign_test_p"] == 0.125
+    summary = tmp_path / "eval_a_fp32.json"
+    summary.write_text(json.dumps({"summary": {"n": 8}}))
+    code, _, err = run(capsys, "compare", a, summary)
+    assert code == 2 and "no per-question records" in err
+    code, _, err = run(capsys, "compare", a, tmp_path / "missing.json")
+    assert code == 2 and "not a readable JSON file" in err

@@ -50,3 +50,27 @@ def test_run_eval_summary_and_records(tmp_path):
 def test_run_eval_rejects_missing_output_folder(tmp_path):
     with pytest.raises(UniragError, match="does not exist"):
         run_eval(fake_batch, "rag", [Question("a", "q", ("x",))], 1, out=tmp_path / "no" / "o.json")
+
+
+def test_paired_comparison_counts_and_exact_sign_test():
+    from math import comb
+
+    from unirag.eval import paired_comparison
+
+    # 6 questions: A alone right on q1-q4, B alone on q5, both right on q6.
+    a = [{"id": f"q{i}", "accuracy": float(i in (1, 2, 3, 4, 6))} for i in range(1, 7)]
+    b = [{"id": f"q{i}", "accuracy": float(i in (5, 6))} for i in reversed(range(1, 7))]  # order must not matter
+    result = paired_comparison(a, b)
+    assert (result["only_a"], result["only_b"], result["n"]) == (4, 1, 6)
+    assert result["mean_a"] == round(5 / 6, 4) and result["mean_b"] == round(2 / 6, 4)
+    assert result["sign_test_p"] == round(2 * (comb(5, 0) + comb(5, 1)) / 2**5, 4)  # 0.375
+    assert paired_comparison(a, a)["sign_test_p"] == 1.0
+    strong = [{"id": f"x{i}", "accuracy": 1.0} for i in range(10)]
+    weak = [{"id": f"x{i}", "accuracy": 0.0} for i in range(10)]
+    assert paired_comparison(strong, weak)["sign_test_p"] == round(2 / 2**10, 4)
+    with pytest.raises(UniragError, match="different questions"):
+        paired_comparison(a, b[:-1])
+    with pytest.raises(UniragError, match="0/1"):
+        paired_comparison([{"id": "q", "f1": 0.5}], [{"id": "q", "f1": 1.0}], metric="f1")
+    with pytest.raises(UniragError, match="twice"):
+        paired_comparison(a + a[:1], b)

@@ -1,4 +1,4 @@
-"""`python -m unirag {index,eval,ask,train}`: one CLI. User errors print a message and exit 2."""
+"""`python -m unirag {index,eval,ask,compare,train}`: one CLI. User errors print a message and exit 2."""
 
 from __future__ import annotations
 
@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--k", type=int, default=5)
     ask.add_argument("--checkpoint", default=None)
     ask.add_argument("--beam-width", type=int, default=10)
+
+    compare = sub.add_parser("compare", help="paired comparison of two eval runs on the same questions")
+    compare.add_argument("a", help="eval --out file (records) of system A")
+    compare.add_argument("b", help="eval --out file (records) of system B")
+    compare.add_argument("--metric", default="accuracy", choices=["accuracy", "em", "recall@1", "recall@k"])
 
     # `train` owns its flags (TrainConfig); main() hands them over untouched.
     sub.add_parser("train", help="train the joint model (stage 1 then 2); see `python -m unirag train --help`",
@@ -207,6 +212,22 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from unirag.eval import paired_comparison
+
+    records = []
+    for path in (args.a, args.b):
+        try:
+            blob = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise UniragError(f"{path} is not a readable JSON file ({exc}).") from None
+        if not isinstance(blob, dict) or not isinstance(blob.get("records"), list):
+            raise UniragError(f"{path} has no per-question records: pass an `eval --out` file, not a summary.")
+        records.append(blob["records"])
+    print(json.dumps({"run_a": str(args.a), "run_b": str(args.b), **paired_comparison(*records, metric=args.metric)}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -215,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return train_main(argv[1:])
         args = build_parser().parse_args(argv)
-        handlers = {"index": cmd_index, "eval": cmd_eval, "ask": cmd_ask}
+        handlers = {"index": cmd_index, "eval": cmd_eval, "ask": cmd_ask, "compare": cmd_compare}
         return handlers[args.command](args)
     except UniragError as exc:
         print(f"error: {exc}", file=sys.stderr)

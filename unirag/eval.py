@@ -7,6 +7,7 @@ em / f1 are SQuAD-style; recall uses the gold `doc_id` where present.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import string
@@ -120,6 +121,34 @@ def run_eval(
     if out_path is not None:
         write_json_atomic(out_path, {"summary": summary, "records": records})
     return summary
+
+
+def paired_comparison(records_a: list[dict], records_b: list[dict], metric: str = "accuracy") -> dict:
+    """Two systems on the same questions (matched by id): how many only A / only B gets right, and the exact
+    two-sided sign test on those discordant questions (the McNemar exact test). `metric` is a 0/1 record field."""
+    def by_id(records: list[dict], side: str) -> dict[str, float]:
+        values = {}
+        for r in records:
+            if r.get(metric) is None:
+                raise UniragError(f"A record of {side} has no {metric!r}.")
+            if r["id"] in values:
+                raise UniragError(f"Question {r['id']!r} occurs twice in {side}.")
+            values[r["id"]] = float(r[metric])
+        return values
+
+    a, b = by_id(records_a, "A"), by_id(records_b, "B")
+    if set(a) != set(b):
+        raise UniragError(f"The two runs cover different questions ({len(set(a) - set(b))} only in A, "
+                          f"{len(set(b) - set(a))} only in B); compare runs on the same questions.")
+    if any(v not in (0.0, 1.0) for v in (*a.values(), *b.values())):
+        raise UniragError(f"{metric!r} is not 0/1 per question; the sign test needs a right/wrong metric.")
+    only_a = sum(a[i] == 1.0 and b[i] == 0.0 for i in a)
+    only_b = sum(b[i] == 1.0 and a[i] == 0.0 for i in a)
+    discordant, low = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(discordant, i) for i in range(low + 1)) / 2**discordant) if discordant else 1.0
+    n = len(a)
+    return {"metric": metric, "n": n, "mean_a": round(sum(a.values()) / n, 4), "mean_b": round(sum(b.values()) / n, 4),
+            "only_a": only_a, "only_b": only_b, "sign_test_p": round(p, 4)}
 
 
 def write_json_atomic(path: str | Path, blob: dict) -> None:
