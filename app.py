@@ -25,7 +25,15 @@ try:
 
     from unirag import viz
     from unirag.errors import UniragError
-    from unirag.pipeline import CORPUS_LABELS, Comparison, Pipeline, Settings, load_eval_results, quantization_cost
+    from unirag.pipeline import (
+        CORPUS_LABELS,
+        JOINT_READERS,
+        Comparison,
+        Pipeline,
+        Settings,
+        load_eval_results,
+        quantization_cost,
+    )
 except ImportError as _exc:  # no page without gradio: say what to install instead of a traceback
     sys.exit(f"error: the package `{_exc.name}` is not installed. Run `make app` (or "
              "`pip install -r requirements.txt`), then `python app.py` again.")
@@ -38,8 +46,9 @@ INTRO = (
     "and then answers from the documents it picked (left). The same LLM with a vanilla dense retriever "
     "(DPR-style bi-encoder, top-k by cosine similarity) answers on the right."
 )
-JOINT_READER_CHOICES = [("its stage-2 reader (LoRA + bridge: terse answers)", "trained"),
-                        ("the base LLM (the RAG side's reader)", "base")]
+READER_LABELS = {"trained": "its stage-2 reader (LoRA + bridge: terse answers)",
+                 "base": "the base LLM (the RAG side's reader)"}
+JOINT_READER_CHOICES = [(READER_LABELS[reader], reader) for reader in JOINT_READERS]
 CSS = """
 .gradio-container {max-width: 1500px !important}
 #ur-header h1 {margin-bottom: 0}

@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from unirag.pipeline import JOINT_READERS  # noqa: E402  (after the path insert: run as a script)
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", default="nq")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--out", default=None, help="also write the JSON summary here")
-    parser.add_argument("--joint-reader", choices=["trained", "base"], default="trained",
+    parser.add_argument("--joint-reader", choices=JOINT_READERS, default="trained",
                         help="who reads the joint model's documents (the app's 'Joint reader' setting)")
     parser.add_argument("--k-docs", type=int, default=2, help="documents the joint model reads")
     parser.add_argument("app_args", nargs="*", help="extra arguments for app.py (after --)")

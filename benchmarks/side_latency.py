@@ -17,6 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from unirag.pipeline import JOINT_READERS  # noqa: E402  (after the path insert: run as a script)
+
 
 def median_of(values: list[float]) -> float | None:
     return round(statistics.median(values), 1) if values else None
@@ -29,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=20, help="nq/dev questions timed after one warm-up")
     parser.add_argument("--k-docs", type=int, default=2)
     parser.add_argument("--rag-k", type=int, default=5)
-    parser.add_argument("--joint-reader", choices=["trained", "base"], default="trained",
+    parser.add_argument("--joint-reader", choices=JOINT_READERS, default="trained",
                         help="who reads the joint model's documents (the app's 'Joint reader' setting)")
     args = parser.parse_args(argv)
 
