@@ -196,10 +196,10 @@ def render(comparison: Comparison, bundle) -> tuple:
 
 
 def ask(pipeline: Pipeline, corpus: str, question: str, beam_width: float, k_docs: float, rag_k: float,
-        max_new_tokens: float, joint_reader: str = "trained") -> tuple:
+        max_new_tokens: float, joint_reader: str = "trained", self_check: float = 0) -> tuple:
     """Answer with both systems; returns the outputs in `render` order, the banner and the path for the tree tab."""
     comparison = pipeline.ask(corpus, question or "", int(beam_width), int(k_docs), int(rag_k), int(max_new_tokens),
-                              joint_reader or "trained")
+                              joint_reader or "trained", int(self_check or 0))
     return (*render(comparison, pipeline.bundle(corpus)), banner_html(pipeline), last_docid(comparison))
 
 
@@ -359,6 +359,10 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                             info="Who reads the joint model's documents. The base LLM is what the RAG "
                                             "side reads with, so the two answers then differ only in retrieval "
                                             "(docs/RESULTS.md: more accurate, less terse).", elem_id="ur-reader")
+                    self_check = gr.Slider(0, 10, value=0, step=1, label="Self-check (joint)",
+                                           info="0 = off. N ≥ 2: the base LLM re-reads the search's top N documents "
+                                           "and ranks them by search score + how likely the question is after each "
+                                           "(query likelihood). Better top documents, slower.", elem_id="ur-self-check")
                 gold_info = gr.HTML("", elem_id="ur-gold")
                 with gr.Row(equal_height=False):
                     with gr.Column(elem_classes=["ur-col-joint"]):
@@ -410,10 +414,12 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
 
         ask_outputs = [gold_info, joint_card, joint_path, joint_beams, joint_docs, joint_heat, rag_card, rag_bars,
                        rag_docs, rag_heat, banner, last]
-        ask_inputs = [corpus, question, beam_width, k_docs, rag_k, max_new, joint_reader]
+        ask_inputs = [corpus, question, beam_width, k_docs, rag_k, max_new, joint_reader, self_check]
 
-        def on_ask(corpus, question, beam_width, docs_selected, rag_k, max_new_tokens, reader="trained"):
-            return ask(pipeline, corpus, question, beam_width, docs_selected, rag_k, max_new_tokens, reader)
+        def on_ask(corpus, question, beam_width, docs_selected, rag_k, max_new_tokens, reader="trained",
+                   self_check=0):
+            return ask(pipeline, corpus, question, beam_width, docs_selected, rag_k, max_new_tokens, reader,
+                       self_check)
 
         def on_tree_tab(corpus_name, last_path):
             return tree_view(pipeline, corpus_name, last_path)

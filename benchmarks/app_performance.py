@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--joint-reader", choices=JOINT_READERS, default="trained",
                         help="who reads the joint model's documents (the app's 'Joint reader' setting)")
     parser.add_argument("--k-docs", type=int, default=2, help="documents the joint model reads")
+    parser.add_argument("--self-check", type=int, default=0,
+                        help="the joint side re-reads its top N documents (the app's 'Self-check'; 0 = off)")
     parser.add_argument("app_args", nargs="*", help="extra arguments for app.py (after --)")
     args = parser.parse_args(argv)
 
@@ -90,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     log = Path(tempfile.mkdtemp(prefix="unirag-bench-")) / "app.log"
     command = [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--precision", args.precision,
                "--corpus", args.corpus, *args.app_args]
-    # the app's defaults: beam width, documents, RAG k, max new tokens, joint reader
-    settings = (10, args.k_docs, 5, 32, args.joint_reader)
+    # the app's defaults: beam width, documents, RAG k, max new tokens, joint reader, self-check
+    settings = (10, args.k_docs, 5, 32, args.joint_reader, args.self_check)
     with log.open("w") as handle:
         start = time.perf_counter()
         proc = subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ))
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "corpus": args.corpus,
         "joint_reader": args.joint_reader,
         "k_docs": args.k_docs,
+        "self_check": args.self_check,
         "server_up_s": round(server_up, 1),
         "cold_start_to_first_answer_s": round(cold, 1),
         "n": len(latencies),

@@ -19,6 +19,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def self_checked_recall(system, questions, beam_width: int, n: int) -> dict[str, float]:
+    """Recall@1/3/n of the search's top n documents after the self-check re-ranking."""
+    from tqdm.auto import tqdm
+
+    ks = sorted({k for k in (1, 3, n) if k <= n})
+    hits = dict.fromkeys(ks, 0)
+    for q in tqdm(questions, desc="self-checked recall", unit="q"):
+        chosen, _ = system.retrieve(q.question, k_docs=n, beam_width=beam_width, self_check=n)
+        ranked = [beam.doc_id for beam, _ in chosen]
+        for k in ks:
+            hits[k] += q.doc_id in ranked[:k]
+    return {**{f"recall@{k}": round(hits[k] / max(len(questions), 1), 4) for k in ks}, "n": len(questions)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="joint checkpoint folder")
@@ -29,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base, as the app loads it")
     parser.add_argument("--path-logprob-only", action="store_true",
                         help="rank by the path's log-probability alone (no document-level rescoring)")
+    parser.add_argument("--self-check", type=int, default=0, metavar="N",
+                        help="re-rank the top N documents by search score + question likelihood (0 = off); "
+                             "recall is then counted within those N")
     args = parser.parse_args(argv)
 
     from unirag.data import dataset_paths, load_corpus, load_questions
@@ -39,15 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     corpus_path, questions_path = dataset_paths(args.dataset, args.split)
     corpus = load_corpus(corpus_path)
     questions = [q for q in load_questions(questions_path, corpus) if q.doc_id][: args.limit]
-    system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit)  # checks the tree
+    system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
+                                         rescore=not args.path_logprob_only)  # checks the tree
     start = time.perf_counter()
-    recall = retrieval_recall(system.model, system.tokenizer, system.trie, questions, args.beam_width,
-                              ks=(1, 3, 10), progress=True,
-                              rescore=not args.path_logprob_only)
+    if args.self_check:
+        recall = self_checked_recall(system, questions, args.beam_width, args.self_check)
+    else:
+        recall = retrieval_recall(system.model, system.tokenizer, system.trie, questions, args.beam_width,
+                                  ks=(1, 3, 10), progress=True,
+                                  rescore=not args.path_logprob_only)
     seconds = (time.perf_counter() - start) / max(len(questions), 1)
     print(json.dumps({"checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split,
                       "precision": "4bit" if args.load_in_4bit else "fp32",
                       "ranking": ranking_name(not args.path_logprob_only),
+                      "self_check": args.self_check,
                       **recall,
                       "mean_search_s": round(seconds, 3)}))
     return 0

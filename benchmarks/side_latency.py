@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rag-k", type=int, default=5)
     parser.add_argument("--joint-reader", choices=JOINT_READERS, default="trained",
                         help="who reads the joint model's documents (the app's 'Joint reader' setting)")
+    parser.add_argument("--self-check", type=int, default=0,
+                        help="the joint side re-reads its top N documents (the app's 'Self-check'; 0 = off)")
     args = parser.parse_args(argv)
 
     from unirag.data import dataset_paths, load_questions
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     # One side after the other: each side's latency without the other competing for the cores.
     pipeline = Pipeline(Settings.from_env(precision=args.precision, parallel_sides=False))
     pipeline.bundle(args.corpus)  # load models, index and tree before timing
-    options = {"k_docs": args.k_docs, "rag_k": args.rag_k, "joint_reader": args.joint_reader}
+    options = {"k_docs": args.k_docs, "rag_k": args.rag_k, "joint_reader": args.joint_reader,
+               "self_check": args.self_check}
     pipeline.ask(args.corpus, questions[0].question, **options)  # warm-up
     sides: dict[str, dict[str, list[float]]] = {"joint": {}, "rag": {}}
     for q in questions[1:]:
@@ -59,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 stats.setdefault(stage, []).append(ms)
     summary = {"precision": args.precision, "corpus": args.corpus, "n": len(questions) - 1,
                "k_docs": args.k_docs, "rag_k": args.rag_k, "joint_reader": args.joint_reader,
+               "self_check": args.self_check,
                **{f"{name}_{key}_median": median_of(values) for name, stats in sides.items()
                   for key, values in stats.items()},
                "date": time.strftime("%Y-%m-%d %H:%M")}

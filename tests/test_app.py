@@ -328,6 +328,26 @@ def test_joint_reader_choice(pipeline):
         pipeline.ask(*args, joint_reader="lora")
 
 
+def test_self_check_setting(pipeline):
+    """The "Self-check" setting reaches the joint side: it re-reads its top N documents and shows the trace."""
+    import app
+    from unirag.errors import UniragError
+
+    args = ("nq", "which planet is called the red planet", 4, 1, 2, 3)
+    plain, checked = pipeline.ask(*args), pipeline.ask(*args, self_check=3)
+    assert plain.settings["self_check"] == 0 and checked.settings["self_check"] == 3
+    trace = checked.joint.answer.traces["self_check"]
+    assert len(trace) == 3 and sorted(t["search_rank"] for t in trace) == [1, 2, 3]
+    assert checked.joint.answer.doc_ids == [trace[0]["doc_id"]]
+    assert "self_check" in checked.joint.answer.timings_ms and "self_check" not in plain.joint.answer.timings_ms
+    assert any("Self-check" in n for n in checked.joint.answer.notices)
+    card = app.ask(pipeline, *args, "trained", 3)[1]
+    assert "Self-check" in card
+    for bad in (1, 11, "x"):
+        with pytest.raises(UniragError, match="self"):
+            pipeline.ask(*args, self_check=bad)
+
+
 def test_side_error_does_not_kill_the_other_side(pipeline, monkeypatch):
     bundle = pipeline.bundle("nq")
 

@@ -13,10 +13,13 @@ from unirag.backbones import load_llm
 from unirag.data import MAX_QUESTION_CHARS, Corpus, Passage
 from unirag.errors import UniragError
 from unirag.joint.decoding import (
+    SELF_CHECK_PROMPT,
+    SELF_CHECK_WEIGHT,
     JointSystem,
     answer_prompt,
     answer_with_docs,
     generate_docids,
+    question_likelihood,
     retrieval_prompt,
     search_docids,
 )
@@ -402,3 +405,68 @@ def test_base_reader_reads_with_the_base_llm(tiny_llm_dirs):
         plain_logits = plain(ids, pathway=False, bridge=False).lm_logits
     assert torch.allclose(base_logits, plain_logits, atol=1e-5)
     assert not torch.allclose(adapter_logits, plain_logits, atol=1e-3)  # the adapter does change the reader
+
+
+# ----------------------------------------------------------------------------- self-check (query likelihood)
+
+
+@torch.no_grad()
+def _reference_question_logprob(base, tok, passage: tuple[str, str, str], question: str) -> float:
+    """Mean log-prob of the question's tokens after the passage prompt: one unpadded forward of the plain base."""
+    _, title, text = passage
+    prompt = tok(SELF_CHECK_PROMPT.format(passage=f"{title}. {text}" if title else text))["input_ids"]
+    q = tok(" " + question, add_special_tokens=False)["input_ids"]
+    logits = base(torch.tensor([prompt + q])).logits[0].log_softmax(-1)
+    return float(torch.stack([logits[len(prompt) - 1 + i, t] for i, t in enumerate(q)]).mean())
+
+
+def test_question_likelihood_is_the_base_llms_and_exact_under_padding(tiny_llm_dirs):
+    """Rows of different lengths share one right-padded batch; the adapter must not take part."""
+    model = _build(tiny_llm_dirs["llama"], seed=5)
+    model.enable_lora(r=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0)
+    reference, tok = load_llm(str(tiny_llm_dirs["llama"]))
+    passages = [("d0", "Short", "tiny."), ("d1", "", "a much longer passage " * 6), ("d2", "T", "mid length text")]
+    got = question_likelihood(model, model.tokenizer, "who wrote it?", passages)
+    expected = [_reference_question_logprob(reference, tok, p, "who wrote it?") for p in passages]
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert len(set(round(x, 4) for x in got)) == 3  # the passage matters
+    assert question_likelihood(model, model.tokenizer, "who?", []) == []
+
+
+def test_self_check_reranks_the_search_candidates(joint, monkeypatch):
+    import unirag.joint.decoding as decoding
+
+    system = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS))
+    plain = system.answer("who wrote it?", k_docs=4, beam_width=6, max_new_tokens=2)
+    assert "self_check" not in plain.timings_ms and "self_check" not in plain.traces
+    # A likelihood that strongly prefers the search's last candidate and dislikes its first.
+    order = plain.doc_ids
+    fake = {doc: 10.0 * i for i, doc in enumerate(order)}
+    monkeypatch.setattr(decoding, "question_likelihood", lambda m, t, q, ps: [fake[p[0]] for p in ps])
+    checked = system.answer("who wrote it?", k_docs=2, beam_width=6, max_new_tokens=2, self_check=4)
+    assert checked.doc_ids == [order[3], order[2]]
+    trace = checked.traces["self_check"]
+    assert [t["doc_id"] for t in trace] == order[::-1] and [t["search_rank"] for t in trace] == [4, 3, 2, 1]
+    for t, doc in zip(trace, checked.docs, strict=False):
+        assert t["score"] == pytest.approx(t["search_score"] + SELF_CHECK_WEIGHT * t["question_logprob"])
+        assert doc.score == pytest.approx(t["score"])
+    assert [DOCIDS[tuple(p[-1]["prefix"]) + (p[-1]["chosen"],)] for p in checked.traces["paths"]] == checked.doc_ids
+    assert "self_check" in checked.timings_ms and any("Self-check" in n for n in checked.notices)
+    # The system-wide setting is the default of the per-call one; 0 switches it off again.
+    by_default = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS), self_check=4)
+    assert by_default.answer("who wrote it?", k_docs=2, beam_width=6, max_new_tokens=2).doc_ids == checked.doc_ids
+    off = by_default.answer("who wrote it?", k_docs=2, beam_width=6, max_new_tokens=2, self_check=0)
+    assert off.doc_ids == order[:2]
+
+
+@pytest.mark.parametrize("bad", [1, -1, 33])
+def test_self_check_rejects_bad_sizes(joint, bad):
+    with pytest.raises(UniragError, match="self_check"):
+        JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS), self_check=bad)
+    system = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS))
+    with pytest.raises(UniragError, match="self_check"):
+        system.answer("who?", self_check=bad)

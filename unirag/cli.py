@@ -23,6 +23,10 @@ def _add_llm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-in-4bit", action="store_true", help="load the LLM in bitsandbytes NF4")
 
 
+SELF_CHECK_HELP = ("joint: re-rank the search's top N documents (N >= 2) by search score + how likely the question "
+                   "is after each document under the base LLM (query likelihood); 0 = off")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m unirag", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--base-reader", action="store_true",
                     help="joint: the base LLM reads the retrieved documents (stage-2 LoRA adapter, pathway and "
                          "bridge off), the weights --system rag reads with: isolates the retrieval effect")
+    ev.add_argument("--self-check", type=int, default=0, metavar="N",
+                    help=SELF_CHECK_HELP)
 
     ask = sub.add_parser("ask", help="answer one question with a system")
     _add_corpus(ask)
@@ -66,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--k", type=int, default=5)
     ask.add_argument("--checkpoint", default=None)
     ask.add_argument("--beam-width", type=int, default=10)
+    ask.add_argument("--self-check", type=int, default=0, metavar="N", help=SELF_CHECK_HELP)
 
     compare = sub.add_parser("compare", help="paired comparison of two eval runs on the same questions")
     compare.add_argument("a", help="eval --out file (records) of system A")
@@ -127,7 +134,8 @@ def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = 
                                              attn_implementation=attn_implementation,
                                              traces=traces,
                                              rescore=not getattr(args, "path_logprob_only", False),
-                                             base_reader=getattr(args, "base_reader", False))
+                                             base_reader=getattr(args, "base_reader", False),
+                                             self_check=getattr(args, "self_check", 0))
         retriever = DenseRetriever.from_corpus(corpus, args.encoder) if args.system == "rag" else None
 
         def answer_joint(questions):
@@ -159,6 +167,14 @@ def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = 
     return system, answer_rag
 
 
+def _check_self_check(args: argparse.Namespace) -> None:
+    from unirag.joint.decoding import check_self_check
+
+    if args.self_check and args.system != "joint":
+        raise UniragError("--self-check applies to --system joint (it re-ranks the joint model's own documents).")
+    check_self_check(args.self_check)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from unirag.data import load_corpus, load_questions
     from unirag.eval import run_eval, run_name, write_json_atomic
@@ -174,6 +190,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UniragError(f"--{flag.replace('_', '-')}: the folder of {target} does not exist.")
     if args.base_reader and args.system != "joint":
         raise UniragError("--base-reader applies to --system joint (the rag system always reads with the base LLM).")
+    _check_self_check(args)
+    if args.self_check and args.gold:
+        raise UniragError("--self-check re-ranks retrieved documents; --gold reads the gold passage without retrieval.")
     corpus = load_corpus(args.corpus)
     questions = load_questions(args.questions, corpus)[: args.limit]
     if args.gold and any(q.doc_id is None for q in questions):
@@ -186,7 +205,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "precision": "4bit" if args.load_in_4bit else "fp32",
                 **({"ranking": ranking_name(not args.path_logprob_only)}
                    if args.system == "joint" and not args.gold else {}),
-                **({"reader": "base LLM"} if args.base_reader else {})},
+                **({"reader": "base LLM"} if args.base_reader else {}),
+                **({"self_check": args.self_check} if args.self_check else {})},
     )
     if args.summary_out:
         write_json_atomic(args.summary_out, {"summary": {**summary, "run": run_name(args.summary_out)}})
@@ -197,6 +217,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     from unirag.data import load_corpus
 
+    _check_self_check(args)
     corpus = load_corpus(args.corpus)
     system, _ = _make_answerer(args, corpus)
     answer = (

@@ -37,7 +37,7 @@ log = logging.getLogger("unirag.app")
 PRECISIONS = ("4bit", "fp32")
 PRECISION_LABELS = {"4bit": "4-bit NF4 (bitsandbytes)", "fp32": "fp32"}
 CORPUS_LABELS = {"nq": "Natural Questions", "squad": "SQuAD v1.1"}
-LIMITS = {"beam_width": (1, 32), "k_docs": (1, 3), "rag_k": (1, 10), "max_new_tokens": (1, 128)}
+LIMITS = {"beam_width": (1, 32), "k_docs": (1, 3), "rag_k": (1, 10), "max_new_tokens": (1, 128), "self_check": (0, 10)}
 # Who reads the joint model's documents: its stage-2 reader (LoRA adapter, pathway, bridge), or the base LLM, the
 # weights the RAG side reads with (then the two sides differ only in what they retrieved).
 JOINT_READERS = ("trained", "base")
@@ -403,18 +403,25 @@ class Pipeline:
         return number
 
     def ask(self, name: str, question: str, beam_width: int = 10, k_docs: int = 2, rag_k: int = 5,
-            max_new_tokens: int = 32, joint_reader: str = "trained") -> Comparison:
-        """Both systems on one question. Bad input raises UniragError; a failing side is reported in its result."""
+            max_new_tokens: int = 32, joint_reader: str = "trained", self_check: int = 0) -> Comparison:
+        """Both systems on one question. Bad input raises UniragError; a failing side is reported in its result.
+
+        self_check = N >= 2 re-ranks the joint search's top N documents by how likely the question is after each
+        (JointSystem.answer); 0 = off."""
         text, _ = prepare_question(question)
         beam_width, k_docs = self._check("beam_width", beam_width), self._check("k_docs", k_docs)
         rag_k, max_new_tokens = self._check("rag_k", rag_k), self._check("max_new_tokens", max_new_tokens)
+        self_check = self._check("self_check", self_check)
+        if self_check == 1:
+            raise UniragError("self-check needs at least 2 documents to compare (0 switches it off).")
         if joint_reader not in JOINT_READERS:
             raise UniragError(f"joint reader must be one of {', '.join(JOINT_READERS)} (got {joint_reader!r}).")
         bundle = self.bundle(name)
         gold = bundle.match(text)
         comparison = Comparison(name, text, gold, SideResult(), SideResult(),
                                 {"beam_width": beam_width, "k_docs": k_docs, "rag_k": rag_k,
-                                 "max_new_tokens": max_new_tokens, "joint_reader": joint_reader})
+                                 "max_new_tokens": max_new_tokens, "joint_reader": joint_reader,
+                                 "self_check": self_check})
         joint_side: Future[SideResult] | None = None
         if bundle.joint is None:
             comparison.joint.error = bundle.joint_message or "The joint model is not loaded."
@@ -422,7 +429,7 @@ class Pipeline:
             joint = bundle.joint
             run_joint = partial(self._side, "joint", lambda: joint.answer(
                 question, k_docs=k_docs, beam_width=max(beam_width, k_docs), max_new_tokens=max_new_tokens,
-                base_reader=joint_reader == "base"), gold)
+                base_reader=joint_reader == "base", self_check=self_check), gold)
             if self.settings.parallel_sides:
                 joint_side = self._joint_worker().submit(run_joint)
             else:

@@ -8,6 +8,7 @@ from unirag.joint.decoding import (
     answer_prompt,
     answer_with_docs,
     generate_docids,
+    question_likelihood,
     retrieval_prompt,
     search_docids,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "answer_prompt",
     "answer_with_docs",
     "generate_docids",
+    "question_likelihood",
     "retrieval_prompt",
     "search_docids",
 ]
