@@ -105,10 +105,23 @@ def test_docid_path_without_trace_is_a_message():
 def test_beam_rows(tree):
     rows = viz.beam_rows(joint_answer(tree), {"d1": "Title 1", "d0": "Title 0"})
     assert [r[1] for r in rows] == ["0-0-1", "0-1-0", "0-0-0"]
-    assert [r[7] for r in rows] == ["✓", "✓", ""] and rows[0][3] == "Title 1"
+    used = viz.BEAM_HEADERS.index("used")
+    assert [r[used] for r in rows] == ["✓", "✓", ""] and rows[0][3] == "Title 1"
     assert rows[0][4] == pytest.approx(math.log(0.7 * 0.6 * 0.45), abs=1e-3)
     assert rows[0][5] == 0.0 and rows[0][6] == rows[0][4]  # no document match recorded: score = log-prob
-    assert len(rows[0]) == len(viz.BEAM_HEADERS)
+    assert rows[0][7:9] == ["", ""]  # no self-check
+    assert all(len(r) == len(viz.BEAM_HEADERS) for r in rows)
+
+
+def test_beam_rows_with_self_check(tree):
+    answer = joint_answer(tree)
+    answer.traces["self_check"] = [{"doc_id": "d2", "search_rank": 2, "search_score": -1.0, "question_logprob": -2.0,
+                                    "score": -9.0},
+                                   {"doc_id": "d1", "search_rank": 1, "search_score": -0.5, "question_logprob": -3.0,
+                                    "score": -12.5}]
+    rows = viz.beam_rows(answer)
+    ql, checked = viz.BEAM_HEADERS.index("question log-lik"), viz.BEAM_HEADERS.index("checked score")
+    assert [(r[2], r[ql], r[checked]) for r in rows] == [("d1", -3.0, -12.5), ("d2", -2.0, -9.0), ("d0", "", "")]
 
 
 # --------------------------------------------------------------------------------------------- bars

@@ -311,15 +311,20 @@ def docid_path_figure(answer: Answer | None, tree=None, height: int | None = Non
 # --------------------------------------------------------------------------------------------- tables
 
 
-BEAM_HEADERS = ["#", "docid", "doc id", "title", "path log-prob", "doc match", "score", "used"]
+BEAM_HEADERS = ["#", "docid", "doc id", "title", "path log-prob", "doc match", "score", "question log-lik",
+                "checked score", "used"]
 
 
 def beam_rows(answer: Answer | None, titles: Mapping[str, str] | None = None, limit: int = 10) -> list[list[Any]]:
-    """Rows of the beam table: every finished beam, best first (score = path log-prob + document match)."""
+    """Rows of the beam table: every finished beam, best first (score = path log-prob + document match).
+
+    With the self-check on, the re-read documents also show the question's log-likelihood and their checked
+    score (the ranking that chose the documents); the others leave both blank."""
     if answer is None:
         return []
     titles = titles or {}
     selected = set(answer.doc_ids)
+    checked = {t["doc_id"]: t for t in answer.traces.get("self_check") or []}
     rows = []
     for rank, beam in enumerate((answer.traces.get("beams") or [])[:limit], start=1):
         doc_id = str(beam.get("doc_id", ""))
@@ -327,6 +332,8 @@ def beam_rows(answer: Answer | None, titles: Mapping[str, str] | None = None, li
         match = float(beam.get("document_match", 0.0))
         rows.append([rank, docid_str(beam.get("docid")), doc_id, titles.get(doc_id, ""), round(logprob, 3),
                      round(match, 3), round(float(beam.get("score", logprob + match)), 3),
+                     *((round(checked[doc_id]["question_logprob"], 3), round(checked[doc_id]["score"], 3))
+                       if doc_id in checked else ("", "")),
                      "✓" if doc_id in selected else ""])
     return rows
 
