@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--self-check", type=int, default=0, metavar="N",
                         help="re-rank the top N documents by search score + question likelihood (0 = off); "
                              "recall is then counted within those N")
+    parser.add_argument("--self-check-weight", type=float, default=None, metavar="W",
+                        help="weight of the question log-likelihood (default: the library's, 4)")
     args = parser.parse_args(argv)
 
     from unirag.data import dataset_paths, load_corpus, load_questions
@@ -56,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     corpus_path, questions_path = dataset_paths(args.dataset, args.split)
     corpus = load_corpus(corpus_path)
     questions = [q for q in load_questions(questions_path, corpus) if q.doc_id][: args.limit]
+    weight = {} if args.self_check_weight is None else {"self_check_weight": args.self_check_weight}
     system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
-                                         rescore=not args.path_logprob_only)  # checks the tree
+                                         rescore=not args.path_logprob_only, **weight)  # checks the tree
     start = time.perf_counter()
     if args.self_check:
         recall = self_checked_recall(system, questions, args.beam_width, args.self_check)
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                       "precision": "4bit" if args.load_in_4bit else "fp32",
                       "ranking": ranking_name(not args.path_logprob_only),
                       "self_check": args.self_check,
+                      **({"self_check_weight": system.self_check_weight} if args.self_check else {}),
                       **recall,
                       "mean_search_s": round(seconds, 3)}))
     return 0

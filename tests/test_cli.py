@@ -191,6 +191,36 @@ def test_eval_joint_and_rag_with_joint_reader(files, capsys, tiny_llm_dirs, monk
     assert np.isfinite(summary["latency_ms_median"])
 
 
+def test_eval_joint_with_self_check_and_its_bad_flags(files, capsys, tiny_llm_dirs):
+    root, corpus, questions = files
+    ckpt = _joint_checkpoint(root, tiny_llm_dirs["llama"], corpus)
+    joint = ("eval", "--corpus", corpus, "--questions", questions, "--system", "joint", "--checkpoint", ckpt,
+             "--k", 1, "--max-new-tokens", 2)
+    code, out, err = run(capsys, *joint, "--self-check", 3, "--self-check-weight", 8)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["self_check"] == 3 and summary["self_check_weight"] == 8.0
+    code, out, err = run(capsys, *joint, "--self-check", 2)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["self_check_weight"] == 4.0  # the library's default
+    bad = [
+        (("--self-check", 1), "self_check"),
+        (("--self-check", 33), "self_check"),
+        (("--self-check-weight", 8), "--self-check-weight needs --self-check"),
+        (("--self-check", 3, "--self-check-weight", 0), "self_check_weight"),
+        (("--self-check", 3, "--self-check-weight", "nan"), "self_check_weight"),
+        (("--self-check", 3, "--gold"), "--gold"),
+    ]
+    for extra, message in bad:
+        code, out, err = run(capsys, *joint, *extra)
+        assert code == 2 and message in err and not out, (extra, err)
+    code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag",
+                         "--self-check", 3)
+    assert code == 2 and "--self-check applies to --system joint" in err
+    code, out, err = run(capsys, "ask", "--corpus", corpus, "--system", "rag", "--self-check", 3, "city 2?")
+    assert code == 2 and "--self-check applies to --system joint" in err
+
+
 def test_joint_checkpoint_for_another_corpus(files, capsys, tiny_llm_dirs):
     root, corpus, questions = files
     ckpt = _joint_checkpoint(root, tiny_llm_dirs["llama"], corpus)

@@ -463,6 +463,28 @@ def test_self_check_reranks_the_search_candidates(joint, monkeypatch):
     assert off.doc_ids == order[:2]
 
 
+def test_self_check_weight_sets_the_mix(joint, monkeypatch):
+    import unirag.joint.decoding as decoding
+
+    order = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS)).answer(
+        "who wrote it?", k_docs=4, beam_width=6, max_new_tokens=2).doc_ids
+    fake = {doc: 10.0 * i for i, doc in enumerate(order)}  # prefers the search's last candidate
+    monkeypatch.setattr(decoding, "question_likelihood", lambda m, t, q, ps: [fake[p[0]] for p in ps])
+    for weight, expected in ((1e-9, order[:2]), (1000.0, [order[3], order[2]])):
+        system = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS), self_check=4, self_check_weight=weight)
+        answer = system.answer("who wrote it?", k_docs=2, beam_width=6, max_new_tokens=2)
+        assert answer.doc_ids == expected
+        for t in answer.traces["self_check"]:
+            assert t["score"] == pytest.approx(t["search_score"] + weight * t["question_logprob"])
+        assert any(f"{weight:g} ×" in n for n in answer.notices)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "4"])
+def test_self_check_rejects_bad_weights(joint, bad):
+    with pytest.raises(UniragError, match="self_check_weight"):
+        JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS), self_check=3, self_check_weight=bad)
+
+
 @pytest.mark.parametrize("bad", [1, -1, 33])
 def test_self_check_rejects_bad_sizes(joint, bad):
     with pytest.raises(UniragError, match="self_check"):

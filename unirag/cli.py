@@ -25,6 +25,13 @@ def _add_llm(parser: argparse.ArgumentParser) -> None:
 
 SELF_CHECK_HELP = ("joint: re-rank the search's top N documents (N >= 2) by search score + how likely the question "
                    "is after each document under the base LLM (query likelihood); 0 = off")
+SELF_CHECK_WEIGHT_HELP = ("joint, with --self-check: the weight of the question's mean log-probability against the "
+                          "search score (default 4, chosen on held-out nq train questions; large = likelihood alone)")
+
+
+def _add_self_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--self-check", type=int, default=0, metavar="N", help=SELF_CHECK_HELP)
+    parser.add_argument("--self-check-weight", type=float, default=None, metavar="W", help=SELF_CHECK_WEIGHT_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--base-reader", action="store_true",
                     help="joint: the base LLM reads the retrieved documents (stage-2 LoRA adapter, pathway and "
                          "bridge off), the weights --system rag reads with: isolates the retrieval effect")
-    ev.add_argument("--self-check", type=int, default=0, metavar="N",
-                    help=SELF_CHECK_HELP)
+    _add_self_check(ev)
 
     ask = sub.add_parser("ask", help="answer one question with a system")
     _add_corpus(ask)
@@ -72,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--k", type=int, default=5)
     ask.add_argument("--checkpoint", default=None)
     ask.add_argument("--beam-width", type=int, default=10)
-    ask.add_argument("--self-check", type=int, default=0, metavar="N", help=SELF_CHECK_HELP)
+    _add_self_check(ask)
 
     compare = sub.add_parser("compare", help="paired comparison of two eval runs on the same questions")
     compare.add_argument("a", help="eval --out file (records) of system A")
@@ -135,7 +141,8 @@ def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = 
                                              traces=traces,
                                              rescore=not getattr(args, "path_logprob_only", False),
                                              base_reader=getattr(args, "base_reader", False),
-                                             self_check=getattr(args, "self_check", 0))
+                                             self_check=getattr(args, "self_check", 0),
+                                             **_self_check_weight(args))
         retriever = DenseRetriever.from_corpus(corpus, args.encoder) if args.system == "rag" else None
 
         def answer_joint(questions):
@@ -167,12 +174,21 @@ def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = 
     return system, answer_rag
 
 
+def _self_check_weight(args: argparse.Namespace) -> dict[str, float]:
+    weight = getattr(args, "self_check_weight", None)
+    return {} if weight is None else {"self_check_weight": weight}
+
+
 def _check_self_check(args: argparse.Namespace) -> None:
-    from unirag.joint.decoding import check_self_check
+    from unirag.joint.decoding import check_self_check, check_self_check_weight
 
     if args.self_check and args.system != "joint":
         raise UniragError("--self-check applies to --system joint (it re-ranks the joint model's own documents).")
     check_self_check(args.self_check)
+    if args.self_check_weight is not None:
+        if not args.self_check:
+            raise UniragError("--self-check-weight needs --self-check N (N >= 2).")
+        check_self_check_weight(args.self_check_weight)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -197,7 +213,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     questions = load_questions(args.questions, corpus)[: args.limit]
     if args.gold and any(q.doc_id is None for q in questions):
         raise UniragError("--gold needs a doc_id on every question.")
-    _, answer_batch = _make_answerer(args, corpus, attn_implementation="sdpa", traces=False)
+    system, answer_batch = _make_answerer(args, corpus, attn_implementation="sdpa", traces=False)
     batch = 1 if (args.system == "joint" or args.checkpoint) else args.batch_size
     summary = run_eval(
         answer_batch, args.system + ("-gold" if args.gold else ""), questions, args.k, batch_size=batch, out=args.out,
@@ -206,7 +222,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 **({"ranking": ranking_name(not args.path_logprob_only)}
                    if args.system == "joint" and not args.gold else {}),
                 **({"reader": "base LLM"} if args.base_reader else {}),
-                **({"self_check": args.self_check} if args.self_check else {})},
+                **({"self_check": args.self_check, "self_check_weight": system.self_check_weight}
+                   if args.self_check else {})},
     )
     if args.summary_out:
         write_json_atomic(args.summary_out, {"summary": {**summary, "run": run_name(args.summary_out)}})

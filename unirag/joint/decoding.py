@@ -490,6 +490,13 @@ def check_self_check(n: int) -> int:
     return n
 
 
+def check_self_check_weight(weight: float) -> float:
+    """The weight of the question log-likelihood: a positive, finite number."""
+    if isinstance(weight, bool) or not (isinstance(weight, int | float) and math.isfinite(weight) and weight > 0):
+        raise UniragError(f"self_check_weight must be a positive, finite number, got {weight!r}.")
+    return float(weight)
+
+
 class JointSystem:
     """Question → docids (beam search over the trie) → answer from those documents, as an `Answer`."""
 
@@ -497,7 +504,8 @@ class JointSystem:
 
     def __init__(self, model: JointModel, tokenizer, corpus, trie: DocidTrie, pathway: bool = True,
                  bridge: bool = True, reader_pathway: bool | None = None, traces: bool = True,
-                 rescore: bool = True, base_reader: bool = False, self_check: int = 0) -> None:
+                 rescore: bool = True, base_reader: bool = False, self_check: int = 0,
+                 self_check_weight: float = SELF_CHECK_WEIGHT) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.corpus = corpus
@@ -515,6 +523,7 @@ class JointSystem:
         # self_check = N >= 2: re-rank the search's top N documents by search score + the question's likelihood
         # under each (`question_likelihood`); 0 = off. The default of `answer(self_check=...)`.
         self.self_check = check_self_check(self_check)
+        self.self_check_weight = check_self_check_weight(self_check_weight)  # large: the likelihood alone ranks
 
     @classmethod
     def from_checkpoint(
@@ -530,6 +539,7 @@ class JointSystem:
         rescore: bool = True,
         base_reader: bool = False,
         self_check: int = 0,
+        self_check_weight: float = SELF_CHECK_WEIGHT,
     ) -> JointSystem:
         """Load model, tokenizer and the checkpoint's docid tree (checked against `corpus`).
 
@@ -544,7 +554,7 @@ class JointSystem:
         model = JointModel.from_pretrained(ckpt, load_in_4bit=load_in_4bit, base_model=base_model,
                                            attn_implementation=attn_implementation)
         return cls(model, model.tokenizer, corpus, tree, pathway=pathway, bridge=bridge, traces=traces, rescore=rescore,
-                   base_reader=base_reader, self_check=self_check)
+                   base_reader=base_reader, self_check=self_check, self_check_weight=self_check_weight)
 
     def retrieve(self, question: str, k_docs: int = 2, beam_width: int = 10, self_check: int | None = None,
                  timings: dict[str, float] | None = None, traces: dict[str, Any] | None = None,
@@ -567,15 +577,16 @@ class JointSystem:
                 traces["self_check"] = trace
             if notices is not None:
                 notices.append(f"Self-check: the base LLM re-read the top {len(search.beams)} documents; they are "
-                               "ranked by search score + how likely the question is after each.")
+                               f"ranked by search score + {self.self_check_weight:g} × the question's mean "
+                               "log-probability after each.")
         return chosen[:k_docs], search
 
     def _self_check(self, question: str, candidates: Sequence[DocidBeam]
                     ) -> tuple[list[tuple[DocidBeam, float]], list[dict[str, Any]]]:
-        """Candidates re-ranked by search score + SELF_CHECK_WEIGHT * question log-likelihood, and the trace."""
+        """Candidates re-ranked by search score + self_check_weight * question log-likelihood, and the trace."""
         passages = [(b.doc_id, self.corpus[b.doc_id].title, self.corpus[b.doc_id].text) for b in candidates]
         likelihoods = question_likelihood(self.model, self.tokenizer, question, passages)
-        scored = [(beam.score + SELF_CHECK_WEIGHT * ql, rank, beam, ql)
+        scored = [(beam.score + self.self_check_weight * ql, rank, beam, ql)
                   for rank, (beam, ql) in enumerate(zip(candidates, likelihoods, strict=True), start=1)]
         scored.sort(key=lambda item: (-item[0], item[1]))  # ties keep the search's order
         trace = [{"doc_id": beam.doc_id, "search_rank": rank, "search_score": beam.score, "question_logprob": ql,
@@ -675,6 +686,7 @@ __all__ = [
     "answer_prompt",
     "answer_with_docs",
     "check_self_check",
+    "check_self_check_weight",
     "generate_docids",
     "question_likelihood",
     "ranking_name",
