@@ -38,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="joint checkpoint folder")
     parser.add_argument("--dataset", default="nq", help="nq or squad (under UNIRAG_DATA)")
     parser.add_argument("--split", default="dev")
-    parser.add_argument("--limit", type=int, default=None, help="the first N questions only")
+    parser.add_argument("--limit", type=int, default=None, help="the first N questions only (after --offset)")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="skip the first N questions: shards of a long run (e.g. one per core)")
     parser.add_argument("--beam-width", type=int, default=10)
     parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base, as the app loads it")
     parser.add_argument("--path-logprob-only", action="store_true",
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--self-check-weight", type=float, default=None, metavar="W",
                         help="weight of the question log-likelihood (default: the library's, 4)")
     args = parser.parse_args(argv)
+    if args.offset < 0 or (args.limit is not None and args.limit < 1):
+        parser.error("--offset must be >= 0 and --limit >= 1")
 
     from unirag.data import dataset_paths, load_corpus, load_questions
     from unirag.joint import JointSystem
@@ -57,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
 
     corpus_path, questions_path = dataset_paths(args.dataset, args.split)
     corpus = load_corpus(corpus_path)
-    questions = [q for q in load_questions(questions_path, corpus) if q.doc_id][: args.limit]
+    with_gold = [q for q in load_questions(questions_path, corpus) if q.doc_id]
+    end = None if args.limit is None else args.offset + args.limit
+    questions = with_gold[args.offset : end]
+    if not questions:
+        parser.error(f"no questions left after --offset {args.offset} (the split has {len(with_gold)} with a gold doc)")
     weight = {} if args.self_check_weight is None else {"self_check_weight": args.self_check_weight}
     system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
                                          rescore=not args.path_logprob_only, **weight)  # checks the tree
@@ -70,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                                   rescore=not args.path_logprob_only)
     seconds = (time.perf_counter() - start) / max(len(questions), 1)
     print(json.dumps({"checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split,
+                      "offset": args.offset,
                       "precision": "4bit" if args.load_in_4bit else "fp32",
                       "ranking": ranking_name(not args.path_logprob_only),
                       "self_check": args.self_check,

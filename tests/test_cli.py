@@ -247,3 +247,31 @@ def test_compare_two_eval_runs(tmp_path, capsys):
     assert code == 2 and "no per-question records" in err
     code, _, err = run(capsys, "compare", a, tmp_path / "missing.json")
     assert code == 2 and "not a readable JSON file" in err
+
+
+def test_generative_recall_benchmark_shards(files, capsys, tiny_llm_dirs, monkeypatch):
+    """--offset/--limit shards a long recall run; the shards partition the questions."""
+    from benchmarks import generative_recall
+
+    root, corpus, _ = files
+    ckpt = _joint_checkpoint(root, tiny_llm_dirs["llama"], corpus)
+    data = root / "data" / "nq"
+    data.mkdir(parents=True)
+    (data / "corpus.jsonl").write_text(corpus.read_text())
+    (data / "dev.jsonl").write_text("".join(
+        json.dumps({"id": f"q{i}", "question": f"city {i}?", "answers": [str(i)], "doc_id": f"d{i}"}) + "\n"
+        for i in range(4)))
+    monkeypatch.setenv("UNIRAG_DATA", str(root / "data"))
+    sizes = []
+    for shard in (["--offset", "0", "--limit", "3"], ["--offset", "3"]):
+        assert generative_recall.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--beam-width", "4", *shard]) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        sizes.append(result["n"])
+        assert 0.0 <= result["recall@1"] <= result["recall@3"] <= 1.0
+    assert sizes == [3, 1]
+    assert generative_recall.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--beam-width", "4",
+                                   "--offset", "1", "--self-check", "2", "--self-check-weight", "8"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["n"], result["offset"], result["self_check"], result["self_check_weight"]) == (3, 1, 2, 8.0)
+    with pytest.raises(SystemExit):
+        generative_recall.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--offset", "4"])
