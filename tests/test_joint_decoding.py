@@ -479,7 +479,7 @@ def test_self_check_weight_sets_the_mix(joint, monkeypatch):
         assert any(f"{weight:g} ×" in n for n in answer.notices)
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "4"])
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), 1e7, True, "4"])
 def test_self_check_rejects_bad_weights(joint, bad):
     with pytest.raises(UniragError, match="self_check_weight"):
         JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS), self_check=3, self_check_weight=bad)

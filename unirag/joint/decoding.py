@@ -491,9 +491,10 @@ def check_self_check(n: int) -> int:
 
 
 def check_self_check_weight(weight: float) -> float:
-    """The weight of the question log-likelihood: a positive, finite number."""
-    if isinstance(weight, bool) or not (isinstance(weight, int | float) and math.isfinite(weight) and weight > 0):
-        raise UniragError(f"self_check_weight must be a positive, finite number, got {weight!r}.")
+    """The weight of the question log-likelihood: in (0, 1e6]. 1e6 already ranks by the likelihood alone; larger
+    weights could overflow the scores to -inf, which would silently keep the search's order."""
+    if isinstance(weight, bool) or not (isinstance(weight, int | float) and 0 < weight <= 1e6):
+        raise UniragError(f"self_check_weight must be a number in (0, 1e6], got {weight!r}.")
     return float(weight)
 
 
