@@ -456,14 +456,11 @@ def question_likelihood(
     """
     if not passages:
         return []
-    question_ids = list(tokenizer(" " + question, add_special_tokens=False)["input_ids"])
-    if not question_ids:
-        raise UniragError("The question has no tokens to score.")
-    rows = []
-    for _, title, text in passages:
-        passage = f"{title}. {text}" if title else text
-        prompt_ids = list(tokenizer(SELF_CHECK_PROMPT.format(passage=passage), add_special_tokens=True)["input_ids"])
-        rows.append(prompt_ids + question_ids)
+    from unirag.joint.passage_cache import question_ids as tokenize_question
+    from unirag.joint.passage_cache import self_check_prompt_ids
+
+    question_ids = tokenize_question(tokenizer, question)
+    rows = [self_check_prompt_ids(tokenizer, title, text) + question_ids for _, title, text in passages]
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = model.device
@@ -506,7 +503,7 @@ class JointSystem:
     def __init__(self, model: JointModel, tokenizer, corpus, trie: DocidTrie, pathway: bool = True,
                  bridge: bool = True, reader_pathway: bool | None = None, traces: bool = True,
                  rescore: bool = True, base_reader: bool = False, self_check: int = 0,
-                 self_check_weight: float = SELF_CHECK_WEIGHT) -> None:
+                 self_check_weight: float = SELF_CHECK_WEIGHT, passage_cache=None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.corpus = corpus
@@ -525,6 +522,9 @@ class JointSystem:
         # under each (`question_likelihood`); 0 = off. The default of `answer(self_check=...)`.
         self.self_check = check_self_check(self_check)
         self.self_check_weight = check_self_check_weight(self_check_weight)  # large: the likelihood alone ranks
+        # A PassageCache (the passages' self-check prompts, precomputed): the self-check then runs only the
+        # question's tokens. None reads the N passages in full, with the same result up to rounding.
+        self.passage_cache = passage_cache
 
     @classmethod
     def from_checkpoint(
@@ -541,10 +541,13 @@ class JointSystem:
         base_reader: bool = False,
         self_check: int = 0,
         self_check_weight: float = SELF_CHECK_WEIGHT,
+        passage_cache: bool | str | Path = False,
     ) -> JointSystem:
         """Load model, tokenizer and the checkpoint's docid tree (checked against `corpus`).
 
-        Evaluation passes attn_implementation="sdpa", traces=False: faster, and no heatmaps are drawn."""
+        Evaluation passes attn_implementation="sdpa", traces=False: faster, and no heatmaps are drawn.
+        passage_cache: True opens (building it first if missing) the self-check cache of this base and corpus
+        at its default path; a path opens that cache; False reads the passages in full."""
         from unirag.docids import DocidTree
 
         ckpt = Path(checkpoint_dir)
@@ -554,8 +557,15 @@ class JointSystem:
         tree = DocidTree.load(tree_path, corpus)  # before the model: a corpus mismatch fails fast
         model = JointModel.from_pretrained(ckpt, load_in_4bit=load_in_4bit, base_model=base_model,
                                            attn_implementation=attn_implementation)
+        cache = None
+        if passage_cache:
+            from unirag.joint.passage_cache import PassageCache
+
+            cache_path = None if passage_cache is True else passage_cache
+            cache = PassageCache.build(model, corpus, cache_path)  # opens a complete cache, resumes a partial one
         return cls(model, model.tokenizer, corpus, tree, pathway=pathway, bridge=bridge, traces=traces, rescore=rescore,
-                   base_reader=base_reader, self_check=self_check, self_check_weight=self_check_weight)
+                   base_reader=base_reader, self_check=self_check, self_check_weight=self_check_weight,
+                   passage_cache=cache)
 
     def retrieve(self, question: str, k_docs: int = 2, beam_width: int = 10, self_check: int | None = None,
                  timings: dict[str, float] | None = None, traces: dict[str, Any] | None = None,
@@ -585,8 +595,11 @@ class JointSystem:
     def _self_check(self, question: str, candidates: Sequence[DocidBeam]
                     ) -> tuple[list[tuple[DocidBeam, float]], list[dict[str, Any]]]:
         """Candidates re-ranked by search score + self_check_weight * question log-likelihood, and the trace."""
-        passages = [(b.doc_id, self.corpus[b.doc_id].title, self.corpus[b.doc_id].text) for b in candidates]
-        likelihoods = question_likelihood(self.model, self.tokenizer, question, passages)
+        if self.passage_cache is not None:
+            likelihoods = self.passage_cache.question_likelihood(self.model, question, [b.doc_id for b in candidates])
+        else:
+            passages = [(b.doc_id, self.corpus[b.doc_id].title, self.corpus[b.doc_id].text) for b in candidates]
+            likelihoods = question_likelihood(self.model, self.tokenizer, question, passages)
         scored = [(beam.score + self.self_check_weight * ql, rank, beam, ql)
                   for rank, (beam, ql) in enumerate(zip(candidates, likelihoods, strict=True), start=1)]
         scored.sort(key=lambda item: (-item[0], item[1]))  # ties keep the search's order
