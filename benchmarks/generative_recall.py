@@ -1,5 +1,11 @@
 """Generative retrieval alone: R@1/3/10 of a joint checkpoint's constrained beam search on a dev set.
 
+With --self-check N the search's top N documents are re-ranked by the question's likelihood; --sweep then also
+prints R@1 for every smaller N and several weights from the same run (choose them on --split heldout, never dev):
+
+    python benchmarks/generative_recall.py --checkpoint checkpoints/squad-smollm2 --dataset squad \
+        --split heldout --self-check 20 --self-check-cache --sweep
+
 Runs only the docid search (no answer generation), so a stage-1 model or a training lever can be compared
 on the real dev questions in minutes. The documents are the model's own distinct finished beams, ranked by
 score (path log-probability plus the document-level match), exactly as the app and
@@ -19,25 +25,71 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def self_checked_recall(system, questions, beam_width: int, n: int) -> dict[str, float]:
-    """Recall@1/3/n of the search's top n documents after the self-check re-ranking."""
+SWEEP_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 1e6)  # 0: the search's order; 1e6: the likelihood alone
+
+
+def self_checked_recall(system, questions, beam_width: int, n: int) -> tuple[dict[str, float], list[dict]]:
+    """Recall@1/3/n of the search's top n documents after the self-check re-ranking, and per-question records
+    (gold and every candidate's search rank, search score and question log-likelihood) for `rerank_recall`."""
     from tqdm.auto import tqdm
 
     ks = sorted({k for k in (1, 3, n) if k <= n})
     hits = dict.fromkeys(ks, 0)
+    records = []
     for q in tqdm(questions, desc="self-checked recall", unit="q"):
-        chosen, _ = system.retrieve(q.question, k_docs=n, beam_width=beam_width, self_check=n)
+        traces: dict = {}
+        chosen, _ = system.retrieve(q.question, k_docs=n, beam_width=beam_width, self_check=n, traces=traces)
         ranked = [beam.doc_id for beam, _ in chosen]
         for k in ks:
             hits[k] += q.doc_id in ranked[:k]
-    return {**{f"recall@{k}": round(hits[k] / max(len(questions), 1), 4) for k in ks}, "n": len(questions)}
+        candidates = sorted(traces.get("self_check", []), key=lambda t: t["search_rank"])
+        records.append({"id": q.id, "gold": q.doc_id, "candidates": [
+            {k: t[k] for k in ("doc_id", "search_rank", "search_score", "question_logprob")} for t in candidates]})
+    return {**{f"recall@{k}": round(hits[k] / max(len(questions), 1), 4) for k in ks}, "n": len(questions)}, records
+
+
+def rerank_recall(records: list[dict], n: int, weight: float) -> float:
+    """R@1 when only the search's top n candidates are re-read and ranked by search score + weight × question
+    log-likelihood (weight 0: the search's own order). Offline, from `self_checked_recall`'s records."""
+    if not records:
+        return 0.0
+    hits = 0
+    for record in records:
+        pool = [c for c in record["candidates"] if c["search_rank"] <= n]
+        if pool:
+            best = max(pool, key=lambda c: (c["search_score"] + weight * c["question_logprob"], -c["search_rank"]))
+            hits += best["doc_id"] == record["gold"]
+    return round(hits / len(records), 4)
+
+
+def sweep(records: list[dict], n: int) -> dict[str, dict[str, float]]:
+    """R@1 for every n' ≤ n (2, 3, 5, 10, 20, n) and weight in SWEEP_WEIGHTS: {"N=n'": {"w=weight": R@1}}."""
+    sizes = sorted({m for m in (2, 3, 5, 10, 20, n) if m <= n})
+    return {f"N={m}": {f"w={w:g}": rerank_recall(records, m, w) for w in SWEEP_WEIGHTS} for m in sizes}
+
+
+def load_split(dataset: str, split: str, checkpoint: str):
+    """(corpus, questions with a gold document). split "heldout": the train questions the checkpoint's training
+    run held out (seed and count from its trainer_state.json), for choosing settings without touching dev."""
+    from unirag.data import dataset_paths, load_corpus, load_questions
+    from unirag.joint.training import held_out_split
+
+    corpus_path, questions_path = dataset_paths(dataset, "train" if split == "heldout" else split)
+    corpus = load_corpus(corpus_path)
+    questions = load_questions(questions_path, corpus)
+    if split == "heldout":
+        state_path = Path(checkpoint) / "trainer_state.json"
+        config = json.loads(state_path.read_text())["config"] if state_path.is_file() else {}
+        questions, _ = held_out_split(questions, config.get("seed", 0), config.get("validation_questions", 100))
+    return corpus, [q for q in questions if q.doc_id]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="joint checkpoint folder")
     parser.add_argument("--dataset", default="nq", help="nq or squad (under UNIRAG_DATA)")
-    parser.add_argument("--split", default="dev")
+    parser.add_argument("--split", default="dev",
+                        help="dev, train, or heldout (the train questions the checkpoint's training held out)")
     parser.add_argument("--limit", type=int, default=None, help="the first N questions only (after --offset)")
     parser.add_argument("--offset", type=int, default=0,
                         help="skip the first N questions: shards of a long run (e.g. one per core)")
@@ -50,28 +102,40 @@ def main(argv: list[str] | None = None) -> int:
                              "recall is then counted within those N")
     parser.add_argument("--self-check-weight", type=float, default=None, metavar="W",
                         help="weight of the question log-likelihood (default: the library's, 4)")
+    parser.add_argument("--self-check-cache", action="store_true",
+                        help="with --self-check: read the precomputed passage cache (built first if missing)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="with --self-check N: also print R@1 for every smaller N and weight (from the same run)")
+    parser.add_argument("--records", default=None, metavar="FILE",
+                        help="with --self-check: write each question's candidates and scores to this JSON file")
     args = parser.parse_args(argv)
+    if (args.sweep or args.records) and not args.self_check:
+        parser.error("--sweep and --records need --self-check N")
     if args.offset < 0 or (args.limit is not None and args.limit < 1):
         parser.error("--offset must be >= 0 and --limit >= 1")
 
-    from unirag.data import dataset_paths, load_corpus, load_questions
     from unirag.joint import JointSystem
     from unirag.joint.decoding import ranking_name
     from unirag.joint.training import retrieval_recall
 
-    corpus_path, questions_path = dataset_paths(args.dataset, args.split)
-    corpus = load_corpus(corpus_path)
-    with_gold = [q for q in load_questions(questions_path, corpus) if q.doc_id]
+    corpus, with_gold = load_split(args.dataset, args.split, args.checkpoint)
     end = None if args.limit is None else args.offset + args.limit
     questions = with_gold[args.offset : end]
     if not questions:
         parser.error(f"no questions left after --offset {args.offset} (the split has {len(with_gold)} with a gold doc)")
     weight = {} if args.self_check_weight is None else {"self_check_weight": args.self_check_weight}
+    if args.self_check_cache and not args.self_check:
+        parser.error("--self-check-cache needs --self-check N")
     system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
-                                         rescore=not args.path_logprob_only, **weight)  # checks the tree
+                                         rescore=not args.path_logprob_only, passage_cache=args.self_check_cache,
+                                         **weight)  # checks the tree
     start = time.perf_counter()
+    extra = {}
     if args.self_check:
-        recall = self_checked_recall(system, questions, args.beam_width, args.self_check)
+        recall, records = self_checked_recall(system, questions, args.beam_width, args.self_check)
+        extra = {"sweep_recall@1": sweep(records, args.self_check)} if args.sweep else {}
+        if args.records:
+            Path(args.records).write_text(json.dumps({"args": vars(args), "records": records}))
     else:
         recall = retrieval_recall(system.model, system.tokenizer, system.trie, questions, args.beam_width,
                                   ks=(1, 3, 10), progress=True,
@@ -84,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                       "self_check": args.self_check,
                       **({"self_check_weight": system.self_check_weight} if args.self_check else {}),
                       **recall,
-                      "mean_search_s": round(seconds, 3)}))
+                      "mean_search_s": round(seconds, 3),
+                      **extra}))
     return 0
 
 

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -214,6 +215,8 @@ def test_eval_joint_with_self_check_and_its_bad_flags(files, capsys, tiny_llm_di
     for extra, message in bad:
         code, out, err = run(capsys, *joint, *extra)
         assert code == 2 and message in err and not out, (extra, err)
+    code, out, err = run(capsys, *joint, "--self-check-cache")
+    assert code == 2 and "--self-check-cache needs --self-check" in err
     code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag",
                          "--self-check", 3)
     assert code == 2 and "--self-check applies to --system joint" in err
@@ -273,5 +276,58 @@ def test_generative_recall_benchmark_shards(files, capsys, tiny_llm_dirs, monkey
                                    "--offset", "1", "--self-check", "2", "--self-check-weight", "8"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["n"], result["offset"], result["self_check"], result["self_check_weight"]) == (3, 1, 2, 8.0)
+    # --sweep re-ranks the same run's candidates offline: at the run's own N and weight it is the run's R@1.
+    records = root / "records.json"
+    assert generative_recall.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--beam-width", "4",
+                                   "--self-check", "3", "--sweep", "--records", str(records)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["sweep_recall@1"]) == {"N=2", "N=3"}
+    assert result["sweep_recall@1"]["N=3"]["w=4"] == result["recall@1"]
+    saved = json.loads(records.read_text())["records"]
+    assert len(saved) == 4 and all(len(r["candidates"]) == 3 for r in saved)
+    with pytest.raises(SystemExit):
+        generative_recall.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--sweep"])
     with pytest.raises(SystemExit):
         generative_recall.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--offset", "4"])
+
+
+def test_self_check_cache_from_index_and_eval(files, capsys, tiny_llm_dirs, monkeypatch, tmp_path):
+    """`index --self-check-cache` builds the passage cache; `eval --self-check-cache` uses it, same recall."""
+    root, corpus, questions = files
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
+    ckpt = _joint_checkpoint(root, tiny_llm_dirs["llama"], corpus)
+    code, out, err = run(capsys, "index", "--corpus", corpus, "--self-check-cache")
+    assert code == 2 and "needs --checkpoint" in err
+    code, out, err = run(capsys, "index", "--corpus", corpus, "--checkpoint", ckpt)
+    assert code == 2 and "go with --self-check-cache" in err
+    code, out, err = run(capsys, "index", "--corpus", corpus, "--self-check-cache", "--checkpoint", ckpt)
+    assert code == 0, err
+    built = json.loads(out.strip().splitlines()[-1])
+    meta = json.loads((Path(built["self_check_cache"]) / "meta.json").read_text())
+    assert meta["complete"] and meta["doc_ids"] == ["d0", "d1", "d2", "d3"]
+    joint = ("eval", "--corpus", corpus, "--questions", questions, "--system", "joint", "--checkpoint", ckpt,
+             "--k", 1, "--max-new-tokens", 2, "--self-check", 4)
+    summaries = []
+    for extra in ((), ("--self-check-cache",)):
+        code, out, err = run(capsys, *joint, *extra, "--out", root / "o.json")
+        assert code == 0, err
+        summaries.append(json.loads(out.strip().splitlines()[-1]))
+    assert summaries[1]["self_check_cache"] is True and "self_check_cache" not in summaries[0]
+    assert summaries[1]["recall@1"] == summaries[0]["recall@1"]
+
+
+def test_rerank_recall_by_hand():
+    from benchmarks.generative_recall import rerank_recall
+
+    def cand(doc, rank, score, ql):
+        return {"doc_id": doc, "search_rank": rank, "search_score": score, "question_logprob": ql}
+
+    records = [
+        {"gold": "b", "candidates": [cand("a", 1, 0.0, -3.0), cand("b", 2, -1.0, -1.0), cand("c", 3, -2.0, 0.0)]},
+        {"gold": "a", "candidates": [cand("a", 1, 0.0, -1.0), cand("b", 2, -0.5, -1.2)]},
+    ]
+    assert rerank_recall(records, 3, 0.0) == 0.5  # the search's order: only the second
+    assert rerank_recall(records, 2, 1.0) == 1.0  # b: -2 beats a: -3; a: -1 beats b: -1.7
+    assert rerank_recall(records, 3, 1e6) == 0.5  # likelihood alone picks c for the first
+    assert rerank_recall(records, 1, 1e6) == 0.5  # N = 1: no re-ranking possible
+    assert rerank_recall([], 3, 1.0) == 0.0

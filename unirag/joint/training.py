@@ -686,17 +686,21 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
     return state
 
 
+def held_out_split(questions: list[Question], seed: int, n: int) -> tuple[list[Question], list[Question]]:
+    """(held-out questions with a gold document, training questions): the first n of a seeded shuffle are held
+    out to pick and monitor settings, never trained on (benchmarks re-create it from trainer_state.json)."""
+    shuffled = questions[:]
+    random.Random(seed).shuffle(shuffled)
+    return [q for q in shuffled[:n] if q.doc_id], shuffled[n:]
+
+
 def train(config: TrainConfig, resume: bool = False) -> Path:
     if Path(config.questions).stem in ("dev", "test", "validation"):
         raise UniragError(f"{config.questions} looks like an evaluation split; train on the train split only.")
     seed_everything(config.seed)
     corpus = load_corpus(config.corpus)
     questions = load_questions(config.questions, corpus)
-    rng = random.Random(config.seed)
-    shuffled = questions[:]
-    rng.shuffle(shuffled)
-    valid = [q for q in shuffled[: config.validation_questions] if q.doc_id]
-    train_qs = shuffled[config.validation_questions :]
+    valid, train_qs = held_out_split(questions, config.seed, config.validation_questions)
     out = Path(config.out)
     dist = Distributed()
     tree = dist.main_first(lambda: load_or_build_tree(corpus, TreeConfig(k=config.tree_k, c=config.tree_c,
