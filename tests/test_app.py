@@ -343,6 +343,19 @@ def test_self_check_setting(pipeline):
     assert any("Self-check" in n for n in checked.joint.answer.notices)
     card = app.ask(pipeline, *args, "trained", 3)[1]
     assert "Self-check" in card
+    # A passage cache built for this base and corpus is picked up on load and gives the same documents.
+    from unirag.joint.passage_cache import PassageCache
+
+    bundle = pipeline.bundle("nq")
+    assert bundle.joint.passage_cache is None  # none built: the app never builds one itself
+    PassageCache.build(bundle.joint.model, bundle.corpus, storage_dtype="float32", progress=False)
+    pipeline._attach_passage_cache(bundle)
+    try:
+        cached = pipeline.ask(*args, self_check=3)
+        assert cached.joint.answer.doc_ids == checked.joint.answer.doc_ids
+        assert any("cached reading" in n for n in cached.joint.answer.notices)
+    finally:
+        bundle.joint.passage_cache = None
     for bad in (1, 11, "x"):
         with pytest.raises(UniragError, match="self"):
             pipeline.ask(*args, self_check=bad)

@@ -120,5 +120,16 @@ def test_joint_system_self_check_with_the_cache_ranks_as_without(tiny_llm_dirs, 
     a = plain.answer("who wrote it?", k_docs=3, beam_width=6, max_new_tokens=2)
     b = cached.answer("who wrote it?", k_docs=3, beam_width=6, max_new_tokens=2)
     assert b.doc_ids == a.doc_ids
+    assert any("cached reading" in n for n in b.notices) and not any("cached reading" in n for n in a.notices)
     got = [t["question_logprob"] for t in b.traces["self_check"]]
     assert got == pytest.approx([t["question_logprob"] for t in a.traces["self_check"]], abs=1e-4)
+
+
+def test_find_uses_the_default_path_and_never_builds(tiny_llm_dirs, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
+    model = _build(tiny_llm_dirs["llama"], seed=5)
+    assert PassageCache.find(model, PASSAGES) is None and not (tmp_path / "cache" / "passage_kv").exists()
+    built = PassageCache.build(model, PASSAGES, progress=False)
+    assert built.path.parent == tmp_path / "cache" / "passage_kv"
+    assert PassageCache.find(model, PASSAGES).path == built.path
+    assert PassageCache.find(_build(tiny_llm_dirs["qwen2"], seed=5), PASSAGES) is None  # another base

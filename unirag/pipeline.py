@@ -366,6 +366,7 @@ class Pipeline:
                                                        base_model=self.settings.llm)
             tree = bundle.joint.trie
             bundle.tree, bundle.tree_source, bundle.checkpoint = tree, f"checkpoint {_rel(tree_path)}", ckpt
+            self._attach_passage_cache(bundle)
         except UniragError as exc:
             bundle.joint_message = f"The joint checkpoint {_rel(ckpt)} could not be loaded: {exc}"
             self._say(name, bundle.joint_message)
@@ -374,6 +375,16 @@ class Pipeline:
             bundle.joint_message = (f"The joint checkpoint {_rel(ckpt)} could not be loaded "
                                     f"({type(exc).__name__}: {exc}).")
             self._say(name, bundle.joint_message)
+
+    def _attach_passage_cache(self, bundle: CorpusBundle) -> None:
+        """Use the self-check passage cache when one was built for this base, precision and corpus (`python -m
+        unirag index --self-check-cache`); the app never builds it (a pass over every passage)."""
+        from unirag.joint.passage_cache import PassageCache
+
+        cache = PassageCache.find(bundle.joint.model, bundle.corpus)
+        bundle.joint.passage_cache = cache
+        if cache is not None:
+            self._say(bundle.name, f"self-check reads the passage cache {cache.path}")
 
     def preload(self, names: list[str] | None = None) -> threading.Thread:
         """Load corpora in a background thread (progress on the console and in `status()`)."""

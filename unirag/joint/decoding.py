@@ -587,7 +587,9 @@ class JointSystem:
             if traces is not None:
                 traces["self_check"] = trace
             if notices is not None:
-                notices.append(f"Self-check: the base LLM re-read the top {len(search.beams)} documents; they are "
+                how = ("read the question after its cached reading of" if self.passage_cache is not None
+                       else "re-read")
+                notices.append(f"Self-check: the base LLM {how} the top {len(search.beams)} documents; they are "
                                f"ranked by search score + {self.self_check_weight:g} × the question's mean "
                                "log-probability after each.")
         return chosen[:k_docs], search

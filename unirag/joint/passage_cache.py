@@ -129,6 +129,14 @@ class PassageCache:
         return cls(path, meta)
 
     @classmethod
+    def find(cls, model: JointModel, corpus) -> PassageCache | None:
+        """The complete cache at the default path for this model and corpus, or None (missing, partial, stale)."""
+        try:
+            return cls.open(model, corpus)
+        except UniragError:
+            return None
+
+    @classmethod
     @torch.inference_mode()
     def build(cls, model: JointModel, corpus, path: str | Path | None = None, batch_size: int = 8,
               storage_dtype: str = "float16", progress: bool = True) -> PassageCache:
