@@ -298,7 +298,8 @@ def about_markdown(pipeline: Pipeline) -> str:
    the two answers then differ only in what was retrieved (`eval --base-reader`; docs/RESULTS.md compares both).
    *Self-check* (off by default) lets the base LLM re-read the search's top N documents and re-rank them by search
    score + how likely the question is after each document (query likelihood): the same LLM judges its own
-   candidates, no second model; it costs one pass over N documents (`eval --self-check N`).
+   candidates, no second model; it costs one pass over N documents (`eval --self-check N`), or only the
+   question's tokens when the passages' prompts were precomputed (`python -m unirag index --self-check-cache`).
    The heatmaps
    show which context tokens (or sentences) each answer token attended to,
    and the highlighted sentences in the documents are the ones the answer used (GeAR-style localisation).
