@@ -133,3 +133,16 @@ def test_find_uses_the_default_path_and_never_builds(tiny_llm_dirs, tmp_path, mo
     assert built.path.parent == tmp_path / "cache" / "passage_kv"
     assert PassageCache.find(model, PASSAGES).path == built.path
     assert PassageCache.find(_build(tiny_llm_dirs["qwen2"], seed=5), PASSAGES) is None  # another base
+
+
+def test_a_second_builder_is_refused_while_one_builds(tiny_llm_dirs, tmp_path):
+    import fcntl
+
+    model = _build(tiny_llm_dirs["llama"], seed=5)
+    (tmp_path / "kv").mkdir()
+    with (tmp_path / "kv" / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another process's build
+        with pytest.raises(UniragError, match="Another process is building"):
+            PassageCache.build(model, PASSAGES, tmp_path / "kv", progress=False)
+        fcntl.flock(held, fcntl.LOCK_UN)
+    assert PassageCache.build(model, PASSAGES, tmp_path / "kv", progress=False).complete

@@ -14,6 +14,7 @@ Layout of a cache folder (under `cache_dir()/passage_kv/<key>`, the key hashing 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -137,18 +138,26 @@ class PassageCache:
             return None
 
     @classmethod
-    @torch.inference_mode()
     def build(cls, model: JointModel, corpus, path: str | Path | None = None, batch_size: int = 8,
               storage_dtype: str = "float16", progress: bool = True) -> PassageCache:
         """Compute (or resume computing) the cache; returns it complete. Documents go through the base LLM in
-        right-padded batches of similar length (causal attention: the padding never reaches a row's tokens)."""
-        from tqdm.auto import tqdm
-
+        right-padded batches of similar length (causal attention: the padding never reaches a row's tokens).
+        One process builds a cache at a time (a lock file); a second one gets a clear error."""
         if storage_dtype not in STORAGE_DTYPES:
             raise UniragError(f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}.")
         if batch_size < 1:
             raise UniragError("batch_size must be >= 1.")
         path = Path(path) if path is not None else default_cache_path(model, corpus)
+        path.mkdir(parents=True, exist_ok=True)
+        with _exclusive(path / ".lock"):
+            return cls._build(model, corpus, path, batch_size, storage_dtype, progress)
+
+    @classmethod
+    @torch.inference_mode()
+    def _build(cls, model: JointModel, corpus, path: Path, batch_size: int, storage_dtype: str,
+               progress: bool) -> PassageCache:
+        from tqdm.auto import tqdm
+
         fingerprint = cache_fingerprint(model, corpus)
         meta_path = path / "meta.json"
         if meta_path.is_file():
@@ -176,7 +185,6 @@ class PassageCache:
                 "hidden": int(model.base_config.hidden_size),
                 "complete": False,
             }
-            path.mkdir(parents=True, exist_ok=True)
             tokens = max(sum(lengths), 1)
             np.memmap(path / "kv.bin", dtype=STORAGE_DTYPES[storage_dtype], mode="w+",
                       shape=(tokens, layers, 2, kv_heads, head_dim)).flush()
@@ -276,6 +284,26 @@ class PassageCache:
         target = torch.tensor(q_ids[1:], device=device).expand(len(states), -1)
         rest = logp.gather(-1, target[..., None])[..., 0]
         return ((logp_first + rest.sum(-1)) / len(q_ids)).tolist()
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An exclusive, non-blocking lock on `lock_path` (POSIX; elsewhere no lock is taken)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with lock_path.open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UniragError(f"Another process is building the self-check cache in {lock_path.parent}; wait for it "
+                              "to finish (its progress bar) or stop it, then run again.") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _check_sizes(path: Path, meta: dict[str, Any]) -> None:
