@@ -9,6 +9,7 @@ import pytest
 
 from unirag import backbones
 from unirag.cli import main
+from unirag.errors import UniragError
 
 
 @pytest.fixture()
@@ -331,3 +332,25 @@ def test_rerank_recall_by_hand():
     assert rerank_recall(records, 3, 1e6) == 0.5  # likelihood alone picks c for the first
     assert rerank_recall(records, 1, 1e6) == 0.5  # N = 1: no re-ranking possible
     assert rerank_recall([], 3, 1.0) == 0.0
+
+
+def test_self_check_cache_benchmark(files, capsys, tiny_llm_dirs, monkeypatch, tmp_path):
+    from benchmarks import self_check_cache
+
+    root, corpus, _ = files
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
+    ckpt = _joint_checkpoint(root, tiny_llm_dirs["llama"], corpus)
+    data = root / "data" / "nq"
+    data.mkdir(parents=True)
+    (data / "corpus.jsonl").write_text(corpus.read_text())
+    (data / "dev.jsonl").write_text("".join(
+        json.dumps({"id": f"q{i}", "question": f"city {i}?", "answers": [str(i)], "doc_id": f"d{i}"}) + "\n"
+        for i in range(3)))
+    monkeypatch.setenv("UNIRAG_DATA", str(root / "data"))
+    argv = ["--checkpoint", str(ckpt), "--dataset", "nq", "--questions", "3", "--n", "3"]
+    with pytest.raises(UniragError, match="No self-check cache"):
+        self_check_cache.main(argv)
+    assert run(capsys, "index", "--corpus", corpus, "--self-check-cache", "--checkpoint", ckpt)[0] == 0
+    assert self_check_cache.main(argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["questions"] == 3 and result["max_abs_logprob_diff"] < 0.05 and result["same_top_document"] == 1.0

@@ -1,0 +1,67 @@
+"""The self-check with and without the passage cache: time per question and agreement of the scores.
+
+For each question the joint search's top N documents are scored twice, by re-reading the N passages
+(`question_likelihood`) and from the cache (`PassageCache.question_likelihood`, float16 states); prints the
+median time of each, the largest difference of a question log-likelihood and how often the top document agrees.
+The cache must exist (`python -m unirag index --corpus C --self-check-cache --checkpoint DIR`).
+
+    python benchmarks/self_check_cache.py --checkpoint checkpoints/nq-smollm2 --dataset nq --questions 20 --n 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--dataset", default="nq")
+    parser.add_argument("--split", default="dev")
+    parser.add_argument("--questions", type=int, default=20, help="the first N questions of the split")
+    parser.add_argument("--n", type=int, default=10, help="documents the self-check reads")
+    parser.add_argument("--load-in-4bit", action="store_true")
+    args = parser.parse_args(argv)
+
+    from unirag.data import dataset_paths, load_corpus, load_questions
+    from unirag.joint import JointSystem
+    from unirag.joint.decoding import question_likelihood
+    from unirag.joint.passage_cache import PassageCache
+
+    corpus_path, questions_path = dataset_paths(args.dataset, args.split)
+    corpus = load_corpus(corpus_path)
+    questions = load_questions(questions_path, corpus)[: args.questions]
+    system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit)
+    cache = PassageCache.open(system.model, corpus)
+    full_s, cached_s, diffs, same_top = [], [], [], 0
+    for q in questions:
+        _, search = system.retrieve(q.question, k_docs=args.n, self_check=0)
+        docs = [b.doc_id for b in search.beams[: args.n]]
+        start = time.perf_counter()
+        full = question_likelihood(system.model, system.tokenizer, q.question,
+                                   [(d, corpus[d].title, corpus[d].text) for d in docs])
+        full_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        cached = cache.question_likelihood(system.model, q.question, docs)
+        cached_s.append(time.perf_counter() - start)
+        diffs.append(max(abs(a - b) for a, b in zip(full, cached, strict=True)))
+        same_top += max(range(len(docs)), key=full.__getitem__) == max(range(len(docs)), key=cached.__getitem__)
+    print(json.dumps({
+        "checkpoint": args.checkpoint, "dataset": args.dataset, "questions": len(questions), "n": args.n,
+        "precision": "4bit" if args.load_in_4bit else "fp32", "cache_gb": round(cache.nbytes / 2**30, 2),
+        "full_read_s_median": round(statistics.median(full_s), 3),
+        "cached_s_median": round(statistics.median(cached_s), 3),
+        "max_abs_logprob_diff": round(max(diffs), 5), "same_top_document": same_top / len(questions),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
