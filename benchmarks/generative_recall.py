@@ -48,17 +48,16 @@ def self_checked_recall(system, questions, beam_width: int, n: int) -> tuple[dic
     return {**{f"recall@{k}": round(hits[k] / max(len(questions), 1), 4) for k in ks}, "n": len(questions)}, records
 
 
-def rerank_recall(records: list[dict], n: int, weight: float) -> float:
-    """R@1 when only the search's top n candidates are re-read and ranked by search score + weight × question
+def rerank_recall(records: list[dict], n: int, weight: float, k: int = 1) -> float:
+    """R@k when only the search's top n candidates are re-read and ranked by search score + weight × question
     log-likelihood (weight 0: the search's own order). Offline, from `self_checked_recall`'s records."""
     if not records:
         return 0.0
     hits = 0
     for record in records:
         pool = [c for c in record["candidates"] if c["search_rank"] <= n]
-        if pool:
-            best = max(pool, key=lambda c: (c["search_score"] + weight * c["question_logprob"], -c["search_rank"]))
-            hits += best["doc_id"] == record["gold"]
+        pool.sort(key=lambda c: (-(c["search_score"] + weight * c["question_logprob"]), c["search_rank"]))
+        hits += record["gold"] in [c["doc_id"] for c in pool[:k]]
     return round(hits / len(records), 4)
 
 

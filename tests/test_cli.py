@@ -332,6 +332,8 @@ def test_rerank_recall_by_hand():
     assert rerank_recall(records, 3, 1e6) == 0.5  # likelihood alone picks c for the first
     assert rerank_recall(records, 1, 1e6) == 0.5  # N = 1: no re-ranking possible
     assert rerank_recall([], 3, 1.0) == 0.0
+    assert rerank_recall(records, 3, 1e6, k=2) == 1.0  # c, b for the first; a, b for the second
+    assert rerank_recall(records, 3, 0.0, k=3) == 1.0
 
 
 def test_self_check_cache_benchmark(files, capsys, tiny_llm_dirs, monkeypatch, tmp_path):
