@@ -286,6 +286,22 @@ def test_generative_recall_benchmark_shards(files, capsys, tiny_llm_dirs, monkey
     assert result["sweep_recall@1"]["N=3"]["w=4"] == result["recall@1"]
     saved = json.loads(records.read_text())["records"]
     assert len(saved) == 4 and all(len(r["candidates"]) == 3 for r in saved)
+    # The reading half from the recorded search: the documents it reads are the re-ranked ones.
+    from benchmarks import read_recorded_search
+
+    answers = root / "answers.json"
+    assert read_recorded_search.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--records", str(records),
+                                      "--n", "3", "--weight", "4", "--k", "1", "--max-new-tokens", "2",
+                                      "--base-reader", "--out", str(answers)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n"] == 4 and summary["recall@1"] == result["recall@1"] and summary["reader"] == "base LLM"
+    by_id = {r["id"]: r for r in json.loads(answers.read_text())["records"]}
+    for record in saved:
+        best = read_recorded_search.ranked_documents(record, 3, 4.0)[0][0]
+        assert [d["doc_id"] for d in by_id[record["id"]]["docs"]] == [best]
+    with pytest.raises(SystemExit):  # more candidates than were recorded
+        read_recorded_search.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--records", str(records),
+                                   "--n", "5", "--weight", "4"])
     with pytest.raises(SystemExit):
         generative_recall.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--sweep"])
     with pytest.raises(SystemExit):

@@ -1,0 +1,86 @@
+"""Answers from a recorded self-checked search: the reading half of `eval --system joint --self-check N`.
+
+`generative_recall.py --self-check N --records FILE` records, for every question, the search's top N documents
+with their search scores and question log-likelihoods. This script re-ranks them with a given (n, weight), as
+`JointSystem` would with `--self-check n --self-check-weight weight` after the same search, and has the joint
+checkpoint's reader (or, with --base-reader, the base LLM) answer from the top k documents. The search is not
+run again, so a setting chosen on held-out questions costs only the reading on dev. Writes the same summary and
+per-question records as `python -m unirag eval` (`--out`, for `python -m unirag compare`).
+
+    python benchmarks/read_recorded_search.py --checkpoint checkpoints/nq-smollm2 --dataset nq \\
+        --records runs/dev_nq_records.json --n 32 --weight 16 --k 1 --base-reader --out runs/nq_answers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def ranked_documents(record: dict, n: int, weight: float) -> list[tuple[str, float]]:
+    """The record's top-n search candidates re-ranked by search score + weight × question log-likelihood."""
+    pool = [c for c in record["candidates"] if c["search_rank"] <= n]
+    scored = [(c["search_score"] + weight * c["question_logprob"], c["search_rank"], c["doc_id"]) for c in pool]
+    scored.sort(key=lambda item: (-item[0], item[1]))  # ties keep the search's order, as JointSystem does
+    return [(doc_id, score) for score, _, doc_id in scored]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--dataset", default="nq")
+    parser.add_argument("--split", default="dev")
+    parser.add_argument("--records", required=True, help="generative_recall.py --records file(s), comma-separated")
+    parser.add_argument("--n", type=int, required=True, help="candidates re-ranked (at most the recorded N)")
+    parser.add_argument("--weight", type=float, required=True, help="weight of the question log-likelihood")
+    parser.add_argument("--k", type=int, default=1, help="documents read")
+    parser.add_argument("--base-reader", action="store_true", help="the base LLM reads (adapter, pathway off)")
+    parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--out", default=None, help="per-question records, as `eval --out`")
+    args = parser.parse_args(argv)
+    if args.n < 1 or args.k < 1 or args.k > args.n:
+        parser.error("need 1 <= --k <= --n")
+
+    from unirag.data import dataset_paths, load_corpus, load_questions
+    from unirag.eval import run_eval
+    from unirag.joint import JointSystem
+
+    records: dict[str, dict] = {}
+    for path in args.records.split(","):
+        blob = json.loads(Path(path).read_text())
+        recorded_n = blob.get("args", {}).get("self_check")
+        if recorded_n is not None and args.n > recorded_n:
+            parser.error(f"{path} recorded only the top {recorded_n} candidates; --n {args.n} is more")
+        records.update({r["id"]: r for r in blob["records"]})
+    corpus_path, questions_path = dataset_paths(args.dataset, args.split)
+    corpus = load_corpus(corpus_path)
+    questions = [q for q in load_questions(questions_path, corpus) if q.id in records]
+    if not questions:
+        parser.error("no question of the split is in the records")
+    system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
+                                         attn_implementation="sdpa", traces=False, base_reader=args.base_reader)
+
+    def answer_batch(batch):
+        answers = []
+        for q in batch:
+            top = ranked_documents(records[q.id], args.n, args.weight)[: args.k]
+            answer = system.answer(q.question, k_docs=args.k, max_new_tokens=args.max_new_tokens,
+                                   doc_ids=[d for d, _ in top], doc_scores=[s for _, s in top])
+            answers.append(answer)
+        return answers
+
+    summary = run_eval(answer_batch, "joint", questions, args.k, batch_size=1, out=args.out, labels={
+        "corpus": args.dataset, "precision": "4bit" if args.load_in_4bit else "fp32",
+        "reader": "base LLM" if args.base_reader else "stage-2", "self_check": args.n,
+        "self_check_weight": args.weight, "retrieval": f"recorded search ({args.records})"})
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
