@@ -48,16 +48,21 @@ def self_checked_recall(system, questions, beam_width: int, n: int) -> tuple[dic
     return {**{f"recall@{k}": round(hits[k] / max(len(questions), 1), 4) for k in ks}, "n": len(questions)}, records
 
 
+def ranked_candidates(record: dict, n: int, weight: float) -> list[tuple[str, float]]:
+    """(doc_id, score) of a record's top-n search candidates ranked by search score + weight × question
+    log-likelihood, ties in the search's order: what `JointSystem` picks with that self-check after that search."""
+    pool = [c for c in record["candidates"] if c["search_rank"] <= n]
+    scored = sorted((-(c["search_score"] + weight * c["question_logprob"]), c["search_rank"], c["doc_id"])
+                    for c in pool)
+    return [(doc_id, -neg) for neg, _, doc_id in scored]
+
+
 def rerank_recall(records: list[dict], n: int, weight: float, k: int = 1) -> float:
-    """R@k when only the search's top n candidates are re-read and ranked by search score + weight × question
-    log-likelihood (weight 0: the search's own order). Offline, from `self_checked_recall`'s records."""
+    """R@k when only the search's top n candidates are re-read and re-ranked (weight 0: the search's own order).
+    Offline, from `self_checked_recall`'s records."""
     if not records:
         return 0.0
-    hits = 0
-    for record in records:
-        pool = [c for c in record["candidates"] if c["search_rank"] <= n]
-        pool.sort(key=lambda c: (-(c["search_score"] + weight * c["question_logprob"]), c["search_rank"]))
-        hits += record["gold"] in [c["doc_id"] for c in pool[:k]]
+    hits = sum(record["gold"] in [d for d, _ in ranked_candidates(record, n, weight)[:k]] for record in records)
     return round(hits / len(records), 4)
 
 

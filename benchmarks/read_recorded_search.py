@@ -21,14 +21,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def ranked_documents(record: dict, n: int, weight: float) -> list[tuple[str, float]]:
-    """The record's top-n search candidates re-ranked by search score + weight × question log-likelihood."""
-    pool = [c for c in record["candidates"] if c["search_rank"] <= n]
-    scored = [(c["search_score"] + weight * c["question_logprob"], c["search_rank"], c["doc_id"]) for c in pool]
-    scored.sort(key=lambda item: (-item[0], item[1]))  # ties keep the search's order, as JointSystem does
-    return [(doc_id, score) for score, _, doc_id in scored]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
@@ -46,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.n < 1 or args.k < 1 or args.k > args.n:
         parser.error("need 1 <= --k <= --n")
 
+    from benchmarks.generative_recall import ranked_candidates
     from unirag.data import dataset_paths, load_corpus, load_questions
     from unirag.eval import run_eval
     from unirag.joint import JointSystem
@@ -68,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     def answer_batch(batch):
         answers = []
         for q in batch:
-            top = ranked_documents(records[q.id], args.n, args.weight)[: args.k]
+            top = ranked_candidates(records[q.id], args.n, args.weight)[: args.k]
             answer = system.answer(q.question, k_docs=args.k, max_new_tokens=args.max_new_tokens,
                                    doc_ids=[d for d, _ in top], doc_scores=[s for _, s in top])
             answers.append(answer)

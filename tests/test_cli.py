@@ -253,19 +253,24 @@ def test_compare_two_eval_runs(tmp_path, capsys):
     assert code == 2 and "not a readable JSON file" in err
 
 
+def _shared_data_layout(root: Path, corpus: Path, questions: int, monkeypatch) -> None:
+    """UNIRAG_DATA/nq/{corpus,dev}.jsonl for the benchmarks that take --dataset: question i asks for d{i}."""
+    data = root / "data" / "nq"
+    data.mkdir(parents=True)
+    (data / "corpus.jsonl").write_text(corpus.read_text())
+    (data / "dev.jsonl").write_text("".join(
+        json.dumps({"id": f"q{i}", "question": f"city {i}?", "answers": [str(i)], "doc_id": f"d{i}"}) + "\n"
+        for i in range(questions)))
+    monkeypatch.setenv("UNIRAG_DATA", str(root / "data"))
+
+
 def test_generative_recall_benchmark_shards(files, capsys, tiny_llm_dirs, monkeypatch):
     """--offset/--limit shards a long recall run; the shards partition the questions."""
     from benchmarks import generative_recall
 
     root, corpus, _ = files
     ckpt = _joint_checkpoint(root, tiny_llm_dirs["llama"], corpus)
-    data = root / "data" / "nq"
-    data.mkdir(parents=True)
-    (data / "corpus.jsonl").write_text(corpus.read_text())
-    (data / "dev.jsonl").write_text("".join(
-        json.dumps({"id": f"q{i}", "question": f"city {i}?", "answers": [str(i)], "doc_id": f"d{i}"}) + "\n"
-        for i in range(4)))
-    monkeypatch.setenv("UNIRAG_DATA", str(root / "data"))
+    _shared_data_layout(root, corpus, 4, monkeypatch)
     sizes = []
     for shard in (["--offset", "0", "--limit", "3"], ["--offset", "3"]):
         assert generative_recall.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--beam-width", "4", *shard]) == 0
@@ -297,7 +302,7 @@ def test_generative_recall_benchmark_shards(files, capsys, tiny_llm_dirs, monkey
     assert summary["n"] == 4 and summary["recall@1"] == result["recall@1"] and summary["reader"] == "base LLM"
     by_id = {r["id"]: r for r in json.loads(answers.read_text())["records"]}
     for record in saved:
-        best = read_recorded_search.ranked_documents(record, 3, 4.0)[0][0]
+        best = generative_recall.ranked_candidates(record, 3, 4.0)[0][0]
         assert [d["doc_id"] for d in by_id[record["id"]]["docs"]] == [best]
     with pytest.raises(SystemExit):  # more candidates than were recorded
         read_recorded_search.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--records", str(records),
@@ -358,13 +363,7 @@ def test_self_check_cache_benchmark(files, capsys, tiny_llm_dirs, monkeypatch, t
     root, corpus, _ = files
     monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
     ckpt = _joint_checkpoint(root, tiny_llm_dirs["llama"], corpus)
-    data = root / "data" / "nq"
-    data.mkdir(parents=True)
-    (data / "corpus.jsonl").write_text(corpus.read_text())
-    (data / "dev.jsonl").write_text("".join(
-        json.dumps({"id": f"q{i}", "question": f"city {i}?", "answers": [str(i)], "doc_id": f"d{i}"}) + "\n"
-        for i in range(3)))
-    monkeypatch.setenv("UNIRAG_DATA", str(root / "data"))
+    _shared_data_layout(root, corpus, 3, monkeypatch)
     argv = ["--checkpoint", str(ckpt), "--dataset", "nq", "--questions", "3", "--n", "3"]
     with pytest.raises(UniragError, match="No self-check cache"):
         self_check_cache.main(argv)
