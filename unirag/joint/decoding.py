@@ -547,7 +547,7 @@ class JointSystem:
 
         Evaluation passes attn_implementation="sdpa", traces=False: faster, and no heatmaps are drawn.
         passage_cache: True opens (building it first if missing) the self-check cache of this base and corpus
-        at its default path; a path opens that cache; False reads the passages in full."""
+        at its default path; a path does the same there; False reads the passages in full."""
         from unirag.docids import DocidTree
 
         ckpt = Path(checkpoint_dir)
