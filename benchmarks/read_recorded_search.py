@@ -61,9 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     def answer_batch(batch):
         answers = []
         for q in batch:
-            top = ranked_candidates(records[q.id], args.n, args.weight)[: args.k]
+            ranked = ranked_candidates(records[q.id], args.n, args.weight)
+            top = ranked[: args.k]
             answer = system.answer(q.question, k_docs=args.k, max_new_tokens=args.max_new_tokens,
                                    doc_ids=[d for d, _ in top], doc_scores=[s for _, s in top])
+            answer.ranked_doc_ids = [d for d, _ in ranked]  # the re-ranked search: R@3 as eval reports it
             answers.append(answer)
         return answers
 

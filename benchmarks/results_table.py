@@ -13,10 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ("run", "precision", "n", "accuracy", "em", "f1", "recall@1", "recall@k", "context_tokens_mean",
+COLUMNS = ("run", "precision", "n", "accuracy", "em", "f1", "recall@1", "recall@3", "recall@k", "context_tokens_mean",
            "latency_ms_median", "wall_time_s")
 ONE_DECIMAL = ("context_tokens_mean", "latency_ms_median", "wall_time_s")
-HEADERS = ("run", "precision", "n", "accuracy", "EM", "F1", "R@1", "R@k (k)", "mean context tokens",
+HEADERS = ("run", "precision", "n", "accuracy", "EM", "F1", "R@1", "R@3", "R@k (k)", "mean context tokens",
            "median latency ms", "wall s")
 
 

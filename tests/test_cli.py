@@ -169,6 +169,7 @@ def test_eval_joint_and_rag_with_joint_reader(files, capsys, tiny_llm_dirs, monk
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["system"] == "joint" and summary["recall@k"] is not None
     assert summary["ranking"] == "path log-prob + document match" and "reader" not in summary
+    assert summary["recall@3"] is None  # the search returned only the 2 documents read
     code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "joint",
                          "--checkpoint", ckpt, "--k", 1, "--max-new-tokens", 2, "--base-reader")
     assert code == 0, err
@@ -202,6 +203,7 @@ def test_eval_joint_with_self_check_and_its_bad_flags(files, capsys, tiny_llm_di
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["self_check"] == 3 and summary["self_check_weight"] == 8.0
+    assert summary["recall@3"] is not None  # reads one document; the self-check ranked three
     code, out, err = run(capsys, *joint, "--self-check", 2)
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["self_check_weight"] == 4.0  # the library's default
@@ -300,6 +302,7 @@ def test_generative_recall_benchmark_shards(files, capsys, tiny_llm_dirs, monkey
                                       "--base-reader", "--out", str(answers)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["n"] == 4 and summary["recall@1"] == result["recall@1"] and summary["reader"] == "base LLM"
+    assert summary["recall@3"] == round(generative_recall.rerank_recall(saved, 3, 4.0, k=3), 4)
     by_id = {r["id"]: r for r in json.loads(answers.read_text())["records"]}
     for record in saved:
         best = generative_recall.ranked_candidates(record, 3, 4.0)[0][0]
@@ -371,3 +374,32 @@ def test_self_check_cache_benchmark(files, capsys, tiny_llm_dirs, monkeypatch, t
     assert self_check_cache.main(argv) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["questions"] == 3 and result["max_abs_logprob_diff"] < 0.05 and result["same_top_document"] == 1.0
+
+
+def test_latency_frontier_benchmark(files, capsys, tiny_llm_dirs, monkeypatch):
+    """One line per setting, each with its own medians; malformed settings are refused by argparse."""
+    from conftest import BagOfWordsEncoder
+
+    from benchmarks import latency_frontier
+    from unirag import rag
+
+    def bag_of_words_retriever(cls, corpus, name=None, progress=True):
+        encoder = BagOfWordsEncoder()
+        return cls(corpus, encoder, encoder.encode_passages([p.text for p in corpus]))
+
+    monkeypatch.setattr(rag.DenseRetriever, "from_corpus", classmethod(bag_of_words_retriever))
+    root, corpus, _ = files
+    ckpt = _joint_checkpoint(root, tiny_llm_dirs["llama"], corpus)
+    _shared_data_layout(root, corpus, 3, monkeypatch)
+    assert latency_frontier.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--questions", "2",
+                                  "--joint", "4:0", "4:3:8", "--rag-k", "1", "2", "--max-new-tokens", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    by_setting = {row["setting"]: row for row in rows}
+    assert set(by_setting) == {"joint beam 4 self-check 0", "joint beam 4 self-check 3", "rag k 1", "rag k 2"}
+    assert all(row["n"] == 2 and row["total_s_median"] > 0 for row in rows)
+    assert "self_check_s_median" in by_setting["joint beam 4 self-check 3"]
+    assert "self_check_s_median" not in by_setting["joint beam 4 self-check 0"]
+    assert by_setting["rag k 2"]["context_tokens_median"] > by_setting["rag k 1"]["context_tokens_median"]
+    for bad in ("4", "4:1", "x:2", "4:2:w", "0:2"):
+        with pytest.raises(SystemExit):
+            latency_frontier.main(["--checkpoint", str(ckpt), "--joint", bad])

@@ -45,6 +45,20 @@ def test_run_eval_summary_and_records(tmp_path):
     records = json.loads(out.read_text())["records"]
     assert [r["id"] for r in records] == ["a", "b"] and records[1]["recall@1"] == 0.0
     assert list(tmp_path.iterdir()) == [out]  # no temp file left behind
+    assert summary["recall@3"] is None and records[0]["recall@3"] is None  # only two documents were ranked
+
+
+def test_recall_at_3_reads_the_ranking_beyond_the_documents_read(tmp_path):
+    """A system that reads one document but ranked more: R@1 and R@k from what it read, R@3 from its ranking."""
+    def one_read(questions):
+        return [Answer("joint", q.question, "x", [RetrievedDoc("d1", "", "", 0.0)],
+                       ranked_doc_ids=["d1", "d2", "d3", "d4"]) for q in questions]
+
+    questions = [Question("a", "q", ("y",), "d1"), Question("b", "q", ("y",), "d3"), Question("c", "q", ("y",), "d4")]
+    summary = run_eval(one_read, "joint", questions, k=1, progress=False)
+    assert (summary["recall@1"], summary["recall@k"], summary["recall@3"]) == (0.3333, 0.3333, 0.6667)
+    questions.append(Question("d", "q", ("y",)))  # no gold document: counts for no recall
+    assert run_eval(one_read, "joint", questions, k=1, progress=False)["recall@3"] == 0.6667
 
 
 def test_run_eval_rejects_missing_output_folder(tmp_path):

@@ -62,7 +62,14 @@ def test_rag_and_norag_answers_record_everything(tiny_llm_dirs, retriever):
     assert len(att["weights"]) == answer.answer_tokens and len(att["weights"][0]) == len(att["context_tokens"])
     assert np.allclose(np.sum(att["weights"], axis=1), 1.0, atol=1e-4)
     gold = rag.answer("anything", gold_doc_id="p2")
-    assert gold.doc_ids == ["p2"]
+    assert gold.doc_ids == ["p2"] and gold.ranking == ["p2"]
+    # Reading one document still ranks three (R@3); the one read is the ranking's first.
+    one = rag.answer("capital of Italy?", k=1)
+    assert one.doc_ids == ["p1"] and one.ranking[0] == "p1" and sorted(one.ranking) == ["p0", "p1", "p2"]
+    assert len(answer.ranking) == 3 and answer.ranking[:2] == answer.doc_ids  # k=2: the ranking is longer
+    assert rag.answer("capital of Italy?", k=3).ranked_doc_ids == []  # k=3: what it read is the ranking
+    with pytest.raises(UniragError, match="at least 1"):
+        rag.answer_many(["x"], k=-1)
     # batched answers equal single ones (left padding must not change greedy outputs)
     many = rag.answer_many(["capital of Italy?", "Norway capital city, please?"])
     assert many[0].text == rag.answer("capital of Italy?").text

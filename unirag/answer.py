@@ -31,10 +31,17 @@ class Answer:
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage: retrieve, generate, ...
     notices: list[str] = field(default_factory=list)  # e.g. "question truncated to 2000 chars"
     traces: dict[str, Any] = field(default_factory=dict)  # attention maps, beam paths, per-level probs
+    # The retriever's ranking, best first, when it ranked more documents than were read (R@3 of a system that
+    # reads one); empty: the documents read are the whole ranking.
+    ranked_doc_ids: list[str] = field(default_factory=list)
 
     @property
     def doc_ids(self) -> list[str]:
         return [d.doc_id for d in self.docs]
+
+    @property
+    def ranking(self) -> list[str]:
+        return self.ranked_doc_ids or self.doc_ids
 
     @property
     def latency_ms(self) -> float:

@@ -63,9 +63,11 @@ def score(answer: Answer, question: Question, k: int) -> dict:
         f1=token_f1(answer.text, question.answers),
     )
     if question.doc_id is not None and answer.system != "norag":
-        ranked = answer.doc_ids
+        ranked = answer.ranking
         record["recall@1"] = float(question.doc_id in ranked[:1])
-        record["recall@k"] = float(question.doc_id in ranked[:k])
+        record["recall@k"] = float(question.doc_id in answer.doc_ids[:k])
+        # Only when the system ranked at least 3 documents (joint: its search or self-check returned 3).
+        record["recall@3"] = float(question.doc_id in ranked[:3]) if len(ranked) >= 3 else None
     return record
 
 
@@ -74,6 +76,9 @@ def summarize(system: str, records: list[dict], k: int) -> dict:
         values = [r[key] for r in records if r.get(key) is not None]
         return round(mean(values), 4) if values else None
 
+    with_gold = [r for r in records if "recall@1" in r]
+    # R@3 over the same questions as R@1, or not at all (a ranking shorter than 3 somewhere).
+    ranked_three = bool(with_gold) and all(r.get("recall@3") is not None for r in with_gold)
     return {
         "system": system,
         "n": len(records),
@@ -83,6 +88,7 @@ def summarize(system: str, records: list[dict], k: int) -> dict:
         "recall@1": avg("recall@1"),
         "recall@k": avg("recall@k"),
         "k": k,
+        "recall@3": avg("recall@3") if ranked_three else None,
         "context_tokens_mean": avg("context_tokens"),
         "latency_ms_median": round(median(r["latency_ms"] for r in records), 1) if records else None,
     }

@@ -16,6 +16,8 @@ from unirag.answer import Answer, RetrievedDoc
 from unirag.data import Corpus, Passage, prepare_question
 from unirag.errors import UniragError
 
+RANKED_AT_LEAST = 3  # dense RAG ranks at least this many documents, whatever k it reads (for R@3)
+
 
 def format_context(passages: list[Passage]) -> str:
     return "\n".join(p.as_context() for p in passages)
@@ -293,10 +295,15 @@ class DenseRagSystem:
         prepared = [prepare_question(q) for q in questions]
         texts = [q for q, _ in prepared]
         start = time.perf_counter()
+        k = k or self.k
+        if k < 1:
+            raise UniragError(f"k must be at least 1 (got {k}).")
         if gold_doc_ids is not None:
-            hits = [[(doc_id, 1.0)] for doc_id in gold_doc_ids]
+            ranked = [[(doc_id, 1.0)] for doc_id in gold_doc_ids]
         else:
-            hits = self.retriever.search_many(texts, k or self.k)
+            # At least 3 ranked (R@3 is reported for every k); the top k of a dense ranking do not depend on that.
+            ranked = self.retriever.search_many(texts, max(k, RANKED_AT_LEAST))
+        hits = [row[:k] for row in ranked]
         retrieve_ms = (time.perf_counter() - start) * 1000 / len(texts)
         passages = [[self.retriever.corpus[doc_id] for doc_id, _ in row] for row in hits]
         outs = self.reader.read_many(texts, passages, max_new_tokens, with_attention)
@@ -304,7 +311,11 @@ class DenseRagSystem:
             [RetrievedDoc(p.id, p.title, p.text, score) for p, (_, score) in zip(ps, row, strict=True)]
             for ps, row in zip(passages, hits, strict=True)
         ]
-        return _answers(self.name, texts, [n for _, n in prepared], outs, docs, retrieve_ms)
+        answers = _answers(self.name, texts, [n for _, n in prepared], outs, docs, retrieve_ms)
+        for answer, row in zip(answers, ranked, strict=True):
+            if len(row) > len(answer.docs):
+                answer.ranked_doc_ids = [doc_id for doc_id, _ in row]
+        return answers
 
     def answer(self, question: str, gold_doc_id: str | None = None, **kwargs: object) -> Answer:
         golds = [gold_doc_id] if gold_doc_id else None

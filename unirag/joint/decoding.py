@@ -571,7 +571,8 @@ class JointSystem:
                  timings: dict[str, float] | None = None, traces: dict[str, Any] | None = None,
                  notices: list[str] | None = None) -> tuple[list[tuple[DocidBeam, float]], DocidSearch]:
         """The top k_docs documents as (beam, score), best first, and the search itself. Fills `timings`
-        (retrieve, self_check), `traces` (self_check) and `notices` when given. `question` is used as is."""
+        (retrieve, self_check), `traces` (self_check; ranking: every ranked document id, best first) and
+        `notices` when given. `question` is used as is."""
         self_check = self.self_check if self_check is None else check_self_check(self_check)
         timings = {} if timings is None else timings
         start = time.perf_counter()
@@ -592,6 +593,8 @@ class JointSystem:
                 notices.append(f"Self-check: the base LLM {how} the top {len(search.beams)} documents; they are "
                                f"ranked by search score + {self.self_check_weight:g} × the question's mean "
                                "log-probability after each.")
+        if traces is not None:
+            traces["ranking"] = [beam.doc_id for beam, _ in chosen]
         return chosen[:k_docs], search
 
     def _self_check(self, question: str, candidates: Sequence[DocidBeam]
@@ -631,6 +634,7 @@ class JointSystem:
         model = self.model
         traces: dict[str, Any] = {}
         timings: dict[str, float] = {}
+        ranking: list[str] = []
 
         if gold_doc_id is not None or doc_ids is not None:
             # Forced context: the gold document (the reader's upper bound) or another retriever's documents
@@ -653,6 +657,7 @@ class JointSystem:
             traces.update(beams=[], paths=[], retrieval_attention={"tokens": [], "weights": []})
         else:
             chosen, search = self.retrieve(text, k_docs, beam_width, self_check, timings, traces, notices)
+            ranking = traces.pop("ranking")
             docs = []
             for beam, score in chosen:
                 passage = self.corpus[beam.doc_id]
@@ -689,6 +694,7 @@ class JointSystem:
             timings_ms=timings,
             notices=notices,
             traces=traces,
+            ranked_doc_ids=ranking if len(ranking) > len(docs) else [],
         )
 
 

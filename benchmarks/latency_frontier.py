@@ -1,0 +1,102 @@
+"""Per-question latency of several joint settings against dense RAG at several k, one question at a time.
+
+Both sides load as `python -m unirag eval` loads them (SDPA attention, no attention traces) and answer a
+question alone (batch 1), alternating per question, so machine noise hits every setting alike. The joint
+side reads with the base LLM (`--base-reader`), as the RAG side does. Run it with nothing else on the cores.
+
+    python benchmarks/latency_frontier.py --checkpoint checkpoints/nq-smollm2 --dataset nq --questions 10 \\
+        --joint 10:0 16:10:16 32:32:16 --rag-k 1 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse_joint_setting(text: str) -> tuple[int, int, float | None]:
+    """`BEAM:N[:WEIGHT]` → (beam width, self-check N, weight or None for the library default)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"joint setting must be BEAM:N[:WEIGHT], got {text!r}")
+    try:
+        beam, n = int(parts[0]), int(parts[1])
+        weight = float(parts[2]) if len(parts) == 3 else None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"joint setting must be BEAM:N[:WEIGHT], got {text!r}") from None
+    if beam < 1 or n < 0 or n == 1:
+        raise argparse.ArgumentTypeError(f"beam must be >= 1 and N 0 or >= 2, got {text!r}")
+    return beam, n, weight
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--dataset", default="nq")
+    parser.add_argument("--questions", type=int, default=10, help="dev questions timed after one warm-up")
+    parser.add_argument("--joint", nargs="+", type=parse_joint_setting, default=[(10, 0, None)],
+                        metavar="BEAM:N[:WEIGHT]", help="joint settings: beam width, self-check N (0 = off), weight")
+    parser.add_argument("--rag-k", nargs="+", type=int, default=[5])
+    parser.add_argument("--k-docs", type=int, default=1, help="documents the joint side reads")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--self-check-cache", action="store_true",
+                        help="self-check from the passage cache (it must exist for this precision)")
+    args = parser.parse_args(argv)
+
+    from unirag.backbones import load_llm
+    from unirag.data import dataset_paths, load_corpus, load_questions
+    from unirag.joint import JointSystem
+    from unirag.joint.passage_cache import PassageCache
+    from unirag.rag import DenseRagSystem, DenseRetriever, Reader
+
+    corpus_path, questions_path = dataset_paths(args.dataset, "dev")
+    corpus = load_corpus(corpus_path)
+    questions = load_questions(questions_path, corpus)[: args.questions + 1]
+    joint = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
+                                        attn_implementation="sdpa", traces=False, base_reader=True)
+    if args.self_check_cache:
+        joint.passage_cache = PassageCache.open(joint.model, corpus)  # never builds: a missing cache is an error
+    model, tokenizer = load_llm(joint.model.config.base_model, load_in_4bit=args.load_in_4bit,
+                                attn_implementation="sdpa")
+    rag = DenseRagSystem(DenseRetriever.from_corpus(corpus), Reader(model, tokenizer, args.max_new_tokens))
+
+    default_weight = joint.self_check_weight
+    times: dict[str, dict[str, list[float]]] = {}
+    for index, q in enumerate(questions):
+        for beam, n, weight in args.joint:
+            joint.self_check_weight = default_weight if weight is None else weight
+            start = time.perf_counter()
+            answer = joint.answer(q.question, k_docs=args.k_docs, beam_width=beam, self_check=n,
+                                  max_new_tokens=args.max_new_tokens)
+            total = time.perf_counter() - start
+            if index:  # the first question warms up every setting
+                row = times.setdefault(f"joint beam {beam} self-check {n}", {})
+                row.setdefault("total_s", []).append(total)
+                row.setdefault("answer_tokens", []).append(answer.answer_tokens)
+                for stage, ms in answer.timings_ms.items():
+                    row.setdefault(f"{stage}_s", []).append(ms / 1000)
+        for k in args.rag_k:
+            start = time.perf_counter()
+            answer = rag.answer(q.question, k=k, max_new_tokens=args.max_new_tokens)
+            total = time.perf_counter() - start
+            if index:
+                row = times.setdefault(f"rag k {k}", {})
+                row.setdefault("total_s", []).append(total)
+                row.setdefault("answer_tokens", []).append(answer.answer_tokens)
+                row.setdefault("context_tokens", []).append(answer.context_tokens)
+    for name, row in times.items():
+        print(json.dumps({"setting": name, "dataset": args.dataset, "n": len(questions) - 1,
+                          "precision": "4bit" if args.load_in_4bit else "fp32",
+                          **{f"{key}_median": round(statistics.median(values), 2) for key, values in row.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
