@@ -403,3 +403,26 @@ def test_latency_frontier_benchmark(files, capsys, tiny_llm_dirs, monkeypatch):
     for bad in ("4", "4:1", "x:2", "4:2:w", "0:2"):
         with pytest.raises(SystemExit):
             latency_frontier.main(["--checkpoint", str(ckpt), "--joint", bad])
+
+
+def test_checkpoint_size_benchmark_counts_the_preset(capsys):
+    """Counted on tiny shapes: the bridge and the pathway scale as their formulas say; bad LoRA layers refused."""
+    from benchmarks import checkpoint_size
+
+    shapes = ["--model-type", "llama", "--hidden", "64", "--intermediate", "128", "--layers", "4", "--heads", "4",
+              "--kv-heads", "2", "--head-dim", "16", "--semantic-nodes", "10", "--semantic-dim", "8",
+              "--docid-levels", "2", "--docid-branching", "3"]
+    results = []
+    for preset in (["--pathway-layers", "2", "--retrieval-mlp-dim", "32", "--lora-layers", "0"],
+                   ["--pathway-layers", "1", "--retrieval-mlp-dim", "32", "--bridge-dim", "16", "--lora-layers", "2"]):
+        assert checkpoint_size.main(shapes + preset) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    full, small = results
+    # 4 retrieval heads of 16: q' and o' are 64 x 64 each; MLP' 3 x 64 x 32; plus its RMSNorm (64).
+    per_layer = 2 * 64 * 64 + 3 * 64 * 32 + 64
+    assert full["by_module"]["pathways"] - small["by_module"]["pathways"] == per_layer
+    assert full["by_module"]["bridge"] - small["by_module"]["bridge"] == 4 * 64 * (64 - 16)
+    assert 2 * small["lora_params"] == full["lora_params"]  # 2 of the 4 layers
+    assert full["within_budget"] and full["float16_mb"] > small["float16_mb"] > 0
+    with pytest.raises(SystemExit):
+        checkpoint_size.main(shapes + ["--lora-layers", "5"])

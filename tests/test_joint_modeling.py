@@ -566,3 +566,33 @@ def test_real_smollm2_4bit_lora_forward():
     assert torch.isfinite(out.lm_logits).all() and out.docid_logits.shape == (1, ids.shape[1], 17)
     out.docid_logits[0, -1].logsumexp(-1).backward()  # gradients reach LoRA through the 4-bit layers
     assert any(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n)
+
+
+def test_narrow_bridge_decodes_incrementally_and_round_trips(tiny_llm_dirs, tmp_path):
+    """bridge_dim < hidden: 4 x hidden x bridge_dim projections; cached decoding and a reload stay exact."""
+    wide, narrow = make_joint(tiny_llm_dirs["llama"]), make_joint(tiny_llm_dirs["llama"], bridge_dim=16)
+    hidden = wide.base_config.hidden_size
+
+    def count(model):
+        return sum(p.numel() for n, p in model.joint_named_parameters() if n.startswith("bridge."))
+
+    assert count(wide) - count(narrow) == 4 * hidden * (hidden - 16)
+    assert narrow.bridge.head_dim == 16 // 4
+    randomise(narrow)
+    ids = docid_sequence(narrow, narrow.tokenizer)
+    prompt_len = ids.shape[1] - 3
+    with torch.no_grad():
+        full = narrow(ids, pathway=True, bridge=True)
+        out = narrow(ids[:, :prompt_len], use_cache=True)
+        for t in range(prompt_len, ids.shape[1]):
+            out = narrow(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+    torch.testing.assert_close(out.lm_logits[:, -1], full.lm_logits[:, -1], atol=1e-5, rtol=0)
+    narrow.config.save_dtype = "float32"
+    loaded = JointModel.from_pretrained(narrow.save_pretrained(tmp_path / "ckpt", tree=FakeTree()))
+    assert loaded.config.bridge_dim == 16
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).lm_logits, full.lm_logits, atol=0, rtol=0)
+    with pytest.raises(UniragError, match="bridge width 18"):
+        make_joint(tiny_llm_dirs["llama"], bridge_dim=18)  # 4 heads do not divide 18
+    with pytest.raises(UniragError, match="bridge_dim"):
+        JointConfig(docid_levels=2, docid_branching=2, bridge_dim=-1)

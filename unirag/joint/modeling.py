@@ -76,6 +76,9 @@ class JointConfig:
     retrieval_heads: int = 4  # rounded UP to a multiple of the base's num_key_value_heads
     retrieval_mlp_dim: int = 512
     bridge_heads: int = 4
+    # Inner width of the bridge's cross-attention (0 = the base's hidden size). Its four projections are
+    # hidden x bridge_dim each: on a 4B base a full-width bridge alone is 52 MB in float16, over the budget.
+    bridge_dim: int = 0
     # The retrieval MLP' reads the layer output plus the retrieval-attention output (a pre-norm block whose
     # result is added back as a delta); False = it reads the retrieval-attention output alone.
     pathway_reads_residual: bool = True
@@ -102,6 +105,7 @@ class JointConfig:
             (self.retrieval_heads >= 1, "retrieval_heads must be >= 1"),
             (self.retrieval_mlp_dim >= 1, "retrieval_mlp_dim must be >= 1"),
             (self.bridge_heads >= 1, "bridge_heads must be >= 1"),
+            (isinstance(self.bridge_dim, int) and self.bridge_dim >= 0, "bridge_dim must be an int >= 0"),
             (self.save_dtype in ("float16", "float32", "bfloat16"), "save_dtype must be float16, bfloat16 or float32"),
             (self.semantic_dim >= 0 and self.semantic_nodes >= 0, "semantic_dim and semantic_nodes must be >= 0"),
             (bool(self.semantic_dim) == bool(self.semantic_nodes), "semantic_dim and semantic_nodes go together"),
@@ -243,17 +247,18 @@ class Bridge(nn.Module):
     """h + g·H'_last + CrossAttn(Q from H'_last; K, V from h), causal. Zero gate and zero output projection
     make it the identity at init. No RoPE: the causal mask already orders it and positions live in h."""
 
-    def __init__(self, hidden_size: int, num_heads: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, eps: float, inner_dim: int = 0) -> None:
         super().__init__()
-        if hidden_size % num_heads:
-            raise UniragError(f"bridge_heads={num_heads} must divide the hidden size {hidden_size}.")
-        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        inner_dim = inner_dim or hidden_size
+        if inner_dim % num_heads:
+            raise UniragError(f"bridge_heads={num_heads} must divide the bridge width {inner_dim}.")
+        self.num_heads, self.head_dim = num_heads, inner_dim // num_heads
         self.gate = nn.Parameter(torch.zeros(1))
         self.kv_norm = RMSNorm(hidden_size, eps)  # h is the un-normalised residual stream
-        self.cross_q = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.cross_k = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.cross_v = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.cross_o = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.cross_q = nn.Linear(hidden_size, inner_dim, bias=False)
+        self.cross_k = nn.Linear(hidden_size, inner_dim, bias=False)
+        self.cross_v = nn.Linear(hidden_size, inner_dim, bias=False)
+        self.cross_o = nn.Linear(inner_dim, hidden_size, bias=False)
 
 
 class SemanticDocidScorer(nn.Module):
@@ -504,8 +509,10 @@ class JointModel(nn.Module):
             raise UniragError(
                 f"The joint model supports {', '.join(SUPPORTED_MODEL_TYPES)} base models, not {bc.model_type!r}."
             )
-        if bc.hidden_size % config.bridge_heads:  # checked before the base is touched
-            raise UniragError(f"bridge_heads={config.bridge_heads} must divide the hidden size {bc.hidden_size}.")
+        bridge_dim = config.bridge_dim or bc.hidden_size
+        if bridge_dim % config.bridge_heads:  # checked before the base is touched
+            raise UniragError(f"bridge_heads={config.bridge_heads} must divide the bridge width {bridge_dim} "
+                              f"({'bridge_dim' if config.bridge_dim else 'the hidden size'}).")
         decoder = self.decoder
         num_layers = len(decoder.layers)
         hidden = bc.hidden_size
@@ -542,7 +549,7 @@ class JointModel(nn.Module):
                 for i in self.pathway_layer_ids
             }
         )
-        self.bridge = Bridge(hidden, config.bridge_heads, eps)
+        self.bridge = Bridge(hidden, config.bridge_heads, eps, config.bridge_dim)
         self.docid_head = nn.Linear(hidden, L * K + 1, bias=True)
         self.extra_embed = nn.Embedding(self.num_extra_tokens, hidden)
         # Added to the residual stream of extra tokens as they enter the first pathway layer. Stage 1

@@ -62,6 +62,7 @@ class TrainConfig:
     pathway_layers: int = 8  # the retrieval pathway sits in the top N decoder layers (8 beat 4, RESULTS.md)
     retrieval_heads: int = 4  # extra query heads per pathway layer (rounded to a multiple of the KV heads)
     retrieval_mlp_dim: int = 512  # width of the retrieval MLP'
+    bridge_dim: int = 0  # inner width of the cross-attention bridge (0 = the base's hidden size)
     # semantic docid scores: node embeddings from the tree's cluster centroids, plus a distillation loss that
     # pulls the model's query vector towards the docid encoder's embedding of the query text
     semantic_docids: bool = True  # add the semantic node scores to the docid head's logits
@@ -477,7 +478,7 @@ def build_or_resume(config: TrainConfig, corpus: Corpus, tree: DocidTree, resume
     joint_config = JointConfig(
         docid_levels=tree.depth, docid_branching=tree.branching, base_model=config.base_model,
         pathway_layers=config.pathway_layers, retrieval_heads=config.retrieval_heads,
-        retrieval_mlp_dim=config.retrieval_mlp_dim,
+        retrieval_mlp_dim=config.retrieval_mlp_dim, bridge_dim=config.bridge_dim,
         semantic_dim=int(doc_vectors.shape[1]) if doc_vectors is not None else 0,
         semantic_nodes=len(tree_prefixes(tree)) if doc_vectors is not None else 0,
     )
