@@ -2,7 +2,8 @@
 
 Both sides load as `python -m unirag eval` loads them (SDPA attention, no attention traces) and answer a
 question alone (batch 1), alternating per question, so machine noise hits every setting alike. The joint
-side reads with the base LLM (`--base-reader`), as the RAG side does. Run it with nothing else on the cores.
+side reads with the base LLM (`--base-reader`), as the RAG side does, or with `--joint-reader trained` with the
+checkpoint's stage-2 reader. Run it with nothing else on the cores.
 
     python benchmarks/latency_frontier.py --checkpoint checkpoints/nq-smollm2 --dataset nq --questions 10 \\
         --joint 10:0 16:10:16 32:32:16 --rag-k 1 5
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rag-k", nargs="+", type=int, default=[5])
     parser.add_argument("--k-docs", type=int, default=1, help="documents the joint side reads")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--joint-reader", choices=["base", "trained"], default="base",
+                        help="who reads the joint side's documents: the base LLM or the stage-2 reader")
     parser.add_argument("--load-in-4bit", action="store_true")
     parser.add_argument("--self-check-cache", action="store_true",
                         help="self-check from the passage cache (it must exist for this precision)")
@@ -60,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     corpus = load_corpus(corpus_path)
     questions = load_questions(questions_path, corpus)[: args.questions + 1]
     joint = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
-                                        attn_implementation="sdpa", traces=False, base_reader=True)
+                                        attn_implementation="sdpa", traces=False,
+                                        base_reader=args.joint_reader == "base")
     if args.self_check_cache:
         joint.passage_cache = PassageCache.open(joint.model, corpus)  # never builds: a missing cache is an error
     model, tokenizer = load_llm(joint.model.config.base_model, load_in_4bit=args.load_in_4bit,
@@ -93,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.setdefault("context_tokens", []).append(answer.context_tokens)
     for name, row in times.items():
         print(json.dumps({"setting": name, "dataset": args.dataset, "n": len(questions) - 1,
+                          "joint_reader": args.joint_reader if name.startswith("joint") else "base",
                           "precision": "4bit" if args.load_in_4bit else "fp32",
                           **{f"{key}_median": round(statistics.median(values), 2) for key, values in row.items()}}))
     return 0

@@ -400,6 +400,11 @@ def test_latency_frontier_benchmark(files, capsys, tiny_llm_dirs, monkeypatch):
     assert "self_check_s_median" in by_setting["joint beam 4 self-check 3"]
     assert "self_check_s_median" not in by_setting["joint beam 4 self-check 0"]
     assert by_setting["rag k 2"]["context_tokens_median"] > by_setting["rag k 1"]["context_tokens_median"]
+    assert by_setting["joint beam 4 self-check 0"]["joint_reader"] == "base"
+    assert latency_frontier.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--questions", "1", "--joint", "4:0",
+                                  "--rag-k", "1", "--max-new-tokens", "2", "--joint-reader", "trained"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [row["joint_reader"] for row in rows] == ["trained", "base"]
     for bad in ("4", "4:1", "x:2", "4:2:w", "0:2"):
         with pytest.raises(SystemExit):
             latency_frontier.main(["--checkpoint", str(ckpt), "--joint", bad])
