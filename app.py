@@ -363,10 +363,12 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                             info="Who reads the joint model's documents. The base LLM is what the RAG "
                                             "side reads with, so the two answers then differ only in retrieval "
                                             "(docs/RESULTS.md: more accurate, less terse).", elem_id="ur-reader")
-                    self_check = gr.Slider(0, 10, value=0, step=1, label="Self-check (joint)",
+                    self_check = gr.Slider(0, 32, value=0, step=1, label="Self-check (joint)",
                                            info="0 = off. N ≥ 2: the base LLM re-reads the search's top N documents "
                                            "and ranks them by search score + how likely the question is after each "
-                                           "(query likelihood). Better top documents, slower.", elem_id="ur-self-check")
+                                           "(query likelihood). Better top documents, slower; N above about 5 is "
+                                           "quick only with a passage cache (`python -m unirag index "
+                                           "--self-check-cache`).", elem_id="ur-self-check")
                 gold_info = gr.HTML("", elem_id="ur-gold")
                 with gr.Row(equal_height=False):
                     with gr.Column(elem_classes=["ur-col-joint"]):
