@@ -10,7 +10,7 @@ import torch
 
 from unirag.backbones import load_llm
 from unirag.errors import FingerprintMismatchError, UniragError
-from unirag.joint.modeling import CONFIG_FILE, WEIGHTS_FILE, JointConfig, JointModel, load_lora_reader
+from unirag.joint.modeling import CONFIG_FILE, WEIGHTS_FILE, JointConfig, JointModel, JointOutput, load_lora_reader
 
 KINDS = ["llama", "qwen2", "qwen3"]
 
@@ -173,10 +173,9 @@ def test_qwen3_pathway_has_own_q_norm(tiny_llm_dirs):
 # ------------------------------------------------------------------------------------------- KV cache
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
-def test_incremental_decoding_matches_full_forward(tiny_llm_dirs, kind):
-    model = make_joint(tiny_llm_dirs[kind])
-    randomise(model)
+def assert_incremental_equals_full(model: JointModel) -> JointOutput:
+    """A docid sequence decoded token by token with the KV cache (pathway and bridge on) gives the full forward's
+    docid and LM logits; returns the full forward."""
     ids = docid_sequence(model, model.tokenizer)
     prompt_len = ids.shape[1] - 3
     with torch.no_grad():
@@ -189,6 +188,14 @@ def test_incremental_decoding_matches_full_forward(tiny_llm_dirs, kind):
     incremental = torch.stack(steps, dim=1)
     torch.testing.assert_close(incremental, full.docid_logits[:, prompt_len - 1:], atol=1e-5, rtol=0)
     torch.testing.assert_close(out.lm_logits[:, -1], full.lm_logits[:, -1], atol=1e-5, rtol=0)
+    return full
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_incremental_decoding_matches_full_forward(tiny_llm_dirs, kind):
+    model = make_joint(tiny_llm_dirs[kind])
+    randomise(model)
+    assert_incremental_equals_full(model)
 
 
 def test_cache_reindexing_for_beams(tiny_llm_dirs):
@@ -579,14 +586,8 @@ def test_narrow_bridge_decodes_incrementally_and_round_trips(tiny_llm_dirs, tmp_
     assert count(wide) - count(narrow) == 4 * hidden * (hidden - 16)
     assert narrow.bridge.head_dim == 16 // 4
     randomise(narrow)
+    full = assert_incremental_equals_full(narrow)
     ids = docid_sequence(narrow, narrow.tokenizer)
-    prompt_len = ids.shape[1] - 3
-    with torch.no_grad():
-        full = narrow(ids, pathway=True, bridge=True)
-        out = narrow(ids[:, :prompt_len], use_cache=True)
-        for t in range(prompt_len, ids.shape[1]):
-            out = narrow(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
-    torch.testing.assert_close(out.lm_logits[:, -1], full.lm_logits[:, -1], atol=1e-5, rtol=0)
     narrow.config.save_dtype = "float32"
     loaded = JointModel.from_pretrained(narrow.save_pretrained(tmp_path / "ckpt", tree=FakeTree()))
     assert loaded.config.bridge_dim == 16
