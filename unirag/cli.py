@@ -156,7 +156,7 @@ def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = 
     needed; 1.7x faster for RAG k=5 on squad on the 2-core CPU), the same greedy answers up to float rounding.
     """
     from unirag.backbones import load_llm
-    from unirag.rag import DenseRagSystem, DenseRetriever, NoRagSystem, Reader
+    from unirag.rag import RANKED_AT_LEAST, DenseRagSystem, DenseRetriever, NoRagSystem, Reader
 
     gold = getattr(args, "gold", False)
     if args.system == "joint" or (args.system == "rag" and args.checkpoint):
@@ -178,12 +178,16 @@ def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = 
             answers = []
             for q in questions:
                 kwargs = {"gold_doc_id": q.doc_id} if gold else {}
+                ranked: list[str] = []
                 if retriever is not None and not gold:  # dense top-k read by the joint model's reader
-                    hits = retriever.search(q.question, args.k)
+                    hits = retriever.search(q.question, max(args.k, RANKED_AT_LEAST))
+                    ranked = [h[0] for h in hits] if len(hits) > args.k else []  # for R@3, as dense RAG ranks
+                    hits = hits[: args.k]
                     kwargs = {"doc_ids": [h[0] for h in hits], "doc_scores": [h[1] for h in hits]}
                 answer = system.answer(q.question, k_docs=args.k, beam_width=args.beam_width,
                                        max_new_tokens=getattr(args, "max_new_tokens", 32), **kwargs)
                 answer.system = args.system
+                answer.ranked_doc_ids = ranked or answer.ranked_doc_ids
                 answers.append(answer)
             return answers
 
