@@ -224,20 +224,26 @@ def tree_view(pipeline: Pipeline, corpus: str, last: dict | None) -> tuple:
 
 
 def select_corpus(pipeline: Pipeline, corpus: str) -> tuple:
-    """Load a corpus (lazily) and refresh its examples, tree and cluster list."""
+    """Load a corpus (lazily) and refresh its examples, tree and cluster list, and set the joint settings to the
+    checkpoint's recommended ones (beam width, documents selected, self-check)."""
     try:
         bundle = pipeline.bundle(corpus)
     except UniragError:
         empty = viz.empty_figure("Corpus not loaded (see the message above).", "Corpus tree", 300)
         return (gr.Dataset(samples=[]), empty, gr.Dropdown(choices=[], value=None),
-                '<div class="ur-empty">Corpus not loaded.</div>', banner_html(pipeline))
+                '<div class="ur-empty">Corpus not loaded.</div>', banner_html(pipeline), gr.skip(), gr.skip(),
+                gr.skip())
     choices = viz.cluster_choices(bundle.tree, max_depth=3)
+    start = pipeline.start_settings(corpus)
     return (
         gr.Dataset(samples=[[q] for q in bundle.examples(pipeline.settings.n_examples)]),
         viz.corpus_tree_figure(bundle.tree),
         gr.Dropdown(choices=choices, value=""),
         cluster_docs(pipeline, corpus, ""),
         banner_html(pipeline),
+        gr.Slider(value=start["beam_width"]),
+        gr.Slider(value=start["k_docs"]),
+        gr.Slider(value=start["self_check"]),
     )
 
 
@@ -296,10 +302,13 @@ def about_markdown(pipeline: Pipeline) -> str:
    F1, but a gold answer appears in its output less often than in the base LLM's). *Advanced settings → Joint
    reader → the base LLM* has the joint model's documents read by the base LLM instead, the RAG side's reader:
    the two answers then differ only in what was retrieved (`eval --base-reader`; docs/RESULTS.md compares both).
-   *Self-check* (off by default) lets the base LLM re-read the search's top N documents and re-rank them by search
+   *Self-check* lets the base LLM re-read the search's top N documents and re-rank them by search
    score + how likely the question is after each document (query likelihood): the same LLM judges its own
    candidates, no second model; it costs one pass over N documents (`eval --self-check N`), or only the
    question's tokens when the passages' prompts were precomputed (`python -m unirag index --self-check-cache`).
+   The page starts from each checkpoint's recommended setting (`recommended_settings.json`, chosen on held-out
+   train questions: one document, beam 32, self-check 32), with the self-check on only when the passage cache
+   for this model and precision exists.
    The heatmaps
    show which context tokens (or sentences) each answer token attended to,
    and the highlighted sentences in the documents are the ones the answer used (GeAR-style localisation).
@@ -368,7 +377,8 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                            "and ranks them by search score + how likely the question is after each "
                                            "(query likelihood). Better top documents, slower; N above about 5 is "
                                            "quick only with a passage cache (`python -m unirag index "
-                                           "--self-check-cache`).", elem_id="ur-self-check")
+                                           "--self-check-cache`), and is then the checkpoint's recommended "
+                                           "setting.", elem_id="ur-self-check")
                 gold_info = gr.HTML("", elem_id="ur-gold")
                 with gr.Row(equal_height=False):
                     with gr.Column(elem_classes=["ur-col-joint"]):
@@ -445,7 +455,7 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
         def on_example(sample):
             return sample[0] if isinstance(sample, (list, tuple)) else sample
 
-        corpus_outputs = [examples, tree_plot, cluster, cluster_html, banner]
+        corpus_outputs = [examples, tree_plot, cluster, cluster_html, banner, beam_width, k_docs, self_check]
         on_ask_safe = _guard(on_ask)
         ask_btn.click(on_ask_safe, ask_inputs, ask_outputs, api_name="ask", concurrency_id="models")
         question.submit(on_ask_safe, ask_inputs, ask_outputs, api_name=False, concurrency_id="models")

@@ -235,6 +235,40 @@ def test_broken_checkpoint_is_reported_not_raised(tiny, tmp_path):
     assert bundle.tree is not None  # the tab still gets the cached k-means tree
 
 
+def test_recommended_settings_start_the_page_and_weight_the_self_check(tiny, tmp_path):
+    import shutil
+
+    import app
+    from unirag.joint.decoding import RECOMMENDED_FILE, SELF_CHECK_WEIGHT, RecommendedSettings
+    from unirag.joint.passage_cache import PassageCache
+    from unirag.pipeline import Pipeline, Settings
+
+    settings, data = tiny
+    shutil.copytree(settings.checkpoint_dir / "nq-llama", tmp_path / "nq-llama")
+    RecommendedSettings(k_docs=1, beam_width=8, self_check=4, self_check_weight=16.0, chosen_on="test").save(
+        tmp_path / "nq-llama")
+    pipe = Pipeline(Settings(llm=settings.llm, precision="fp32", checkpoint_dir=tmp_path, data_dir=data))
+    bundle = pipe.bundle("nq")
+    assert bundle.joint.self_check_weight == 16.0  # the checkpoint's weight, not the library default
+    assert pipe.start_settings("nq") == {"k_docs": 1, "beam_width": 8, "self_check": 0, "self_check_weight": 16.0}
+    PassageCache.build(bundle.joint.model, bundle.corpus, tmp_path / "kv", storage_dtype="float32", progress=False)
+    bundle.joint.passage_cache = PassageCache.open(bundle.joint.model, bundle.corpus, tmp_path / "kv")
+    *_, beam, k_docs, self_check = app.select_corpus(pipe, "nq")
+    assert (beam.value, k_docs.value, self_check.value) == (8, 1, 4)
+    result = pipe.ask("nq", "which planet is called the red planet", beam.value, k_docs.value, 2, 3,
+                      self_check=self_check.value)
+    assert result.joint.error is None and len(result.joint.answer.doc_ids) == 1
+    # A malformed settings file is reported and ignored; the joint model still loads with the library defaults.
+    (tmp_path / "nq-llama" / RECOMMENDED_FILE).write_text('{"self_check": 1}')
+    messages = []
+    pipe = Pipeline(Settings(llm=settings.llm, precision="fp32", checkpoint_dir=tmp_path, data_dir=data))
+    pipe._say = lambda name, text: messages.append(text)
+    bundle = pipe.bundle("nq")
+    assert bundle.joint is not None and bundle.recommended is None
+    assert bundle.joint.self_check_weight == SELF_CHECK_WEIGHT
+    assert any("ignoring the checkpoint's recommended settings" in m for m in messages)
+
+
 def test_eval_results_and_quantization_cost(tmp_path):
     from unirag.pipeline import load_eval_results, quantization_cost
 
@@ -379,8 +413,10 @@ def test_side_error_does_not_kill_the_other_side(pipeline, monkeypatch):
 def test_select_corpus_and_cluster_callbacks(pipeline):
     import app
 
-    dataset, tree_fig, dropdown, docs_html, banner = app.select_corpus(pipeline, "nq")
+    dataset, tree_fig, dropdown, docs_html, banner, beam, k_docs, self_check = app.select_corpus(pipeline, "nq")
     assert dataset.samples and tree_fig.data[0].type == "sunburst"
+    # No recommended_settings.json in this checkpoint: the sliders start from ask's defaults.
+    assert (beam.value, k_docs.value, self_check.value) == (10, 2, 0)
     assert dropdown.choices
     assert "whole corpus" in docs_html and "&lt;script&gt;" in docs_html
     first = pipeline.bundle("nq").tree.allowed(())[0]
@@ -388,8 +424,9 @@ def test_select_corpus_and_cluster_callbacks(pipeline):
     assert "not a docid prefix" in app.cluster_docs(pipeline, "nq", "abc")
     assert "No cluster" in app.cluster_docs(pipeline, "nq", "99-99")
     # SQuAD is missing from the tiny data: an empty view and a banner message, no exception.
-    dataset, tree_fig, dropdown, docs_html, banner = app.select_corpus(pipeline, "squad")
+    dataset, tree_fig, dropdown, docs_html, banner, *sliders = app.select_corpus(pipeline, "squad")
     assert dataset.samples == [] and "UNIRAG_DATA" in banner
+    assert all(s is not None and not hasattr(s, "value") for s in sliders)  # gr.skip(): left as they are
 
 
 def test_evaluation_and_about(pipeline):

@@ -492,3 +492,56 @@ def test_self_check_rejects_bad_sizes(joint, bad):
     system = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS))
     with pytest.raises(UniragError, match="self_check"):
         system.answer("who?", self_check=bad)
+
+
+# --------------------------------------------------------------------------------------------- recommended settings
+
+
+def test_recommended_settings_round_trip_and_app_values(tmp_path):
+    from unirag.joint.decoding import RecommendedSettings
+
+    assert RecommendedSettings.load(tmp_path) is None  # a checkpoint may ship none
+    rec = RecommendedSettings(k_docs=1, beam_width=32, self_check=32, self_check_weight=16.0, chosen_on="held-out")
+    rec.save(tmp_path)
+    assert RecommendedSettings.load(tmp_path) == rec
+    assert rec.app_settings(has_passage_cache=True) == {"k_docs": 1, "beam_width": 32, "self_check": 32,
+                                                        "self_check_weight": 16.0}
+    # Without the cache a 32-document self-check re-reads 32 passages in full: off, and the beam back to 10.
+    assert rec.app_settings(has_passage_cache=False) == {"k_docs": 1, "beam_width": 10, "self_check": 0,
+                                                         "self_check_weight": 16.0}
+    assert RecommendedSettings(beam_width=4).app_settings(False)["beam_width"] == 4
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"k_docs": 4}', "k_docs"),
+    ('{"k_docs": true}', "k_docs"),
+    ('{"beam_width": 0}', "beam_width"),
+    ('{"self_check": 1, "beam_width": 10}', "self_check"),
+    ('{"self_check": 2.5}', "self_check"),
+    ('{"self_check_weight": 0}', "self_check_weight"),
+    ('{"self_check": 12, "beam_width": 10}', "cannot exceed beam_width"),
+    ('{"beam": 10}', "unknown setting"),
+    ('[1, 2]', "JSON object"),
+    ('{not json', "readable JSON"),
+])
+def test_recommended_settings_bad_files_are_clear_errors(tmp_path, text, match):
+    from unirag.joint.decoding import RECOMMENDED_FILE, RecommendedSettings
+
+    (tmp_path / RECOMMENDED_FILE).write_text(text)
+    with pytest.raises(UniragError, match=match):
+        RecommendedSettings.load(tmp_path)
+
+
+def test_shipped_checkpoints_recommend_valid_settings():
+    from pathlib import Path
+
+    from unirag.joint.decoding import RecommendedSettings
+
+    root = Path(__file__).resolve().parent.parent / "checkpoints"
+    shipped = sorted(p for p in root.glob("*-smollm2") if (p / "joint_config.json").is_file())
+    if not shipped:
+        pytest.skip("no shipped checkpoints in this checkout")
+    for ckpt in shipped:
+        rec = RecommendedSettings.load(ckpt)
+        assert rec is not None and rec.chosen_on, f"{ckpt.name} ships no recommended setting"
+        assert "held-out" in rec.chosen_on  # chosen on held-out train questions, never on dev

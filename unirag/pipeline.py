@@ -37,6 +37,8 @@ log = logging.getLogger("unirag.app")
 PRECISIONS = ("4bit", "fp32")
 PRECISION_LABELS = {"4bit": "4-bit NF4 (bitsandbytes)", "fp32": "fp32"}
 CORPUS_LABELS = {"nq": "Natural Questions", "squad": "SQuAD v1.1"}
+# The page's settings when a checkpoint ships no recommended setting (and `ask`'s defaults).
+ASK_DEFAULTS = {"k_docs": 2, "beam_width": 10, "self_check": 0}
 LIMITS = {"beam_width": (1, 32), "k_docs": (1, 3), "rag_k": (1, 10), "max_new_tokens": (1, 128), "self_check": (0, 32)}
 # Who reads the joint model's documents: its stage-2 reader (LoRA adapter, pathway, bridge), or the base LLM, the
 # weights the RAG side reads with (then the two sides differ only in what they retrieved).
@@ -173,6 +175,7 @@ class CorpusBundle:
     tree_source: str = ""
     joint: Any = None  # JointSystem or None
     joint_message: str | None = None  # why the joint side is unavailable (shown on the page)
+    recommended: Any = None  # the checkpoint's RecommendedSettings, if it ships them
     checkpoint: Path | None = None
     load_seconds: float = 0.0
     _by_text: dict[str, Question] = field(default_factory=dict, repr=False)
@@ -367,6 +370,7 @@ class Pipeline:
             tree = bundle.joint.trie
             bundle.tree, bundle.tree_source, bundle.checkpoint = tree, f"checkpoint {_rel(tree_path)}", ckpt
             self._attach_passage_cache(bundle)
+            self._apply_recommended(bundle, ckpt)
         except UniragError as exc:
             bundle.joint_message = f"The joint checkpoint {_rel(ckpt)} could not be loaded: {exc}"
             self._say(name, bundle.joint_message)
@@ -385,6 +389,27 @@ class Pipeline:
         bundle.joint.passage_cache = cache
         if cache is not None:
             self._say(bundle.name, f"self-check reads the passage cache {cache.path}")
+
+    def _apply_recommended(self, bundle: CorpusBundle, ckpt: Path) -> None:
+        """The checkpoint's measured setting: its self-check weight for every question, its sliders for the page."""
+        from unirag.joint.decoding import RecommendedSettings
+
+        try:
+            bundle.recommended = RecommendedSettings.load(ckpt)
+        except UniragError as exc:  # a bad settings file must not take the model down: report it, use defaults
+            self._say(bundle.name, f"ignoring the checkpoint's recommended settings: {exc}")
+            return
+        if bundle.recommended is not None:
+            bundle.joint.self_check_weight = bundle.recommended.self_check_weight
+            self._say(bundle.name, f"recommended settings: {self.start_settings(bundle.name)}")
+
+    def start_settings(self, name: str) -> dict[str, int | float]:
+        """The settings the page starts from for a loaded corpus: the checkpoint's recommended setting (its
+        self-check only with a passage cache), else the defaults of `ask`."""
+        bundle = self.loaded(name)
+        if bundle is None or bundle.joint is None or bundle.recommended is None:
+            return dict(ASK_DEFAULTS)
+        return bundle.recommended.app_settings(has_passage_cache=bundle.joint.passage_cache is not None)
 
     def preload(self, names: list[str] | None = None) -> threading.Thread:
         """Load corpora in a background thread (progress on the console and in `status()`)."""

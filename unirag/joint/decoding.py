@@ -495,6 +495,74 @@ def check_self_check_weight(weight: float) -> float:
     return float(weight)
 
 
+RECOMMENDED_FILE = "recommended_settings.json"
+
+
+@dataclass(frozen=True)
+class RecommendedSettings:
+    """The inference setting a checkpoint's authors measured best, shipped next to it (`recommended_settings.json`).
+
+    The app starts from it; `eval` and `ask` keep their own explicit defaults, so recorded commands still mean
+    what they meant. The self-check part is only quick with the passage cache (`index --self-check-cache`), so
+    `app_settings` applies it only when a cache is attached."""
+
+    k_docs: int = 1
+    beam_width: int = 10
+    self_check: int = 0
+    self_check_weight: float = SELF_CHECK_WEIGHT
+    chosen_on: str = ""  # where the setting was chosen (never the dev questions it is reported on)
+
+    def __post_init__(self) -> None:
+        for name, low, high in (("k_docs", 1, 3), ("beam_width", 1, 32)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise UniragError(f"{RECOMMENDED_FILE}: {name} must be a whole number in [{low}, {high}], "
+                                  f"got {value!r}.")
+        if isinstance(self.self_check, bool) or not isinstance(self.self_check, int):
+            raise UniragError(f"{RECOMMENDED_FILE}: self_check must be a whole number, got {self.self_check!r}.")
+        check_self_check(self.self_check)
+        check_self_check_weight(self.self_check_weight)
+        if self.self_check > self.beam_width:
+            raise UniragError(f"{RECOMMENDED_FILE}: self_check ({self.self_check}) re-reads the search's top documents "
+                              f"and cannot exceed beam_width ({self.beam_width}).")
+
+    @classmethod
+    def load(cls, checkpoint_dir: str | Path) -> RecommendedSettings | None:
+        """The checkpoint's recommended setting, or None when it ships none. A malformed file is an error."""
+        import json
+
+        path = Path(checkpoint_dir) / RECOMMENDED_FILE
+        if not path.is_file():
+            return None
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UniragError(f"{path} is not readable JSON ({exc}).") from None
+        if not isinstance(raw, dict):
+            raise UniragError(f"{path} must hold a JSON object.")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise UniragError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+        return cls(**raw)
+
+    def save(self, checkpoint_dir: str | Path) -> Path:
+        import json
+
+        path = Path(checkpoint_dir) / RECOMMENDED_FILE
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    def app_settings(self, has_passage_cache: bool) -> dict[str, int | float]:
+        """Slider values for the app: the full setting with a passage cache; without one, no self-check (re-reading
+        N passages in full is slow) and the default beam."""
+        if has_passage_cache and self.self_check:
+            return {"k_docs": self.k_docs, "beam_width": self.beam_width, "self_check": self.self_check,
+                    "self_check_weight": self.self_check_weight}
+        return {"k_docs": self.k_docs, "beam_width": min(self.beam_width, 10), "self_check": 0,
+                "self_check_weight": self.self_check_weight}
+
+
 class JointSystem:
     """Question → docids (beam search over the trie) → answer from those documents, as an `Answer`."""
 
