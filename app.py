@@ -307,7 +307,7 @@ def about_markdown(pipeline: Pipeline) -> str:
    candidates, no second model; it costs one pass over N documents (`eval --self-check N`), or only the
    question's tokens when the passages' prompts were precomputed (`python -m unirag index --self-check-cache`).
    The page starts from each checkpoint's recommended setting (`recommended_settings.json`, chosen on held-out
-   train questions: one document, beam 32, self-check 32), with the self-check on only when the passage cache
+   train questions: one document, beam 32, self-check 20), with the self-check on only when the passage cache
    for this model and precision exists.
    The heatmaps
    show which context tokens (or sentences) each answer token attended to,
