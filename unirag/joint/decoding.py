@@ -10,6 +10,7 @@ Training should build its examples with `retrieval_prompt` / `answer_prompt` so 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -529,8 +530,6 @@ class RecommendedSettings:
     @classmethod
     def load(cls, checkpoint_dir: str | Path) -> RecommendedSettings | None:
         """The checkpoint's recommended setting, or None when it ships none. A malformed file is an error."""
-        import json
-
         path = Path(checkpoint_dir) / RECOMMENDED_FILE
         if not path.is_file():
             return None
@@ -540,15 +539,13 @@ class RecommendedSettings:
             raise UniragError(f"{path} is not readable JSON ({exc}).") from None
         if not isinstance(raw, dict):
             raise UniragError(f"{path} must hold a JSON object.")
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:
             raise UniragError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
         return cls(**raw)
 
     def save(self, checkpoint_dir: str | Path) -> Path:
-        import json
-
         path = Path(checkpoint_dir) / RECOMMENDED_FILE
         path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
         return path
