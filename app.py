@@ -26,6 +26,7 @@ try:
     from unirag import viz
     from unirag.errors import UniragError
     from unirag.pipeline import (
+        ASK_DEFAULTS,
         CORPUS_LABELS,
         JOINT_READERS,
         Comparison,
@@ -364,15 +365,17 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                       elem_id="ur-examples")
                 with gr.Accordion("Advanced settings", open=False):
                     with gr.Row():
-                        beam_width = gr.Slider(1, 32, value=10, step=1, label="Beam width (joint)")
-                        k_docs = gr.Slider(1, 3, value=2, step=1, label="Documents selected (joint)")
+                        beam_width = gr.Slider(1, 32, value=ASK_DEFAULTS["beam_width"], step=1,
+                                               label="Beam width (joint)")
+                        k_docs = gr.Slider(1, 3, value=ASK_DEFAULTS["k_docs"], step=1,
+                                           label="Documents selected (joint)")
                         rag_k = gr.Slider(1, 10, value=5, step=1, label="RAG k (top-k passages)")
                         max_new = gr.Slider(4, 128, value=32, step=1, label="Max new tokens")
                     joint_reader = gr.Radio(JOINT_READER_CHOICES, value="trained", label="Joint reader",
                                             info="Who reads the joint model's documents. The base LLM is what the RAG "
                                             "side reads with, so the two answers then differ only in retrieval "
                                             "(docs/RESULTS.md: more accurate, less terse).", elem_id="ur-reader")
-                    self_check = gr.Slider(0, 32, value=0, step=1, label="Self-check (joint)",
+                    self_check = gr.Slider(0, 32, value=ASK_DEFAULTS["self_check"], step=1, label="Self-check (joint)",
                                            info="0 = off. N ≥ 2: the base LLM re-reads the search's top N documents "
                                            "and ranks them by search score + how likely the question is after each "
                                            "(query likelihood). Better top documents, slower; N above about 5 is "

@@ -438,8 +438,9 @@ class Pipeline:
             raise UniragError(f"{name.replace('_', ' ')} must be between {low} and {high} (got {number}).")
         return number
 
-    def ask(self, name: str, question: str, beam_width: int = 10, k_docs: int = 2, rag_k: int = 5,
-            max_new_tokens: int = 32, joint_reader: str = "trained", self_check: int = 0) -> Comparison:
+    def ask(self, name: str, question: str, beam_width: int = ASK_DEFAULTS["beam_width"],
+            k_docs: int = ASK_DEFAULTS["k_docs"], rag_k: int = 5, max_new_tokens: int = 32,
+            joint_reader: str = "trained", self_check: int = ASK_DEFAULTS["self_check"]) -> Comparison:
         """Both systems on one question. Bad input raises UniragError; a failing side is reported in its result.
 
         self_check = N >= 2 re-ranks the joint search's top N documents by how likely the question is after each
