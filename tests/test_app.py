@@ -248,8 +248,11 @@ def test_recommended_settings_start_the_page_and_weight_the_self_check(tiny, tmp
     RecommendedSettings(k_docs=1, beam_width=8, self_check=4, self_check_weight=16.0, chosen_on="test").save(
         tmp_path / "nq-llama")
     pipe = Pipeline(Settings(llm=settings.llm, precision="fp32", checkpoint_dir=tmp_path, data_dir=data))
+    said = []
+    pipe._say = lambda name, text: said.append(text)
     bundle = pipe.bundle("nq")
     assert bundle.joint.self_check_weight == 16.0  # the checkpoint's weight, not the library default
+    assert "recommended settings: {'k_docs': 1, 'beam_width': 8, 'self_check': 0" in " ".join(said)
     assert pipe.start_settings("nq") == {"k_docs": 1, "beam_width": 8, "self_check": 0, "self_check_weight": 16.0}
     PassageCache.build(bundle.joint.model, bundle.corpus, tmp_path / "kv", storage_dtype="float32", progress=False)
     bundle.joint.passage_cache = PassageCache.open(bundle.joint.model, bundle.corpus, tmp_path / "kv")

@@ -129,6 +129,12 @@ class Settings:
                 f"{_rel(data / 'train.jsonl')}{llm} --out {_rel(out)}")
 
 
+def _start_settings(bundle: CorpusBundle | None) -> dict[str, int | float]:
+    if bundle is None or bundle.joint is None or bundle.recommended is None:
+        return dict(ASK_DEFAULTS)
+    return bundle.recommended.app_settings(has_passage_cache=bundle.joint.passage_cache is not None)
+
+
 def _rel(path: Path) -> str:
     """A path relative to the working directory when that is shorter (`../shared/data/nq/corpus.jsonl`)."""
     path = Path(path)
@@ -401,15 +407,13 @@ class Pipeline:
             return
         if bundle.recommended is not None:
             bundle.joint.self_check_weight = bundle.recommended.self_check_weight
-            self._say(bundle.name, f"recommended settings: {self.start_settings(bundle.name)}")
+            # The bundle is not registered yet while it loads, so this reads it directly, not by name.
+            self._say(bundle.name, f"recommended settings: {_start_settings(bundle)}")
 
     def start_settings(self, name: str) -> dict[str, int | float]:
         """The settings the page starts from for a loaded corpus: the checkpoint's recommended setting (its
         self-check only with a passage cache), else the defaults of `ask`."""
-        bundle = self.loaded(name)
-        if bundle is None or bundle.joint is None or bundle.recommended is None:
-            return dict(ASK_DEFAULTS)
-        return bundle.recommended.app_settings(has_passage_cache=bundle.joint.passage_cache is not None)
+        return _start_settings(self.loaded(name))
 
     def preload(self, names: list[str] | None = None) -> threading.Thread:
         """Load corpora in a background thread (progress on the console and in `status()`)."""
