@@ -4,8 +4,10 @@
 with their search scores and question log-likelihoods. This script re-ranks them with a given (n, weight), as
 `JointSystem` would with `--self-check n --self-check-weight weight` after the same search, and has the joint
 checkpoint's reader (or, with --base-reader, the base LLM) answer from the top k documents. The search is not
-run again, so a setting chosen on held-out questions costs only the reading on dev. Writes the same summary and
-per-question records as `python -m unirag eval` (`--out`, for `python -m unirag compare`).
+run again, so a setting chosen on held-out questions costs only the reading on dev. Several --n values share
+one reading of every distinct context (the answer is greedy, so it depends only on the question and the
+documents read). Writes the same summary and per-question records as `python -m unirag eval` (`--out`, for
+`python -m unirag compare`; with several --n, one file per N: `answers-n20.json`, ...).
 
     python benchmarks/read_recorded_search.py --checkpoint checkpoints/nq-smollm2 --dataset nq \\
         --records runs/dev_nq_records.json --n 32 --weight 16 --k 1 --base-reader --out runs/nq_answers.json
@@ -14,6 +16,7 @@ per-question records as `python -m unirag eval` (`--out`, for `python -m unirag 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -27,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="nq")
     parser.add_argument("--split", default="dev")
     parser.add_argument("--records", required=True, help="generative_recall.py --records file(s), comma-separated")
-    parser.add_argument("--n", type=int, required=True, help="candidates re-ranked (at most the recorded N)")
+    parser.add_argument("--n", type=int, nargs="+", required=True,
+                        help="candidates re-ranked (at most the recorded N); several values share the reading")
     parser.add_argument("--weight", type=float, required=True, help="weight of the question log-likelihood")
     parser.add_argument("--k", type=int, default=1, help="documents read")
     parser.add_argument("--base-reader", action="store_true", help="the base LLM reads (adapter, pathway off)")
@@ -35,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--out", default=None, help="per-question records, as `eval --out`")
     args = parser.parse_args(argv)
-    if args.n < 1 or args.k < 1 or args.k > args.n:
-        parser.error("need 1 <= --k <= --n")
+    if args.k < 1 or any(args.k > n for n in args.n):
+        parser.error("need 1 <= --k <= every --n")
+    if len(set(args.n)) != len(args.n):
+        parser.error("--n values repeat")
 
     from benchmarks.generative_recall import ranked_candidates
     from unirag.data import dataset_paths, load_corpus, load_questions
@@ -47,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.records.split(","):
         blob = json.loads(Path(path).read_text())
         recorded_n = blob.get("args", {}).get("self_check")
-        if recorded_n is not None and args.n > recorded_n:
-            parser.error(f"{path} recorded only the top {recorded_n} candidates; --n {args.n} is more")
+        if recorded_n is not None and max(args.n) > recorded_n:
+            parser.error(f"{path} recorded only the top {recorded_n} candidates; --n {max(args.n)} is more")
         records.update({r["id"]: r for r in blob["records"]})
     corpus_path, questions_path = dataset_paths(args.dataset, args.split)
     corpus = load_corpus(corpus_path)
@@ -58,22 +64,31 @@ def main(argv: list[str] | None = None) -> int:
     system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
                                          attn_implementation="sdpa", traces=False, base_reader=args.base_reader)
 
-    def answer_batch(batch):
+    read: dict[tuple[str, tuple[str, ...]], object] = {}  # (question id, documents) → answer
+
+    def answer_batch(batch, n):
         answers = []
         for q in batch:
-            ranked = ranked_candidates(records[q.id], args.n, args.weight)
+            ranked = ranked_candidates(records[q.id], n, args.weight)
             top = ranked[: args.k]
-            answer = system.answer(q.question, k_docs=args.k, max_new_tokens=args.max_new_tokens,
-                                   doc_ids=[d for d, _ in top], doc_scores=[s for _, s in top])
-            answer.ranked_doc_ids = [d for d, _ in ranked]  # the re-ranked search: R@3 as eval reports it
-            answers.append(answer)
+            key = (q.id, tuple(d for d, _ in top))
+            if key not in read:
+                read[key] = system.answer(q.question, k_docs=args.k, max_new_tokens=args.max_new_tokens,
+                                          doc_ids=[d for d, _ in top], doc_scores=[s for _, s in top])
+            # The re-ranked search (R@3 as eval reports it) differs per N even when the documents read do not.
+            answers.append(dataclasses.replace(read[key], ranked_doc_ids=[d for d, _ in ranked]))
         return answers
 
-    summary = run_eval(answer_batch, "joint", questions, args.k, batch_size=1, out=args.out, labels={
-        "corpus": args.dataset, "precision": "4bit" if args.load_in_4bit else "fp32",
-        "reader": "base LLM" if args.base_reader else "stage-2", "self_check": args.n,
-        "self_check_weight": args.weight, "retrieval": f"recorded search ({args.records})"})
-    print(json.dumps(summary), flush=True)
+    for n in args.n:
+        out = args.out
+        if out is not None and len(args.n) > 1:
+            out = str(Path(out).with_name(f"{Path(out).stem}-n{n}{Path(out).suffix}"))
+        summary = run_eval(lambda batch, n=n: answer_batch(batch, n), "joint", questions, args.k, batch_size=1,
+                           out=out, labels={
+            "corpus": args.dataset, "precision": "4bit" if args.load_in_4bit else "fp32",
+            "reader": "base LLM" if args.base_reader else "stage-2", "self_check": n,
+            "self_check_weight": args.weight, "retrieval": f"recorded search ({args.records})"})
+        print(json.dumps(summary), flush=True)
     return 0
 
 

@@ -308,6 +308,18 @@ def test_generative_recall_benchmark_shards(files, capsys, tiny_llm_dirs, monkey
     for record in saved:
         best = generative_recall.ranked_candidates(record, 3, 4.0)[0][0]
         assert [d["doc_id"] for d in by_id[record["id"]]["docs"]] == [best]
+    # Several N in one run: one file per N, the N = 3 one identical to the single run's answers.
+    assert read_recorded_search.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--records", str(records),
+                                      "--n", "2", "3", "--weight", "4", "--k", "1", "--max-new-tokens", "2",
+                                      "--base-reader", "--out", str(answers)]) == 0
+    summaries = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()[-2:]]
+    assert [s["self_check"] for s in summaries] == [2, 3]
+    assert summaries[1]["recall@1"] == summary["recall@1"]
+    assert summaries[0]["recall@1"] == round(generative_recall.rerank_recall(saved, 2, 4.0, k=1), 4)
+    multi = json.loads((root / "answers-n3.json").read_text())["records"]
+    assert [(r["id"], r["text"], r["recall@3"]) for r in multi] == [
+        (r["id"], r["text"], r["recall@3"]) for r in json.loads(answers.read_text())["records"]]
+    assert (root / "answers-n2.json").exists()
     with pytest.raises(SystemExit):  # more candidates than were recorded
         read_recorded_search.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--records", str(records),
                                    "--n", "5", "--weight", "4"])
