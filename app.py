@@ -226,14 +226,14 @@ def tree_view(pipeline: Pipeline, corpus: str, last: dict | None) -> tuple:
 
 def select_corpus(pipeline: Pipeline, corpus: str) -> tuple:
     """Load a corpus (lazily) and refresh its examples, tree and cluster list, and set the joint settings to the
-    checkpoint's recommended ones (beam width, documents selected, self-check)."""
+    checkpoint's recommended ones for the app's precision (beam width, documents selected, self-check, reader)."""
     try:
         bundle = pipeline.bundle(corpus)
     except UniragError:
         empty = viz.empty_figure("Corpus not loaded (see the message above).", "Corpus tree", 300)
         return (gr.Dataset(samples=[]), empty, gr.Dropdown(choices=[], value=None),
                 '<div class="ur-empty">Corpus not loaded.</div>', banner_html(pipeline), gr.skip(), gr.skip(),
-                gr.skip())
+                gr.skip(), gr.skip())
     choices = viz.cluster_choices(bundle.tree, max_depth=3)
     start = pipeline.start_settings(corpus)
     return (
@@ -245,6 +245,7 @@ def select_corpus(pipeline: Pipeline, corpus: str) -> tuple:
         gr.Slider(value=start["beam_width"]),
         gr.Slider(value=start["k_docs"]),
         gr.Slider(value=start["self_check"]),
+        gr.Radio(value=start["joint_reader"]),
     )
 
 
@@ -307,9 +308,10 @@ def about_markdown(pipeline: Pipeline) -> str:
    score + how likely the question is after each document (query likelihood): the same LLM judges its own
    candidates, no second model; it costs one pass over N documents (`eval --self-check N`), or only the
    question's tokens when the passages' prompts were precomputed (`python -m unirag index --self-check-cache`).
-   The page starts from each checkpoint's recommended setting (`recommended_settings.json`, chosen on held-out
-   train questions: one document, beam 32, self-check 20), with the self-check on only when the passage cache
-   for this model and precision exists.
+   The page starts from each checkpoint's recommended setting for its precision (`recommended_settings.json`,
+   chosen on held-out train questions: one document, beam 32, self-check 20; in NF4 the trained reader reads,
+   in fp32 the base LLM, which reads better there), with the self-check on only when the passage cache for
+   this model and precision exists.
    The heatmaps
    show which context tokens (or sentences) each answer token attended to,
    and the highlighted sentences in the documents are the ones the answer used (GeAR-style localisation).
@@ -371,7 +373,8 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                            label="Documents selected (joint)")
                         rag_k = gr.Slider(1, 10, value=5, step=1, label="RAG k (top-k passages)")
                         max_new = gr.Slider(4, 128, value=32, step=1, label="Max new tokens")
-                    joint_reader = gr.Radio(JOINT_READER_CHOICES, value="trained", label="Joint reader",
+                    joint_reader = gr.Radio(JOINT_READER_CHOICES, value=ASK_DEFAULTS["joint_reader"],
+                                            label="Joint reader",
                                             info="Who reads the joint model's documents. The base LLM is what the RAG "
                                             "side reads with, so the two answers then differ only in retrieval "
                                             "(docs/RESULTS.md: more accurate, less terse).", elem_id="ur-reader")
@@ -458,7 +461,8 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
         def on_example(sample):
             return sample[0] if isinstance(sample, (list, tuple)) else sample
 
-        corpus_outputs = [examples, tree_plot, cluster, cluster_html, banner, beam_width, k_docs, self_check]
+        corpus_outputs = [examples, tree_plot, cluster, cluster_html, banner, beam_width, k_docs, self_check,
+                          joint_reader]
         on_ask_safe = _guard(on_ask)
         ask_btn.click(on_ask_safe, ask_inputs, ask_outputs, api_name="ask", concurrency_id="models")
         question.submit(on_ask_safe, ask_inputs, ask_outputs, api_name=False, concurrency_id="models")

@@ -253,14 +253,26 @@ def test_recommended_settings_start_the_page_and_weight_the_self_check(tiny, tmp
     bundle = pipe.bundle("nq")
     assert bundle.joint.self_check_weight == 16.0  # the checkpoint's weight, not the library default
     assert "recommended settings: {'k_docs': 1, 'beam_width': 8, 'self_check': 0" in " ".join(said)
-    assert pipe.start_settings("nq") == {"k_docs": 1, "beam_width": 8, "self_check": 0, "self_check_weight": 16.0}
+    assert pipe.start_settings("nq") == {"k_docs": 1, "beam_width": 8, "self_check": 0, "self_check_weight": 16.0,
+                                         "joint_reader": "trained"}
     PassageCache.build(bundle.joint.model, bundle.corpus, tmp_path / "kv", storage_dtype="float32", progress=False)
     bundle.joint.passage_cache = PassageCache.open(bundle.joint.model, bundle.corpus, tmp_path / "kv")
-    *_, beam, k_docs, self_check = app.select_corpus(pipe, "nq")
-    assert (beam.value, k_docs.value, self_check.value) == (8, 1, 4)
+    *_, beam, k_docs, self_check, reader = app.select_corpus(pipe, "nq")
+    assert (beam.value, k_docs.value, self_check.value, reader.value) == (8, 1, 4, "trained")
     result = pipe.ask("nq", "which planet is called the red planet", beam.value, k_docs.value, 2, 3,
                       self_check=self_check.value)
     assert result.joint.error is None and len(result.joint.answer.doc_ids) == 1
+    # One setting per precision: this fp32 page takes the fp32 one (the base LLM reads).
+    (tmp_path / "nq-llama" / RECOMMENDED_FILE).write_text(json.dumps({
+        "4bit": {"beam_width": 8, "self_check": 4, "chosen_on": "test"},
+        "fp32": {"beam_width": 6, "self_check": 3, "self_check_weight": 2.0, "joint_reader": "base",
+                 "chosen_on": "test"}}))
+    pipe = Pipeline(Settings(llm=settings.llm, precision="fp32", checkpoint_dir=tmp_path, data_dir=data))
+    pipe._say = lambda name, text: None
+    pipe.bundle("nq").joint.passage_cache = bundle.joint.passage_cache
+    *_, beam, k_docs, self_check, reader = app.select_corpus(pipe, "nq")
+    assert (beam.value, self_check.value, reader.value) == (6, 3, "base")
+    assert pipe.bundle("nq").joint.self_check_weight == 2.0
     # A malformed settings file is reported and ignored; the joint model still loads with the library defaults.
     (tmp_path / "nq-llama" / RECOMMENDED_FILE).write_text('{"self_check": 1}')
     messages = []
@@ -416,10 +428,10 @@ def test_side_error_does_not_kill_the_other_side(pipeline, monkeypatch):
 def test_select_corpus_and_cluster_callbacks(pipeline):
     import app
 
-    dataset, tree_fig, dropdown, docs_html, banner, beam, k_docs, self_check = app.select_corpus(pipeline, "nq")
+    dataset, tree_fig, dropdown, docs_html, banner, beam, k_docs, self_check, reader = app.select_corpus(pipeline, "nq")
     assert dataset.samples and tree_fig.data[0].type == "sunburst"
-    # No recommended_settings.json in this checkpoint: the sliders start from ask's defaults.
-    assert (beam.value, k_docs.value, self_check.value) == (10, 2, 0)
+    # No recommended_settings.json in this checkpoint: the controls start from ask's defaults.
+    assert (beam.value, k_docs.value, self_check.value, reader.value) == (10, 2, 0, "trained")
     assert dropdown.choices
     assert "whole corpus" in docs_html and "&lt;script&gt;" in docs_html
     first = pipeline.bundle("nq").tree.allowed(())[0]

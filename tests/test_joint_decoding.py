@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -505,11 +506,29 @@ def test_recommended_settings_round_trip_and_app_values(tmp_path):
     rec.save(tmp_path)
     assert RecommendedSettings.load(tmp_path) == rec
     assert rec.app_settings(has_passage_cache=True) == {"k_docs": 1, "beam_width": 32, "self_check": 32,
-                                                        "self_check_weight": 16.0}
+                                                        "self_check_weight": 16.0, "joint_reader": "trained"}
     # Without the cache a 32-document self-check re-reads 32 passages in full: off, and the beam back to 10.
     assert rec.app_settings(has_passage_cache=False) == {"k_docs": 1, "beam_width": 10, "self_check": 0,
-                                                         "self_check_weight": 16.0}
+                                                         "self_check_weight": 16.0, "joint_reader": "trained"}
     assert RecommendedSettings(beam_width=4).app_settings(False)["beam_width"] == 4
+    assert RecommendedSettings.load(tmp_path, precision="fp32") == rec  # one setting for every precision
+
+
+def test_recommended_settings_per_precision(tmp_path):
+    from unirag.joint.decoding import RECOMMENDED_FILE, RecommendedSettings
+
+    (tmp_path / RECOMMENDED_FILE).write_text(json.dumps({
+        "4bit": {"beam_width": 32, "self_check": 20, "chosen_on": "held-out"},
+        "fp32": {"beam_width": 32, "self_check": 20, "joint_reader": "base", "chosen_on": "held-out"}}))
+    assert RecommendedSettings.load(tmp_path, precision="4bit").joint_reader == "trained"
+    fp32 = RecommendedSettings.load(tmp_path, precision="fp32")
+    assert fp32.joint_reader == "base" and fp32.app_settings(True)["joint_reader"] == "base"
+    with pytest.raises(UniragError, match="say which precision"):
+        RecommendedSettings.load(tmp_path)
+    with pytest.raises(UniragError, match="Unknown precision"):
+        RecommendedSettings.load(tmp_path, precision="int8")
+    (tmp_path / RECOMMENDED_FILE).write_text(json.dumps({"4bit": {"k_docs": 1}}))
+    assert RecommendedSettings.load(tmp_path, precision="fp32") is None  # nothing measured for fp32
 
 
 @pytest.mark.parametrize("text, match", [
@@ -521,6 +540,10 @@ def test_recommended_settings_round_trip_and_app_values(tmp_path):
     ('{"self_check_weight": 0}', "self_check_weight"),
     ('{"self_check": 12, "beam_width": 10}', "cannot exceed beam_width"),
     ('{"beam": 10}', "unknown setting"),
+    ('{"joint_reader": "lora"}', "joint_reader"),
+    ('{"4bit": {"k_docs": 1}, "gpu": {}}', "unknown key"),
+    ('{"4bit": [1]}', "must be a JSON object"),
+    ('{"4bit": {"beam": 3}}', "unknown setting"),
     ('[1, 2]', "JSON object"),
     ('{not json', "readable JSON"),
 ])
@@ -529,7 +552,7 @@ def test_recommended_settings_bad_files_are_clear_errors(tmp_path, text, match):
 
     (tmp_path / RECOMMENDED_FILE).write_text(text)
     with pytest.raises(UniragError, match=match):
-        RecommendedSettings.load(tmp_path)
+        RecommendedSettings.load(tmp_path, precision="4bit")
 
 
 def test_shipped_checkpoints_recommend_valid_settings():
@@ -542,6 +565,7 @@ def test_shipped_checkpoints_recommend_valid_settings():
     if not shipped:
         pytest.skip("no shipped checkpoints in this checkout")
     for ckpt in shipped:
-        rec = RecommendedSettings.load(ckpt)
-        assert rec is not None and rec.chosen_on, f"{ckpt.name} ships no recommended setting"
-        assert "held-out" in rec.chosen_on  # chosen on held-out train questions, never on dev
+        for precision in ("4bit", "fp32"):
+            rec = RecommendedSettings.load(ckpt, precision=precision)
+            assert rec is not None and rec.chosen_on, f"{ckpt.name} ships no recommended {precision} setting"
+            assert "held-out" in rec.chosen_on  # chosen on held-out train questions, never on dev

@@ -38,7 +38,7 @@ PRECISIONS = ("4bit", "fp32")
 PRECISION_LABELS = {"4bit": "4-bit NF4 (bitsandbytes)", "fp32": "fp32"}
 CORPUS_LABELS = {"nq": "Natural Questions", "squad": "SQuAD v1.1"}
 # The page's settings when a checkpoint ships no recommended setting (and `ask`'s defaults).
-ASK_DEFAULTS = {"k_docs": 2, "beam_width": 10, "self_check": 0}
+ASK_DEFAULTS = {"k_docs": 2, "beam_width": 10, "self_check": 0, "joint_reader": "trained"}
 LIMITS = {"beam_width": (1, 32), "k_docs": (1, 3), "rag_k": (1, 10), "max_new_tokens": (1, 128), "self_check": (0, 32)}
 # Who reads the joint model's documents: its stage-2 reader (LoRA adapter, pathway, bridge), or the base LLM, the
 # weights the RAG side reads with (then the two sides differ only in what they retrieved).
@@ -129,7 +129,7 @@ class Settings:
                 f"{_rel(data / 'train.jsonl')}{llm} --out {_rel(out)}")
 
 
-def _start_settings(bundle: CorpusBundle | None) -> dict[str, int | float]:
+def _start_settings(bundle: CorpusBundle | None) -> dict[str, int | float | str]:
     if bundle is None or bundle.joint is None or bundle.recommended is None:
         return dict(ASK_DEFAULTS)
     return bundle.recommended.app_settings(has_passage_cache=bundle.joint.passage_cache is not None)
@@ -401,7 +401,7 @@ class Pipeline:
         from unirag.joint.decoding import RecommendedSettings
 
         try:
-            bundle.recommended = RecommendedSettings.load(ckpt)
+            bundle.recommended = RecommendedSettings.load(ckpt, precision=self.settings.precision)
         except UniragError as exc:  # a bad settings file must not take the model down: report it, use defaults
             self._say(bundle.name, f"ignoring the checkpoint's recommended settings: {exc}")
             return
@@ -410,7 +410,7 @@ class Pipeline:
             # The bundle is not registered yet while it loads, so this reads it directly, not by name.
             self._say(bundle.name, f"recommended settings: {_start_settings(bundle)}")
 
-    def start_settings(self, name: str) -> dict[str, int | float]:
+    def start_settings(self, name: str) -> dict[str, int | float | str]:
         """The settings the page starts from for a loaded corpus: the checkpoint's recommended setting (its
         self-check only with a passage cache), else the defaults of `ask`."""
         return _start_settings(self.loaded(name))
@@ -444,7 +444,8 @@ class Pipeline:
 
     def ask(self, name: str, question: str, beam_width: int = ASK_DEFAULTS["beam_width"],
             k_docs: int = ASK_DEFAULTS["k_docs"], rag_k: int = 5, max_new_tokens: int = 32,
-            joint_reader: str = "trained", self_check: int = ASK_DEFAULTS["self_check"]) -> Comparison:
+            joint_reader: str = ASK_DEFAULTS["joint_reader"],
+            self_check: int = ASK_DEFAULTS["self_check"]) -> Comparison:
         """Both systems on one question. Bad input raises UniragError; a failing side is reported in its result.
 
         self_check = N >= 2 re-ranks the joint search's top N documents by how likely the question is after each

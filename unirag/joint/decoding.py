@@ -497,6 +497,8 @@ def check_self_check_weight(weight: float) -> float:
 
 
 RECOMMENDED_FILE = "recommended_settings.json"
+RECOMMENDED_PRECISIONS = ("4bit", "fp32")
+RECOMMENDED_READERS = ("trained", "base")  # the stage-2 reader, or the base LLM (`--base-reader`)
 
 
 @dataclass(frozen=True)
@@ -505,12 +507,14 @@ class RecommendedSettings:
 
     The app starts from it; `eval` and `ask` keep their own explicit defaults, so recorded commands still mean
     what they meant. The self-check part is only quick with the passage cache (`index --self-check-cache`), so
-    `app_settings` applies it only when a cache is attached."""
+    `app_settings` applies it only when a cache is attached. The file holds one setting for every precision, or
+    one per precision (`{"4bit": {...}, "fp32": {...}}`): which reader is best differs between NF4 and fp32."""
 
     k_docs: int = 1
     beam_width: int = 10
     self_check: int = 0
     self_check_weight: float = SELF_CHECK_WEIGHT
+    joint_reader: str = "trained"
     chosen_on: str = ""  # where the setting was chosen (never the dev questions it is reported on)
 
     def __post_init__(self) -> None:
@@ -526,10 +530,14 @@ class RecommendedSettings:
         if self.self_check > self.beam_width:
             raise UniragError(f"{RECOMMENDED_FILE}: self_check ({self.self_check}) re-reads the search's top documents "
                               f"and cannot exceed beam_width ({self.beam_width}).")
+        if self.joint_reader not in RECOMMENDED_READERS:
+            raise UniragError(f"{RECOMMENDED_FILE}: joint_reader must be one of {', '.join(RECOMMENDED_READERS)}, "
+                              f"got {self.joint_reader!r}.")
 
     @classmethod
-    def load(cls, checkpoint_dir: str | Path) -> RecommendedSettings | None:
-        """The checkpoint's recommended setting, or None when it ships none. A malformed file is an error."""
+    def load(cls, checkpoint_dir: str | Path, precision: str | None = None) -> RecommendedSettings | None:
+        """The checkpoint's recommended setting for `precision` ("4bit" or "fp32"), or None when it ships none
+        (for that precision). A malformed file is an error."""
         path = Path(checkpoint_dir) / RECOMMENDED_FILE
         if not path.is_file():
             return None
@@ -539,6 +547,20 @@ class RecommendedSettings:
             raise UniragError(f"{path} is not readable JSON ({exc}).") from None
         if not isinstance(raw, dict):
             raise UniragError(f"{path} must hold a JSON object.")
+        if any(key in RECOMMENDED_PRECISIONS for key in raw):  # one setting per precision
+            others = sorted(set(raw) - set(RECOMMENDED_PRECISIONS))
+            if others:
+                raise UniragError(f"{path} holds settings per precision; unknown key(s) {', '.join(others)} "
+                                  f"(known: {', '.join(RECOMMENDED_PRECISIONS)}).")
+            if precision is None:
+                raise UniragError(f"{path} holds settings per precision; say which precision to load.")
+            if precision not in RECOMMENDED_PRECISIONS:
+                raise UniragError(f"Unknown precision {precision!r}; known: {', '.join(RECOMMENDED_PRECISIONS)}.")
+            raw = raw.get(precision)
+            if raw is None:
+                return None
+            if not isinstance(raw, dict):
+                raise UniragError(f"{path}: the {precision} setting must be a JSON object.")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -550,14 +572,14 @@ class RecommendedSettings:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
         return path
 
-    def app_settings(self, has_passage_cache: bool) -> dict[str, int | float]:
-        """Slider values for the app: the full setting with a passage cache; without one, no self-check (re-reading
-        N passages in full is slow) and the default beam."""
+    def app_settings(self, has_passage_cache: bool) -> dict[str, int | float | str]:
+        """Control values for the app: the full setting with a passage cache; without one, no self-check
+        (re-reading N passages in full is slow) and the default beam."""
         if has_passage_cache and self.self_check:
             return {"k_docs": self.k_docs, "beam_width": self.beam_width, "self_check": self.self_check,
-                    "self_check_weight": self.self_check_weight}
+                    "self_check_weight": self.self_check_weight, "joint_reader": self.joint_reader}
         return {"k_docs": self.k_docs, "beam_width": min(self.beam_width, 10), "self_check": 0,
-                "self_check_weight": self.self_check_weight}
+                "self_check_weight": self.self_check_weight, "joint_reader": self.joint_reader}
 
 
 class JointSystem:
