@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--dataset", default="nq")
-    parser.add_argument("--split", default="dev")
+    parser.add_argument("--split", default="dev", help="dev, train, or heldout (as generative_recall.py)")
     parser.add_argument("--records", required=True, help="generative_recall.py --records file(s), comma-separated")
     parser.add_argument("--n", type=int, nargs="+", required=True,
                         help="candidates re-ranked (at most the recorded N); several values share the reading")
@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(args.n)) != len(args.n):
         parser.error("--n values repeat")
 
-    from benchmarks.generative_recall import ranked_candidates
-    from unirag.data import dataset_paths, load_corpus, load_questions
+    from benchmarks.generative_recall import load_split, ranked_candidates
     from unirag.eval import run_eval
     from unirag.joint import JointSystem
 
@@ -56,9 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         if recorded_n is not None and max(args.n) > recorded_n:
             parser.error(f"{path} recorded only the top {recorded_n} candidates; --n {max(args.n)} is more")
         records.update({r["id"]: r for r in blob["records"]})
-    corpus_path, questions_path = dataset_paths(args.dataset, args.split)
-    corpus = load_corpus(corpus_path)
-    questions = [q for q in load_questions(questions_path, corpus) if q.id in records]
+    corpus, questions = load_split(args.dataset, args.split, args.checkpoint)
+    questions = [q for q in questions if q.id in records]
     if not questions:
         parser.error("no question of the split is in the records")
     system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,

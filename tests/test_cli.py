@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -320,6 +321,18 @@ def test_generative_recall_benchmark_shards(files, capsys, tiny_llm_dirs, monkey
     assert [(r["id"], r["text"], r["recall@3"]) for r in multi] == [
         (r["id"], r["text"], r["recall@3"]) for r in json.loads(answers.read_text())["records"]]
     assert (root / "answers-n2.json").exists()
+    # --split heldout: both scripts re-create the train questions the checkpoint held out (here all 4).
+    data = Path(os.environ["UNIRAG_DATA"]) / "nq"
+    (data / "train.jsonl").write_text((data / "dev.jsonl").read_text().replace('"id": "q', '"id": "t'))
+    held = root / "held.json"
+    assert generative_recall.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--split", "heldout",
+                                   "--beam-width", "4", "--self-check", "2", "--records", str(held)]) == 0
+    capsys.readouterr()
+    assert read_recorded_search.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--split", "heldout",
+                                      "--records", str(held), "--n", "2", "--weight", "4",
+                                      "--max-new-tokens", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["n"] == 4 and summary["reader"] == "stage-2"
     with pytest.raises(SystemExit):  # more candidates than were recorded
         read_recorded_search.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--records", str(records),
                                    "--n", "5", "--weight", "4"])
