@@ -530,6 +530,33 @@ def test_retrieval_mode_switches_the_adapter_off(tiny_llm_dirs):
         torch.testing.assert_close(model(ids).docid_logits, adapted)  # back on after the context
 
 
+def test_adapter_disabled_fast_switch_equals_peft(tiny_llm_dirs):
+    model = make_joint(tiny_llm_dirs["llama"], pathway_layers=2)
+    model.enable_lora(r=4, alpha=8)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)
+    ids = sample_ids(model)
+    with torch.no_grad():
+        adapted = model(ids).lm_logits
+        with model.base.disable_adapter():
+            reference = model(ids).lm_logits
+        with model.adapter_disabled():  # no gradients: the fast switch
+            torch.testing.assert_close(model(ids).lm_logits, reference, atol=0, rtol=0)
+            with model.adapter_disabled():  # nested: still off, and the outer context stays off after it
+                torch.testing.assert_close(model(ids).lm_logits, reference, atol=0, rtol=0)
+            torch.testing.assert_close(model(ids).lm_logits, reference, atol=0, rtol=0)
+        torch.testing.assert_close(model(ids).lm_logits, adapted, atol=0, rtol=0)
+        with pytest.raises(RuntimeError), model.adapter_disabled():
+            raise RuntimeError("boom")
+        torch.testing.assert_close(model(ids).lm_logits, adapted, atol=0, rtol=0)  # back on after an error
+    # With gradients (training) peft's own context runs: the adapter is off and trainable again afterwards.
+    with model.adapter_disabled():
+        torch.testing.assert_close(model(ids).lm_logits.detach(), reference, atol=0, rtol=0)
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    torch.testing.assert_close(model(ids).lm_logits.detach(), adapted, atol=0, rtol=0)
+
+
 def test_lora_refuses_joint_targets(tiny_llm_dirs):
     model = make_joint(tiny_llm_dirs["llama"])
     with pytest.raises(UniragError):

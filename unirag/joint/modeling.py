@@ -502,6 +502,7 @@ class JointModel(nn.Module):
             f"unirag_joint_state_{id(self)}", default=None
         )
         self._lora_enabled = False
+        self._lora_layer_list: list[nn.Module] | None = None  # see _lora_layers
         self.checkpoint_dir: Path | None = None
 
         bc = self.base_config
@@ -1126,6 +1127,7 @@ class JointModel(nn.Module):
         )
         self.base = get_peft_model(lm, lora_config)
         self._lora_enabled = True
+        self._lora_layer_list = None
         self.config.lora = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": target_modules,
                             "layers": layers}
         # prepare_model_for_kbit_training may have upcast the embedding: keep the new modules in step.
@@ -1148,7 +1150,7 @@ class JointModel(nn.Module):
         """Context for answer generation: switches the LoRA adapter off when it serves retrieval only, or when
         `adapter` is False (the base LLM reads)."""
         if self._lora_enabled and not (adapter and self.config.adapter_in_reading):
-            with self.base.disable_adapter():
+            with self.adapter_disabled():
                 yield
         else:
             yield
@@ -1158,10 +1160,41 @@ class JointModel(nn.Module):
         """Context for docid generation: switches the LoRA adapter off when `config.adapter_in_retrieval` is
         False (a no-op otherwise, or without LoRA)."""
         if self._lora_enabled and not self.config.adapter_in_retrieval:
-            with self.base.disable_adapter():
+            with self.adapter_disabled():
                 yield
         else:
             yield
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        """The LoRA layers pass their input to the base layer alone: the base LLM's output, exactly.
+
+        Without gradients this flips each LoRA layer's own switch. peft's `disable_adapter()`, used while training,
+        also re-reads the whole model's adapter status and toggles `requires_grad`: about 10 ms a call on SmolLM2,
+        and a question enters this context three to six times (search, self-check, reading).
+        """
+        layers = self._lora_layers()
+        if torch.is_grad_enabled() or not layers or any(getattr(layer, "merged", False) for layer in layers):
+            with self.base.disable_adapter():
+                yield
+            return
+        before = [layer._disable_adapters for layer in layers]
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, was in zip(layers, before, strict=True):
+                layer._disable_adapters = was
+
+    def _lora_layers(self) -> list[nn.Module]:
+        """peft's LoRA layers in the base, found once (enable_lora resets the list)."""
+        if self._lora_layer_list is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._lora_layer_list = [m for m in self.base.modules()
+                                     if isinstance(m, BaseTunerLayer) and hasattr(m, "_disable_adapters")]
+        return self._lora_layer_list
 
     def joint_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if n.startswith(JOINT_PREFIXES)]
