@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -95,13 +96,31 @@ def main(argv: list[str] | None = None) -> int:
                 row.setdefault("total_s", []).append(total)
                 row.setdefault("answer_tokens", []).append(answer.answer_tokens)
                 row.setdefault("context_tokens", []).append(answer.context_tokens)
+    precision = "4bit" if args.load_in_4bit else "fp32"
     for name, row in times.items():
         print(json.dumps({"setting": name, "dataset": args.dataset, "n": len(questions) - 1,
                           "joint_reader": args.joint_reader if name.startswith("joint") else "base",
-                          "precision": "4bit" if args.load_in_4bit else "fp32",
+                          "precision": precision,
                           # 0.1 ms resolution: tiny test models on a fast CPU finish in a few milliseconds
-                          **{f"{key}_median": round(statistics.median(values), 4) for key, values in row.items()}}))
+                          **{f"{key}_median": round(statistics.median(values), 4) for key, values in row.items()},
+                          "total_s_mean": round(statistics.fmean(row["total_s"]), 4)}))
+    for name, row in times.items():
+        if name.startswith("joint"):
+            for k in args.rag_k:
+                print(json.dumps({"pair": f"{name} vs rag k {k}", "dataset": args.dataset, "precision": precision,
+                                  **paired_latency(row["total_s"], times[f"rag k {k}"]["total_s"])}))
     return 0
+
+
+def paired_latency(joint: list[float], rag: list[float]) -> dict[str, float | int]:
+    """The same questions timed on both sides: how often the joint side is faster, the median of the per-question
+    differences (joint − RAG), and the exact two-sided sign-test p of "faster as often as slower"."""
+    diffs = [j - r for j, r in zip(joint, rag, strict=True)]
+    faster, slower = sum(d < 0 for d in diffs), sum(d > 0 for d in diffs)
+    n = faster + slower
+    tail = sum(math.comb(n, i) for i in range(min(faster, slower) + 1)) / 2**n if n else 1.0
+    return {"n": len(diffs), "joint_faster": faster, "joint_slower": slower,
+            "median_diff_s": round(statistics.median(diffs), 4), "sign_test_p": round(min(1.0, 2 * tail), 4)}
 
 
 if __name__ == "__main__":

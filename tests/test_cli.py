@@ -419,9 +419,13 @@ def test_latency_frontier_benchmark(files, capsys, tiny_llm_dirs, monkeypatch):
     _shared_data_layout(root, corpus, 3, monkeypatch)
     assert latency_frontier.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--questions", "2",
                                   "--joint", "4:0", "4:3:8", "--rag-k", "1", "2", "--max-new-tokens", "2"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    rows = [row for row in lines if "setting" in row]
+    pairs = {row["pair"]: row for row in lines if "pair" in row}
     by_setting = {row["setting"]: row for row in rows}
     assert set(by_setting) == {"joint beam 4 self-check 0", "joint beam 4 self-check 3", "rag k 1", "rag k 2"}
+    assert len(pairs) == 4 and "joint beam 4 self-check 3 vs rag k 2" in pairs
+    assert all(p["n"] == 2 and p["joint_faster"] + p["joint_slower"] <= 2 for p in pairs.values())
     assert all(row["n"] == 2 and row["total_s_median"] > 0 for row in rows)
     assert "self_check_s_median" in by_setting["joint beam 4 self-check 3"]
     assert "self_check_s_median" not in by_setting["joint beam 4 self-check 0"]
@@ -430,10 +434,20 @@ def test_latency_frontier_benchmark(files, capsys, tiny_llm_dirs, monkeypatch):
     assert latency_frontier.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--questions", "1", "--joint", "4:0",
                                   "--rag-k", "1", "--max-new-tokens", "2", "--joint-reader", "trained"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    assert [row["joint_reader"] for row in rows] == ["trained", "base"]
+    assert [row.get("joint_reader") for row in rows] == ["trained", "base", None]  # the last: the pair
     for bad in ("4", "4:1", "x:2", "4:2:w", "0:2"):
         with pytest.raises(SystemExit):
             latency_frontier.main(["--checkpoint", str(ckpt), "--joint", bad])
+
+
+def test_paired_latency_counts_and_sign_test():
+    from benchmarks.latency_frontier import paired_latency
+
+    result = paired_latency([1.0, 1.0, 1.0, 1.0, 2.0, 1.5], [2.0, 2.0, 2.0, 2.0, 1.0, 1.5])
+    assert (result["joint_faster"], result["joint_slower"], result["n"]) == (4, 1, 6)
+    assert result["median_diff_s"] == -1.0
+    assert result["sign_test_p"] == pytest.approx(2 * 6 / 32)  # P(at most 1 of 5) = 6/32, two-sided
+    assert paired_latency([1.0], [1.0])["sign_test_p"] == 1.0  # a tie only: no evidence either way
 
 
 def test_checkpoint_size_benchmark_counts_the_preset(capsys):
