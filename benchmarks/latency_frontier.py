@@ -3,10 +3,13 @@
 Both sides load as `python -m unirag eval` loads them (SDPA attention, no attention traces) and answer a
 question alone (batch 1), alternating per question, so machine noise hits every setting alike. The joint
 side reads with the base LLM (`--base-reader`), as the RAG side does, or with `--joint-reader trained` with the
-checkpoint's stage-2 reader. Run it with nothing else on the cores.
+checkpoint's stage-2 reader. Run it with nothing else on the cores, and on many questions: the first 10 nq
+questions made RAG top-5 look 15% faster, relative to the joint side, than all 265 did (docs/RESULTS.md). After
+one line per setting come the pairs: on how many questions the joint side was faster and slower, the median
+per-question difference and the sign test's p.
 
-    python benchmarks/latency_frontier.py --checkpoint checkpoints/nq-smollm2 --dataset nq --questions 10 \\
-        --joint 10:0 16:10:16 32:32:16 --rag-k 1 5
+    python benchmarks/latency_frontier.py --checkpoint checkpoints/nq-smollm2 --dataset nq --questions 265 \\
+        --joint 10:5:16 32:20:16 --rag-k 1 5
 """
 
 from __future__ import annotations
