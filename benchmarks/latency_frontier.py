@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from unirag.eval import sign_test_p  # noqa: E402  (after the path insert: run as a script)
 
 
 def parse_joint_setting(text: str) -> tuple[int, int, float | None]:
@@ -120,10 +121,8 @@ def paired_latency(joint: list[float], rag: list[float]) -> dict[str, float | in
     differences (joint − RAG), and the exact two-sided sign-test p of "faster as often as slower"."""
     diffs = [j - r for j, r in zip(joint, rag, strict=True)]
     faster, slower = sum(d < 0 for d in diffs), sum(d > 0 for d in diffs)
-    n = faster + slower
-    tail = sum(math.comb(n, i) for i in range(min(faster, slower) + 1)) / 2**n if n else 1.0
     return {"n": len(diffs), "joint_faster": faster, "joint_slower": slower,
-            "median_diff_s": round(statistics.median(diffs), 4), "sign_test_p": round(min(1.0, 2 * tail), 4)}
+            "median_diff_s": round(statistics.median(diffs), 4), "sign_test_p": round(sign_test_p(faster, slower), 4)}
 
 
 if __name__ == "__main__":

@@ -150,11 +150,15 @@ def paired_comparison(records_a: list[dict], records_b: list[dict], metric: str 
         raise UniragError(f"{metric!r} is not 0/1 per question; the sign test needs a right/wrong metric.")
     only_a = sum(a[i] == 1.0 and b[i] == 0.0 for i in a)
     only_b = sum(b[i] == 1.0 and a[i] == 0.0 for i in a)
-    discordant, low = only_a + only_b, min(only_a, only_b)
-    p = min(1.0, 2 * sum(math.comb(discordant, i) for i in range(low + 1)) / 2**discordant) if discordant else 1.0
     n = len(a)
     return {"metric": metric, "n": n, "mean_a": round(sum(a.values()) / n, 4), "mean_b": round(sum(b.values()) / n, 4),
-            "only_a": only_a, "only_b": only_b, "sign_test_p": round(p, 4)}
+            "only_a": only_a, "only_b": only_b, "sign_test_p": round(sign_test_p(only_a, only_b), 4)}
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Exact two-sided sign test of `wins` against `losses` (ties left out): 1.0 when there is neither."""
+    n, low = wins + losses, min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(low + 1)) / 2**n) if n else 1.0
 
 
 def write_json_atomic(path: str | Path, blob: dict) -> None:
