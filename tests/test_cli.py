@@ -257,6 +257,43 @@ def test_compare_two_eval_runs(tmp_path, capsys):
     assert code == 2 and "not a readable JSON file" in err
 
 
+def test_eval_shards_merge_into_the_whole_run(files, capsys, tiny_llm_dirs):
+    root, corpus, questions = files
+    questions.write_text("".join(
+        json.dumps({"id": f"q{i}", "question": f"city {i}?", "answers": [str(i)], "doc_id": f"d{i}"}) + "\n"
+        for i in range(4)))
+    base = ("eval", "--corpus", corpus, "--questions", questions, "--system", "norag", "--llm", tiny_llm_dirs["llama"],
+            "--max-new-tokens", 2)
+    for name, extra in (("whole", ()), ("a", ("--limit", 3)), ("b", ("--offset", 3))):
+        code, _, err = run(capsys, *base, *extra, "--out", root / f"{name}.json")
+        assert code == 0, err
+    shard_ids = [[r["id"] for r in json.loads((root / f"{n}.json").read_text())["records"]] for n in "ab"]
+    assert shard_ids == [["q0", "q1", "q2"], ["q3"]]
+
+    code, out, err = run(capsys, "merge", root / "m.json", root / "a.json", root / "b.json",
+                         "--summary-out", root / "eval_m_fp32.json")
+    assert code == 0, err
+    merged, whole = (json.loads((root / f"{n}.json").read_text()) for n in ("m", "whole"))
+    assert [r["id"] for r in merged["records"]] == [r["id"] for r in whole["records"]]
+    for key in ("n", "accuracy", "em", "f1", "corpus", "precision", "system", "k"):
+        assert merged["summary"][key] == whole["summary"][key], key
+    assert len(merged["summary"]["shard_wall_time_s"]) == 2
+    assert json.loads((root / "eval_m_fp32.json").read_text())["summary"]["run"] == "m"
+    assert json.loads(out.strip().splitlines()[-1])["n"] == 4
+
+    code, _, err = run(capsys, "merge", root / "m2.json", root / "a.json", root / "whole.json")
+    assert code == 2 and "'q0' is in both" in err and not (root / "m2.json").exists()
+    code, _, err = run(capsys, "merge", root / "a.json", root / "a.json", root / "b.json")
+    assert code == 2 and "overwrite one of the shards" in err
+    other = json.loads((root / "b.json").read_text())
+    other["summary"]["precision"] = "4bit"
+    (root / "b4.json").write_text(json.dumps(other))
+    code, _, err = run(capsys, "merge", root / "m3.json", root / "a.json", root / "b4.json")
+    assert code == 2 and "differ in precision" in err
+    code, _, err = run(capsys, *base, "--offset", 4)
+    assert code == 2 and "skips all 4 questions" in err
+
+
 def _shared_data_layout(root: Path, corpus: Path, questions: int, monkeypatch) -> None:
     """UNIRAG_DATA/nq/{corpus,dev}.jsonl for the benchmarks that take --dataset: question i asks for d{i}."""
     data = root / "data" / "nq"

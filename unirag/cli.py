@@ -1,4 +1,4 @@
-"""`python -m unirag {index,eval,ask,compare,train}`: one CLI. User errors print a message and exit 2."""
+"""`python -m unirag {index,eval,merge,ask,compare,train}`: one CLI. User errors print a message and exit 2."""
 
 from __future__ import annotations
 
@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--k", type=int, default=5, help="documents in the context (rag: top-k; joint: docs selected)")
     ev.add_argument("--checkpoint", default=None,
                     help="joint checkpoint folder; with --system rag, its reader reads the dense top-k")
-    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only (after --offset)")
+    ev.add_argument("--offset", type=int, default=0,
+                    help="skip the first N questions: shards of a long run, joined by `python -m unirag merge`")
     ev.add_argument("--out", default=None, help="write per-question records to this JSON file")
     ev.add_argument("--summary-out", default=None,
                     help="write the summary only, labelled with corpus, precision and run name, to this JSON file "
@@ -91,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--checkpoint", default=None)
     ask.add_argument("--beam-width", type=int, default=10)
     _add_self_check(ask)
+
+    merge = sub.add_parser("merge", help="join the eval --out files of question shards into one run")
+    merge.add_argument("out", help="merged records file to write (as eval --out)")
+    merge.add_argument("shards", nargs="+", help="eval --out files of the shards (same system and setting)")
+    merge.add_argument("--summary-out", default=None, help="also write the summary alone (eval_<run>_<precision>.json)")
 
     compare = sub.add_parser("compare", help="paired comparison of two eval runs on the same questions")
     compare.add_argument("a", help="eval --out file (records) of system A")
@@ -245,7 +252,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.self_check and args.gold:
         raise UniragError("--self-check re-ranks retrieved documents; --gold reads the gold passage without retrieval.")
     corpus = load_corpus(args.corpus)
-    questions = load_questions(args.questions, corpus)[: args.limit]
+    if args.offset < 0:
+        raise UniragError(f"--offset must be at least 0 (got {args.offset}).")
+    questions = load_questions(args.questions, corpus)
+    if args.offset >= len(questions):
+        raise UniragError(f"--offset {args.offset} skips all {len(questions)} questions.")
+    questions = questions[args.offset :][: args.limit]
     if args.gold and any(q.doc_id is None for q in questions):
         raise UniragError("--gold needs a doc_id on every question.")
     system, answer_batch = _make_answerer(args, corpus, attn_implementation="sdpa", traces=False)
@@ -286,18 +298,34 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_records_file(path: str) -> dict:
+    try:
+        blob = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UniragError(f"{path} is not a readable JSON file ({exc}).") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("records"), list):
+        raise UniragError(f"{path} has no per-question records: pass an `eval --out` file, not a summary.")
+    return blob
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from unirag.eval import merge_runs, run_name, write_json_atomic
+
+    targets = [Path(t).resolve() for t in (args.out, args.summary_out) if t]
+    if any(t in {Path(s).resolve() for s in args.shards} for t in targets):
+        raise UniragError("The merged file would overwrite one of the shards; give another name.")
+    merged = merge_runs([_read_records_file(path) for path in args.shards], names=args.shards)
+    write_json_atomic(args.out, merged)
+    if args.summary_out:
+        write_json_atomic(args.summary_out, {"summary": {**merged["summary"], "run": run_name(args.summary_out)}})
+    print(json.dumps(merged["summary"]), flush=True)
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from unirag.eval import paired_comparison
 
-    records = []
-    for path in (args.a, args.b):
-        try:
-            blob = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as exc:
-            raise UniragError(f"{path} is not a readable JSON file ({exc}).") from None
-        if not isinstance(blob, dict) or not isinstance(blob.get("records"), list):
-            raise UniragError(f"{path} has no per-question records: pass an `eval --out` file, not a summary.")
-        records.append(blob["records"])
+    records = [_read_records_file(path)["records"] for path in (args.a, args.b)]
     print(json.dumps({"run_a": str(args.a), "run_b": str(args.b), **paired_comparison(*records, metric=args.metric)}))
     return 0
 
@@ -310,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return train_main(argv[1:])
         args = build_parser().parse_args(argv)
-        handlers = {"index": cmd_index, "eval": cmd_eval, "ask": cmd_ask, "compare": cmd_compare}
+        handlers = {"index": cmd_index, "eval": cmd_eval, "ask": cmd_ask, "merge": cmd_merge, "compare": cmd_compare}
         return handlers[args.command](args)
     except UniragError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -129,6 +129,52 @@ def run_eval(
     return summary
 
 
+# Summary keys that `summarize` and `run_eval` compute from the records; every other key is a label of the run.
+_COMPUTED = ("system", "n", "accuracy", "em", "f1", "recall@1", "recall@k", "k", "recall@3",
+             "context_tokens_mean", "latency_ms_median", "wall_time_s")
+
+
+def merge_runs(blobs: Sequence[dict], names: Sequence[str] | None = None) -> dict:
+    """One run from the `eval --out` files of question shards (`--offset`/`--limit`): records concatenated,
+    the summary recomputed. The shards must be the same system and setting (equal labels) on disjoint questions.
+    `wall_time_s` is the shards' sum; `shard_wall_time_s` keeps each (shards run side by side overlap in time)."""
+    names = list(names) if names is not None else [f"shard {i + 1}" for i in range(len(blobs))]
+    if len(blobs) < 2:
+        raise UniragError("Merging needs at least two shard files.")
+    summaries = []
+    for blob, name in zip(blobs, names, strict=True):
+        if not isinstance(blob, dict) or not isinstance(blob.get("records"), list) or "summary" not in blob:
+            raise UniragError(f"{name} has no per-question records: pass `eval --out` files, not summaries.")
+        summaries.append(blob["summary"])
+    first = summaries[0]
+    for summary, name in zip(summaries[1:], names[1:], strict=True):
+        for key in ("system", "k"):
+            if summary.get(key) != first.get(key):
+                raise UniragError(f"{name} has {key} {summary.get(key)!r}, {names[0]} {first.get(key)!r}: "
+                                  "merge shards of one run only.")
+        labels = {key for key in (*summary, *first) if key not in _COMPUTED and key != "retrieval"}
+        differing = sorted(key for key in labels if summary.get(key) != first.get(key))
+        if differing:
+            raise UniragError(f"{name} and {names[0]} differ in {', '.join(differing)}: merge shards of one run only.")
+    records, seen = [], {}
+    for blob, name in zip(blobs, names, strict=True):
+        for record in blob["records"]:
+            if record["id"] in seen:
+                raise UniragError(f"Question {record['id']!r} is in both {seen[record['id']]} and {name}: "
+                                  "shards must not overlap.")
+            seen[record["id"]] = name
+            records.append(record)
+    summary = summarize(first["system"], records, first["k"])
+    walls = [s.get("wall_time_s") for s in summaries]
+    summary["wall_time_s"] = round(sum(walls), 1) if None not in walls else None
+    summary["shard_wall_time_s"] = walls
+    summary.update({key: value for key, value in first.items() if key not in _COMPUTED and key != "retrieval"})
+    retrievals = list(dict.fromkeys(s["retrieval"] for s in summaries if s.get("retrieval")))
+    if retrievals:
+        summary["retrieval"] = "; ".join(retrievals)
+    return {"summary": summary, "records": records}
+
+
 def paired_comparison(records_a: list[dict], records_b: list[dict], metric: str = "accuracy") -> dict:
     """Two systems on the same questions (matched by id): how many only A / only B gets right, and the exact
     two-sided sign test on those discordant questions (the McNemar exact test). `metric` is a 0/1 record field."""
