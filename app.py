@@ -19,6 +19,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from unirag.answer import PRECISIONS
+
 try:
     import gradio as gr
     import pandas as pd
@@ -491,7 +493,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=host, help="default: UNIRAG_HOST, else 127.0.0.1 (0.0.0.0 on a Space)")
     parser.add_argument("--port", type=int, default=int(env("UNIRAG_PORT") or env("GRADIO_SERVER_PORT") or "7860"),
                         help="default: UNIRAG_PORT, else 7860")
-    parser.add_argument("--precision", choices=["4bit", "fp32"], default=None,
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="base LLM precision (default: UNIRAG_PRECISION or 4bit NF4 via bitsandbytes)")
     parser.add_argument("--llm", default=None,
                         help="hub id or folder of the base LLM (default: UNIRAG_LLM or the embedded SmolLM2)")

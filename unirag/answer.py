@@ -5,6 +5,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+# Shared vocabulary of the library, the eval files and the UI.
+PRECISIONS = ("4bit", "fp32")  # bitsandbytes NF4, or float32
+# Who reads the joint model's documents: its stage-2 reader (LoRA adapter, pathway, bridge), or the base LLM, the
+# weights the RAG side reads with (then the two sides differ only in what they retrieved).
+JOINT_READERS = ("trained", "base")
+_PRECISION_ALIASES = {"nf4": "4bit", "4-bit": "4bit", "int4": "4bit", "float32": "fp32"}
+
+
+def normalize_precision(value: str) -> str:
+    """"4bit" or "fp32" from the spellings users write (nf4, 4-bit, int4, float32); other values unchanged."""
+    value = str(value).strip().lower()
+    return _PRECISION_ALIASES.get(value, value)
+
 
 @dataclass
 class RetrievedDoc:

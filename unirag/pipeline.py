@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from unirag.answer import Answer
+from unirag.answer import JOINT_READERS, PRECISIONS, Answer, normalize_precision
 from unirag.data import DATASETS, Corpus, Question, dataset_paths, load_corpus, load_questions, prepare_question
 from unirag.errors import UniragError
 from unirag.eval import contains_answer, normalize_answer, run_name
@@ -34,15 +34,11 @@ from unirag.paths import REPO_ROOT, default_data_dir
 
 log = logging.getLogger("unirag.app")
 
-PRECISIONS = ("4bit", "fp32")
 PRECISION_LABELS = {"4bit": "4-bit NF4 (bitsandbytes)", "fp32": "fp32"}
 CORPUS_LABELS = {"nq": "Natural Questions", "squad": "SQuAD v1.1"}
 # The page's settings when a checkpoint ships no recommended setting (and `ask`'s defaults).
 ASK_DEFAULTS = {"k_docs": 2, "beam_width": 10, "self_check": 0, "joint_reader": "trained"}
 LIMITS = {"beam_width": (1, 32), "k_docs": (1, 3), "rag_k": (1, 10), "max_new_tokens": (1, 128), "self_check": (0, 32)}
-# Who reads the joint model's documents: its stage-2 reader (LoRA adapter, pathway, bridge), or the base LLM, the
-# weights the RAG side reads with (then the two sides differ only in what they retrieved).
-JOINT_READERS = ("trained", "base")
 
 Progress = Callable[[str], None]
 
@@ -76,8 +72,7 @@ class Settings:
     parallel_sides: bool = True
 
     def __post_init__(self) -> None:
-        self.precision = {"nf4": "4bit", "4-bit": "4bit", "int4": "4bit", "float32": "fp32"}.get(
-            str(self.precision).lower(), str(self.precision).lower())
+        self.precision = normalize_precision(self.precision)
         if self.precision not in PRECISIONS:
             raise UniragError(f"Unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}.")
         self.checkpoint_dir = Path(self.checkpoint_dir)
@@ -524,7 +519,7 @@ def mark_gold(answer: Answer, gold: Question | None) -> SideResult:
 def _precision_of(path: Path, summary: dict[str, Any]) -> str:
     value = str(summary.get("precision") or "").lower()
     if value:
-        return {"nf4": "4bit", "4-bit": "4bit", "float32": "fp32"}.get(value, value)
+        return normalize_precision(value)
     stem = path.stem.lower()
     if re.search(r"(4bit|nf4|4-bit|int4)", stem):
         return "4bit"

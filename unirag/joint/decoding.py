@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
-from unirag.answer import Answer, RetrievedDoc
+from unirag.answer import JOINT_READERS, PRECISIONS, Answer, RetrievedDoc
 from unirag.data import prepare_question
 from unirag.errors import UniragError
 from unirag.joint.modeling import TREE_FILE, JointModel
@@ -497,8 +497,6 @@ def check_self_check_weight(weight: float) -> float:
 
 
 RECOMMENDED_FILE = "recommended_settings.json"
-RECOMMENDED_PRECISIONS = ("4bit", "fp32")
-RECOMMENDED_READERS = ("trained", "base")  # the stage-2 reader, or the base LLM (`--base-reader`)
 
 
 @dataclass(frozen=True)
@@ -530,8 +528,8 @@ class RecommendedSettings:
         if self.self_check > self.beam_width:
             raise UniragError(f"{RECOMMENDED_FILE}: self_check ({self.self_check}) re-reads the search's top documents "
                               f"and cannot exceed beam_width ({self.beam_width}).")
-        if self.joint_reader not in RECOMMENDED_READERS:
-            raise UniragError(f"{RECOMMENDED_FILE}: joint_reader must be one of {', '.join(RECOMMENDED_READERS)}, "
+        if self.joint_reader not in JOINT_READERS:
+            raise UniragError(f"{RECOMMENDED_FILE}: joint_reader must be one of {', '.join(JOINT_READERS)}, "
                               f"got {self.joint_reader!r}.")
 
     @classmethod
@@ -547,15 +545,15 @@ class RecommendedSettings:
             raise UniragError(f"{path} is not readable JSON ({exc}).") from None
         if not isinstance(raw, dict):
             raise UniragError(f"{path} must hold a JSON object.")
-        if any(key in RECOMMENDED_PRECISIONS for key in raw):  # one setting per precision
-            others = sorted(set(raw) - set(RECOMMENDED_PRECISIONS))
+        if any(key in PRECISIONS for key in raw):  # one setting per precision
+            others = sorted(set(raw) - set(PRECISIONS))
             if others:
                 raise UniragError(f"{path} holds settings per precision; unknown key(s) {', '.join(others)} "
-                                  f"(known: {', '.join(RECOMMENDED_PRECISIONS)}).")
+                                  f"(known: {', '.join(PRECISIONS)}).")
             if precision is None:
                 raise UniragError(f"{path} holds settings per precision; say which precision to load.")
-            if precision not in RECOMMENDED_PRECISIONS:
-                raise UniragError(f"Unknown precision {precision!r}; known: {', '.join(RECOMMENDED_PRECISIONS)}.")
+            if precision not in PRECISIONS:
+                raise UniragError(f"Unknown precision {precision!r}; known: {', '.join(PRECISIONS)}.")
             raw = raw.get(precision)
             if raw is None:
                 return None
