@@ -358,6 +358,17 @@ def test_generative_recall_benchmark_shards(files, capsys, tiny_llm_dirs, monkey
     assert [(r["id"], r["text"], r["recall@3"]) for r in multi] == [
         (r["id"], r["text"], r["recall@3"]) for r in json.loads(answers.read_text())["records"]]
     assert (root / "answers-n2.json").exists()
+    # A live search for the recorded N reproduces the records; for fewer documents it is counted, not assumed.
+    from benchmarks import search_pruning
+
+    assert search_pruning.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--records", str(records),
+                                "--n", "1", "3"]) == 0
+    pruning = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert pruning["recorded_n"] == 3 and pruning["beam_width"] == 4
+    assert pruning["agreement"]["3"] == {"questions": 4, "same_order": 4, "same_set": 4, "same_top1": 4}
+    assert 0 <= pruning["agreement"]["1"]["same_order"] == pruning["agreement"]["1"]["same_set"] <= 4
+    with pytest.raises(SystemExit):
+        search_pruning.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--records", str(records), "--n", "4"])
     # --split heldout: both scripts re-create the train questions the checkpoint held out (here all 4).
     data = Path(os.environ["UNIRAG_DATA"]) / "nq"
     (data / "train.jsonl").write_text((data / "dev.jsonl").read_text().replace('"id": "q', '"id": "t'))
@@ -402,6 +413,17 @@ def test_self_check_cache_from_index_and_eval(files, capsys, tiny_llm_dirs, monk
         summaries.append(json.loads(out.strip().splitlines()[-1]))
     assert summaries[1]["self_check_cache"] is True and "self_check_cache" not in summaries[0]
     assert summaries[1]["recall@1"] == summaries[0]["recall@1"]
+
+
+def test_search_pruning_agreement_by_hand():
+    from benchmarks.search_pruning import agreement, recorded_top
+
+    record = {"candidates": [{"doc_id": "b", "search_rank": 2}, {"doc_id": "a", "search_rank": 1},
+                             {"doc_id": "c", "search_rank": 3}]}
+    assert recorded_top(record, 2) == ["a", "b"]
+    live = {2: [["a", "b"], ["b", "a"], ["a", "c"]]}
+    recorded = {2: [["a", "b"], ["a", "b"], ["a", "b"]]}
+    assert agreement(live, recorded) == {2: {"questions": 3, "same_order": 1, "same_set": 2, "same_top1": 2}}
 
 
 def test_rerank_recall_by_hand():
