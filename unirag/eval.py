@@ -129,9 +129,8 @@ def run_eval(
     return summary
 
 
-# Summary keys that `summarize` and `run_eval` compute from the records; every other key is a label of the run.
-_COMPUTED = ("system", "n", "accuracy", "em", "f1", "recall@1", "recall@k", "k", "recall@3",
-             "context_tokens_mean", "latency_ms_median", "wall_time_s")
+# Summary keys computed from the records and timing (`summarize`, `run_eval`, `merge_runs`); the rest are labels.
+_COMPUTED = (*summarize("", [], 1), "wall_time_s", "shard_wall_time_s")
 
 
 def merge_runs(blobs: Sequence[dict], names: Sequence[str] | None = None) -> dict:
