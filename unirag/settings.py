@@ -1,0 +1,228 @@
+"""Every inference knob in one place: its limits, its default, its validation.
+
+    settings = InferenceSettings.from_existing(checkpoint, precision="4bit", passage_cache=True, beam_width=16)
+
+One order of precedence, for the app, `ask` and `eval` alike:
+
+    explicit argument  >  the checkpoint's recommended setting for the loaded precision  >  library default
+
+A recommended self-check is quick only with the passage cache (`python -m unirag index --self-check-cache`):
+without one, `from_existing` keeps the recommended documents and reader but switches the self-check off and
+narrows the beam to `NO_CACHE_BEAM`, and says so in `notices`. Explicit values always win.
+Settings are validated once, when they are made; the systems trust them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from unirag.errors import UniragError
+
+# Shared vocabulary of the library, the eval files and the UI.
+PRECISIONS = ("4bit", "fp32")  # bitsandbytes NF4, or float32
+# Who reads the joint model's documents: its stage-2 reader (LoRA adapter, pathway and bridge), or the base LLM,
+# the weights the RAG side reads with (then the two sides differ only in what they retrieved).
+JOINT_READERS = ("trained", "base")
+_PRECISION_ALIASES = {"nf4": "4bit", "4-bit": "4bit", "int4": "4bit", "float32": "fp32"}
+
+RECOMMENDED_FILE = "recommended_settings.json"
+NO_CACHE_BEAM = 10  # the beam the page used before self-check existed; wider beams only feed the self-check
+MAX_SELF_CHECK_WEIGHT = 1e6  # already ranks by the likelihood alone; larger could overflow scores to -inf
+
+# name: (low, high) for the whole-number knobs
+LIMITS: dict[str, tuple[int, int]] = {
+    "k_docs": (1, 3),
+    "beam_width": (1, 32),
+    "rag_k": (1, 10),
+    "max_new_tokens": (1, 128),
+    "self_check": (0, 32),
+}
+
+HELP = {
+    "k_docs": "documents the joint model selects and reads",
+    "beam_width": "beams of the trie-constrained docid search",
+    "rag_k": "dense passages the RAG baseline reads",
+    "max_new_tokens": "answer length budget (tokens)",
+    "self_check": "re-rank the search's top N documents (N >= 2) by how likely the question is after each, under "
+                  "the base LLM (query likelihood); 0 = off",
+    "self_check_weight": "weight of the question's mean log-probability against the search score (large = the "
+                         "likelihood alone)",
+    "joint_reader": "who reads the joint model's documents: 'trained' (its stage-2 reader) or 'base' (the base LLM, "
+                    "the RAG side's reader)",
+    "precision": "'4bit' (bitsandbytes NF4) or 'fp32'",
+}
+
+
+def normalize_precision(value: str) -> str:
+    """"4bit" or "fp32" from the spellings users write (nf4, 4-bit, int4, float32); other values unchanged."""
+    value = str(value).strip().lower()
+    return _PRECISION_ALIASES.get(value, value)
+
+
+def check_precision(value: str) -> str:
+    precision = normalize_precision(value)
+    if precision not in PRECISIONS:
+        raise UniragError(f"Unknown precision {value!r}: use one of {', '.join(PRECISIONS)}.")
+    return precision
+
+
+def _whole(name: str, value: Any) -> int:
+    """An int within LIMITS[name]; numeric strings and integral floats (sliders send 2.0) are accepted."""
+    low, high = LIMITS[name]
+    if isinstance(value, bool):
+        raise UniragError(f"{name} must be a whole number, got {value!r}.")
+    try:
+        number = int(value)
+        if isinstance(value, float) and value != number:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise UniragError(f"{name} must be a whole number, got {value!r}.") from None
+    if not low <= number <= high:
+        raise UniragError(f"{name} must be between {low} and {high}, got {number}.")
+    return number
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """One question's settings for every system. Make them with `from_existing` (layered) or directly (defaults)."""
+
+    k_docs: int = 1
+    beam_width: int = 10
+    rag_k: int = 5
+    max_new_tokens: int = 32
+    self_check: int = 0
+    self_check_weight: float = 4.0
+    joint_reader: str = "trained"
+    precision: str = "4bit"
+    # What the layering did that a user should know (e.g. the self-check switched off without a passage cache).
+    notices: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise in place once, here
+        for name in LIMITS:
+            set_(self, name, _whole(name, getattr(self, name)))
+        if self.self_check == 1:
+            raise UniragError("self_check needs at least 2 documents to compare (0 switches it off).")
+        weight = self.self_check_weight
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight <= MAX_SELF_CHECK_WEIGHT:
+            raise UniragError(f"self_check_weight must be a number in (0, {MAX_SELF_CHECK_WEIGHT:g}], got {weight!r}.")
+        set_(self, "self_check_weight", float(weight))
+        if self.joint_reader not in JOINT_READERS:
+            raise UniragError(f"joint_reader must be one of {', '.join(JOINT_READERS)}, got {self.joint_reader!r}.")
+        set_(self, "precision", check_precision(self.precision))
+        set_(self, "notices", tuple(self.notices))
+
+    @property
+    def search_width(self) -> int:
+        """The beam the docid search runs with: wide enough for every document selected or self-checked."""
+        return max(self.beam_width, self.k_docs, self.self_check)
+
+    @property
+    def documents_searched(self) -> int:
+        """Distinct documents the search must return: those read, or the self-check's candidates."""
+        return max(self.k_docs, self.self_check)
+
+    def replace(self, **changes: Any) -> InferenceSettings:
+        """A validated copy with `changes` (None values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("notices")
+        return data
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls) if f.name != "notices")
+
+    @classmethod
+    def from_existing(cls, checkpoint: str | Path | None = None, precision: str = "4bit",
+                      passage_cache: bool = True, **explicit: Any) -> InferenceSettings:
+        """explicit (non-None) > `checkpoint`'s recommended setting for `precision` > defaults.
+
+        passage_cache: whether the joint system has a passage cache; without one a recommended self-check is
+        switched off (explicit values are kept as given)."""
+        unknown = sorted(set(explicit) - set(cls.names()))
+        if unknown:
+            raise UniragError(f"Unknown setting(s) {', '.join(unknown)}; known: {', '.join(cls.names())}.")
+        precision = check_precision(explicit.pop("precision", None) or precision)
+        values: dict[str, Any] = {}
+        notices: list[str] = []
+        recommended = RecommendedSettings.load(checkpoint, precision) if checkpoint is not None else None
+        if recommended is not None:
+            values.update(recommended.values)
+            if recommended.values.get("self_check") and not passage_cache and explicit.get("self_check") is None:
+                values["self_check"] = 0
+                values["beam_width"] = min(values.get("beam_width", NO_CACHE_BEAM), NO_CACHE_BEAM)
+                notices.append(
+                    f"The checkpoint recommends self-check {recommended.values['self_check']}, which is quick only "
+                    "with the passage cache (`python -m unirag index --self-check-cache`); without it the "
+                    f"self-check is off and the beam is {values['beam_width']}.")
+        values.update({k: v for k, v in explicit.items() if v is not None})
+        return cls(precision=precision, notices=tuple(notices), **values)
+
+
+@dataclass(frozen=True)
+class RecommendedSettings:
+    """The setting a checkpoint's authors measured best, per precision, with a one-line reason naming its results
+    row: `recommended_settings.json` = {"4bit": {...values, "reason": "..."}, "fp32": {...}} (or one object for
+    every precision)."""
+
+    values: dict[str, Any]
+    reason: str = ""
+
+    KEYS = ("k_docs", "beam_width", "self_check", "self_check_weight", "joint_reader", "rag_k", "max_new_tokens")
+
+    @classmethod
+    def load(cls, checkpoint_dir: str | Path, precision: str) -> RecommendedSettings | None:
+        """The setting for `precision`, or None when the checkpoint ships none for it. A malformed file is an error."""
+        path = Path(checkpoint_dir) / RECOMMENDED_FILE
+        if not path.is_file():
+            return None
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UniragError(f"{path} is not readable JSON ({exc}).") from None
+        if not isinstance(raw, dict):
+            raise UniragError(f"{path} must hold a JSON object.")
+        precision = check_precision(precision)
+        if any(key in PRECISIONS for key in raw):  # one setting per precision
+            others = sorted(set(raw) - set(PRECISIONS))
+            if others:
+                raise UniragError(f"{path} holds settings per precision; unknown key(s) {', '.join(others)} "
+                                  f"(known: {', '.join(PRECISIONS)}).")
+            raw = raw.get(precision)
+            if raw is None:
+                return None
+            if not isinstance(raw, dict):
+                raise UniragError(f"{path}: the {precision} setting must be a JSON object.")
+        raw = dict(raw)
+        reason = raw.pop("reason", "")
+        unknown = sorted(set(raw) - set(cls.KEYS))
+        if unknown:
+            raise UniragError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: "
+                              f"{', '.join(cls.KEYS)}, reason.")
+        if not isinstance(reason, str):
+            raise UniragError(f"{path}: reason must be one line of text.")
+        try:
+            InferenceSettings(precision=precision, **raw)  # validated with the same rules as every setting
+        except UniragError as exc:
+            raise UniragError(f"{path}: {exc}") from None
+        return cls(raw, reason)
+
+    def save(self, checkpoint_dir: str | Path, precision: str) -> Path:
+        """Write (or replace) this precision's entry, keeping the others."""
+        path = Path(checkpoint_dir) / RECOMMENDED_FILE
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if data and not any(key in PRECISIONS for key in data):
+            data = {p: data for p in PRECISIONS}  # one shared setting becomes one per precision
+        data[check_precision(precision)] = {**self.values, "reason": self.reason}
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+__all__ = ["HELP", "InferenceSettings", "JOINT_READERS", "LIMITS", "PRECISIONS", "RECOMMENDED_FILE",
+           "RecommendedSettings", "check_precision", "normalize_precision"]
