@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from unirag.answer import PRECISIONS
+from unirag.settings import PRECISIONS
 
 try:
     import gradio as gr

@@ -1,22 +1,9 @@
-"""`Answer`: the single currency between the library, the eval harness and the UI."""
+"""`Answer`: the single currency between the library, the eval harness and the UI, with its typed `Trace`."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-# Shared vocabulary of the library, the eval files and the UI.
-PRECISIONS = ("4bit", "fp32")  # bitsandbytes NF4, or float32
-# Who reads the joint model's documents: its stage-2 reader (LoRA adapter, pathway, bridge), or the base LLM, the
-# weights the RAG side reads with (then the two sides differ only in what they retrieved).
-JOINT_READERS = ("trained", "base")
-_PRECISION_ALIASES = {"nf4": "4bit", "4-bit": "4bit", "int4": "4bit", "float32": "fp32"}
-
-
-def normalize_precision(value: str) -> str:
-    """"4bit" or "fp32" from the spellings users write (nf4, 4-bit, int4, float32); other values unchanged."""
-    value = str(value).strip().lower()
-    return _PRECISION_ALIASES.get(value, value)
 
 
 @dataclass
@@ -28,6 +15,51 @@ class RetrievedDoc:
     text: str
     score: float
     docid: tuple[int, ...] | None = None  # hierarchical semantic docid (joint only)
+
+
+@dataclass
+class TokenWeights:
+    """Weights over tokens, e.g. the retrieval heads' attention from <retrieve_token> over the question."""
+
+    tokens: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+
+@dataclass
+class AnswerAttention:
+    """For each answer token, the attention of the query that produced it over the context tokens."""
+
+    answer_tokens: list[str] = field(default_factory=list)
+    context_tokens: list[str] = field(default_factory=list)
+    weights: list[list[float]] = field(default_factory=list)  # [answer tokens][context tokens]
+    doc_spans: list[list[int]] = field(default_factory=list)  # [start, end) of each passage in context_tokens
+    source: str | None = None  # which attention was read (e.g. "bridge"); None when not recorded
+
+
+@dataclass
+class SelfCheckRow:
+    """One self-checked document: score = search_score + weight × question_logprob."""
+
+    doc_id: str
+    search_rank: int  # 1-based rank in the search's order
+    search_score: float
+    question_logprob: float  # mean log-probability of the question's tokens after the passage
+    score: float
+
+
+@dataclass
+class Trace:
+    """What a system can show about how it answered; every field is empty when the system does not record it."""
+
+    retrieval_attention: TokenWeights = field(default_factory=TokenWeights)
+    # Every finished beam of the docid search, best first, as `DocidBeam.to_dict()` records.
+    beams: list[dict[str, Any]] = field(default_factory=list)
+    # Per chosen document, its per-level choices: {"prefix", "children", "probs", "chosen"}.
+    paths: list[list[dict[str, Any]]] = field(default_factory=list)
+    self_check: list[SelfCheckRow] = field(default_factory=list)  # best first; empty: no self-check ran
+    answer_attention: AnswerAttention = field(default_factory=AnswerAttention)
+    stop_reason: str = ""  # "eos", "newline" or "max_new_tokens" (joint reader)
+    retrieval_prompt_tokens: int = 0
 
 
 @dataclass
@@ -43,7 +75,7 @@ class Answer:
     answer_tokens: int = 0
     timings_ms: dict[str, float] = field(default_factory=dict)  # per stage: retrieve, generate, ...
     notices: list[str] = field(default_factory=list)  # e.g. "question truncated to 2000 chars"
-    traces: dict[str, Any] = field(default_factory=dict)  # attention maps, beam paths, per-level probs
+    trace: Trace = field(default_factory=Trace)  # attention maps, beam paths, per-level probs
     # The retriever's ranking, best first, when it ranked more documents than were read (R@3 of a system that
     # reads one); empty: the documents read are the whole ranking.
     ranked_doc_ids: list[str] = field(default_factory=list)
@@ -61,10 +93,13 @@ class Answer:
         return float(sum(self.timings_ms.values()))
 
     def to_record(self) -> dict[str, Any]:
-        """JSON-safe summary (no traces) for eval output files."""
+        """JSON-safe summary (no trace) for eval output files."""
         record = asdict(self)
-        record.pop("traces")
+        record.pop("trace")
         for doc in record["docs"]:
             doc.pop("text")
         record["latency_ms"] = self.latency_ms
         return record
+
+
+__all__ = ["Answer", "AnswerAttention", "RetrievedDoc", "SelfCheckRow", "TokenWeights", "Trace"]

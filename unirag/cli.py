@@ -167,32 +167,43 @@ def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = 
 
     gold = getattr(args, "gold", False)
     if args.system == "joint" or (args.system == "rag" and args.checkpoint):
-        from unirag.joint.decoding import JointSystem
+        from unirag.data import prepare_question
+        from unirag.joint.system import JointSystem
+        from unirag.settings import InferenceSettings
 
         if not args.checkpoint:
             raise UniragError("--system joint needs --checkpoint DIR (e.g. checkpoints/nq-smollm2).")
         system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
                                              attn_implementation=attn_implementation,
                                              traces=traces,
-                                             rescore=not getattr(args, "path_logprob_only", False),
-                                             base_reader=getattr(args, "base_reader", False),
-                                             self_check=getattr(args, "self_check", 0),
-                                             passage_cache=getattr(args, "self_check_cache", False),
-                                             **_self_check_weight(args))
+                                             document_match=not getattr(args, "path_logprob_only", False),
+                                             passage_cache=getattr(args, "self_check_cache", False))
         retriever = DenseRetriever.from_corpus(corpus, args.encoder) if args.system == "rag" else None
+        settings = InferenceSettings(
+            # the rag system reads the dense top k (not bounded by the joint model's k_docs)
+            k_docs=args.k if retriever is None else 1, beam_width=args.beam_width,
+            max_new_tokens=getattr(args, "max_new_tokens", 32), self_check=getattr(args, "self_check", 0),
+            joint_reader="base" if getattr(args, "base_reader", False) else "trained", **_self_check_weight(args))
 
         def answer_joint(questions):
             answers = []
             for q in questions:
-                kwargs = {"gold_doc_id": q.doc_id} if gold else {}
                 ranked: list[str] = []
-                if retriever is not None and not gold:  # dense top-k read by the joint model's reader
+                if gold:  # the gold passage read by the joint reader (retrieval skipped)
+                    text, notices = prepare_question(q.question)
+                    answer = system.read(text, system.documents([q.doc_id]), settings)
+                    answer.notices[:0] = [*notices, f"Gold document {q.doc_id} forced as the only context "
+                                                    "(retrieval skipped)."]
+                elif retriever is not None:  # dense top-k read by the joint model's reader
                     hits = retriever.search(q.question, max(args.k, RANKED_AT_LEAST))
                     ranked = [h[0] for h in hits] if len(hits) > args.k else []  # for R@3, as dense RAG ranks
                     hits = hits[: args.k]
-                    kwargs = {"doc_ids": [h[0] for h in hits], "doc_scores": [h[1] for h in hits]}
-                answer = system.answer(q.question, k_docs=args.k, beam_width=args.beam_width,
-                                       max_new_tokens=getattr(args, "max_new_tokens", 32), **kwargs)
+                    text, notices = prepare_question(q.question)
+                    answer = system.read(text, system.documents([h[0] for h in hits], [h[1] for h in hits]),
+                                         settings)
+                    answer.notices[:0] = notices
+                else:
+                    answer = system.answer(q.question, settings)
                 answer.system = args.system
                 answer.ranked_doc_ids = ranked or answer.ranked_doc_ids
                 answers.append(answer)
@@ -220,15 +231,15 @@ def _self_check_weight(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _check_self_check(args: argparse.Namespace) -> None:
-    from unirag.joint.decoding import check_self_check, check_self_check_weight
+    from unirag.settings import InferenceSettings
 
     if args.self_check and args.system != "joint":
         raise UniragError("--self-check applies to --system joint (it re-ranks the joint model's own documents).")
-    check_self_check(args.self_check)
+    InferenceSettings(self_check=args.self_check)
     if args.self_check_weight is not None:
         if not args.self_check:
             raise UniragError("--self-check-weight needs --self-check N (N >= 2).")
-        check_self_check_weight(args.self_check_weight)
+        InferenceSettings(self_check_weight=args.self_check_weight)
     if args.self_check_cache and not args.self_check:
         raise UniragError("--self-check-cache needs --self-check N (N >= 2).")
 
@@ -236,7 +247,7 @@ def _check_self_check(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from unirag.data import load_corpus, load_questions
     from unirag.eval import run_eval, run_name, write_json_atomic
-    from unirag.joint.decoding import ranking_name
+    from unirag.joint.search import ranking_name
 
     for name in ("k", "limit", "batch_size", "max_new_tokens", "beam_width"):
         _positive(name.replace("_", "-"), getattr(args, name))
@@ -285,11 +296,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
     _check_self_check(args)
     corpus = load_corpus(args.corpus)
     system, _ = _make_answerer(args, corpus)
-    answer = (
-        system.answer(args.question)
-        if args.system != "joint"
-        else system.answer(args.question, k_docs=args.k, beam_width=args.beam_width)
-    )
+    if args.system != "joint":
+        answer = system.answer(args.question)
+    else:
+        from unirag.settings import InferenceSettings
+
+        answer = system.answer(args.question, InferenceSettings(
+            k_docs=args.k, beam_width=args.beam_width, self_check=args.self_check, **_self_check_weight(args)))
     for notice in answer.notices:
         print(f"note: {notice}", file=sys.stderr)
     for doc in answer.docs:

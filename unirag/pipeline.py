@@ -26,11 +26,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from unirag.answer import JOINT_READERS, PRECISIONS, Answer, normalize_precision
+from unirag.answer import Answer
 from unirag.data import DATASETS, Corpus, Question, dataset_paths, load_corpus, load_questions, prepare_question
 from unirag.errors import UniragError
 from unirag.eval import contains_answer, normalize_answer, run_name
 from unirag.paths import REPO_ROOT, default_data_dir
+from unirag.settings import JOINT_READERS, PRECISIONS, InferenceSettings, RecommendedSettings, normalize_precision
 
 log = logging.getLogger("unirag.app")
 
@@ -124,10 +125,13 @@ class Settings:
                 f"{_rel(data / 'train.jsonl')}{llm} --out {_rel(out)}")
 
 
-def _start_settings(bundle: CorpusBundle | None) -> dict[str, int | float | str]:
+def _start_settings(bundle: CorpusBundle | None, precision: str = "4bit") -> dict[str, int | float | str]:
     if bundle is None or bundle.joint is None or bundle.recommended is None:
         return dict(ASK_DEFAULTS)
-    return bundle.recommended.app_settings(has_passage_cache=bundle.joint.passage_cache is not None)
+    settings = InferenceSettings.from_existing(bundle.checkpoint, precision,
+                                               passage_cache=bundle.joint.passage_cache is not None)
+    return {k: getattr(settings, k) for k in ("k_docs", "beam_width", "self_check", "self_check_weight",
+                                              "joint_reader")}
 
 
 def _rel(path: Path) -> str:
@@ -354,8 +358,8 @@ class Pipeline:
             self._say(name, "no joint checkpoint: " + bundle.joint_message)
             return
         try:
-            from unirag.joint.decoding import JointSystem
-            from unirag.joint.modeling import TREE_FILE
+            from unirag.joint.checkpoint import TREE_FILE
+            from unirag.joint.system import JointSystem
         except ImportError as exc:
             bundle.joint_message = (f"The joint model code is not importable ({exc}); only the dense RAG column "
                                     "answers. Reinstall with `make install`.")
@@ -393,22 +397,19 @@ class Pipeline:
 
     def _apply_recommended(self, bundle: CorpusBundle, ckpt: Path) -> None:
         """The checkpoint's measured setting: its self-check weight for every question, its sliders for the page."""
-        from unirag.joint.decoding import RecommendedSettings
-
         try:
             bundle.recommended = RecommendedSettings.load(ckpt, precision=self.settings.precision)
         except UniragError as exc:  # a bad settings file must not take the model down: report it, use defaults
             self._say(bundle.name, f"ignoring the checkpoint's recommended settings: {exc}")
             return
         if bundle.recommended is not None:
-            bundle.joint.self_check_weight = bundle.recommended.self_check_weight
             # The bundle is not registered yet while it loads, so this reads it directly, not by name.
-            self._say(bundle.name, f"recommended settings: {_start_settings(bundle)}")
+            self._say(bundle.name, f"recommended settings: {_start_settings(bundle, self.settings.precision)}")
 
     def start_settings(self, name: str) -> dict[str, int | float | str]:
         """The settings the page starts from for a loaded corpus: the checkpoint's recommended setting (its
         self-check only with a passage cache), else the defaults of `ask`."""
-        return _start_settings(self.loaded(name))
+        return _start_settings(self.loaded(name), self.settings.precision)
 
     def preload(self, names: list[str] | None = None) -> threading.Thread:
         """Load corpora in a background thread (progress on the console and in `status()`)."""
@@ -464,9 +465,12 @@ class Pipeline:
             comparison.joint.error = bundle.joint_message or "The joint model is not loaded."
         else:
             joint = bundle.joint
-            run_joint = partial(self._side, "joint", lambda: joint.answer(
-                question, k_docs=k_docs, beam_width=max(beam_width, k_docs), max_new_tokens=max_new_tokens,
-                base_reader=joint_reader == "base", self_check=self_check), gold)
+            # The checkpoint's recommended self-check weight (when it ships one) for every question.
+            settings = InferenceSettings.from_existing(
+                bundle.checkpoint if bundle.recommended is not None else None, self.settings.precision,
+                passage_cache=joint.passage_cache is not None, k_docs=k_docs, beam_width=beam_width,
+                max_new_tokens=max_new_tokens, joint_reader=joint_reader, self_check=self_check)
+            run_joint = partial(self._side, "joint", lambda: joint.answer(question, settings), gold)
             if self.settings.parallel_sides:
                 joint_side = self._joint_worker().submit(run_joint)
             else:

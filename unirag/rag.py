@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from unirag.answer import Answer, RetrievedDoc
+from unirag.answer import Answer, AnswerAttention, RetrievedDoc, Trace
 from unirag.data import Corpus, Passage, prepare_question
 from unirag.errors import UniragError
 
@@ -246,7 +246,7 @@ def _answers(
                 out.answer_tokens,
                 timings,
                 note,
-                {"answer_attention": out.attention},
+                Trace(answer_attention=AnswerAttention(**out.attention)),
             )
         )
     return answers

@@ -1,4 +1,4 @@
-"""Plotly figures and HTML for the app: pure functions of `Answer` traces and `DocidTree`s.
+"""Plotly figures and HTML for the app: pure functions of `Answer`s (with their typed `Trace`) and `DocidTree`s.
 
 Nothing here loads a model or touches the disk, so every figure can be unit-tested on hand-made traces.
 All document and user text goes through `html.escape` before it reaches any HTML string.
@@ -16,7 +16,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from unirag.answer import Answer
+from unirag.answer import Answer, AnswerAttention
 
 # --------------------------------------------------------------------------------------------- palette
 
@@ -174,10 +174,10 @@ def _matrix(weights: Any) -> list[list[float]]:
     return [r for r in rows if r]
 
 
-def token_importance(attention: Mapping[str, Any]) -> list[float]:
+def token_importance(attention: AnswerAttention) -> list[float]:
     """Mean attention of the answer tokens on each context token (0s when there is no trace)."""
-    n = len(attention.get("context_tokens") or [])
-    rows = [r for r in _matrix(attention.get("weights")) if len(r) == n]
+    n = len(attention.context_tokens)
+    rows = [r for r in _matrix(attention.weights) if len(r) == n]
     if not rows:
         return [0.0] * n
     return [sum(col) / len(rows) for col in zip(*rows, strict=True)]
@@ -189,7 +189,7 @@ def token_importance(attention: Mapping[str, Any]) -> list[float]:
 def _paths(answer: Answer | None) -> list[list[dict[str, Any]]]:
     if answer is None:
         return []
-    return [p for p in (answer.traces.get("paths") or []) if p]
+    return [p for p in answer.trace.paths if p]
 
 
 def docid_path_figure(answer: Answer | None, tree=None, height: int | None = None) -> go.Figure:
@@ -324,15 +324,15 @@ def beam_rows(answer: Answer | None, titles: Mapping[str, str] | None = None, li
         return []
     titles = titles or {}
     selected = set(answer.doc_ids)
-    checked = {t["doc_id"]: t for t in answer.traces.get("self_check") or []}
+    checked = {row.doc_id: row for row in answer.trace.self_check}
     rows = []
-    for rank, beam in enumerate((answer.traces.get("beams") or [])[:limit], start=1):
+    for rank, beam in enumerate(answer.trace.beams[:limit], start=1):
         doc_id = str(beam.get("doc_id", ""))
         logprob = float(beam.get("logprob", float("nan")))
         match = float(beam.get("document_match", 0.0))
         rows.append([rank, docid_str(beam.get("docid")), doc_id, titles.get(doc_id, ""), round(logprob, 3),
                      round(match, 3), round(float(beam.get("score", logprob + match)), 3),
-                     *((round(checked[doc_id]["question_logprob"], 3), round(checked[doc_id]["score"], 3))
+                     *((round(checked[doc_id].question_logprob, 3), round(checked[doc_id].score, 3))
                        if doc_id in checked else ("", "")),
                      "✓" if doc_id in selected else ""])
     return rows
@@ -372,13 +372,13 @@ def attention_heatmap(answer: Answer | None, title: str = "Answer tokens × cont
 
     Sentence cells sum the attention of their tokens. ``meta`` = {"unit": "token"|"sentence", "shape": [rows, cols]}.
     """
-    attention = (answer.traces.get("answer_attention") if answer is not None else None) or {}
-    context = list(attention.get("context_tokens") or [])
-    answer_tokens = clean_tokens(attention.get("answer_tokens") or [])
-    rows = [r for r in _matrix(attention.get("weights")) if len(r) == len(context)]
+    attention = answer.trace.answer_attention if answer is not None else AnswerAttention()
+    context = list(attention.context_tokens)
+    answer_tokens = clean_tokens(attention.answer_tokens)
+    rows = [r for r in _matrix(attention.weights) if len(r) == len(context)]
     if not context or not rows or len(rows) != len(answer_tokens):
         return empty_figure("No attention trace for this answer.", title)
-    spans = attention.get("doc_spans") or infer_doc_spans(context, len(answer.docs) if answer else 0)
+    spans = attention.doc_spans or infer_doc_spans(context, len(answer.docs) if answer else 0)
     sentences = len(context) > max_tokens
     units = context_units(context, spans, sentences)
     z = [[sum(row[u.start : u.end]) for u in units] for row in rows]
@@ -444,10 +444,10 @@ def documents_html(answer: Answer | None, gold_doc_id: str | None = None, rgb: t
     are shaded (sentence shading = the sentence's share of attention; the top tokens are bold and underlined)."""
     if answer is None or not answer.docs:
         return '<div class="ur-empty">No documents.</div>'
-    attention = answer.traces.get("answer_attention") or {}
-    context = list(attention.get("context_tokens") or [])
+    attention = answer.trace.answer_attention
+    context = list(attention.context_tokens)
     importance = token_importance(attention)
-    spans = attention.get("doc_spans") or infer_doc_spans(context, len(answer.docs))
+    spans = attention.doc_spans or infer_doc_spans(context, len(answer.docs))
     texts = clean_tokens(context)
     units = context_units(context, spans, sentences=True) if spans and any(importance) else []
     unit_mass = [sum(importance[u.start : u.end]) for u in units]
@@ -492,8 +492,8 @@ def question_html(answer: Answer | None) -> str:
     """The question with the retrieval heads' attention (joint model) shaded over its tokens."""
     if answer is None:
         return ""
-    trace = answer.traces.get("retrieval_attention") or {}
-    tokens, weights = trace.get("tokens") or [], trace.get("weights") or []
+    trace = answer.trace.retrieval_attention
+    tokens, weights = trace.tokens, trace.weights
     if not tokens or len(tokens) != len(weights):
         return f'<div class="ur-question">{html.escape(answer.question)}</div>'
     return ('<div class="ur-question"><span class="ur-muted">Retrieval heads attended to:</span> '

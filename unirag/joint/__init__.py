@@ -1,31 +1,37 @@
-"""Joint retrieval-as-reasoning model: one LLM that generates docids, then answers from those documents."""
+"""Joint retrieval-as-reasoning model: one LLM that generates docids, then answers from those documents.
 
-from unirag.joint.decoding import (
-    AnswerGeneration,
-    DocidBeam,
-    DocidSearch,
-    JointSystem,
-    answer_prompt,
-    answer_with_docs,
-    generate_docids,
-    question_likelihood,
-    retrieval_prompt,
-    search_docids,
-)
-from unirag.joint.modeling import JointConfig, JointModel, JointOutput
+    config      JointConfig                       checkpoint  save/load, fingerprints, LoRA reader alone
+    modeling    JointModel (modules + forward)    prompts     retrieval / answer / self-check prompts
+    search      trie-constrained docid search     selfcheck   query-likelihood re-rank
+    reader      answer from chosen documents      system      JointSystem = retrieve + read
+"""
+
+from unirag.joint.checkpoint import load_lora_reader
+from unirag.joint.config import JointConfig
+from unirag.joint.modeling import JointModel, JointOutput
+from unirag.joint.prompts import Prompt, answer_prompt, retrieval_prompt
+from unirag.joint.reader import AnswerGeneration, answer_with_docs
+from unirag.joint.search import DocidBeam, DocidSearch, DocidTrie, ranking_name, search_docids
+from unirag.joint.selfcheck import question_likelihood, rerank
+from unirag.joint.system import JointSystem, Retrieval
 
 __all__ = [
     "AnswerGeneration",
     "DocidBeam",
     "DocidSearch",
+    "DocidTrie",
     "JointConfig",
     "JointModel",
     "JointOutput",
     "JointSystem",
+    "Prompt",
+    "Retrieval",
     "answer_prompt",
     "answer_with_docs",
-    "generate_docids",
+    "load_lora_reader",
     "question_likelihood",
+    "ranking_name",
+    "rerank",
     "retrieval_prompt",
     "search_docids",
 ]

@@ -31,15 +31,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import copy
-import hashlib
-import json
 import math
-import re
 import sys
 import types
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,97 +44,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unirag.errors import FingerprintMismatchError, UniragError
+from unirag.errors import UniragError
+from unirag.joint import checkpoint
+from unirag.joint.config import JointConfig
 
-FORMAT_VERSION = 1
-CONFIG_FILE = "joint_config.json"
-WEIGHTS_FILE = "joint_weights.safetensors"
-LORA_DIR = "lora"
-TREE_FILE = "docid_tree.json"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # State-dict prefixes of everything the joint model adds on top of the base (what joint_weights holds).
 JOINT_PREFIXES = ("pathways.", "bridge.", "docid_head.", "extra_embed.", "entry_embed.", "semantic.")
 # Fixed slots of the extra embedding table, before the docid tokens.
 _RETRIEVE_SLOT, _GENERATES_SLOT, _FIRST_DOCID_SLOT = 0, 1, 2
-
-
-# --------------------------------------------------------------------------------------------- config
-
-
-@dataclass
-class JointConfig:
-    """Everything needed to rebuild the joint model around its base (JSON-serialisable)."""
-
-    docid_levels: int  # L: maximum docid length, excluding end-of-docid
-    docid_branching: int  # K: symbols are 0..K-1 at each level
-    base_model: str | None = None  # hub id or local folder; None = the embedded SmolLM2
-    pathway_layers: int | list[int] = 4  # int N = top N layers; list = explicit indices (negatives allowed)
-    retrieval_heads: int = 4  # rounded UP to a multiple of the base's num_key_value_heads
-    retrieval_mlp_dim: int = 512
-    bridge_heads: int = 4
-    # Inner width of the bridge's cross-attention (0 = the base's hidden size). Its four projections are
-    # hidden x bridge_dim each: on a 4B base a full-width bridge alone is 52 MB in float16, over the budget.
-    bridge_dim: int = 0
-    # The retrieval MLP' reads the layer output plus the retrieval-attention output (a pre-norm block whose
-    # result is added back as a delta); False = it reads the retrieval-attention output alone.
-    pathway_reads_residual: bool = True
-    save_dtype: str = "float16"  # storage dtype of joint_weights.safetensors ("float16" or "float32")
-    # Semantic docid scores (0 = off): a query vector in the docid encoder's space is scored against one
-    # embedding per tree node (initialised from the cluster centroids) and added to the docid-head logits.
-    semantic_dim: int = 0
-    semantic_nodes: int = 0  # number of tree nodes (every non-empty docid prefix) the node table holds
-    lora: dict[str, Any] | None = None  # set by enable_lora: {"r", "alpha", "dropout", "target_modules", "layers"}
-    # Whether docid generation runs with the LoRA adapter. False: the adapter is the reader's only (switched off
-    # while generating docids), so stage 2's answer loss cannot move the hidden states retrieval was trained on.
-    adapter_in_retrieval: bool = True
-    # Whether answers are read with the LoRA adapter. False after LoRA in stage 1 (the adapter was trained for
-    # docid generation only, so reading uses the unchanged base LLM); stage 2 sets it (it trains the reader).
-    adapter_in_reading: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.pathway_layers, tuple):
-            self.pathway_layers = list(self.pathway_layers)
-        checks = [
-            (isinstance(self.docid_levels, int) and self.docid_levels >= 1, "docid_levels must be an int >= 1"),
-            (isinstance(self.docid_branching, int) and self.docid_branching >= 1,
-             "docid_branching must be an int >= 1"),
-            (self.retrieval_heads >= 1, "retrieval_heads must be >= 1"),
-            (self.retrieval_mlp_dim >= 1, "retrieval_mlp_dim must be >= 1"),
-            (self.bridge_heads >= 1, "bridge_heads must be >= 1"),
-            (isinstance(self.bridge_dim, int) and self.bridge_dim >= 0, "bridge_dim must be an int >= 0"),
-            (self.save_dtype in ("float16", "float32", "bfloat16"), "save_dtype must be float16, bfloat16 or float32"),
-            (self.semantic_dim >= 0 and self.semantic_nodes >= 0, "semantic_dim and semantic_nodes must be >= 0"),
-            (bool(self.semantic_dim) == bool(self.semantic_nodes), "semantic_dim and semantic_nodes go together"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UniragError(f"Invalid JointConfig: {message}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> JointConfig:
-        known = {f.name for f in fields(cls)}
-        # Unknown keys come from newer versions: ignore them rather than refuse an otherwise valid checkpoint.
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def resolve_pathway_layers(self, num_layers: int) -> list[int]:
-        """Sorted, distinct layer indices of the pathway for a base with `num_layers` layers."""
-        spec = self.pathway_layers
-        if isinstance(spec, int):
-            if not 1 <= spec <= num_layers:
-                raise UniragError(
-                    f"pathway_layers={spec} but the base model has {num_layers} layers (use 1..{num_layers})."
-                )
-            return list(range(num_layers - spec, num_layers))
-        valid = all(isinstance(i, int) and -num_layers <= i < num_layers for i in spec)
-        if not spec or not valid:
-            raise UniragError(
-                f"pathway_layers={spec} must be a non-empty list of layer indices in [-{num_layers}, {num_layers})."
-            )
-        return sorted({i % num_layers for i in spec})
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -467,16 +383,6 @@ def _dense_weight(linear: nn.Module) -> torch.Tensor:
 def _is_kbit(model: nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -1228,214 +1134,22 @@ class JointModel(nn.Module):
             param.requires_grad_(id(param) in ids)
         return chosen
 
-    # ----------------------------------------------------------------------------- save / load
 
-    def save_pretrained(
-        self,
-        save_dir: str | Path,
-        tree=None,
-        extra_files: Mapping[str, str | bytes | dict | list] | None = None,
-    ) -> Path:
-        """Write a self-describing checkpoint folder (safetensors only, no pickle).
+    # ----------------------------------------------------------------------------- save / load (joint.checkpoint)
 
-        joint_config.json (config, base fingerprint, format version, file checksums), joint_weights.safetensors
-        (pathway, bridge, docid head, extra embeddings; stored as config.save_dtype), lora/ (peft adapter) if
-        LoRA is on, docid_tree.json if `tree` is given (via tree.save), and `extra_files` (name → text, bytes,
-        or JSON-able object). joint_config.json is written last, so a folder without it is incomplete.
-        """
-        from safetensors.torch import save_file
-
-        from unirag.backbones import llm_fingerprint
-
-        save_dir = Path(save_dir)
-        save_dir.mkdir(parents=True, exist_ok=True)
-        fingerprint = llm_fingerprint(self.config.base_model)
-        self._check_fingerprint_describes_base(fingerprint)
-        (save_dir / CONFIG_FILE).unlink(missing_ok=True)  # mark incomplete while writing
-
-        dtype = _DTYPES[self.config.save_dtype]
-        tensors = {n: p.detach().to("cpu", dtype).contiguous() for n, p in self.joint_named_parameters()}
-        tmp = save_dir / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt", "unirag_format_version": str(FORMAT_VERSION)})
-        tmp.replace(save_dir / WEIGHTS_FILE)
-        files = {WEIGHTS_FILE: _file_sha256(save_dir / WEIGHTS_FILE)}
-
-        if self._lora_enabled:
-            self.base.save_pretrained(str(save_dir / LORA_DIR), safe_serialization=True)
-            (save_dir / LORA_DIR / "README.md").unlink(missing_ok=True)  # peft's blank model card
-        if tree is not None:
-            tree.save(save_dir / TREE_FILE)
-        for name, content in (extra_files or {}).items():
-            if Path(name).name != name or name in (CONFIG_FILE, WEIGHTS_FILE, LORA_DIR):
-                raise UniragError(f"extra_files name {name!r} must be a plain file name and not a reserved one.")
-            path = save_dir / name
-            if isinstance(content, bytes):
-                path.write_bytes(content)
-            elif isinstance(content, str):
-                path.write_text(content, encoding="utf-8")
-            else:
-                path.write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
-
-        bc = self.base_config
-        meta = {
-            "format": "unirag-joint",
-            "format_version": FORMAT_VERSION,
-            "config": self.config.to_dict(),
-            "base_fingerprint": fingerprint,
-            "base_shape": {
-                "model_type": bc.model_type,
-                "hidden_size": bc.hidden_size,
-                "num_hidden_layers": bc.num_hidden_layers,
-                "num_key_value_heads": bc.num_key_value_heads,
-                "extra_vocab_offset": self.extra_vocab_offset,
-            },
-            "files": files,
-            "lora": self._lora_enabled,
-        }
-        (save_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        return save_dir
-
-    def _check_fingerprint_describes_base(self, fingerprint: str) -> None:
-        """Refuse to save a checkpoint whose config.base_model names a different model than the one wrapped."""
-        if "|" not in fingerprint:
-            return  # hub id not available locally: nothing to compare against
-        bc = self.base_config
-        shape = ",".join(
-            str(getattr(bc, k, None))
-            for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads")
-        )
-        if fingerprint.split("|", 1)[1] != shape:
-            raise UniragError(
-                f"config.base_model={self.config.base_model!r} describes {fingerprint.split('|', 1)[1]}, but the "
-                f"wrapped model is {shape}. Set JointConfig.base_model to the model actually loaded."
-            )
+    def save_pretrained(self, save_dir: str | Path, tree=None,
+                        extra_files: Mapping[str, str | bytes | dict | list] | None = None) -> Path:
+        """Write a self-describing checkpoint folder; see `unirag.joint.checkpoint.save_pretrained`."""
+        return checkpoint.save_pretrained(self, save_dir, tree, extra_files)
 
     @classmethod
     def from_pretrained(
         cls, checkpoint_dir: str | Path, load_in_4bit: bool = False, base_model: str | None = None,
         dtype: torch.dtype = torch.float32, device: str | None = None, attn_implementation: str = "eager",
     ) -> JointModel:
-        """Load a checkpoint written by save_pretrained; the base comes from `base_model` or the saved config.
-
-        Raises FingerprintMismatchError if the base is not the one the checkpoint was trained on, and
-        UniragError for missing, truncated or corrupt files. The tokenizer is attached as `.tokenizer`.
-        """
-        from unirag.backbones import llm_fingerprint, load_llm
-
-        ckpt = Path(checkpoint_dir)
-        if not ckpt.is_dir():
-            raise UniragError(f"Checkpoint folder {ckpt} does not exist.")
-        meta = _read_meta(ckpt)
-        config = JointConfig.from_dict(meta["config"])
-        missing = [name for name in (WEIGHTS_FILE,) if not (ckpt / name).is_file()]
-        if meta.get("lora") and not (ckpt / LORA_DIR / "adapter_model.safetensors").is_file():
-            missing.append(f"{LORA_DIR}/adapter_model.safetensors")
-        if meta.get("lora") and not (ckpt / LORA_DIR / "adapter_config.json").is_file():
-            missing.append(f"{LORA_DIR}/adapter_config.json")
-        if missing:
-            raise UniragError(f"Checkpoint {ckpt} is incomplete: missing {', '.join(missing)}.")
-
-        name = base_model if base_model is not None else config.base_model
-        expected, actual = meta.get("base_fingerprint"), llm_fingerprint(name)
-        if expected != actual:
-            raise FingerprintMismatchError(
-                f"Checkpoint {ckpt} was trained on the base model {expected!r}, but the base model given is "
-                f"{actual!r}. Load it with the base it was trained on (base_model=...), or retrain."
-            )
-        config.base_model = name
-
-        weights_path = ckpt / WEIGHTS_FILE
-        expected_sha = meta.get("files", {}).get(WEIGHTS_FILE)
-        if expected_sha and _file_sha256(weights_path) != expected_sha:
-            raise UniragError(
-                f"{weights_path} is corrupt or truncated (checksum mismatch with {CONFIG_FILE}); re-copy or re-save it."
-            )
-        tensors = _load_safetensors(weights_path)
-
-        base, tokenizer = load_llm(name, load_in_4bit=load_in_4bit, dtype=dtype, device=device,
-                                   attn_implementation=attn_implementation)
-        lora = config.lora
-        config.lora = None
-        model = cls(base, config, tokenizer=None)
-        model.tokenizer = tokenizer
-        if meta.get("lora"):
-            if not lora:
-                raise UniragError(f"{ckpt / CONFIG_FILE} says LoRA is on but has no LoRA settings.")
-            model.enable_lora(**lora)
-            model._load_lora_weights(ckpt / LORA_DIR)
-        model._load_joint_tensors(tensors, weights_path)
-        model.checkpoint_dir = ckpt
-        model.eval()
-        return model
-
-    @torch.no_grad()
-    def _load_joint_tensors(self, tensors: dict[str, torch.Tensor], source: Path) -> None:
-        own = dict(self.joint_named_parameters())
-        missing = sorted(set(own) - set(tensors))
-        unexpected = sorted(set(tensors) - set(own))
-        if missing or unexpected:
-            raise UniragError(
-                f"{source} does not match this model (missing {missing[:5]}, unexpected {unexpected[:5]}); "
-                "was it saved with another joint config or pathway layout?"
-            )
-        for name, param in own.items():
-            tensor = tensors[name]
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise UniragError(
-                    f"{source}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}."
-                )
-            param.copy_(tensor.to(param.dtype))
-
-    def _load_lora_weights(self, lora_dir: Path) -> None:
-        from peft.utils import set_peft_model_state_dict
-
-        tensors = _load_safetensors(lora_dir / "adapter_model.safetensors")
-        try:
-            result = set_peft_model_state_dict(self.base, tensors)
-        except Exception as exc:  # noqa: BLE001 - shape mismatches surface as RuntimeError deep in torch
-            raise UniragError(f"The LoRA adapter in {lora_dir} does not fit this model: {exc}") from None
-        unexpected = list(getattr(result, "unexpected_keys", []) or [])
-        missing_lora = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
-        if unexpected or missing_lora:
-            raise UniragError(
-                f"The LoRA adapter in {lora_dir} does not match this model "
-                f"(unexpected {unexpected[:3]}, missing {missing_lora[:3]})."
-            )
-
-
-def load_lora_reader(model: nn.Module, checkpoint_dir: str | Path) -> nn.Module:
-    """Put a joint checkpoint's LoRA adapter on a plain CausalLM, for reading without the joint retrieval.
-
-    The adapter was trained inside the joint model (with pathway and bridge), so this is the fine-tuned
-    reader alone, e.g. to compare dense RAG with and without it. Returns a peft model (generate() works).
-    """
-    from peft import PeftModel
-
-    ckpt = Path(checkpoint_dir)
-    if not ckpt.is_dir():
-        raise UniragError(f"Checkpoint folder {ckpt} does not exist.")
-    meta = _read_meta(ckpt)
-    if not meta.get("lora"):
-        raise UniragError(f"Checkpoint {ckpt} has no LoRA adapter (a stage-1 checkpoint trains no reader).")
-    adapter = ckpt / LORA_DIR / "adapter_model.safetensors"
-    if not adapter.is_file() or not (ckpt / LORA_DIR / "adapter_config.json").is_file():
-        raise UniragError(
-            f"Checkpoint {ckpt} is incomplete: {LORA_DIR}/ lacks adapter_model.safetensors or its config."
-        )
-    config = getattr(getattr(model, "get_base_model", lambda: model)(), "config", None)
-    expected = meta.get("base_shape", {})
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "num_key_value_heads"):
-        if key in expected and getattr(config, key, None) != expected[key]:
-            raise FingerprintMismatchError(
-                f"Checkpoint {ckpt} was trained on {meta.get('base_fingerprint')!r}; this model's {key} is "
-                f"{getattr(config, key, None)!r}, not {expected[key]!r}. Load the base it was trained on."
-            )
-    _load_safetensors(adapter)  # clean error on a truncated file before peft reads it
-    try:
-        reader = PeftModel.from_pretrained(model, str(ckpt / LORA_DIR), is_trainable=False)
-    except Exception as exc:  # noqa: BLE001 - peft raises assorted errors on mismatching adapters
-        raise UniragError(f"The LoRA adapter in {ckpt / LORA_DIR} does not fit this model: {exc}") from None
-    return reader.eval()
+        """Load a checkpoint written by save_pretrained; see `unirag.joint.checkpoint.from_pretrained`."""
+        return checkpoint.from_pretrained(cls, checkpoint_dir, load_in_4bit, base_model, dtype, device,
+                                          attn_implementation)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -1446,44 +1160,12 @@ def _level_letter(level: int) -> str:
     return chr(ord("A") + level) if level < 26 else f"L{level}"
 
 
-def _read_meta(ckpt: Path) -> dict[str, Any]:
-    path = ckpt / CONFIG_FILE
-    if not path.is_file():
-        present = sorted(p.name for p in ckpt.iterdir())
-        raise UniragError(
-            f"{ckpt} is not a joint checkpoint: {CONFIG_FILE} is missing (found: {', '.join(present) or 'nothing'}). "
-            "An interrupted save leaves the folder in this state; save again."
-        )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UniragError(f"{path} is corrupt ({exc}); re-save the checkpoint.") from None
-    if not isinstance(meta, dict) or meta.get("format") != "unirag-joint" or "config" not in meta:
-        raise UniragError(f"{path} is not a unirag joint checkpoint config.")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UniragError(f"{path} has format version {version}; this code reads version {FORMAT_VERSION}.")
-    return meta
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ... on truncated or garbled files
-        reason = re.sub(r"\s+", " ", str(exc))[:200]
-        raise UniragError(
-            f"{path} is truncated or corrupt and cannot be read ({reason}); re-copy or re-save it."
-        ) from None
-
 
 __all__ = [
     "Bridge",
     "JointAttention",
-    "JointConfig",
     "JointModel",
     "JointOutput",
     "RetrievalPathway",
-    "load_lora_reader",
+    "tree_prefixes",
 ]

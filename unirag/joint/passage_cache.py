@@ -27,24 +27,10 @@ import torch
 
 from unirag.errors import UniragError
 from unirag.joint.modeling import JointModel, _is_kbit
+from unirag.joint.prompts import SELF_CHECK_PROMPT, question_ids, self_check_prompt_ids
 
 FORMAT_VERSION = 1
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
-
-
-def self_check_prompt_ids(tokenizer, title: str, text: str) -> list[int]:
-    """Token ids of the self-check prompt for one passage (the question's tokens follow them)."""
-    from unirag.joint.decoding import SELF_CHECK_PROMPT
-
-    passage = f"{title}. {text}" if title else text
-    return list(tokenizer(SELF_CHECK_PROMPT.format(passage=passage), add_special_tokens=True)["input_ids"])
-
-
-def question_ids(tokenizer, question: str) -> list[int]:
-    ids = list(tokenizer(" " + question, add_special_tokens=False)["input_ids"])
-    if not ids:
-        raise UniragError("The question has no tokens to score.")
-    return ids
 
 
 def _precision(model: JointModel) -> str:
@@ -54,7 +40,6 @@ def _precision(model: JointModel) -> str:
 def cache_fingerprint(model: JointModel, corpus) -> dict[str, Any]:
     """What the cached states depend on: corpus, base LLM, its precision, the prompt and the tokenizer."""
     from unirag.backbones import llm_fingerprint
-    from unirag.joint.decoding import SELF_CHECK_PROMPT
 
     tokenizer = model.tokenizer
     return {

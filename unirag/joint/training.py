@@ -38,8 +38,10 @@ from unirag.backbones import load_llm
 from unirag.data import Corpus, Question, load_corpus, load_questions
 from unirag.docids import DocidTree, TreeConfig, load_or_build_tree
 from unirag.errors import UniragError
-from unirag.joint.decoding import answer_prompt, retrieval_prompt, search_docids
-from unirag.joint.modeling import JointConfig, JointModel, tree_prefixes
+from unirag.joint.config import JointConfig
+from unirag.joint.modeling import JointModel, tree_prefixes
+from unirag.joint.prompts import answer_prompt, retrieval_prompt
+from unirag.joint.search import search_docids
 from unirag.paths import cache_dir
 
 STATE_FILE = "trainer_state.json"

@@ -1,0 +1,201 @@
+"""`JointSystem`: question → docids (beam search over the trie) → optional self-check → answer, as an `Answer`.
+
+Every knob comes from one `unirag.settings.InferenceSettings` per call; the system holds only what was loaded
+(model, tokenizer, corpus, tree, passage cache) and two construction choices (traces, document match).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unirag.answer import Answer, RetrievedDoc, SelfCheckRow, Trace
+from unirag.data import prepare_question
+from unirag.docids import DocidTree
+from unirag.errors import UniragError
+from unirag.joint.checkpoint import TREE_FILE, check_checkpoint_dir
+from unirag.joint.modeling import JointModel
+from unirag.joint.passage_cache import PassageCache
+from unirag.joint.reader import answer_with_docs
+from unirag.joint.search import DocidBeam, DocidSearch, DocidTrie, search_docids
+from unirag.joint.selfcheck import question_likelihood, rerank
+from unirag.settings import InferenceSettings
+
+
+@dataclass
+class Retrieval:
+    """What `JointSystem.retrieve` found for one question."""
+
+    docs: list[RetrievedDoc]  # the documents to read, best first (score: search score, or self-check score)
+    search: DocidSearch
+    ranking: list[str]  # every ranked document id, best first (the self-check's order when it ran)
+    self_check: list[SelfCheckRow] = field(default_factory=list)  # best first; empty: no self-check
+    timings: dict[str, float] = field(default_factory=dict)  # ms: "retrieve", and "self_check" when it ran
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def beams(self) -> list[DocidBeam]:
+        """The search beam of each chosen document, in `docs`' order."""
+        by_id = {beam.doc_id: beam for beam in self.search.beams}
+        return [by_id[doc.doc_id] for doc in self.docs]
+
+    @property
+    def paths(self) -> list[list[dict[str, Any]]]:
+        """Per chosen document, its per-level choices."""
+        return [beam.levels for beam in self.beams]
+
+
+class JointSystem:
+    """Question → docids (beam search over the trie) → answer from those documents, as an `Answer`."""
+
+    name = "joint"
+
+    def __init__(self, model: JointModel, tokenizer, corpus, trie: DocidTrie, *,
+                 passage_cache: PassageCache | None = None, traces: bool = True, document_match: bool = True) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.corpus = corpus
+        self.trie = trie
+        # A PassageCache (the passages' self-check prompts, precomputed): the self-check then runs only the
+        # question's tokens. None reads the N passages in full, with the same result up to rounding. Settable:
+        # the app attaches one after loading.
+        self.passage_cache = passage_cache
+        self.traces = traces  # False skips the answer-attention trace (evaluation draws no heatmaps)
+        # False ranks documents by path log-probability alone (a named ablation; see search_docids).
+        self.document_match = document_match
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path, corpus, *, load_in_4bit: bool = False,
+                        base_model: str | None = None, attn_implementation: str = "eager", traces: bool = True,
+                        document_match: bool = True, passage_cache: bool | str | Path = False) -> JointSystem:
+        """Load model, tokenizer and the checkpoint's docid tree (checked against `corpus`).
+
+        Evaluation passes attn_implementation="sdpa", traces=False: faster, and no heatmaps are drawn.
+        passage_cache: True opens (building it first if missing) the self-check cache of this base and corpus
+        at its default path; a path does the same there; False: none (the self-check reads passages in full)."""
+        ckpt = check_checkpoint_dir(checkpoint_dir)
+        tree_path = ckpt / TREE_FILE
+        if not tree_path.is_file():
+            raise UniragError(f"{tree_path} is missing: a joint checkpoint must ship its docid tree.")
+        tree = DocidTree.load(tree_path, corpus)  # before the model: a corpus mismatch fails fast
+        model = JointModel.from_pretrained(ckpt, load_in_4bit=load_in_4bit, base_model=base_model,
+                                           attn_implementation=attn_implementation)
+        cache = None
+        if passage_cache:
+            cache_path = None if passage_cache is True else passage_cache
+            cache = PassageCache.build(model, corpus, cache_path)  # opens a complete cache, resumes a partial one
+        return cls(model, model.tokenizer, corpus, tree, passage_cache=cache, traces=traces,
+                   document_match=document_match)
+
+    def retrieve(self, question: str, settings: InferenceSettings) -> Retrieval:
+        """The top `settings.k_docs` documents, best first, re-ranked by the self-check when it is on.
+        `question` is used as is."""
+        timings: dict[str, float] = {}
+        notices: list[str] = []
+        start = time.perf_counter()
+        # The one place the beam is sized: wide enough for every document read or self-checked.
+        search = search_docids(self.model, self.tokenizer, question, self.trie, settings.search_width,
+                               settings.documents_searched, rescore=self.document_match)
+        timings["retrieve"] = (time.perf_counter() - start) * 1000
+        ranked = [(beam.doc_id, beam.score) for beam in search.beams]
+        rows: list[SelfCheckRow] = []
+        if settings.self_check and ranked:
+            start = time.perf_counter()
+            rows = rerank(ranked, self._question_likelihood(question, [d for d, _ in ranked]),
+                          settings.self_check_weight)
+            timings["self_check"] = (time.perf_counter() - start) * 1000
+            ranked = [(row.doc_id, row.score) for row in rows]
+            how = "read the question after its cached reading of" if self.passage_cache is not None else "re-read"
+            notices.append(f"Self-check: the base LLM {how} the top {len(search.beams)} documents; they are "
+                           f"ranked by search score + {settings.self_check_weight:g} × the question's mean "
+                           "log-probability after each.")
+        docids = {beam.doc_id: beam.docid for beam in search.beams}
+        docs = []
+        for doc_id, score in ranked[: settings.k_docs]:
+            passage = self.corpus[doc_id]
+            docs.append(RetrievedDoc(passage.id, passage.title, passage.text, score, docids[doc_id]))
+        if not docs:
+            notices.append("No document was retrieved (empty docid tree).")
+        return Retrieval(docs, search, [doc_id for doc_id, _ in ranked], rows, timings, notices)
+
+    def _question_likelihood(self, question: str, doc_ids: Sequence[str]) -> list[float]:
+        if self.passage_cache is not None:
+            return self.passage_cache.question_likelihood(self.model, question, list(doc_ids))
+        passages = [(d, self.corpus[d].title, self.corpus[d].text) for d in doc_ids]
+        return question_likelihood(self.model, self.tokenizer, question, passages)
+
+    def documents(self, doc_ids: Sequence[str], scores: Sequence[float] | None = None) -> list[RetrievedDoc]:
+        """The corpus's documents as `RetrievedDoc`s with their docids in this tree, for `read` (e.g. the gold
+        passage, or another retriever's top k with its scores; 0 without)."""
+        scores = list(scores) if scores is not None else [0.0] * len(doc_ids)
+        docs = []
+        for doc_id, score in zip(doc_ids, scores, strict=True):
+            passage = self.corpus[doc_id]
+            docid = None
+            if hasattr(self.trie, "docid"):
+                try:
+                    docid = tuple(self.trie.docid(doc_id))
+                except (KeyError, UniragError):
+                    docid = None
+            docs.append(RetrievedDoc(passage.id, passage.title, passage.text, score, docid))
+        return docs
+
+    def read(self, question: str, docs: Sequence[RetrievedDoc], settings: InferenceSettings,
+             retrieval: Retrieval | None = None) -> Answer:
+        """Answer `question` (used as is) from `docs`: this system's retrieval, or any caller's documents (the
+        gold passage, another retriever's top k). `retrieval` fills the search's part of the trace; without it
+        the retrieval time is 0."""
+        base = settings.joint_reader == "base"
+        # Until stage 2 (its LoRA) has adapted the LLM to the pathway's residual, read with the pathway off: the
+        # reader is then exactly the base LLM. "base": adapter, pathway and bridge off, the weights the dense RAG
+        # baseline reads with (same prompt text plus the <generates_token> marker).
+        pathway = False if base else self.model.reader_trained
+        timings = dict(retrieval.timings) if retrieval is not None else {"retrieve": 0.0}
+        notices = list(retrieval.notices) if retrieval is not None else []
+        start = time.perf_counter()
+        generation = answer_with_docs(
+            self.model, self.tokenizer, question, [(d.doc_id, d.title, d.text) for d in docs],
+            max_new_tokens=settings.max_new_tokens, output_attentions=self.traces, pathway=pathway, bridge=pathway,
+            adapter=not base,
+        )
+        timings["generate"] = (time.perf_counter() - start) * 1000
+        if base:
+            notices.append("Read by the base LLM (the stage-2 adapter, pathway and bridge are off while answering): "
+                           "the weights the dense RAG baseline reads with.")
+        trace = Trace(answer_attention=generation.attention, stop_reason=generation.stop_reason)
+        ranking: list[str] = []
+        if retrieval is not None:
+            trace.beams = [beam.to_dict() for beam in retrieval.search.finished]
+            trace.paths = retrieval.paths
+            trace.retrieval_attention = retrieval.search.attention
+            trace.retrieval_prompt_tokens = retrieval.search.prompt_tokens
+            trace.self_check = list(retrieval.self_check)
+            ranking = retrieval.ranking
+        return Answer(
+            system=self.name,
+            question=question,
+            text=generation.text,
+            docs=list(docs),
+            prompt_tokens=generation.prompt_tokens,
+            context_tokens=generation.context_tokens,
+            answer_tokens=generation.answer_tokens,
+            timings_ms=timings,
+            notices=notices,
+            trace=trace,
+            ranked_doc_ids=ranking if len(ranking) > len(docs) else [],
+        )
+
+    def answer(self, question: str, settings: InferenceSettings | None = None) -> Answer:
+        """Clean the question once, retrieve, read. settings None: the library defaults."""
+        settings = InferenceSettings() if settings is None else settings
+        text, notices = prepare_question(question)
+        retrieval = self.retrieve(text, settings)
+        answer = self.read(text, retrieval.docs, settings, retrieval)
+        answer.notices[:0] = notices
+        return answer
+
+
+__all__ = ["JointSystem", "Retrieval"]
