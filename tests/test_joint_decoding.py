@@ -13,18 +13,17 @@ from unirag.answer import Answer
 from unirag.backbones import load_llm
 from unirag.data import MAX_QUESTION_CHARS, Corpus, Passage
 from unirag.errors import UniragError
-from unirag.joint.decoding import (
-    SELF_CHECK_PROMPT,
-    SELF_CHECK_WEIGHT,
-    JointSystem,
-    answer_prompt,
-    answer_with_docs,
-    generate_docids,
-    question_likelihood,
-    retrieval_prompt,
-    search_docids,
-)
-from unirag.joint.modeling import JointConfig, JointModel
+from unirag.joint import system as system_module
+from unirag.joint.config import JointConfig
+from unirag.joint.modeling import JointModel
+from unirag.joint.prompts import SELF_CHECK_PROMPT, answer_prompt, retrieval_prompt
+from unirag.joint.reader import answer_with_docs
+from unirag.joint.search import search_docids
+from unirag.joint.selfcheck import question_likelihood, rerank
+from unirag.joint.system import JointSystem
+from unirag.settings import InferenceSettings
+
+SELF_CHECK_WEIGHT = InferenceSettings().self_check_weight  # the library default
 
 # docid → document id. Depths differ on purpose (a leaf at level 2 next to leaves at level 3).
 DOCIDS = {
@@ -99,7 +98,7 @@ def test_beam_search_finds_the_exact_top_documents(joint):
     trie = FakeTrie(DOCIDS)
     question = "who wrote it?"
     exact = sorted(((brute_force_logprob(joint, question, trie, d), name) for d, name in DOCIDS.items()), reverse=True)
-    beams = generate_docids(joint, joint.tokenizer, question, trie, beam_width=len(DOCIDS), num_return=3)
+    beams = search_docids(joint, joint.tokenizer, question, trie, beam_width=len(DOCIDS), num_return=3).beams
     assert [b.doc_id for b in beams] == [name for _, name in exact[:3]]
     for beam, (logprob, _) in zip(beams, exact[:3], strict=True):
         assert beam.logprob == pytest.approx(logprob, abs=1e-4)
@@ -110,7 +109,7 @@ def test_beam_search_finds_the_exact_top_documents(joint):
 
 def test_beam_levels_trace(joint):
     trie = FakeTrie(DOCIDS)
-    beams = generate_docids(joint, joint.tokenizer, "what year?", trie, beam_width=4, num_return=4)
+    beams = search_docids(joint, joint.tokenizer, "what year?", trie, beam_width=4, num_return=4).beams
     assert len({b.doc_id for b in beams}) == len(beams) >= 2
     for beam in beams:
         assert beam.doc_id == trie.doc_id(beam.docid)
@@ -129,7 +128,7 @@ def test_beam_levels_trace(joint):
 @pytest.mark.parametrize("beam_width", [1, 2, 50])
 def test_beam_widths(joint, beam_width):
     trie = FakeTrie(DOCIDS)
-    beams = generate_docids(joint, joint.tokenizer, "where?", trie, beam_width=beam_width, num_return=10)
+    beams = search_docids(joint, joint.tokenizer, "where?", trie, beam_width=beam_width, num_return=10).beams
     assert 1 <= len(beams) <= len(DOCIDS)
     if beam_width == 50:  # wider than the corpus: every document, once
         assert sorted(b.doc_id for b in beams) == sorted(DOCIDS.values())
@@ -139,24 +138,24 @@ def test_beam_widths(joint, beam_width):
 
 def test_distinct_documents_when_docids_share_a_document(joint):
     trie = FakeTrie({(0, 0): "dup", (0, 1): "dup", (1, 0): "other"})
-    beams = generate_docids(joint, joint.tokenizer, "q?", trie, beam_width=5, num_return=3)
+    beams = search_docids(joint, joint.tokenizer, "q?", trie, beam_width=5, num_return=3).beams
     assert sorted(b.doc_id for b in beams) == ["dup", "other"]
 
 
 def test_empty_and_too_deep_tries(joint):
-    assert generate_docids(joint, joint.tokenizer, "q?", FakeTrie({}), beam_width=3) == []
+    assert search_docids(joint, joint.tokenizer, "q?", FakeTrie({}), beam_width=3).beams == []
     with pytest.raises(UniragError, match="deeper"):
-        generate_docids(joint, joint.tokenizer, "q?", FakeTrie({(0, 0, 0, 0): "x"}), beam_width=3)
+        search_docids(joint, joint.tokenizer, "q?", FakeTrie({(0, 0, 0, 0): "x"}), beam_width=3).beams
     with pytest.raises(UniragError):
-        generate_docids(joint, joint.tokenizer, "q?", FakeTrie({(9,): "x"}), beam_width=3)  # symbol ≥ K
+        search_docids(joint, joint.tokenizer, "q?", FakeTrie({(9,): "x"}), beam_width=3).beams  # symbol ≥ K
 
 
 def test_retrieval_attention_covers_question_tokens(joint):
     search = search_docids(joint, joint.tokenizer, "who is it", FakeTrie(DOCIDS), beam_width=3, num_return=2)
     att = search.attention
-    assert "".join(att["tokens"]) == "who is it"  # char tokenizer: one token per character
-    assert len(att["weights"]) == len(att["tokens"])
-    assert all(w >= 0 for w in att["weights"]) and 0 < sum(att["weights"]) <= 1 + 1e-5
+    assert "".join(att.tokens) == "who is it"  # char tokenizer: one token per character
+    assert len(att.weights) == len(att.tokens)
+    assert all(w >= 0 for w in att.weights) and 0 < sum(att.weights) <= 1 + 1e-5
     assert len(search.finished) >= len(search.beams)
 
 
@@ -180,11 +179,11 @@ def test_answer_with_docs(joint, bridge):
     gen = answer_with_docs(joint, joint.tokenizer, "why?", passages, max_new_tokens=6, bridge=bridge)
     att = gen.attention
     assert gen.answer_tokens == len(gen.token_ids) <= 6
-    assert gen.context_tokens == len(att["context_tokens"]) == len("T1: alpha beta\nT2: gamma delta")
-    assert len(att["weights"]) == len(att["answer_tokens"]) == gen.answer_tokens
-    assert all(len(row) == gen.context_tokens for row in att["weights"])
-    assert att["doc_spans"] == [[0, 14], [15, 30]]
-    assert att["source"] == ("bridge" if bridge else "base_last_3_layers")
+    assert gen.context_tokens == len(att.context_tokens) == len("T1: alpha beta\nT2: gamma delta")
+    assert len(att.weights) == len(att.answer_tokens) == gen.answer_tokens
+    assert all(len(row) == gen.context_tokens for row in att.weights)
+    assert att.doc_spans == [[0, 14], [15, 30]]
+    assert att.source == ("bridge" if bridge else "base_last_3_layers")
     assert gen.stop_reason in ("eos", "newline", "max_new_tokens")
     assert "\n" not in gen.text
 
@@ -196,12 +195,12 @@ def test_answer_without_chat_template(tiny_llm_dirs):
     assert model.tokenizer.decode(prompt.ids[:-1]) == "Q: why?\nT: x y\nA:"
     gen = answer_with_docs(model, model.tokenizer, "why?", [("d1", "T", "x y")], max_new_tokens=3,
                            output_attentions=False)
-    assert gen.attention["weights"] == [] and gen.prompt_tokens == len(prompt.ids)
+    assert gen.attention.weights == [] and gen.prompt_tokens == len(prompt.ids)
 
 
 def test_joint_system_answer(joint):
     system = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS))
-    answer = system.answer("  who   wrote it? ", k_docs=2, beam_width=4, max_new_tokens=4)
+    answer = system.answer("  who   wrote it? ", InferenceSettings(k_docs=2, beam_width=4, max_new_tokens=4))
     assert isinstance(answer, Answer) and answer.system == "joint"
     assert answer.question == "who wrote it?"
     assert 1 <= len(answer.docs) <= 2 and len(set(answer.doc_ids)) == len(answer.docs)
@@ -209,8 +208,9 @@ def test_joint_system_answer(joint):
         assert doc.docid is not None and DOCIDS[doc.docid] == doc.doc_id and doc.score <= 0
         assert doc.text == CORPUS[doc.doc_id].text
     assert set(answer.timings_ms) == {"retrieve", "generate"}
-    assert {"beams", "paths", "retrieval_attention", "answer_attention"} <= set(answer.traces)
-    assert len(answer.traces["paths"]) == len(answer.docs)
+    trace = answer.trace
+    assert trace.beams and trace.retrieval_attention.tokens and trace.answer_attention.context_tokens
+    assert len(trace.paths) == len(answer.docs)
     assert answer.prompt_tokens > answer.context_tokens > 0
     record = answer.to_record()  # JSON-safe summary works
     assert record["latency_ms"] >= 0
@@ -218,14 +218,15 @@ def test_joint_system_answer(joint):
 
 def test_joint_system_gold_and_input_checks(joint):
     system = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS))
-    gold = system.answer("who?", gold_doc_id="d4", max_new_tokens=2)
+    # Forcing documents (the gold passage here) is `read` with the caller's documents: retrieval skipped.
+    gold = system.read("who?", system.documents(["d4"]), InferenceSettings(max_new_tokens=2))
     assert gold.doc_ids == ["d4"] and gold.docs[0].docid == (1, 2, 3)
-    assert any("Gold" in n for n in gold.notices)
+    assert gold.timings_ms["retrieve"] == 0.0 and not gold.trace.beams and not gold.trace.paths
     with pytest.raises(UniragError):
         system.answer("   ")
     with pytest.raises(UniragError):
-        system.answer("who?", gold_doc_id="missing")
-    long = system.answer("x" * (MAX_QUESTION_CHARS + 50), k_docs=1, beam_width=2, max_new_tokens=1)
+        system.documents(["missing"])
+    long = system.answer("x" * (MAX_QUESTION_CHARS + 50), InferenceSettings(k_docs=1, beam_width=2, max_new_tokens=1))
     assert len(long.question) == MAX_QUESTION_CHARS and any("truncated" in n for n in long.notices)
 
 
@@ -238,7 +239,7 @@ def test_joint_system_from_checkpoint(joint, tmp_path):
     tree = DocidTree(names, [by_name[n] for n in names], TreeConfig(), CORPUS.fingerprint)
     ckpt = joint.save_pretrained(tmp_path / "ckpt", tree=tree)
     system = JointSystem.from_checkpoint(ckpt, CORPUS)
-    answer = system.answer("who?", k_docs=2, beam_width=3, max_new_tokens=2)
+    answer = system.answer("who?", InferenceSettings(k_docs=2, beam_width=3, max_new_tokens=2))
     assert answer.docs and all(d.doc_id in names for d in answer.docs)
     other = Corpus([Passage("x", "", "other corpus")], source="other")
     with pytest.raises(FingerprintMismatchError):
@@ -246,6 +247,8 @@ def test_joint_system_from_checkpoint(joint, tmp_path):
     (ckpt / "docid_tree.json").unlink()
     with pytest.raises(UniragError, match="docid tree"):
         JointSystem.from_checkpoint(ckpt, CORPUS)
+    with pytest.raises(UniragError, match="The checkpoint folder .*nowhere does not exist"):
+        JointSystem.from_checkpoint(tmp_path / "nowhere", CORPUS)
 
 
 # ----------------------------------------------------------------------------- semantic docid scores
@@ -287,8 +290,8 @@ def test_semantic_scores_enter_the_beam_search_exactly(semantic_joint):
     question = "which river is longest?"
     exact = sorted(((brute_force_semantic_logprob(semantic_joint, question, trie, d), name)
                     for d, name in DOCIDS.items()), reverse=True)
-    beams = generate_docids(semantic_joint, semantic_joint.tokenizer, question, trie, beam_width=len(DOCIDS),
-                            num_return=3, rescore=False)
+    beams = search_docids(semantic_joint, semantic_joint.tokenizer, question, trie, beam_width=len(DOCIDS),
+                            num_return=3, rescore=False).beams
     assert [b.doc_id for b in beams] == [name for _, name in exact[:3]]
     for beam, (logprob, _) in zip(beams, exact[:3], strict=True):
         assert beam.logprob == pytest.approx(logprob, abs=1e-4)
@@ -305,7 +308,7 @@ def test_rescored_ranking_is_exact(semantic_joint, num_return):
         exact = sorted(((brute_force_semantic_logprob(model, question, trie, d)
                          + brute_force_document_match(model, question, trie, d), name)
                         for d, name in DOCIDS.items()), reverse=True)
-        beams = generate_docids(model, model.tokenizer, question, trie, beam_width=len(DOCIDS), num_return=num_return)
+        beams = search_docids(model, model.tokenizer, question, trie, beam_width=len(DOCIDS), num_return=num_return).beams
         assert [b.doc_id for b in beams] == [name for _, name in exact[:num_return]]
         for beam, (score, _) in zip(beams, exact, strict=False):
             assert beam.score == pytest.approx(score, abs=1e-4)
@@ -333,7 +336,7 @@ def test_semantic_node_embeddings_steer_retrieval(semantic_joint):
             for row, prefix in enumerate(tree_prefixes(trie)):
                 on_path = target[: len(prefix)] == prefix
                 table[row] = query if on_path else -query
-        beams = generate_docids(model, model.tokenizer, question, trie, beam_width=4, num_return=1)
+        beams = search_docids(model, model.tokenizer, question, trie, beam_width=4, num_return=1).beams
         assert beams[0].doc_id == "d4"
     finally:
         with torch.no_grad():
@@ -347,7 +350,7 @@ def test_semantic_checkpoint_roundtrip_and_wrong_tree(semantic_joint, tmp_path):
     assert torch.equal(loaded.semantic.node_embed.weight.half(), semantic_joint.semantic.node_embed.weight.half())
     smaller = FakeTrie({d: n for d, n in DOCIDS.items() if n != "d6"})
     with pytest.raises(UniragError, match="semantic node table"):
-        generate_docids(loaded, loaded.tokenizer, "q?", smaller, beam_width=3, num_return=1)
+        search_docids(loaded, loaded.tokenizer, "q?", smaller, beam_width=3, num_return=1).beams
 
 
 def test_init_semantic_nodes_uses_centroids(semantic_joint):
@@ -383,19 +386,18 @@ def test_base_reader_reads_with_the_base_llm(tiny_llm_dirs):
     assert adapted.reader_trained
     trie = FakeTrie(DOCIDS)
     question = "who wrote it?"
-    base_side = JointSystem(plain, plain.tokenizer, CORPUS, trie, reader_pathway=False)
-    as_base = JointSystem(adapted, adapted.tokenizer, CORPUS, trie, base_reader=True)
-    trained = JointSystem(adapted, adapted.tokenizer, CORPUS, trie)
-    expected = base_side.answer(question, k_docs=2, beam_width=4, max_new_tokens=6)
-    got = as_base.answer(question, k_docs=2, beam_width=4, max_new_tokens=6)
+    base_side = JointSystem(plain, plain.tokenizer, CORPUS, trie)  # no adapter: reads with the pathway off
+    system = JointSystem(adapted, adapted.tokenizer, CORPUS, trie)
+    settings = InferenceSettings(k_docs=2, beam_width=4, max_new_tokens=6)
+    expected = base_side.answer(question, settings)
+    got = system.answer(question, settings.replace(joint_reader="base"))
     assert got.doc_ids == expected.doc_ids and got.text == expected.text
-    assert trained.reader_pathway is True
-    # The reader can also be chosen per call (the app's "Joint reader" setting), either way round.
-    per_call = trained.answer(question, k_docs=2, beam_width=4, max_new_tokens=6, base_reader=True)
-    assert per_call.doc_ids == expected.doc_ids and per_call.text == expected.text
-    own = trained.answer(question, k_docs=2, beam_width=4, max_new_tokens=6)
-    back = as_base.answer(question, k_docs=2, beam_width=4, max_new_tokens=6, base_reader=False)
+    assert adapted.reader_trained is True
+    # The reader is chosen per call (the app's "Joint reader" setting), either way round.
+    own = system.answer(question, settings)
+    back = system.answer(question, settings.replace(joint_reader="trained"))
     assert back.text == own.text and back.doc_ids == own.doc_ids
+    assert any("Read by the base LLM" in n for n in got.notices) and not any("base LLM" in n for n in own.notices)
     passages = [(d.doc_id, d.title, d.text) for d in got.docs]
     ids = torch.tensor([answer_prompt(adapted, adapted.tokenizer, question, passages).ids])
     with torch.no_grad():
@@ -439,133 +441,80 @@ def test_question_likelihood_is_the_base_llms_and_exact_under_padding(tiny_llm_d
 
 
 def test_self_check_reranks_the_search_candidates(joint, monkeypatch):
-    import unirag.joint.decoding as decoding
-
     system = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS))
-    plain = system.answer("who wrote it?", k_docs=4, beam_width=6, max_new_tokens=2)
-    assert "self_check" not in plain.timings_ms and "self_check" not in plain.traces
+    plain = system.answer("who wrote it?", InferenceSettings(k_docs=3, beam_width=6, max_new_tokens=2, self_check=0))
+    assert "self_check" not in plain.timings_ms and not plain.trace.self_check
+    order = system.retrieve("who wrote it?", InferenceSettings(k_docs=3, beam_width=6, self_check=4)).search.beams
+    order = [beam.doc_id for beam in order]
+    assert order[:3] == plain.doc_ids
     # A likelihood that strongly prefers the search's last candidate and dislikes its first.
-    order = plain.doc_ids
     fake = {doc: 10.0 * i for i, doc in enumerate(order)}
-    monkeypatch.setattr(decoding, "question_likelihood", lambda m, t, q, ps: [fake[p[0]] for p in ps])
-    checked = system.answer("who wrote it?", k_docs=2, beam_width=6, max_new_tokens=2, self_check=4)
+    monkeypatch.setattr(system_module, "question_likelihood", lambda m, t, q, ps: [fake[p[0]] for p in ps])
+    settings = InferenceSettings(k_docs=2, beam_width=6, max_new_tokens=2, self_check=4)
+    checked = system.answer("who wrote it?", settings)
     assert checked.doc_ids == [order[3], order[2]]
-    trace = checked.traces["self_check"]
-    assert [t["doc_id"] for t in trace] == order[::-1] and [t["search_rank"] for t in trace] == [4, 3, 2, 1]
+    trace = checked.trace.self_check
+    assert [t.doc_id for t in trace] == order[::-1] and [t.search_rank for t in trace] == [4, 3, 2, 1]
     for t, doc in zip(trace, checked.docs, strict=False):
-        assert t["score"] == pytest.approx(t["search_score"] + SELF_CHECK_WEIGHT * t["question_logprob"])
-        assert doc.score == pytest.approx(t["score"])
-    assert [DOCIDS[tuple(p[-1]["prefix"]) + (p[-1]["chosen"],)] for p in checked.traces["paths"]] == checked.doc_ids
+        assert t.score == pytest.approx(t.search_score + SELF_CHECK_WEIGHT * t.question_logprob)
+        assert doc.score == pytest.approx(t.score)
+    assert [DOCIDS[tuple(p[-1]["prefix"]) + (p[-1]["chosen"],)] for p in checked.trace.paths] == checked.doc_ids
     assert "self_check" in checked.timings_ms and any("Self-check" in n for n in checked.notices)
-    # The system-wide setting is the default of the per-call one; 0 switches it off again.
-    by_default = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS), self_check=4)
-    assert by_default.answer("who wrote it?", k_docs=2, beam_width=6, max_new_tokens=2).doc_ids == checked.doc_ids
-    off = by_default.answer("who wrote it?", k_docs=2, beam_width=6, max_new_tokens=2, self_check=0)
+    assert checked.ranked_doc_ids == order[::-1]  # the whole self-checked ranking, for R@3
+    # 0 switches it off again.
+    off = system.answer("who wrote it?", settings.replace(self_check=0))
     assert off.doc_ids == order[:2]
 
 
 def test_self_check_weight_sets_the_mix(joint, monkeypatch):
-    import unirag.joint.decoding as decoding
-
-    order = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS)).answer(
-        "who wrote it?", k_docs=4, beam_width=6, max_new_tokens=2).doc_ids
+    system = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS))
+    order = [b.doc_id for b in system.retrieve("who wrote it?", InferenceSettings(k_docs=3, beam_width=6,
+                                                                                   self_check=4)).search.beams]
     fake = {doc: 10.0 * i for i, doc in enumerate(order)}  # prefers the search's last candidate
-    monkeypatch.setattr(decoding, "question_likelihood", lambda m, t, q, ps: [fake[p[0]] for p in ps])
+    monkeypatch.setattr(system_module, "question_likelihood", lambda m, t, q, ps: [fake[p[0]] for p in ps])
     for weight, expected in ((1e-9, order[:2]), (1000.0, [order[3], order[2]])):
-        system = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS), self_check=4, self_check_weight=weight)
-        answer = system.answer("who wrote it?", k_docs=2, beam_width=6, max_new_tokens=2)
+        settings = InferenceSettings(k_docs=2, beam_width=6, max_new_tokens=2, self_check=4, self_check_weight=weight)
+        answer = system.answer("who wrote it?", settings)
         assert answer.doc_ids == expected
-        for t in answer.traces["self_check"]:
-            assert t["score"] == pytest.approx(t["search_score"] + weight * t["question_logprob"])
+        for t in answer.trace.self_check:
+            assert t.score == pytest.approx(t.search_score + weight * t.question_logprob)
         assert any(f"{weight:g} ×" in n for n in answer.notices)
 
 
-@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), 1e7, True, "4"])
-def test_self_check_rejects_bad_weights(joint, bad):
-    with pytest.raises(UniragError, match="self_check_weight"):
-        JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS), self_check=3, self_check_weight=bad)
+def test_rerank_adds_the_weighted_likelihood_and_keeps_the_search_order_on_ties():
+    rows = rerank([("a", -1.0), ("b", -2.0), ("c", -2.0)], [-3.0, -1.0, -1.0], 2.0)
+    assert [r.doc_id for r in rows] == ["b", "c", "a"]  # b and c tie: the search's order
+    assert [r.search_rank for r in rows] == [2, 3, 1]
+    assert [r.score for r in rows] == [-4.0, -4.0, -7.0]
+    assert rerank([], [], 4.0) == []
 
 
-@pytest.mark.parametrize("bad", [1, -1, 33])
-def test_self_check_rejects_bad_sizes(joint, bad):
-    with pytest.raises(UniragError, match="self_check"):
-        JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS), self_check=bad)
+def test_retrieve_sizes_the_search_from_the_settings(joint, monkeypatch):
     system = JointSystem(joint, joint.tokenizer, CORPUS, FakeTrie(DOCIDS))
-    with pytest.raises(UniragError, match="self_check"):
-        system.answer("who?", self_check=bad)
+    calls = []
+    real = system_module.search_docids
+
+    def spy(*args, **kwargs):
+        calls.append(args[4:6])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(system_module, "search_docids", spy)
+    monkeypatch.setattr(system_module, "question_likelihood", lambda m, t, q, ps: [0.0] * len(ps))
+    settings = InferenceSettings(k_docs=2, beam_width=3, self_check=5)
+    retrieval = system.retrieve("who?", settings)
+    assert calls == [(settings.search_width, settings.documents_searched)] == [(5, 5)]
+    assert len(retrieval.docs) == 2 and len(retrieval.self_check) == len(retrieval.search.beams)
+    assert set(retrieval.timings) == {"retrieve", "self_check"}
+    assert [b.doc_id for b in retrieval.beams] == [d.doc_id for d in retrieval.docs]
 
 
-# --------------------------------------------------------------------------------------------- recommended settings
-
-
-def test_recommended_settings_round_trip_and_app_values(tmp_path):
-    from unirag.joint.decoding import RecommendedSettings
-
-    assert RecommendedSettings.load(tmp_path) is None  # a checkpoint may ship none
-    rec = RecommendedSettings(k_docs=1, beam_width=32, self_check=32, self_check_weight=16.0, chosen_on="held-out")
-    rec.save(tmp_path)
-    assert RecommendedSettings.load(tmp_path) == rec
-    assert rec.app_settings(has_passage_cache=True) == {"k_docs": 1, "beam_width": 32, "self_check": 32,
-                                                        "self_check_weight": 16.0, "joint_reader": "trained"}
-    # Without the cache a 32-document self-check re-reads 32 passages in full: off, and the beam back to 10.
-    assert rec.app_settings(has_passage_cache=False) == {"k_docs": 1, "beam_width": 10, "self_check": 0,
-                                                         "self_check_weight": 16.0, "joint_reader": "trained"}
-    assert RecommendedSettings(beam_width=4).app_settings(False)["beam_width"] == 4
-    assert RecommendedSettings.load(tmp_path, precision="fp32") == rec  # one setting for every precision
-
-
-def test_recommended_settings_per_precision(tmp_path):
-    from unirag.joint.decoding import RECOMMENDED_FILE, RecommendedSettings
-
-    (tmp_path / RECOMMENDED_FILE).write_text(json.dumps({
-        "4bit": {"beam_width": 32, "self_check": 20, "chosen_on": "held-out"},
-        "fp32": {"beam_width": 32, "self_check": 20, "joint_reader": "base", "chosen_on": "held-out"}}))
-    assert RecommendedSettings.load(tmp_path, precision="4bit").joint_reader == "trained"
-    fp32 = RecommendedSettings.load(tmp_path, precision="fp32")
-    assert fp32.joint_reader == "base" and fp32.app_settings(True)["joint_reader"] == "base"
-    with pytest.raises(UniragError, match="say which precision"):
-        RecommendedSettings.load(tmp_path)
-    with pytest.raises(UniragError, match="Unknown precision"):
-        RecommendedSettings.load(tmp_path, precision="int8")
-    (tmp_path / RECOMMENDED_FILE).write_text(json.dumps({"4bit": {"k_docs": 1}}))
-    assert RecommendedSettings.load(tmp_path, precision="fp32") is None  # nothing measured for fp32
-
-
-@pytest.mark.parametrize("text, match", [
-    ('{"k_docs": 4}', "k_docs"),
-    ('{"k_docs": true}', "k_docs"),
-    ('{"beam_width": 0}', "beam_width"),
-    ('{"self_check": 1, "beam_width": 10}', "self_check"),
-    ('{"self_check": 2.5}', "self_check"),
-    ('{"self_check_weight": 0}', "self_check_weight"),
-    ('{"self_check": 12, "beam_width": 10}', "cannot exceed beam_width"),
-    ('{"beam": 10}', "unknown setting"),
-    ('{"joint_reader": "lora"}', "joint_reader"),
-    ('{"4bit": {"k_docs": 1}, "gpu": {}}', "unknown key"),
-    ('{"4bit": [1]}', "must be a JSON object"),
-    ('{"4bit": {"beam": 3}}', "unknown setting"),
-    ('[1, 2]', "JSON object"),
-    ('{not json', "readable JSON"),
-])
-def test_recommended_settings_bad_files_are_clear_errors(tmp_path, text, match):
-    from unirag.joint.decoding import RECOMMENDED_FILE, RecommendedSettings
-
-    (tmp_path / RECOMMENDED_FILE).write_text(text)
-    with pytest.raises(UniragError, match=match):
-        RecommendedSettings.load(tmp_path, precision="4bit")
-
-
-def test_shipped_checkpoints_recommend_valid_settings():
-    from pathlib import Path
-
-    from unirag.joint.decoding import RecommendedSettings
-
-    root = Path(__file__).resolve().parent.parent / "checkpoints"
-    shipped = sorted(p for p in root.glob("*-smollm2") if (p / "joint_config.json").is_file())
-    if not shipped:
-        pytest.skip("no shipped checkpoints in this checkout")
-    for ckpt in shipped:
-        for precision in ("4bit", "fp32"):
-            rec = RecommendedSettings.load(ckpt, precision=precision)
-            assert rec is not None and rec.chosen_on, f"{ckpt.name} ships no recommended {precision} setting"
-            assert "held-out" in rec.chosen_on  # chosen on held-out train questions, never on dev
+def test_document_match_off_ranks_by_path_logprob_alone(semantic_joint):
+    trie = FakeTrie(DOCIDS)
+    settings = InferenceSettings(k_docs=3, beam_width=len(DOCIDS))
+    for document_match in (True, False):
+        system = JointSystem(semantic_joint, semantic_joint.tokenizer, CORPUS, trie, document_match=document_match)
+        search = search_docids(semantic_joint, semantic_joint.tokenizer, "which river?", trie, len(DOCIDS), 3,
+                               rescore=document_match)
+        retrieval = system.retrieve("which river?", settings)
+        assert [d.doc_id for d in retrieval.docs] == [b.doc_id for b in search.beams]
+        assert [d.score for d in retrieval.docs] == [b.score for b in search.beams]
