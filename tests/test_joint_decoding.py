@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -145,9 +144,9 @@ def test_distinct_documents_when_docids_share_a_document(joint):
 def test_empty_and_too_deep_tries(joint):
     assert search_docids(joint, joint.tokenizer, "q?", FakeTrie({}), beam_width=3).beams == []
     with pytest.raises(UniragError, match="deeper"):
-        search_docids(joint, joint.tokenizer, "q?", FakeTrie({(0, 0, 0, 0): "x"}), beam_width=3).beams
+        search_docids(joint, joint.tokenizer, "q?", FakeTrie({(0, 0, 0, 0): "x"}), beam_width=3)
     with pytest.raises(UniragError):
-        search_docids(joint, joint.tokenizer, "q?", FakeTrie({(9,): "x"}), beam_width=3).beams  # symbol ≥ K
+        search_docids(joint, joint.tokenizer, "q?", FakeTrie({(9,): "x"}), beam_width=3)  # symbol ≥ K
 
 
 def test_retrieval_attention_covers_question_tokens(joint):
@@ -308,7 +307,8 @@ def test_rescored_ranking_is_exact(semantic_joint, num_return):
         exact = sorted(((brute_force_semantic_logprob(model, question, trie, d)
                          + brute_force_document_match(model, question, trie, d), name)
                         for d, name in DOCIDS.items()), reverse=True)
-        beams = search_docids(model, model.tokenizer, question, trie, beam_width=len(DOCIDS), num_return=num_return).beams
+        beams = search_docids(model, model.tokenizer, question, trie, beam_width=len(DOCIDS),
+                              num_return=num_return).beams
         assert [b.doc_id for b in beams] == [name for _, name in exact[:num_return]]
         for beam, (score, _) in zip(beams, exact, strict=False):
             assert beam.score == pytest.approx(score, abs=1e-4)

@@ -10,7 +10,9 @@ import torch
 
 from unirag.backbones import load_llm
 from unirag.errors import FingerprintMismatchError, UniragError
-from unirag.joint.modeling import CONFIG_FILE, WEIGHTS_FILE, JointConfig, JointModel, JointOutput, load_lora_reader
+from unirag.joint.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_lora_reader
+from unirag.joint.config import JointConfig
+from unirag.joint.modeling import JointModel, JointOutput
 
 KINDS = ["llama", "qwen2", "qwen3"]
 
@@ -135,14 +137,38 @@ def test_config_validation_and_json_roundtrip(tiny_llm_dirs):
     assert again == cfg
 
 
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("retrieval_heads", "4", "a whole number"),
+    ("docid_levels", True, "a whole number"),
+    ("pathway_layers", [1, "2"], "a whole number or a list of layer indices"),
+    ("base_model", 3, "a string or null"),
+    ("adapter_in_reading", "yes", "true or false"),
+    ("lora", [], "an object or null"),
+])
+def test_config_from_dict_checks_types_and_names_the_file(key, value, expected):
+    data = {**JointConfig(docid_levels=3, docid_branching=8).to_dict(), key: value}
+    with pytest.raises(UniragError, match=rf"ckpt/joint_config.json: '{key}' must be {expected}, got"):
+        JointConfig.from_dict(data, source="ckpt/joint_config.json")
+    with pytest.raises(UniragError, match="docid_branching missing"):
+        JointConfig.from_dict({"docid_levels": 3})
+
+
+def test_a_mistyped_checkpoint_config_is_a_clear_error(tiny_llm_dirs, tmp_path):
+    ckpt = make_joint(tiny_llm_dirs["llama"]).save_pretrained(tmp_path / "ckpt")
+    meta = json.loads((ckpt / CONFIG_FILE).read_text())
+    meta["config"]["retrieval_heads"] = "4"  # a hand-edited file: a TypeError deep in the model before
+    (ckpt / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(UniragError, match=r"Invalid joint config in .*joint_config.json: 'retrieval_heads' must be "
+                                          r"a whole number, got '4' \(str\)"):
+        JointModel.from_pretrained(ckpt)
+
+
 @pytest.mark.parametrize(("requested", "expected"), [(1, 2), (2, 2), (3, 4), (4, 4), (5, 6)])
 def test_gqa_head_rounding(tiny_llm_dirs, requested, expected):
     model = make_joint(tiny_llm_dirs["llama"], retrieval_heads=requested)  # 2 KV heads
     assert model.num_retrieval_heads == expected
     pw = model.pathways["2"]
     assert pw.r_q_proj.out_features == expected * 16
-    # SmolLM2 arithmetic: 4 heads over 3 KV heads → 6.
-    assert math.ceil(4 / 3) * 3 == 6
 
 
 def test_query_warm_start_follows_gqa_groups(tiny_llm_dirs):
@@ -416,7 +442,7 @@ def test_corrupt_and_incomplete_checkpoints(tiny_llm_dirs, tmp_path):
     (good / CONFIG_FILE).unlink()
     with pytest.raises(UniragError, match=CONFIG_FILE):
         JointModel.from_pretrained(good)
-    with pytest.raises(UniragError, match="does not exist"):
+    with pytest.raises(UniragError, match="The checkpoint folder .*nowhere does not exist"):
         JointModel.from_pretrained(tmp_path / "nowhere")
 
 

@@ -9,8 +9,10 @@ from test_joint_decoding import CORPUS, DOCIDS, FakeTrie, _build
 
 from unirag.data import Corpus, Passage
 from unirag.errors import UniragError
-from unirag.joint.decoding import JointSystem, question_likelihood
 from unirag.joint.passage_cache import PassageCache
+from unirag.joint.selfcheck import question_likelihood
+from unirag.joint.system import JointSystem
+from unirag.settings import InferenceSettings
 
 PASSAGES = Corpus(
     [
@@ -115,14 +117,15 @@ def test_bad_caches_are_refused(tiny_llm_dirs, tmp_path):
 def test_joint_system_self_check_with_the_cache_ranks_as_without(tiny_llm_dirs, tmp_path):
     model = _build(tiny_llm_dirs["llama"], seed=5)
     cache = PassageCache.build(model, CORPUS, tmp_path / "kv", storage_dtype="float32", progress=False)
-    plain = JointSystem(model, model.tokenizer, CORPUS, FakeTrie(DOCIDS), self_check=5)
-    cached = JointSystem(model, model.tokenizer, CORPUS, FakeTrie(DOCIDS), self_check=5, passage_cache=cache)
-    a = plain.answer("who wrote it?", k_docs=3, beam_width=6, max_new_tokens=2)
-    b = cached.answer("who wrote it?", k_docs=3, beam_width=6, max_new_tokens=2)
+    plain = JointSystem(model, model.tokenizer, CORPUS, FakeTrie(DOCIDS))
+    cached = JointSystem(model, model.tokenizer, CORPUS, FakeTrie(DOCIDS), passage_cache=cache)
+    settings = InferenceSettings(k_docs=3, beam_width=6, max_new_tokens=2, self_check=5)
+    a = plain.answer("who wrote it?", settings)
+    b = cached.answer("who wrote it?", settings)
     assert b.doc_ids == a.doc_ids
     assert any("cached reading" in n for n in b.notices) and not any("cached reading" in n for n in a.notices)
-    got = [t["question_logprob"] for t in b.traces["self_check"]]
-    assert got == pytest.approx([t["question_logprob"] for t in a.traces["self_check"]], abs=1e-4)
+    got = [t.question_logprob for t in b.trace.self_check]
+    assert got == pytest.approx([t.question_logprob for t in a.trace.self_check], abs=1e-4)
 
 
 def test_find_uses_the_default_path_and_never_builds(tiny_llm_dirs, tmp_path, monkeypatch):

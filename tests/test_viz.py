@@ -7,7 +7,7 @@ import math
 import pytest
 
 from unirag import viz
-from unirag.answer import Answer, RetrievedDoc
+from unirag.answer import Answer, AnswerAttention, RetrievedDoc, SelfCheckRow, TokenWeights, Trace
 from unirag.docids import DocidTree, TreeConfig
 
 DOCIDS = [(0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0), (1, 1), (2, 0, 0), (2, 0, 1), (2, 1, 0)]
@@ -42,16 +42,15 @@ def joint_answer(tree: DocidTree) -> Answer:
         system="joint", question="what is <b>inside</b>?", text="a <script> tag", docs=docs,
         prompt_tokens=40, context_tokens=len(context), answer_tokens=2,
         timings_ms={"retrieve": 120.0, "generate": 800.0},
-        traces={
-            "beams": [{"docid": [0, 0, 1], "doc_id": "d1", "logprob": logp[0]},
-                      {"docid": [0, 1, 0], "doc_id": "d2", "logprob": logp[1]},
-                      {"docid": [0, 0, 0], "doc_id": "d0", "logprob": -2.5}],
-            "paths": [path1, path2],
-            "retrieval_attention": {"tokens": ["what", " is", " <b>", "inside", "</b>", "?"],
-                                    "weights": [0.1, 0.05, 0.3, 0.4, 0.1, 0.05]},
-            "answer_attention": {"answer_tokens": ["a", " <script>"], "context_tokens": context, "weights": weights,
-                                 "doc_spans": [[0, 11], [12, 19]]},
-        },
+        trace=Trace(
+            beams=[{"docid": [0, 0, 1], "doc_id": "d1", "logprob": logp[0]},
+                   {"docid": [0, 1, 0], "doc_id": "d2", "logprob": logp[1]},
+                   {"docid": [0, 0, 0], "doc_id": "d0", "logprob": -2.5}],
+            paths=[path1, path2],
+            retrieval_attention=TokenWeights(["what", " is", " <b>", "inside", "</b>", "?"],
+                                             [0.1, 0.05, 0.3, 0.4, 0.1, 0.05]),
+            answer_attention=AnswerAttention(["a", " <script>"], context, weights, doc_spans=[[0, 11], [12, 19]]),
+        ),
     )
 
 
@@ -62,8 +61,8 @@ def rag_answer(n_context: int = 30, n_answer: int = 3) -> Answer:
                + ["Ċ"] + ["Pass", "age", "Ġ2", ":", "ĠcafÃ©", "Ġ2", "."])
     context += ["Ġmore"] * (n_context - len(context))
     weights = [[1.0 / len(context)] * len(context) for _ in range(n_answer)]
-    return Answer("rag", "q", "answer", docs, traces={"answer_attention": {
-        "answer_tokens": ["Ġans"] * n_answer, "context_tokens": context, "weights": weights}})
+    return Answer("rag", "q", "answer", docs, trace=Trace(answer_attention=AnswerAttention(
+        answer_tokens=["Ġans"] * n_answer, context_tokens=context, weights=weights)))
 
 
 # --------------------------------------------------------------------------------------------- docid path
@@ -115,10 +114,8 @@ def test_beam_rows(tree):
 
 def test_beam_rows_with_self_check(tree):
     answer = joint_answer(tree)
-    answer.traces["self_check"] = [{"doc_id": "d2", "search_rank": 2, "search_score": -1.0, "question_logprob": -2.0,
-                                    "score": -9.0},
-                                   {"doc_id": "d1", "search_rank": 1, "search_score": -0.5, "question_logprob": -3.0,
-                                    "score": -12.5}]
+    answer.trace.self_check = [SelfCheckRow("d2", search_rank=2, search_score=-1.0, question_logprob=-2.0, score=-9.0),
+                               SelfCheckRow("d1", search_rank=1, search_score=-0.5, question_logprob=-3.0, score=-12.5)]
     rows = viz.beam_rows(answer)
     ql, checked = viz.BEAM_HEADERS.index("question log-lik"), viz.BEAM_HEADERS.index("checked score")
     assert [(r[2], r[ql], r[checked]) for r in rows] == [("d1", -3.0, -12.5), ("d2", -2.0, -9.0), ("d0", "", "")]
@@ -167,7 +164,7 @@ def test_clean_tokens_and_doc_spans():
     assert viz.clean_tokens(["Ġcaf", "Ã©", "Ċ", "Next"]) == [" caf", "é", "\n", "Next"]
     assert viz.clean_tokens(["▁hello", "▁world"]) == [" hello", " world"]
     assert viz.clean_tokens([" plain", " text"]) == [" plain", " text"]
-    context = rag_answer().traces["answer_attention"]["context_tokens"]
+    context = rag_answer().trace.answer_attention.context_tokens
     assert viz.infer_doc_spans(context, 3) == [[0, 7], [8, 15], [16, 30]]
     assert viz.infer_doc_spans(context, 2) == []
 
