@@ -166,7 +166,7 @@ def test_pipeline_answers_both_sides_and_marks_gold(pipeline):
     assert len(result.joint.answer.docs) == 2 and len(result.rag.answer.docs) == 3
     assert result.rag.gold_found is True and result.rag.gold_rank == 1  # MiniLM finds the Eiffel passage
     assert result.joint.gold_found in (True, False) and result.joint.correct in (True, False)
-    assert result.rag.answer.traces["answer_attention"]["weights"]
+    assert result.rag.answer.trace.answer_attention.weights
     free = pipeline.ask("nq", "tell me about rivers", beam_width=3, k_docs=1, rag_k=2, max_new_tokens=2)
     assert free.gold is None and free.rag.gold_found is None and free.rag.correct is None
 
@@ -239,19 +239,18 @@ def test_recommended_settings_start_the_page_and_weight_the_self_check(tiny, tmp
     import shutil
 
     import app
-    from unirag.joint.decoding import RECOMMENDED_FILE, SELF_CHECK_WEIGHT, RecommendedSettings
     from unirag.joint.passage_cache import PassageCache
     from unirag.pipeline import Pipeline, Settings
+    from unirag.settings import RECOMMENDED_FILE, InferenceSettings, RecommendedSettings
 
     settings, data = tiny
     shutil.copytree(settings.checkpoint_dir / "nq-llama", tmp_path / "nq-llama")
-    RecommendedSettings(k_docs=1, beam_width=8, self_check=4, self_check_weight=16.0, chosen_on="test").save(
-        tmp_path / "nq-llama")
+    RecommendedSettings({"k_docs": 1, "beam_width": 8, "self_check": 4, "self_check_weight": 16.0}, "test").save(
+        tmp_path / "nq-llama", "fp32")
     pipe = Pipeline(Settings(llm=settings.llm, precision="fp32", checkpoint_dir=tmp_path, data_dir=data))
     said = []
     pipe._say = lambda name, text: said.append(text)
     bundle = pipe.bundle("nq")
-    assert bundle.joint.self_check_weight == 16.0  # the checkpoint's weight, not the library default
     assert "recommended settings: {'k_docs': 1, 'beam_width': 8, 'self_check': 0" in " ".join(said)
     assert pipe.start_settings("nq") == {"k_docs": 1, "beam_width": 8, "self_check": 0, "self_check_weight": 16.0,
                                          "joint_reader": "trained"}
@@ -262,17 +261,19 @@ def test_recommended_settings_start_the_page_and_weight_the_self_check(tiny, tmp
     result = pipe.ask("nq", "which planet is called the red planet", beam.value, k_docs.value, 2, 3,
                       self_check=self_check.value)
     assert result.joint.error is None and len(result.joint.answer.doc_ids) == 1
+    # the checkpoint's weight, not the library default
+    assert any("16 × the question's" in n for n in result.joint.answer.notices)
     # One setting per precision: this fp32 page takes the fp32 one (the base LLM reads).
     (tmp_path / "nq-llama" / RECOMMENDED_FILE).write_text(json.dumps({
-        "4bit": {"beam_width": 8, "self_check": 4, "chosen_on": "test"},
+        "4bit": {"beam_width": 8, "self_check": 4, "reason": "test"},
         "fp32": {"beam_width": 6, "self_check": 3, "self_check_weight": 2.0, "joint_reader": "base",
-                 "chosen_on": "test"}}))
+                 "reason": "test"}}))
     pipe = Pipeline(Settings(llm=settings.llm, precision="fp32", checkpoint_dir=tmp_path, data_dir=data))
     pipe._say = lambda name, text: None
     pipe.bundle("nq").joint.passage_cache = bundle.joint.passage_cache
     *_, beam, k_docs, self_check, reader = app.select_corpus(pipe, "nq")
     assert (beam.value, self_check.value, reader.value) == (6, 3, "base")
-    assert pipe.bundle("nq").joint.self_check_weight == 2.0
+    assert pipe.start_settings("nq")["self_check_weight"] == 2.0
     # A malformed settings file is reported and ignored; the joint model still loads with the library defaults.
     (tmp_path / "nq-llama" / RECOMMENDED_FILE).write_text('{"self_check": 1}')
     messages = []
@@ -280,7 +281,8 @@ def test_recommended_settings_start_the_page_and_weight_the_self_check(tiny, tmp
     pipe._say = lambda name, text: messages.append(text)
     bundle = pipe.bundle("nq")
     assert bundle.joint is not None and bundle.recommended is None
-    assert bundle.joint.self_check_weight == SELF_CHECK_WEIGHT
+    default = pipe.ask("nq", "which planet is called the red planet", 4, 1, 2, 3, self_check=2).joint.answer
+    assert any(f"{InferenceSettings().self_check_weight:g} × the question's" in n for n in default.notices)
     assert any("ignoring the checkpoint's recommended settings" in m for m in messages)
 
 
@@ -385,9 +387,9 @@ def test_self_check_setting(pipeline):
     args = ("nq", "which planet is called the red planet", 4, 1, 2, 3)
     plain, checked = pipeline.ask(*args), pipeline.ask(*args, self_check=3)
     assert plain.settings["self_check"] == 0 and checked.settings["self_check"] == 3
-    trace = checked.joint.answer.traces["self_check"]
-    assert len(trace) == 3 and sorted(t["search_rank"] for t in trace) == [1, 2, 3]
-    assert checked.joint.answer.doc_ids == [trace[0]["doc_id"]]
+    trace = checked.joint.answer.trace.self_check
+    assert len(trace) == 3 and sorted(t.search_rank for t in trace) == [1, 2, 3]
+    assert checked.joint.answer.doc_ids == [trace[0].doc_id]
     assert "self_check" in checked.joint.answer.timings_ms and "self_check" not in plain.joint.answer.timings_ms
     assert any("Self-check" in n for n in checked.joint.answer.notices)
     card = app.ask(pipeline, *args, "trained", 3)[1]

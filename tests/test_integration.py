@@ -82,7 +82,8 @@ SHIPPED_R3_BARS = {"nq": 0.35, "squad": 0.35}
 @pytest.mark.parametrize("dataset", sorted(SHIPPED_R3_BARS))
 def test_shipped_checkpoint_retrieves_by_generating_docids(dataset):
     """The shipped checkpoint must really retrieve, in fp32 as evaluation loads it."""
-    from unirag.joint.decoding import JointSystem, search_docids
+    from unirag.joint.search import search_docids
+    from unirag.joint.system import JointSystem
 
     ckpt = REPO / "checkpoints" / f"{dataset}-smollm2"
     if not (ckpt / "joint_config.json").is_file():

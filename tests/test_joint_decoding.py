@@ -350,7 +350,7 @@ def test_semantic_checkpoint_roundtrip_and_wrong_tree(semantic_joint, tmp_path):
     assert torch.equal(loaded.semantic.node_embed.weight.half(), semantic_joint.semantic.node_embed.weight.half())
     smaller = FakeTrie({d: n for d, n in DOCIDS.items() if n != "d6"})
     with pytest.raises(UniragError, match="semantic node table"):
-        search_docids(loaded, loaded.tokenizer, "q?", smaller, beam_width=3, num_return=1).beams
+        search_docids(loaded, loaded.tokenizer, "q?", smaller, beam_width=3, num_return=1)
 
 
 def test_init_semantic_nodes_uses_centroids(semantic_joint):

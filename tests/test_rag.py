@@ -58,9 +58,9 @@ def test_rag_and_norag_answers_record_everything(tiny_llm_dirs, retriever):
     assert answer.context_tokens == len(tok("\n".join(f"{d.title}: {d.text}" for d in answer.docs))["input_ids"])
     assert answer.prompt_tokens > answer.context_tokens and 0 < answer.answer_tokens <= 5
     assert set(answer.timings_ms) == {"retrieve", "generate"}
-    att = answer.traces["answer_attention"]
-    assert len(att["weights"]) == answer.answer_tokens and len(att["weights"][0]) == len(att["context_tokens"])
-    assert np.allclose(np.sum(att["weights"], axis=1), 1.0, atol=1e-4)
+    att = answer.trace.answer_attention
+    assert len(att.weights) == answer.answer_tokens and len(att.weights[0]) == len(att.context_tokens)
+    assert np.allclose(np.sum(att.weights, axis=1), 1.0, atol=1e-4)
     gold = rag.answer("anything", gold_doc_id="p2")
     assert gold.doc_ids == ["p2"] and gold.ranking == ["p2"]
     # Reading one document still ranks three (R@3); the one read is the ranking's first.
