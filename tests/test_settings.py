@@ -90,7 +90,8 @@ def test_recommended_settings_round_trip_and_app_values(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / RECOMMENDED_FILE).write_text(json.dumps({**rec.values, "reason": rec.reason}))
-    assert RecommendedSettings.load(shared, "fp32") == RecommendedSettings.load(shared, "4bit") == rec  # every precision
+    # One setting for every precision.
+    assert RecommendedSettings.load(shared, "fp32") == RecommendedSettings.load(shared, "4bit") == rec
 
 
 def test_recommended_settings_per_precision(tmp_path):
