@@ -3,8 +3,8 @@
 It measures what a user gets: it launches `python app.py` as a fresh process, asks through the app's
 HTTP API (gradio_client, the same call as the Ask button), and reads the server's memory from /proc.
 
-    python benchmarks/app_performance.py --precision 4bit     # the app's default
-    python benchmarks/app_performance.py --precision fp32
+    python -m benchmarks.app_performance --precision 4bit     # the app's default
+    python -m benchmarks.app_performance --precision fp32
 
 Figures (printed as one JSON line, also written to --out):
 - cold_start_to_first_answer_s: process spawn → the first question answered on both sides (model and
@@ -29,10 +29,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from unirag.settings import JOINT_READERS
 
-from unirag.pipeline import JOINT_READERS  # noqa: E402  (after the path insert: run as a script)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:

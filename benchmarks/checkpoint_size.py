@@ -6,7 +6,7 @@ joint model with the given preset, adds the LoRA adapter, and counts what a chec
 weights and the adapter, at 2 bytes a parameter (float16 storage; safetensors headers add kilobytes).
 The vocabulary is cut to 1,000 tokens: the checkpoint never stores the base's embeddings.
 
-    python benchmarks/checkpoint_size.py --pathway-layers 2 --retrieval-mlp-dim 256 --bridge-dim 256 \\
+    python -m benchmarks.checkpoint_size --pathway-layers 2 --retrieval-mlp-dim 256 --bridge-dim 256 \\
         --lora-r 8 --lora-layers 8
 """
 
@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BUDGET_MB = 50.0  # issue 3: at most 50 MB per checkpoint
 
@@ -41,7 +37,8 @@ def build_base(model_type: str, hidden: int, intermediate: int, layers: int, hea
 
 
 def count(args: argparse.Namespace) -> dict:
-    from unirag.joint.modeling import JointConfig, JointModel
+    from unirag.joint.config import JointConfig
+    from unirag.joint.modeling import JointModel
 
     base = build_base(args.model_type, args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads,
                       args.head_dim)

@@ -3,7 +3,7 @@
 With --self-check N the search's top N documents are re-ranked by the question's likelihood; --sweep then also
 prints R@1 for every smaller N and several weights from the same run (choose them on --split heldout, never dev):
 
-    python benchmarks/generative_recall.py --checkpoint checkpoints/squad-smollm2 --dataset squad \
+    python -m benchmarks.generative_recall --checkpoint checkpoints/squad-smollm2 --dataset squad \
         --split heldout --self-check 20 --self-check-cache --sweep
 
 Runs only the docid search (no answer generation), so a stage-1 model or a training lever can be compared
@@ -11,50 +11,48 @@ on the real dev questions in minutes. The documents are the model's own distinct
 score (path log-probability plus the document-level match), exactly as the app and
 `python -m unirag eval --system joint` retrieve them.
 
-    python benchmarks/generative_recall.py --checkpoint checkpoints/nq-smollm2 --dataset nq [--load-in-4bit]
+    python -m benchmarks.generative_recall --checkpoint checkpoints/nq-smollm2 --dataset nq [--load-in-4bit]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from unirag.joint.selfcheck import rerank
 
 SWEEP_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 1e6)  # 0: the search's order; 1e6: the likelihood alone
 
 
-def self_checked_recall(system, questions, beam_width: int, n: int) -> tuple[dict[str, float], list[dict]]:
+def self_checked_recall(system, questions, settings) -> tuple[dict[str, float], list[dict]]:
     """Recall@1/3/n of the search's top n documents after the self-check re-ranking, and per-question records
     (gold and every candidate's search rank, search score and question log-likelihood) for `rerank_recall`."""
     from tqdm.auto import tqdm
 
+    n = settings.self_check
     ks = sorted({k for k in (1, 3, n) if k <= n})
     hits = dict.fromkeys(ks, 0)
     records = []
     for q in tqdm(questions, desc="self-checked recall", unit="q"):
-        traces: dict = {}
-        chosen, _ = system.retrieve(q.question, k_docs=n, beam_width=beam_width, self_check=n, traces=traces)
-        ranked = [beam.doc_id for beam, _ in chosen]
+        retrieval = system.retrieve(q.question, settings)
+        ranked = retrieval.ranking  # every self-checked document, best first
         for k in ks:
             hits[k] += q.doc_id in ranked[:k]
-        candidates = sorted(traces.get("self_check", []), key=lambda t: t["search_rank"])
+        candidates = sorted(retrieval.self_check, key=lambda t: t.search_rank)
         records.append({"id": q.id, "gold": q.doc_id, "candidates": [
-            {k: t[k] for k in ("doc_id", "search_rank", "search_score", "question_logprob")} for t in candidates]})
+            {"doc_id": t.doc_id, "search_rank": t.search_rank, "search_score": t.search_score,
+             "question_logprob": t.question_logprob} for t in candidates]})
     return {**{f"recall@{k}": round(hits[k] / max(len(questions), 1), 4) for k in ks}, "n": len(questions)}, records
 
 
 def ranked_candidates(record: dict, n: int, weight: float) -> list[tuple[str, float]]:
-    """(doc_id, score) of a record's top-n search candidates ranked by search score + weight × question
-    log-likelihood, ties in the search's order: what `JointSystem` picks with that self-check after that search."""
-    pool = [c for c in record["candidates"] if c["search_rank"] <= n]
-    scored = sorted((-(c["search_score"] + weight * c["question_logprob"]), c["search_rank"], c["doc_id"])
-                    for c in pool)
-    return [(doc_id, -neg) for neg, _, doc_id in scored]
+    """(doc_id, score) of a record's top-n search candidates re-ranked as `JointSystem` does with that self-check
+    after that search (`unirag.joint.selfcheck.rerank`)."""
+    pool = sorted((c for c in record["candidates"] if c["search_rank"] <= n), key=lambda c: c["search_rank"])
+    rows = rerank([(c["doc_id"], c["search_score"]) for c in pool], [c["question_logprob"] for c in pool], weight)
+    return [(row.doc_id, row.score) for row in rows]
 
 
 def rerank_recall(records: list[dict], n: int, weight: float, k: int = 1) -> float:
@@ -119,24 +117,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--offset must be >= 0 and --limit >= 1")
 
     from unirag.joint import JointSystem
-    from unirag.joint.decoding import ranking_name
+    from unirag.joint.search import ranking_name
     from unirag.joint.training import retrieval_recall
+    from unirag.settings import InferenceSettings
 
     corpus, with_gold = load_split(args.dataset, args.split, args.checkpoint)
     end = None if args.limit is None else args.offset + args.limit
     questions = with_gold[args.offset : end]
     if not questions:
         parser.error(f"no questions left after --offset {args.offset} (the split has {len(with_gold)} with a gold doc)")
-    weight = {} if args.self_check_weight is None else {"self_check_weight": args.self_check_weight}
     if args.self_check_cache and not args.self_check:
         parser.error("--self-check-cache needs --self-check N")
+    # k_docs 1: the recall counts the whole self-checked ranking (Retrieval.ranking), not the documents read.
+    weight = {} if args.self_check_weight is None else {"self_check_weight": args.self_check_weight}
+    settings = InferenceSettings(k_docs=1, beam_width=args.beam_width, self_check=args.self_check, **weight)
     system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
-                                         rescore=not args.path_logprob_only, passage_cache=args.self_check_cache,
-                                         **weight)  # checks the tree
+                                         document_match=not args.path_logprob_only,
+                                         passage_cache=args.self_check_cache)  # checks the tree
     start = time.perf_counter()
     extra = {}
     if args.self_check:
-        recall, records = self_checked_recall(system, questions, args.beam_width, args.self_check)
+        recall, records = self_checked_recall(system, questions, settings)
         extra = {"sweep_recall@1": sweep(records, args.self_check)} if args.sweep else {}
         if args.records:
             Path(args.records).write_text(json.dumps({"args": vars(args), "records": records}))
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                       "precision": "4bit" if args.load_in_4bit else "fp32",
                       "ranking": ranking_name(not args.path_logprob_only),
                       "self_check": args.self_check,
-                      **({"self_check_weight": system.self_check_weight} if args.self_check else {}),
+                      **({"self_check_weight": settings.self_check_weight} if args.self_check else {}),
                       **recall,
                       "mean_search_s": round(seconds, 3),
                       **extra}))

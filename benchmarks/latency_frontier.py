@@ -8,7 +8,7 @@ questions made RAG top-5 look 15% faster, relative to the joint side, than all 2
 one line per setting come the pairs: on how many questions the joint side was faster and slower, the median
 per-question difference and the sign test's p.
 
-    python benchmarks/latency_frontier.py --checkpoint checkpoints/nq-smollm2 --dataset nq --questions 265 \\
+    python -m benchmarks.latency_frontier --checkpoint checkpoints/nq-smollm2 --dataset nq --questions 265 \\
         --joint 10:5:16 32:20:16 --rag-k 1 5
 """
 
@@ -17,13 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from unirag.eval import sign_test_p  # noqa: E402  (after the path insert: run as a script)
+from unirag.eval import sign_test_p
 
 
 def parse_joint_setting(text: str) -> tuple[int, int, float | None]:
@@ -63,27 +59,28 @@ def main(argv: list[str] | None = None) -> int:
     from unirag.joint import JointSystem
     from unirag.joint.passage_cache import PassageCache
     from unirag.rag import DenseRagSystem, DenseRetriever, Reader
+    from unirag.settings import InferenceSettings
 
     corpus_path, questions_path = dataset_paths(args.dataset, "dev")
     corpus = load_corpus(corpus_path)
     questions = load_questions(questions_path, corpus)[: args.questions + 1]
     joint = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
-                                        attn_implementation="sdpa", traces=False,
-                                        base_reader=args.joint_reader == "base")
+                                        attn_implementation="sdpa", traces=False)
     if args.self_check_cache:
         joint.passage_cache = PassageCache.open(joint.model, corpus)  # never builds: a missing cache is an error
     model, tokenizer = load_llm(joint.model.config.base_model, load_in_4bit=args.load_in_4bit,
                                 attn_implementation="sdpa")
     rag = DenseRagSystem(DenseRetriever.from_corpus(corpus), Reader(model, tokenizer, args.max_new_tokens))
 
-    default_weight = joint.self_check_weight
+    settings = {(beam, n, weight): InferenceSettings(k_docs=args.k_docs, beam_width=beam, self_check=n,
+                                                     max_new_tokens=args.max_new_tokens, joint_reader=args.joint_reader,
+                                                     **({} if weight is None else {"self_check_weight": weight}))
+                for beam, n, weight in args.joint}
     times: dict[str, dict[str, list[float]]] = {}
     for index, q in enumerate(questions):
         for beam, n, weight in args.joint:
-            joint.self_check_weight = default_weight if weight is None else weight
             start = time.perf_counter()
-            answer = joint.answer(q.question, k_docs=args.k_docs, beam_width=beam, self_check=n,
-                                  max_new_tokens=args.max_new_tokens)
+            answer = joint.answer(q.question, settings[beam, n, weight])
             total = time.perf_counter() - start
             if index:  # the first question warms up every setting
                 row = times.setdefault(f"joint beam {beam} self-check {n}", {})

@@ -9,7 +9,7 @@ one reading of every distinct context (the answer is greedy, so it depends only 
 documents read). Writes the same summary and per-question records as `python -m unirag eval` (`--out`, for
 `python -m unirag compare`; with several --n, one file per N: `answers-n20.json`, ...).
 
-    python benchmarks/read_recorded_search.py --checkpoint checkpoints/nq-smollm2 --dataset nq \\
+    python -m benchmarks.read_recorded_search --checkpoint checkpoints/nq-smollm2 --dataset nq \\
         --records runs/dev_nq_records.json --n 32 --weight 16 --k 1 --base-reader --out runs/nq_answers.json
 """
 
@@ -18,10 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--n values repeat")
 
     from benchmarks.generative_recall import load_split, ranked_candidates
+    from unirag.data import prepare_question
     from unirag.eval import run_eval
     from unirag.joint import JointSystem
+    from unirag.settings import InferenceSettings
 
     records: dict[str, dict] = {}
     for path in args.records.split(","):
@@ -60,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     if not questions:
         parser.error("no question of the split is in the records")
     system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
-                                         attn_implementation="sdpa", traces=False, base_reader=args.base_reader)
+                                         attn_implementation="sdpa", traces=False)
+    settings = InferenceSettings(max_new_tokens=args.max_new_tokens,
+                                 joint_reader="base" if args.base_reader else "trained")
 
     read: dict[tuple[str, tuple[str, ...]], object] = {}  # (question id, documents) → answer
 
@@ -71,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             top = ranked[: args.k]
             key = (q.id, tuple(d for d, _ in top))
             if key not in read:
-                read[key] = system.answer(q.question, k_docs=args.k, max_new_tokens=args.max_new_tokens,
-                                          doc_ids=[d for d, _ in top], doc_scores=[s for _, s in top])
+                text, notices = prepare_question(q.question)
+                answer = system.read(text, system.documents([d for d, _ in top], [s for _, s in top]), settings)
+                answer.notices[:0] = notices
+                read[key] = answer
             # The re-ranked search (R@3 as eval reports it) differs per N even when the documents read do not.
             answers.append(dataclasses.replace(read[key], ranked_doc_ids=[d for d, _ in ranked]))
         return answers

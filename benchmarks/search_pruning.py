@@ -6,7 +6,7 @@ frees beam slots for other paths, so its top N can differ. This re-runs the live
 often the documents (in order) and the document sets agree with the recorded top N. The recorded N itself is a
 reproducibility check: it must agree on every question.
 
-    python benchmarks/search_pruning.py --checkpoint checkpoints/nq-smollm2 --dataset nq \
+    python -m benchmarks.search_pruning --checkpoint checkpoints/nq-smollm2 --dataset nq \
         --records runs/dev_nq_fp32_records.json --n 5 10 20 32
 """
 
@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def recorded_top(record: dict, n: int) -> list[str]:
@@ -53,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.generative_recall import load_split
     from unirag.joint import JointSystem
-    from unirag.joint.decoding import search_docids
+    from unirag.joint.search import search_docids
 
     blob = json.loads(Path(args.records).read_text())
     recorded_args = blob["args"]
@@ -74,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     for record in tqdm(records, desc="live searches", unit="q"):
         for n in args.n:
             search = search_docids(system.model, system.tokenizer, by_id[record["id"]].question, system.trie,
-                                   max(beam, n), n, system.pathway, system.bridge, system.rescore)
+                                   max(beam, n), n, rescore=system.document_match)
             live[n].append([b.doc_id for b in search.beams])
     recorded = {n: [recorded_top(r, n) for r in records] for n in args.n}
     print(json.dumps({"records": args.records, "recorded_n": recorded_n, "beam_width": beam,

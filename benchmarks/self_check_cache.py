@@ -5,7 +5,7 @@ For each question the joint search's top N documents are scored twice, by re-rea
 median time of each, the largest difference of a question log-likelihood and how often the top document agrees.
 The cache must exist (`python -m unirag index --corpus C --self-check-cache --checkpoint DIR`).
 
-    python benchmarks/self_check_cache.py --checkpoint checkpoints/nq-smollm2 --dataset nq --questions 20 --n 10
+    python -m benchmarks.self_check_cache --checkpoint checkpoints/nq-smollm2 --dataset nq --questions 20 --n 10
 """
 
 from __future__ import annotations
@@ -13,11 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,17 +28,21 @@ def main(argv: list[str] | None = None) -> int:
 
     from unirag.data import dataset_paths, load_corpus, load_questions
     from unirag.joint import JointSystem
-    from unirag.joint.decoding import question_likelihood
     from unirag.joint.passage_cache import PassageCache
+    from unirag.joint.search import search_docids
+    from unirag.joint.selfcheck import question_likelihood
+    from unirag.settings import InferenceSettings
 
     corpus_path, questions_path = dataset_paths(args.dataset, args.split)
     corpus = load_corpus(corpus_path)
     questions = load_questions(questions_path, corpus)[: args.questions]
     system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit)
     cache = PassageCache.open(system.model, corpus)
+    settings = InferenceSettings(k_docs=1, self_check=args.n)  # the search a self-check of N runs (not the check)
     full_s, cached_s, diffs, same_top = [], [], [], 0
     for q in questions:
-        _, search = system.retrieve(q.question, k_docs=args.n, self_check=0)
+        search = search_docids(system.model, system.tokenizer, q.question, system.trie, settings.search_width,
+                               settings.documents_searched)
         docs = [b.doc_id for b in search.beams[: args.n]]
         start = time.perf_counter()
         full = question_likelihood(system.model, system.tokenizer, q.question,

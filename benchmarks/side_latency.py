@@ -3,7 +3,7 @@
 Both sides answer exactly as in the app (same settings, attention traces on, batch 1), so the medians
 compare like with like; `python -m unirag eval` batches the baselines and is not meant for this.
 
-    python benchmarks/side_latency.py --precision 4bit --questions 20
+    python -m benchmarks.side_latency --precision 4bit --questions 20
 """
 
 from __future__ import annotations
@@ -11,13 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from unirag.pipeline import JOINT_READERS  # noqa: E402  (after the path insert: run as a script)
+from unirag.settings import JOINT_READERS
 
 
 def median_of(values: list[float]) -> float | None:

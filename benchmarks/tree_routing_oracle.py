@@ -5,19 +5,15 @@ tree. This oracle takes the encoder's query embedding itself and runs the same b
 runs (children scored by cosine with their centroid, softmax per level, beam 10), so it shows how much the
 hierarchy alone loses against flat dense search.
 
-    python benchmarks/tree_routing_oracle.py --dataset nq --trees 10x10 16x16
+    python -m benchmarks.tree_routing_oracle --dataset nq --trees 10x10 16x16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def centroids(tree, embeddings: np.ndarray, row_of: dict[str, int]) -> dict[tuple[int, ...], np.ndarray]:

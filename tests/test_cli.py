@@ -343,8 +343,12 @@ def test_generative_recall_benchmark_shards(files, capsys, tiny_llm_dirs, monkey
     assert summary["n"] == 4 and summary["recall@1"] == result["recall@1"] and summary["reader"] == "base LLM"
     assert summary["recall@3"] == round(generative_recall.rerank_recall(saved, 3, 4.0, k=3), 4)
     by_id = {r["id"]: r for r in json.loads(answers.read_text())["records"]}
+    from unirag.joint.selfcheck import rerank
+
     for record in saved:
-        best = generative_recall.ranked_candidates(record, 3, 4.0)[0][0]
+        pool = sorted(record["candidates"], key=lambda c: c["search_rank"])
+        rows = rerank([(c["doc_id"], c["search_score"]) for c in pool], [c["question_logprob"] for c in pool], 4.0)
+        best = rows[0].doc_id
         assert [d["doc_id"] for d in by_id[record["id"]]["docs"]] == [best]
     # Several N in one run: one file per N, the N = 3 one identical to the single run's answers.
     assert read_recorded_search.main(["--checkpoint", str(ckpt), "--dataset", "nq", "--records", str(records),
