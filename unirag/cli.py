@@ -180,8 +180,8 @@ def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = 
                                              passage_cache=getattr(args, "self_check_cache", False))
         retriever = DenseRetriever.from_corpus(corpus, args.encoder) if args.system == "rag" else None
         settings = InferenceSettings(
-            # the rag system reads the dense top k (not bounded by the joint model's k_docs)
-            k_docs=args.k if retriever is None else 1, beam_width=args.beam_width,
+            # forced documents (gold, dense top k) are read whatever their number: k_docs is the search's only
+            k_docs=args.k if retriever is None and not gold else 1, beam_width=args.beam_width,
             max_new_tokens=getattr(args, "max_new_tokens", 32), self_check=getattr(args, "self_check", 0),
             joint_reader="base" if getattr(args, "base_reader", False) else "trained", **_self_check_weight(args))
 
@@ -248,6 +248,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from unirag.data import load_corpus, load_questions
     from unirag.eval import run_eval, run_name, write_json_atomic
     from unirag.joint.search import ranking_name
+    from unirag.settings import InferenceSettings
 
     for name in ("k", "limit", "batch_size", "max_new_tokens", "beam_width"):
         _positive(name.replace("_", "-"), getattr(args, name))
@@ -280,7 +281,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 **({"ranking": ranking_name(not args.path_logprob_only)}
                    if args.system == "joint" and not args.gold else {}),
                 **({"reader": "base LLM"} if args.base_reader else {}),
-                **({"self_check": args.self_check, "self_check_weight": system.self_check_weight}
+                **({"self_check": args.self_check,
+                    "self_check_weight": InferenceSettings(**_self_check_weight(args)).self_check_weight}
                    if args.self_check else {}),
                 **({"self_check_cache": True} if args.self_check_cache else {})},
     )

@@ -24,6 +24,10 @@ behaves exactly like the original model.
 New parameters are initialised so that a freshly built model is exact: r_down, the bridge gate and the
 bridge output projection are zero. With `pathway=False, bridge=False` the LM logits equal the base
 model's whatever the new parameters hold.
+
+The config lives in `joint.config`, checkpoint files in `joint.checkpoint` (`save_pretrained`/`from_pretrained`
+delegate there). The training stages' parameter selection (`stage_parameters`, `trainable_parameters`) stays
+here: it reads the model's own module names and LoRA state.
 """
 
 from __future__ import annotations

@@ -318,4 +318,4 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["PassageCache", "cache_fingerprint", "default_cache_path", "self_check_prompt_ids"]
+__all__ = ["PassageCache", "cache_fingerprint", "default_cache_path"]
