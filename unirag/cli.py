@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -207,7 +208,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         row = row_from_summary(summary, run=args.record, system=args.system, corpus=labels["corpus"], split=split,
                                precision=settings.precision, settings={**labels, **labels["settings"]},
                                command="python -m unirag " + " ".join(sys.argv[1:]))
-        print(f"recorded in {append_run(row)}", file=sys.stderr)
+        store = os.environ.get("UNIRAG_RESULTS")  # tests and forks keep their own store
+        print(f"recorded in {append_run(row, **({'store_dir': Path(store)} if store else {}))}", file=sys.stderr)
     print(json.dumps(summary), flush=True)
     return 0
 
