@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unirag.errors import DataError, MissingDependencyError, UniragError
+from unirag.errors import DataError, UniragError
 from unirag.paths import default_data_dir
 
 MAX_QUESTION_CHARS = 2000
@@ -160,7 +160,11 @@ def load_questions(path: str | Path, corpus: Corpus | None = None) -> list[Quest
         doc_id = obj.get("doc_id")
         if doc_id is not None and not isinstance(doc_id, str):
             raise DataError(f"{where}: field 'doc_id' must be a string")
-        questions.append(Question(qid, text.strip(), tuple(a.strip() for a in answers if a.strip()), doc_id))
+        golds = tuple(a.strip() for a in answers if a.strip())
+        if not golds:  # no gold answer: every metric would score it 0 and silently lower the mean
+            raise DataError(f"{where}: question {qid!r} has no gold answer (field 'answers' is empty); "
+                            "give at least one answer string or remove the question")
+        questions.append(Question(qid, text.strip(), golds, doc_id))
     if not questions:
         raise DataError(f"{path}: no questions found")
     if corpus is not None:
@@ -206,7 +210,11 @@ def load_squad_json(path: str | Path) -> tuple[Corpus, list[Question]]:
                 if not qid or qid in seen:
                     raise DataError(f"{path}: article {a} paragraph {p}: missing or duplicate question id {qid!r}")
                 seen.add(qid)
-                answers = tuple(dict.fromkeys(str(x.get("text", "")).strip() for x in qa.get("answers", [])))
+                answers = tuple(a for a in dict.fromkeys(str(x.get("text", "")).strip() for x in qa.get("answers", []))
+                                if a)
+                if not answers:  # SQuAD 2.0's unanswerable questions: this loader reads v1.1 only
+                    raise DataError(f"{path}: article {a} paragraph {p}: question {qid!r} has no gold answer "
+                                    "(a SQuAD 2.0 file? pass SQuAD v1.1)")
                 questions.append(Question(qid, str(qa.get("question", "")).strip(), answers, doc_id))
     if not passages:
         raise DataError(f"{path}: no paragraphs found")
@@ -237,27 +245,3 @@ def prepare_question(text: str, max_chars: int = MAX_QUESTION_CHARS) -> tuple[st
         notices.append(f"The question was {len(cleaned):,} characters long; it was truncated to {max_chars:,}.")
         cleaned = cleaned[:max_chars]
     return cleaned, notices
-
-
-def load_hub_squad(split: str = "validation") -> tuple[Corpus, list[Question]]:
-    """Build the same format from the public SQuAD v1.1 on the Hugging Face hub (needs `datasets`, network)."""
-    try:
-        import datasets  # type: ignore[import-not-found]
-    except ImportError:
-        raise MissingDependencyError("Loading from the hub needs `pip install datasets`.") from None
-    try:
-        rows = datasets.load_dataset("rajpurkar/squad", split=split)
-    except Exception as exc:  # network errors come in many types
-        raise UniragError(
-            f"Could not fetch SQuAD from the hub ({type(exc).__name__}); offline? "
-            f"Use the local files in {default_data_dir()} instead."
-        ) from None
-    passages: dict[str, Passage] = {}
-    questions: list[Question] = []
-    for row in rows:
-        context = row["context"].strip()
-        key = hashlib.sha1(context.encode()).hexdigest()[:10]
-        passages.setdefault(key, Passage(f"sqh-{key}", row["title"].replace("_", " "), context))
-        answers = tuple(dict.fromkeys(a.strip() for a in row["answers"]["text"]))
-        questions.append(Question(row["id"], row["question"].strip(), answers, f"sqh-{key}"))
-    return Corpus(list(passages.values()), source=f"hub:rajpurkar/squad/{split}"), questions

@@ -31,22 +31,28 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 when the whole normalised prediction equals a normalised gold (best gold wins). A gold or a prediction
+    that normalises to empty ("The", ".") never matches: "" == "" is not an answer."""
     pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(g) for g in golds))
+    return float(bool(pred) and any(pred == normalize_answer(g) for g in golds))
 
 
 def contains_answer(prediction: str, golds: Sequence[str]) -> float:
+    """The paper's (DPR-style) "answer contained" accuracy: a normalised gold occurs as a substring of the
+    normalised prediction, even inside a word (`"1" in "1991"` counts). Every measured number uses it as is,
+    so it stays a plain substring test; EM and F1 are the whole-string and whole-token metrics."""
     pred = normalize_answer(prediction)
     return float(any(normalize_answer(g) and normalize_answer(g) in pred for g in golds))
 
 
 def token_f1(prediction: str, golds: Sequence[str]) -> float:
+    """SQuAD token F1 against the best gold; repeated tokens count as often as both sides have them."""
     pred = normalize_answer(prediction).split()
     best = 0.0
     for gold in golds:
         ref = normalize_answer(gold).split()
         common = sum((Counter(pred) & Counter(ref)).values())
-        if common:
+        if common:  # an empty gold or prediction has nothing in common, so never matches
             precision, recall = common / len(pred), common / len(ref)
             best = max(best, 2 * precision * recall / (precision + recall))
     return best
