@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from unirag.data import load_questions
-from unirag.errors import DataError
+from unirag.errors import DataError, UniragError
 from unirag.eval import contains_answer, exact_match, token_f1
 
 
@@ -77,3 +77,118 @@ def test_shipped_question_files_all_have_gold_answers(name, split):
         pytest.skip("the shared data is not present")
     path = root / name / f"{split}.jsonl"
     assert all(q.answers for q in load_questions(path))
+
+
+# --- eval: records written as they finish, resumable -----------------------------------------------------------------
+def _questions(n=12):
+    from unirag.data import Question
+
+    return [Question(f"q{i:02d}", f"question {i}?", (f"answer {i}",), f"d{i % 3}") for i in range(n)]
+
+
+def _answerer(calls: list[str], interrupt_after: int | None = None):
+    from unirag.answer import Answer, RetrievedDoc
+
+    def answer_batch(batch):
+        answers = []
+        for q in batch:
+            if interrupt_after is not None and len(calls) >= interrupt_after:
+                raise KeyboardInterrupt
+            calls.append(q.id)
+            n = int(q.id[1:])
+            answers.append(Answer("rag", q.question, f"answer {n}" if n % 2 else "no idea",
+                                  [RetrievedDoc(f"d{n % 2}", "", "", 0.5), RetrievedDoc("d2", "", "", 0.1)],
+                                  context_tokens=10 + n, timings_ms={"generate": float(n)}))
+        return answers
+
+    return answer_batch
+
+
+LABELS = {"corpus": "nq", "precision": "fp32", "settings": {"beam_width": 10}}
+
+
+def test_interrupted_eval_keeps_its_records_and_resume_answers_only_the_rest(tmp_path):
+    from unirag.eval import partial_path, run_eval
+
+    whole = tmp_path / "whole.json"
+    run_eval(_answerer([]), "rag", _questions(), 2, batch_size=1, out=whole, progress=False, labels=LABELS)
+
+    out = tmp_path / "run.json"
+    calls: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(_answerer(calls, interrupt_after=5), "rag", _questions(), 2, batch_size=1, out=out, progress=False,
+                 labels=LABELS)
+    sidecar = partial_path(out)
+    assert not out.exists() and sidecar.exists()
+    lines = [json.loads(line) for line in sidecar.read_text().splitlines()]
+    assert lines[0]["labels"] == LABELS and lines[0]["system"] == "rag" and lines[0]["k"] == 2
+    assert [r["id"] for r in lines[1:] if "id" in r] == [f"q{i:02d}" for i in range(5)]
+
+    with pytest.raises(UniragError, match="--resume"):  # a fresh run would throw the 5 records away
+        run_eval(_answerer([]), "rag", _questions(), 2, out=out, progress=False, labels=LABELS)
+    with pytest.raises(UniragError, match="another run.*labels"):
+        run_eval(_answerer([]), "rag", _questions(), 2, out=out, progress=False, labels={**LABELS, "precision": "4bit"},
+                 resume=True)
+    with pytest.raises(UniragError, match="another run.*k"):
+        run_eval(_answerer([]), "rag", _questions(), 3, out=out, progress=False, labels=LABELS, resume=True)
+    with pytest.raises(UniragError, match="does not ask"):
+        run_eval(_answerer([]), "rag", _questions()[6:], 2, out=out, progress=False, labels=LABELS, resume=True)
+
+    resumed: list[str] = []
+    summary = run_eval(_answerer(resumed), "rag", _questions(), 2, batch_size=3, out=out, progress=False,
+                       labels=LABELS, resume=True)
+    assert resumed == [f"q{i:02d}" for i in range(5, 12)]
+    assert not sidecar.exists()
+    strip = lambda blob: [{k: v for k, v in r.items() if k != "latency_ms"} for r in blob["records"]]  # noqa: E731
+    done, reference = json.loads(out.read_text()), json.loads(whole.read_text())
+    assert strip(done) == strip(reference)
+    for key in ("n", "accuracy", "em", "f1", "recall@1", "recall@k", "corpus", "settings"):
+        assert summary[key] == reference["summary"][key], key
+
+    # A finished run: refused without --resume/--overwrite; resume has nothing to do.
+    with pytest.raises(UniragError, match="already exists"):
+        run_eval(_answerer([]), "rag", _questions(), 2, out=out, progress=False, labels=LABELS)
+    again: list[str] = []
+    assert run_eval(_answerer(again), "rag", _questions(), 2, out=out, progress=False, labels=LABELS,
+                    resume=True) == done["summary"] and again == []
+    with pytest.raises(UniragError, match="other labels"):
+        run_eval(_answerer([]), "rag", _questions(), 2, out=out, progress=False, labels={"corpus": "squad"},
+                 resume=True)
+    fresh: list[str] = []
+    run_eval(_answerer(fresh), "rag", _questions(), 2, out=out, progress=False, labels=LABELS, overwrite=True)
+    assert len(fresh) == 12
+
+
+def test_resume_drops_a_line_cut_by_a_kill_and_redoes_that_question(tmp_path):
+    from unirag.eval import partial_path, run_eval
+
+    out = tmp_path / "run.json"
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(_answerer([], interrupt_after=4), "rag", _questions(), 2, batch_size=2, out=out, progress=False)
+    sidecar = partial_path(out)
+    sidecar.write_bytes(sidecar.read_bytes() + b'{"id": "q04", "text": "ans')  # killed while writing
+    calls: list[str] = []
+    run_eval(_answerer(calls), "rag", _questions(), 2, out=out, progress=False, resume=True)
+    assert calls == [f"q{i:02d}" for i in range(4, 12)]
+    assert [r["id"] for r in json.loads(out.read_text())["records"]] == [f"q{i:02d}" for i in range(12)]
+
+
+def test_check_output_paths_refuses_outputs_that_lose_data(tmp_path):
+    from unirag.eval import check_output_paths
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("{}\n")
+    out = tmp_path / "out.json"
+    check_output_paths({"--out": out, "--summary-out": tmp_path / "s.json", "--unused": None}, [questions])
+    with pytest.raises(UniragError, match="--out and --summary-out are the same file"):
+        check_output_paths({"--out": out, "--summary-out": tmp_path / "." / "out.json"}, [questions])
+    with pytest.raises(UniragError, match="would overwrite one of the inputs"):
+        check_output_paths({"--out": tmp_path / "x" / ".." / "q.jsonl"}, [questions])
+    with pytest.raises(UniragError, match="is a folder"):
+        check_output_paths({"--out": tmp_path}, [questions])
+    with pytest.raises(UniragError, match="does not exist"):
+        check_output_paths({"--summary-out": tmp_path / "missing" / "s.json"}, [questions])
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(questions)
+    with pytest.raises(UniragError, match="overwrite one of the shards"):
+        check_output_paths({"OUT": link}, [questions], what="shards")
