@@ -192,3 +192,65 @@ def test_check_output_paths_refuses_outputs_that_lose_data(tmp_path):
     link.symlink_to(questions)
     with pytest.raises(UniragError, match="overwrite one of the shards"):
         check_output_paths({"OUT": link}, [questions], what="shards")
+
+
+# --- merge / compare ---------------------------------------------------------------------------------------------
+def _shard(ids, **labels):
+    records = [{"id": i, "accuracy": 1.0, "em": 0.0, "f1": 0.5, "latency_ms": 3.0} for i in ids]
+    summary = {"system": "rag", "k": 1, "n": len(ids), "wall_time_s": 1.0, "corpus": "nq",
+               "corpus_fingerprint": "ab12", "settings": {"beam_width": 10, "reader": {"max_new_tokens": 8}}}
+    summary.update(labels)
+    return {"summary": summary, "records": records}
+
+
+def test_merge_refuses_any_label_difference_nested_or_missing():
+    from unirag.eval import merge_runs
+
+    a = _shard(["q1", "q2"])
+    assert merge_runs([a, _shard(["q3"])])["summary"]["n"] == 3
+    with pytest.raises(UniragError, match=r"differ in settings\.beam_width"):
+        merge_runs([a, _shard(["q3"], settings={"beam_width": 5, "reader": {"max_new_tokens": 8}})])
+    with pytest.raises(UniragError, match=r"differ in settings\.reader\.max_new_tokens"):
+        merge_runs([a, _shard(["q3"], settings={"beam_width": 10, "reader": {"max_new_tokens": 16}})])
+    with pytest.raises(UniragError, match="differ in corpus_fingerprint"):  # two corpora in one folder named nq
+        merge_runs([a, _shard(["q3"], corpus_fingerprint="cd34")], names=["a.json", "b.json"])
+    lacking = _shard(["q3"])
+    del lacking["summary"]["corpus_fingerprint"]
+    with pytest.raises(UniragError, match=r"corpus_fingerprint \(missing in one\)"):
+        merge_runs([a, lacking])
+    with pytest.raises(UniragError, match=r"self_check \(missing in one\)"):
+        merge_runs([a, _shard(["q3"], self_check=None)])
+
+
+def test_merge_and_compare_name_the_file_and_record_without_an_id(tmp_path, capsys):
+    from unirag.cli import main
+    from unirag.eval import merge_runs, paired_comparison
+
+    broken = _shard(["q3", "q4"])
+    del broken["records"][1]["id"]
+    with pytest.raises(UniragError, match="b.json: record 1 has no question 'id'"):
+        merge_runs([_shard(["q1"]), broken], names=["a.json", "b.json"])
+    with pytest.raises(UniragError, match="B: record 1 has no question 'id'"):
+        paired_comparison(_shard(["q3", "q4"])["records"], broken["records"])
+    (tmp_path / "a.json").write_text(json.dumps(_shard(["q3", "q4"])))
+    (tmp_path / "b.json").write_text(json.dumps(broken))
+    for argv in (["compare", "a.json", "b.json"], ["merge", "m.json", "a.json", "b.json"]):
+        code = main([str(tmp_path / a) if a.endswith(".json") else a for a in argv])
+        err = capsys.readouterr().err
+        assert code == 2 and "b.json: record 1 has no question 'id'" in err and "Traceback" not in err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_merge_refuses_summary_out_equal_to_out(tmp_path, capsys):
+    from unirag.cli import main
+
+    for name, ids in (("a.json", ["q1"]), ("b.json", ["q2"])):
+        (tmp_path / name).write_text(json.dumps(_shard(ids)))
+    out = tmp_path / "eval_m_fp32.json"
+    argv = ["merge", str(out), str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--summary-out"]
+    assert main([*argv, str(out)]) == 2
+    assert "OUT and --summary-out are the same file" in capsys.readouterr().err and not out.exists()
+    assert main([*argv, str(tmp_path / "b.json")]) == 2
+    assert "overwrite one of the shards" in capsys.readouterr().err
+    assert main([*argv, str(tmp_path / "s.json")]) == 0
+    assert len(json.loads(out.read_text())["records"]) == 2

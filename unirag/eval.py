@@ -325,10 +325,15 @@ def merge_runs(blobs: Sequence[dict], names: Sequence[str] | None = None) -> dic
             if summary.get(key) != first.get(key):
                 raise UniragError(f"{name} has {key} {summary.get(key)!r}, {names[0]} {first.get(key)!r}: "
                                   "merge shards of one run only.")
-        labels = {key for key in (*summary, *first) if key not in _COMPUTED and key != "retrieval"}
-        differing = sorted(key for key in labels if summary.get(key) != first.get(key))
+        # Every label, nested settings included: one differing setting (or corpus fingerprint) is another run.
+        differing = _label_differences(
+            {key: value for key, value in first.items() if key not in _COMPUTED and key != "retrieval"},
+            {key: value for key, value in summary.items() if key not in _COMPUTED and key != "retrieval"},
+        )
         if differing:
             raise UniragError(f"{name} and {names[0]} differ in {', '.join(differing)}: merge shards of one run only.")
+    for blob, name in zip(blobs, names, strict=True):
+        check_record_ids(blob["records"], name)
     records, seen = [], {}
     for blob, name in zip(blobs, names, strict=True):
         for record in blob["records"]:
@@ -348,10 +353,37 @@ def merge_runs(blobs: Sequence[dict], names: Sequence[str] | None = None) -> dic
     return {"summary": summary, "records": records}
 
 
+_MISSING = object()
+
+
+def _label_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two label dicts, a key missing on one side included
+    (`settings.beam_width`, `corpus_fingerprint (missing in one)`)."""
+    differing = []
+    for key in sorted({*a, *b}, key=str):
+        x, y = a.get(key, _MISSING), b.get(key, _MISSING)
+        if isinstance(x, dict) and isinstance(y, dict):
+            differing.extend(_label_differences(x, y, f"{prefix}{key}."))
+        elif x is _MISSING or y is _MISSING:
+            differing.append(f"{prefix}{key} (missing in one)")
+        elif _jsonable(x) != _jsonable(y):
+            differing.append(f"{prefix}{key}")
+    return differing
+
+
+def check_record_ids(records: Sequence, name: str) -> None:
+    """Every record is an object with a string `id` (merge and compare match questions by it)."""
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str) or not record["id"]:
+            raise UniragError(f"{name}: record {i} has no question 'id'; pass `eval --out` files, whose every "
+                              "record names its question.")
+
+
 def paired_comparison(records_a: list[dict], records_b: list[dict], metric: str = "accuracy") -> dict:
     """Two systems on the same questions (matched by id): how many only A / only B gets right, and the exact
     two-sided sign test on those discordant questions (the McNemar exact test). `metric` is a 0/1 record field."""
     def by_id(records: list[dict], side: str) -> dict[str, float]:
+        check_record_ids(records, side)
         values = {}
         for r in records:
             if r.get(metric) is None:
