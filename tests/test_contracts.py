@@ -254,3 +254,41 @@ def test_merge_refuses_summary_out_equal_to_out(tmp_path, capsys):
     assert "overwrite one of the shards" in capsys.readouterr().err
     assert main([*argv, str(tmp_path / "s.json")]) == 0
     assert len(json.loads(out.read_text())["records"]) == 2
+
+
+# --- long passages -----------------------------------------------------------------------------------------------
+def test_long_passages_are_truncated_at_a_boundary_with_one_notice(tmp_path, caplog):
+    from unirag.data import MAX_PASSAGE_CHARS, load_corpus, truncate_passage
+
+    sentence = "The river flows north past the old mill. "
+    huge = sentence * (1_000_000 // len(sentence))  # ~1 MB: used to index silently and crash the reader
+    words = "word " * 3000
+    lines = [{"id": "p0", "title": "ok", "text": "short text"}, {"id": "p12", "title": "", "text": huge},
+             {"id": "p40", "title": "", "text": words}, {"id": "p41", "title": "", "text": "x" * 9000}]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with caplog.at_level("WARNING", logger="unirag.data"):
+        corpus = load_corpus(path)
+    assert corpus["p0"].text == "short text"
+    cut = corpus["p12"].text
+    assert len(cut) <= MAX_PASSAGE_CHARS and cut.endswith("mill.") and huge.startswith(cut)
+    assert corpus["p40"].text.endswith("word") and len(corpus["p40"].text) <= MAX_PASSAGE_CHARS
+    assert corpus["p41"].text == "x" * MAX_PASSAGE_CHARS  # no boundary at all: a hard cut
+    assert corpus.notices == [f"3 passages longer than {MAX_PASSAGE_CHARS:,} characters were truncated: p12, p40, p41"]
+    assert [r.getMessage() for r in caplog.records].count(f"{path}: {corpus.notices[0]}") == 1
+    assert truncate_passage("short") == "short"
+    assert load_corpus(path).fingerprint == corpus.fingerprint  # deterministic
+
+
+def test_shipped_corpora_keep_their_fingerprints():
+    """Truncation must not touch the shipped corpora: their trees (and checkpoints) stay valid."""
+    from unirag.data import load_corpus
+    from unirag.paths import REPO_ROOT
+
+    root = shared_data()
+    if root is None:
+        pytest.skip("the shared data is not present")
+    for name in ("nq", "squad"):
+        corpus = load_corpus(root / name / "corpus.jsonl")
+        tree = json.loads((REPO_ROOT / "checkpoints" / f"{name}-smollm2" / "docid_tree.json").read_text())
+        assert corpus.notices == [] and corpus.fingerprint == tree["corpus_fingerprint"], name
