@@ -292,3 +292,200 @@ def test_shipped_corpora_keep_their_fingerprints():
         corpus = load_corpus(root / name / "corpus.jsonl")
         tree = json.loads((REPO_ROOT / "checkpoints" / f"{name}-smollm2" / "docid_tree.json").read_text())
         assert corpus.notices == [] and corpus.fingerprint == tree["corpus_fingerprint"], name
+
+
+def _bow():
+    """conftest's BagOfWordsEncoder, taking the `progress` argument corpus_embeddings passes."""
+    from conftest import BagOfWordsEncoder
+
+    class Bow(BagOfWordsEncoder):
+        def encode_passages(self, texts, progress=True):
+            return self._enc(texts)
+
+    return Bow()
+
+
+# --- corrupt caches ------------------------------------------------------------------------------------------------
+def _small_corpus(n=30, tag="a"):
+    from unirag.data import Corpus, Passage
+
+    topics = ["football team goals", "river mountain lake", "piano music opera"]
+    return Corpus([Passage(f"d{i:02d}", f"T{i}", f"{topics[i % 3]} {tag}{i} words") for i in range(n)],
+                  source=f"/data/{tag}/corpus.jsonl")
+
+
+def _corrupt(kind: str, path: Path, meta: Path) -> None:
+    import numpy as np
+
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif kind == "wrong rows":
+        np.save(path, np.load(path)[:-1])
+    elif kind == "wrong width":
+        np.save(path, np.load(path)[:, :32])
+    elif kind == "nan":
+        emb = np.load(path)
+        emb[3, 5] = np.nan
+        np.save(path, emb)
+    elif kind == "inf same checksum":  # the array altered and the checksum updated: the values still count
+        emb = np.load(path)
+        emb[0, 0] = np.inf
+        np.save(path, emb)
+        blob = json.loads(meta.read_text())
+        import hashlib
+
+        blob["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        meta.write_text(json.dumps(blob))
+    elif kind == "integer dtype":
+        np.save(path, np.zeros(np.load(path).shape, dtype=np.int64))
+        blob = json.loads(meta.read_text())
+        del blob["sha256"]  # an old cache without a checksum is still checked
+        meta.write_text(json.dumps(blob))
+    elif kind == "bad metadata":
+        meta.write_text('{"corpus_fingerp')
+    elif kind == "garbage":
+        path.write_bytes(b"not an array at all")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "wrong rows", "wrong width", "nan", "inf same checksum",
+                                  "integer dtype", "bad metadata", "garbage"])
+def test_corrupt_embedding_caches_are_detected_and_rebuilt(kind, tmp_path, monkeypatch, caplog):
+    import numpy as np
+
+    from unirag.docids import corpus_embeddings, embeddings_path
+
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
+    corpus, encoder = _small_corpus(), _bow()
+    first = corpus_embeddings(corpus, encoder, progress=False)
+    path = embeddings_path(corpus, encoder.name)
+    meta = path.with_suffix(".json")
+    assert json.loads(meta.read_text())["sha256"]
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, meta.name])  # no temp files
+    _corrupt(kind, path, meta)
+    with caplog.at_level("WARNING", logger="unirag.docids"):
+        again = corpus_embeddings(corpus, encoder, progress=False)
+    assert np.array_equal(again, first)
+    assert any(f"the cached embeddings at {path} were corrupt" in r.getMessage() and "rebuilding" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="unirag.docids"):  # rebuilt sound: read back quietly
+        assert np.array_equal(corpus_embeddings(corpus, encoder, progress=False), first)
+    assert not caplog.records
+
+
+def test_a_cache_without_checksum_is_kept_and_gets_one(tmp_path, monkeypatch):
+    from conftest import BagOfWordsEncoder
+
+    from unirag.docids import corpus_embeddings, embeddings_path
+
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
+    corpus, encoder = _small_corpus(), _bow()
+    corpus_embeddings(corpus, encoder, progress=False)
+    meta = embeddings_path(corpus, encoder.name).with_suffix(".json")
+    blob = json.loads(meta.read_text())
+    checksum = blob.pop("sha256")
+    meta.write_text(json.dumps(blob))
+
+    class Refuses(BagOfWordsEncoder):  # the cache is keyed by the encoder's name ("bow")
+        def encode_passages(self, texts, progress=True):
+            raise AssertionError("a sound cache must not be re-encoded")
+
+    corpus_embeddings(corpus, Refuses(), progress=False)
+    assert json.loads(meta.read_text())["sha256"] == checksum
+
+
+def test_an_encoder_returning_nan_is_an_error_not_a_cache(tmp_path, monkeypatch):
+    import numpy as np
+    from conftest import BagOfWordsEncoder
+
+    from unirag.docids import corpus_embeddings, embeddings_path
+
+    class NaNs(BagOfWordsEncoder):
+        def encode_passages(self, texts, progress=True):
+            out = self._enc(texts)
+            out[2] = np.nan
+            return out
+
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
+    corpus = _small_corpus()
+    with pytest.raises(UniragError, match="NaN or inf embeddings for 1 passages.*d02"):
+        corpus_embeddings(corpus, NaNs(), progress=False)
+    assert not embeddings_path(corpus, "bow").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json", "edited docids", "other documents", "other config"])
+def test_corrupt_cached_trees_are_rebuilt(damage, tmp_path, monkeypatch, caplog):
+    from unirag.docids import TreeConfig, load_or_build_tree, tree_path
+
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
+    corpus, config = _small_corpus(), TreeConfig(k=3, c=4, encoder="bow")
+    tree = load_or_build_tree(corpus, config, encoder=_bow(), progress=False)
+    path = tree_path(corpus, config)
+    text = path.read_text()
+    blob = json.loads(text)
+    if damage == "truncated":
+        path.write_text(text[: len(text) // 2])
+    elif damage == "not json":
+        path.write_bytes(b"\xff\xfe garbage")
+    elif damage == "edited docids":
+        blob["docids"][0] = [-1]
+        path.write_text(json.dumps(blob))
+    elif damage == "other documents":
+        blob["doc_ids"][0] = "intruder"
+        path.write_text(json.dumps(blob))
+    else:
+        blob["config"]["k"] = 7
+        path.write_text(json.dumps(blob))
+    with caplog.at_level("WARNING", logger="unirag.docids"):
+        rebuilt = load_or_build_tree(corpus, config, encoder=_bow(), progress=False)
+    assert rebuilt.docids == tree.docids and rebuilt.labels == tree.labels
+    assert any(f"the cached docid tree at {path} was corrupt" in r.getMessage() for r in caplog.records)
+    assert json.loads(path.read_text()) == json.loads(text)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # written via a temp file, none left
+
+
+# --- a tree for another corpus -------------------------------------------------------------------------------------
+def test_a_tree_for_another_corpus_says_which_corpus_it_was_built_for(tmp_path):
+    from conftest import BagOfWordsEncoder
+
+    from unirag.docids import DocidTree, TreeConfig, build_tree
+    from unirag.errors import FingerprintMismatchError
+
+    squad, nq = _small_corpus(tag="squad"), _small_corpus(tag="nq")
+    tree = build_tree(squad, BagOfWordsEncoder().encode_passages([p.text for p in squad]), TreeConfig(k=3, c=4))
+    path = tmp_path / "tree.json"
+    tree.save(path)
+    assert json.loads(path.read_text())["corpus_name"] == "squad"
+    assert DocidTree.load(path, squad).corpus_name == "squad"
+    with pytest.raises(FingerprintMismatchError) as err:
+        DocidTree.load(path, nq)
+    message = str(err.value)
+    assert f"built for another corpus: corpus 'squad' (fingerprint {squad.fingerprint}), not for 'nq'" in message
+    assert nq.fingerprint in message and "unirag index" not in message
+    changed = _small_corpus(tag="squad", n=31)  # same folder, other content: rebuilding is the advice
+    with pytest.raises(FingerprintMismatchError, match="'squad' has changed since: rebuild the tree"):
+        DocidTree.load(path, changed)
+    old = json.loads(path.read_text())
+    del old["corpus_name"]  # trees saved before the key: the fingerprint alone
+    path.write_text(json.dumps(old))
+    assert DocidTree.load(path, squad).corpus_name is None
+    with pytest.raises(FingerprintMismatchError, match=f"another corpus: fingerprint {squad.fingerprint}, not"):
+        DocidTree.load(path, nq)
+
+
+def test_shipped_trees_load_with_their_corpus_names():
+    from unirag.data import load_corpus
+    from unirag.docids import DocidTree
+    from unirag.errors import FingerprintMismatchError
+    from unirag.paths import REPO_ROOT
+
+    root = shared_data()
+    for name in ("nq", "squad"):
+        path = REPO_ROOT / "checkpoints" / f"{name}-smollm2" / "docid_tree.json"
+        assert DocidTree.load(path).corpus_name == name
+        if root is not None:
+            assert len(DocidTree.load(path, load_corpus(root / name / "corpus.jsonl"))) > 2000
+    if root is not None:
+        with pytest.raises(FingerprintMismatchError, match="built for another corpus: corpus 'nq'.*not for 'squad'"):
+            DocidTree.load(REPO_ROOT / "checkpoints" / "nq-smollm2" / "docid_tree.json",
+                           load_corpus(root / "squad" / "corpus.jsonl"))
