@@ -181,7 +181,7 @@ def run_eval(
     done: dict[str, dict] = {}
     wall_before = 0.0
     sidecar = partial_path(out_path) if out_path is not None else None
-    if out_path is not None and sidecar is not None:
+    if out_path is not None and sidecar is not None:  # (both or neither; spelled out for the type checker)
         if out_path.exists() and not overwrite:
             if not resume:
                 raise UniragError(f"{out_path} already exists: pass --resume to keep it or --overwrite to replace it.")
@@ -199,16 +199,19 @@ def run_eval(
             done = {r["id"]: r for r in records}
         # (Re)write the sidecar cleanly: a line cut by a kill must not sit before the new records.
         tmp = sidecar.with_name(sidecar.name + f".{os.getpid()}.tmp")
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.write(json.dumps(header) + "\n")
-            if done:
-                handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))
-                handle.write(json.dumps({"batch_wall_time_s": wall_before}) + "\n")
-        os.replace(tmp, sidecar)
+        try:
+            with tmp.open("w", encoding="utf-8") as handle:
+                handle.write(json.dumps(header) + "\n")
+                if done:
+                    handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))
+                    handle.write(json.dumps({"batch_wall_time_s": wall_before}) + "\n")
+            os.replace(tmp, sidecar)
+        finally:
+            tmp.unlink(missing_ok=True)
     todo = [q for q in questions if q.id not in done]
     fresh: dict[str, dict] = {}
     wall = wall_before
-    with (sidecar.open("a", encoding="utf-8") if sidecar is not None else _NoFile()) as handle, \
+    with (sidecar.open("a", encoding="utf-8") if sidecar is not None else open(os.devnull, "w")) as handle, \
             tqdm(total=len(questions), initial=len(done), desc=f"eval {system}", unit="q", disable=not progress) as bar:
         for i in range(0, len(todo), batch_size):
             start = time.perf_counter()
@@ -228,25 +231,8 @@ def run_eval(
     summary.update(labels or {})
     if out_path is not None:
         write_json_atomic(out_path, {"summary": summary, "records": records})
-        if sidecar is not None:
-            sidecar.unlink(missing_ok=True)
+        partial_path(out_path).unlink(missing_ok=True)
     return summary
-
-
-class _NoFile:
-    """A write sink for `run_eval` without an output file."""
-
-    def __enter__(self) -> _NoFile:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-    def write(self, text: str) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
 
 
 def _finished_summary(out_path: Path, header: dict, questions: list[Question]) -> dict:
