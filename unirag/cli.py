@@ -230,21 +230,23 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _read_records_file(path: str) -> dict:
+    from unirag.eval import check_record_ids
+
     try:
         blob = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise UniragError(f"{path} is not a readable JSON file ({exc}).") from None
     if not isinstance(blob, dict) or not isinstance(blob.get("records"), list):
         raise UniragError(f"{path} has no per-question records: pass an `eval --out` file, not a summary.")
+    check_record_ids(blob["records"], path)
     return blob
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from unirag.eval import merge_runs, run_name, write_json_atomic
+    from unirag.eval import check_output_paths, merge_runs, run_name, write_json_atomic
 
-    targets = [Path(t).resolve() for t in (args.out, args.summary_out) if t]
-    if any(t in {Path(s).resolve() for s in args.shards} for t in targets):
-        raise UniragError("The merged file would overwrite one of the shards; give another name.")
+    # Before reading anything: OUT == --summary-out would keep the summary alone, OUT == a shard loses it.
+    check_output_paths({"OUT": args.out, "--summary-out": args.summary_out}, args.shards, what="shards")
     merged = merge_runs([_read_records_file(path) for path in args.shards], names=args.shards)
     write_json_atomic(args.out, merged)
     if args.summary_out:
