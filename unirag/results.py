@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from unirag.errors import UniragError
+from unirag.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
-STORE_DIR = Path(os.environ.get("UNIRAG_RESULTS", REPO / "results"))
+# UNIRAG_RESULTS points elsewhere (a copy of the store, tests).
+STORE_DIR = Path(os.environ.get("UNIRAG_RESULTS") or REPO_ROOT / "results")
 MACHINE = "2-core CPU, 24 GB"
 LLM = "embedded SmolLM2-135M-Instruct"
 
@@ -104,9 +105,12 @@ def _key(row: Mapping[str, Any]) -> tuple[str, str, str, str]:
 # --------------------------------------------------------------------------------------------- load / append
 
 
-def load_store(store_dir: Path | str = STORE_DIR, corpus: str | None = None) -> list[dict[str, Any]]:
-    """Every row of `<store_dir>/*.jsonl` (or `<corpus>.jsonl`), validated; errors name the file and line."""
-    store_dir = Path(store_dir)
+def load_store(store_dir: Path | str | None = None, corpus: str | None = None) -> list[dict[str, Any]]:
+    """Every row of `<store_dir>/*.jsonl` (or `<corpus>.jsonl`), validated; errors name the file and line.
+
+    `store_dir` defaults to the repository's `results/` (or UNIRAG_RESULTS).
+    """
+    store_dir = Path(store_dir or STORE_DIR)
     paths = [store_dir / f"{corpus}.jsonl"] if corpus else sorted(store_dir.glob("*.jsonl"))
     rows: list[dict[str, Any]] = []
     seen: dict[tuple[str, str, str, str], str] = {}
@@ -134,7 +138,7 @@ def _dump(row: Mapping[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=False)
 
 
-def append_run(row: dict[str, Any], store_dir: Path = STORE_DIR, replace: bool = False) -> Path:
+def append_run(row: dict[str, Any], store_dir: Path | None = None, replace: bool = False) -> Path:
     """Add `row` to `<store_dir>/<corpus>.jsonl` and return that path.
 
     Refuses a row whose run name, corpus, precision and split are already stored, unless `replace` (then the old
@@ -142,7 +146,7 @@ def append_run(row: dict[str, Any], store_dir: Path = STORE_DIR, replace: bool =
     leaves half a store.
     """
     validate_row(row, f"new row {row.get('run')!r}" if isinstance(row, dict) else "new row")
-    store_dir = Path(store_dir)
+    store_dir = Path(store_dir or STORE_DIR)
     store_dir.mkdir(parents=True, exist_ok=True)
     path = store_dir / f"{row['corpus']}.jsonl"
     old = load_store(store_dir, row["corpus"])
@@ -194,8 +198,10 @@ TABLE_HEADERS = ("run", "n", "accuracy", "EM", "F1", "R@1", "R@3", "context toke
 
 def _order(row: Mapping[str, Any]) -> tuple:
     s = row["settings"]
-    return (SYSTEMS.index(row["system"]) if row["system"] != "joint" or not s.get("recommended") else 0.5,
-            s.get("rag_k") or 0, s.get("k_docs") or 0, row["run"])
+    # The recommended joint setting right after the RAG rows it is measured against.
+    return (SYSTEMS.index(row["system"]) if not s.get("recommended") else SYSTEMS.index("rag") + 0.5,
+            s.get("rag_k") or 0, s.get("k_docs") or 0, s.get("joint_reader") != "base", s.get("beam_width") or 0,
+            s.get("self_check") or 0, s.get("self_check_weight") or 0, row["run"])
 
 
 def table(rows: Iterable[Mapping[str, Any]], corpus: str, precision: str, split: str = "dev") -> list[dict]:
@@ -222,12 +228,17 @@ def _cell(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _p_cell(p: Any) -> str:
+    # p spans 0.5 to 1e-7: two significant digits; a bound such as "<1e-4" is kept as written.
+    return f"{p:.2g}" if isinstance(p, float) else _cell(p)
+
+
 def render_table(rows: Iterable[Mapping[str, Any]], corpus: str, precision: str, split: str = "dev") -> str:
     lines = ["| " + " | ".join(TABLE_HEADERS) + " |", "|" + "---|" * len(TABLE_HEADERS)]
     for t in table(rows, corpus, precision, split):
         name = f"**{t['run']}** (recommended)" if t["recommended"] else t["run"]
         cells = [name, _cell(t["n"]), *(_cell(t[k]) for k in ("accuracy", "em", "f1", "recall@1", "recall@3")),
-                 _cell(t["context"], 0), _cell(t["latency_ms"], 0), _cell(t["p_vs_rag5"])]
+                 _cell(t["context"], 0), _cell(t["latency_ms"], 0), _p_cell(t["p_vs_rag5"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -263,7 +274,7 @@ def quantization_cost(rows: Iterable[Mapping[str, Any]]) -> list[str]:
 
 
 MARKER = re.compile(r"(<!-- results:(?P<corpus>[\w-]+):(?P<precision>\w+)(?::(?P<split>[^ ]+))? -->\n)"
-                    r"(?P<body>.*?)(<!-- /results -->)", re.S)
+                    r"(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
 
 
 def update_report(text: str, rows: Sequence[Mapping[str, Any]]) -> str:
@@ -273,7 +284,7 @@ def update_report(text: str, rows: Sequence[Mapping[str, Any]]) -> str:
         if precision not in PRECISIONS or split not in SPLITS:
             raise UniragError(f"bad results marker {match.group(1).strip()!r}: precision one of "
                               f"{', '.join(PRECISIONS)}, split one of {', '.join(SPLITS)}.")
-        return f"{match.group(1)}{render_table(rows, corpus, precision, split)}\n{match.group(5)}"
+        return f"{match.group(1)}{render_table(rows, corpus, precision, split)}\n{match['end']}"
 
     return MARKER.sub(fill, text)
 
@@ -282,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unirag.results",
                                      description="Regenerate the results tables of a report from the store.")
     parser.add_argument("report", type=Path, help="Markdown file with <!-- results:CORPUS:PRECISION --> markers")
-    parser.add_argument("--store", type=Path, default=STORE_DIR, help="results store folder (default: results/)")
+    parser.add_argument("--store", type=Path, default=None, help="results store folder (default: results/)")
     parser.add_argument("--check", action="store_true", help="exit 1 if the report's tables are stale; write nothing")
     args = parser.parse_args(argv)
     try:
@@ -299,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if new != text:
         args.report.write_text(new, encoding="utf-8")
-        print(f"{args.report}: tables regenerated from {args.store}.")
+        print(f"{args.report}: tables regenerated from {args.store or STORE_DIR}.")
     return 0
 
 
