@@ -246,6 +246,7 @@ def test_eval_rows_and_figure():
     table = viz.eval_rows(rows)
     assert len(table) == 2 and all(len(r) == len(viz.EVAL_HEADERS) for r in table)
     assert table[0][0] == "joint, 1 doc (recommended)" and table[0][6] == "" and table[1][8] == ""
+    assert table[0][9] == "0.054" and viz.eval_rows([dict(rows[0], p_vs_rag5=1e-5)])[0][9] == "1e-05"
     fig = viz.eval_figure(rows, "nq/dev, 4bit")
     # Two traces (accuracy, R@1), one bar each a run, in the table's order (None drawn as 0, "n/a").
     assert [t.name for t in fig.data] == list(viz.EVAL_METRICS)

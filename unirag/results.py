@@ -228,8 +228,9 @@ def _cell(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _p_cell(p: Any) -> str:
-    # p spans 0.5 to 1e-7: two significant digits; a bound such as "<1e-4" is kept as written.
+def format_p(p: Any) -> str:
+    """A p-value as the report writes it: two significant digits (p spans 0.5 to 1e-7); a bound such as "<1e-4"
+    is kept as written; "–" when there is none."""
     return f"{p:.2g}" if isinstance(p, float) else _cell(p)
 
 
@@ -238,7 +239,7 @@ def render_table(rows: Iterable[Mapping[str, Any]], corpus: str, precision: str,
     for t in table(rows, corpus, precision, split):
         name = f"**{t['run']}** (recommended)" if t["recommended"] else t["run"]
         cells = [name, _cell(t["n"]), *(_cell(t[k]) for k in ("accuracy", "em", "f1", "recall@1", "recall@3")),
-                 _cell(t["context"], 0), _cell(t["latency_ms"], 0), _p_cell(t["p_vs_rag5"])]
+                 _cell(t["context"], 0), _cell(t["latency_ms"], 0), format_p(t["p_vs_rag5"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from unirag.answer import Answer
+from unirag.results import format_p
 
 # --------------------------------------------------------------------------------------------- palette
 
@@ -674,7 +675,7 @@ def eval_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
 
     return [[f"{r['run']} (recommended)" if r.get("recommended") else r["run"], r["n"], fmt(r["accuracy"]),
              fmt(r["em"]), fmt(r["f1"]), fmt(r["recall@1"]), fmt(r["recall@3"]), fmt(r["context"], 0),
-             fmt(r["latency_ms"], 0), fmt(r["p_vs_rag5"], 4)] for r in rows]
+             fmt(r["latency_ms"], 0), "" if r["p_vs_rag5"] is None else format_p(r["p_vs_rag5"])] for r in rows]
 
 
 def eval_figure(rows: Sequence[Mapping[str, Any]], title: str = "Accuracy and R@1") -> go.Figure:
