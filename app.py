@@ -271,7 +271,7 @@ def evaluation(pipeline: Pipeline, corpus: str | None = None, precision: str | N
         rows = results_store.load_store()
     except UniragError as exc:  # a hand-edited store with a bad row: say where, keep the page up
         return viz.message_html(str(exc), "warn"), pd.DataFrame([], columns=viz.EVAL_HEADERS), viz.eval_figure([])
-    picked = results_store.table(rows, corpus, precision, split)
+    picked = results_store.table(rows, corpus, precision, split, shipped=None)  # older models last
     if not picked:
         note = viz.message_html(
             f"No runs for {corpus}/{split} in {precision} in `{results_store.STORE_DIR}`. `python -m unirag eval` "

@@ -110,6 +110,10 @@ def test_table_order_render_and_quantization_cost():
         "No RAG", "RAG top-1", "RAG top-5", "joint", "gold passage, base reader"]
     md = results.render_table(rows, "nq", "4bit")
     assert "| **joint** (recommended) | 266 | 0.139 |" in md and md.splitlines()[5].endswith("| 0.01 |")
+    older = _row(run="4-layer model: joint", system="joint", settings={"k_docs": 1, "shipped": False})
+    assert [t["run"] for t in results.table([*rows, older], "nq", "4bit", shipped=False)] == ["4-layer model: joint"]
+    assert results.table([*rows, older], "nq", "4bit", shipped=None)[-1]["run"] == "4-layer model: joint"
+    assert "4-layer" not in results.render_table([*rows, older], "nq", "4bit")
     assert results.quantization_cost(rows) == [
         "nq/dev · RAG top-5: accuracy 0.139 in 4-bit vs 0.297 in fp32 (-15.8 points, n=266)."]
 
@@ -124,5 +128,7 @@ def test_generator_rewrites_and_checks(tmp_path):
     text = report.read_text()
     assert "| RAG top-5 | 266 | 0.139 |" in text and "stale" not in text and text.endswith("tail\n")
     assert results.main([str(report), "--store", str(store), "--check"]) == 0
+    report.write_text("<!-- results:nq:4bit:dev:other -->\n<!-- /results -->\n")
+    assert results.main([str(report), "--store", str(store)]) == 0 and "| RAG top-5 |" not in report.read_text()
     report.write_text("<!-- results:nq:int8 -->\n<!-- /results -->\n")
     assert results.main([str(report), "--store", str(store)]) == 2

@@ -196,19 +196,30 @@ def row_from_summary(summary: dict[str, Any], *, run: str, system: str, corpus: 
 TABLE_HEADERS = ("run", "n", "accuracy", "EM", "F1", "R@1", "R@3", "context tokens", "latency ms", "p vs RAG top-5")
 
 
+def _shipped(row: Mapping[str, Any]) -> bool:
+    # Rows of models that are not the shipped checkpoints (older levers) say settings.shipped = false.
+    return bool(row["settings"].get("shipped", True))
+
+
 def _order(row: Mapping[str, Any]) -> tuple:
     s = row["settings"]
-    # The recommended joint setting right after the RAG rows it is measured against.
-    return (SYSTEMS.index(row["system"]) if not s.get("recommended") else SYSTEMS.index("rag") + 0.5,
-            s.get("rag_k") or 0, s.get("k_docs") or 0, s.get("joint_reader") != "base", s.get("beam_width") or 0,
-            s.get("self_check") or 0, s.get("self_check_weight") or 0, row["run"])
+    # The recommended joint setting right after the RAG rows it is measured against; older models last.
+    return (not _shipped(row), "" if _shipped(row) else str(s.get("checkpoint")),
+            SYSTEMS.index(row["system"]) if not s.get("recommended") else SYSTEMS.index("rag") + 0.5,
+            s.get("pathway_layers") or 0, s.get("rag_k") or 0, s.get("k_docs") or 0, s.get("joint_reader") != "base",
+            s.get("beam_width") or 0, s.get("self_check") or 0, s.get("self_check_weight") or 0, row["run"])
 
 
-def table(rows: Iterable[Mapping[str, Any]], corpus: str, precision: str, split: str = "dev") -> list[dict]:
+def table(rows: Iterable[Mapping[str, Any]], corpus: str, precision: str, split: str = "dev",
+          shipped: bool | None = True) -> list[dict]:
     """The report's rows for one corpus, precision and split, in reading order: No RAG, RAG k=1/3/5, the joint
-    model's recommended setting, the other joint rows, then the ablation systems and the gold-passage ceilings."""
+    model's recommended setting, the other joint rows, then the ablation systems and the gold-passage ceilings.
+
+    `shipped`: True keeps the baselines and the shipped checkpoints' rows, False the older models' rows, None all
+    (older models last).
+    """
     picked = sorted((r for r in rows if r["corpus"] == corpus and r["precision"] == precision
-                     and r["split"] == split), key=_order)
+                     and r["split"] == split and (shipped is None or _shipped(r) == shipped)), key=_order)
     out = []
     for r in picked:
         m = r["metrics"]
@@ -234,9 +245,10 @@ def format_p(p: Any) -> str:
     return f"{p:.2g}" if isinstance(p, float) else _cell(p)
 
 
-def render_table(rows: Iterable[Mapping[str, Any]], corpus: str, precision: str, split: str = "dev") -> str:
+def render_table(rows: Iterable[Mapping[str, Any]], corpus: str, precision: str, split: str = "dev",
+                 shipped: bool | None = True) -> str:
     lines = ["| " + " | ".join(TABLE_HEADERS) + " |", "|" + "---|" * len(TABLE_HEADERS)]
-    for t in table(rows, corpus, precision, split):
+    for t in table(rows, corpus, precision, split, shipped):
         name = f"**{t['run']}** (recommended)" if t["recommended"] else t["run"]
         cells = [name, _cell(t["n"]), *(_cell(t[k]) for k in ("accuracy", "em", "f1", "recall@1", "recall@3")),
                  _cell(t["context"], 0), _cell(t["latency_ms"], 0), format_p(t["p_vs_rag5"])]
@@ -274,18 +286,21 @@ def quantization_cost(rows: Iterable[Mapping[str, Any]]) -> list[str]:
 # --------------------------------------------------------------------------------------------- the report
 
 
-MARKER = re.compile(r"(<!-- results:(?P<corpus>[\w-]+):(?P<precision>\w+)(?::(?P<split>[^ ]+))? -->\n)"
+MARKER = re.compile(r"(<!-- results:(?P<corpus>[\w-]+):(?P<precision>\w+)(?::(?P<split>dev(?:\[:\d+\])?))?"
+                    r"(?::(?P<other>other))? -->\n)"
                     r"(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
 
 
 def update_report(text: str, rows: Sequence[Mapping[str, Any]]) -> str:
-    """`text` with every `<!-- results:CORPUS:PRECISION[:SPLIT] -->` … `<!-- /results -->` block regenerated."""
+    """`text` with every `<!-- results:CORPUS:PRECISION[:SPLIT][:other] -->` … `<!-- /results -->` block
+    regenerated (`:other`: the rows of older, not shipped models)."""
     def fill(match: re.Match) -> str:
         corpus, precision, split = match["corpus"], match["precision"], match["split"] or "dev"
         if precision not in PRECISIONS or split not in SPLITS:
             raise UniragError(f"bad results marker {match.group(1).strip()!r}: precision one of "
                               f"{', '.join(PRECISIONS)}, split one of {', '.join(SPLITS)}.")
-        return f"{match.group(1)}{render_table(rows, corpus, precision, split)}\n{match['end']}"
+        body = render_table(rows, corpus, precision, split, shipped=not match["other"])
+        return f"{match.group(1)}{body}\n{match['end']}"
 
     return MARKER.sub(fill, text)
 
