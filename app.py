@@ -25,6 +25,7 @@ try:
     import gradio as gr
     import pandas as pd
 
+    from unirag import results as results_store
     from unirag import viz
     from unirag.errors import UniragError
     from unirag.pipeline import (
@@ -32,8 +33,6 @@ try:
         AppConfig,
         Comparison,
         Pipeline,
-        load_eval_results,
-        quantization_cost,
     )
 except ImportError as _exc:  # no page without gradio: say what to install instead of a traceback
     sys.exit(f"error: the package `{_exc.name}` is not installed. Run `make app` (or "
@@ -264,28 +263,35 @@ def cluster_docs(pipeline: Pipeline, corpus: str, prefix: str | None) -> str:
     return viz.cluster_docs_html(bundle.tree, parsed, bundle.texts(), limit=30 if not parsed else 200)
 
 
-def evaluation(pipeline: Pipeline) -> tuple:
-    results = load_eval_results(pipeline.settings.checkpoint_dir)
-    if not results:
+def evaluation(pipeline: Pipeline, corpus: str | None = None, precision: str | None = None,
+               split: str = "dev") -> tuple:
+    """The results store's runs for one corpus, precision and split: a note, the table, the chart."""
+    corpus = corpus or "nq"
+    precision = precision or pipeline.config.precision
+    try:
+        rows = results_store.load_store()
+    except UniragError as exc:  # a hand-edited store with a bad row: say where, keep the page up
+        return viz.message_html(str(exc), "warn"), pd.DataFrame([], columns=viz.EVAL_HEADERS), viz.eval_figure([])
+    picked = results_store.table(rows, corpus, precision, split, shipped=None)  # older models last
+    if not picked:
         note = viz.message_html(
-            f"No evaluation results yet: no `eval_*.json` in `{pipeline.settings.checkpoint_dir}/*/`. Write them with "
-            "`python -m unirag eval --system joint --checkpoint checkpoints/nq-smollm2 --k 2 --load-in-4bit --corpus "
-            "../shared/data/nq/corpus.jsonl --questions ../shared/data/nq/dev.jsonl --summary-out "
-            "checkpoints/nq-smollm2/eval_nq-dev-joint-k2_4bit.json` (and the same without `--load-in-4bit` into "
-            "`eval_nq-dev-joint-k2_fp32.json`: the About tab then shows the accuracy cost of 4-bit).",
-            "info")
+            f"No runs for {corpus}/{split} in {precision} in `{results_store.STORE_DIR}`. `python -m unirag eval` "
+            "measures one; `unirag.results.append_run` stores it.", "info")
     else:
-        where = html.escape(str(pipeline.settings.checkpoint_dir))
-        note = f'<div class="ur-muted">{len(results)} result file(s) from {where}.</div>'
-    table = pd.DataFrame(viz.eval_rows(results), columns=viz.EVAL_HEADERS)
-    return note, table, viz.eval_figure(results)
+        note = (f'<div class="ur-muted">{len(picked)} run(s) of {html.escape(corpus)}/{html.escape(split)} in '
+                f"{html.escape(precision)} from the results store (<code>results/{html.escape(corpus)}.jsonl</code>; "
+                "docs/RESULTS.md is generated from it).</div>")
+    table = pd.DataFrame(viz.eval_rows(picked), columns=viz.EVAL_HEADERS)
+    return note, table, viz.eval_figure(picked, f"{corpus}/{split}, {precision}: accuracy and R@1")
 
 
 def about_markdown(pipeline: Pipeline) -> str:
-    cost = quantization_cost(load_eval_results(pipeline.settings.checkpoint_dir))
+    try:
+        cost = results_store.quantization_cost(results_store.load_store())
+    except UniragError:
+        cost = []
     cost_text = "\n".join(f"  - {line}" for line in cost) if cost else (
-        "  - not measured yet (no pair of 4-bit and fp32 `eval_*.json` results for the same system and corpus in the "
-        "checkpoint folders)")
+        "  - not measured yet (no run of the results store in both 4-bit and fp32)")
     sides = ("The two sides answer at the same time, each on its own thread: the latency on each card was measured "
              "while the other side was running." if pipeline.config.parallel_sides else
              "The two sides answer one after the other (`UNIRAG_PARALLEL_SIDES=0`).")
@@ -455,11 +461,19 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                 cluster_html = gr.HTML("", elem_id="ur-cluster-docs")
 
             with gr.Tab("Evaluation", id="eval"):
+                with gr.Row():
+                    eval_corpus = gr.Dropdown(choices=[(v, k) for k, v in CORPUS_LABELS.items()],
+                                              value=default_corpus, label="Corpus", scale=1, elem_id="ur-eval-corpus")
+                    eval_precision = gr.Radio(choices=list(PRECISIONS), value=pipeline.config.precision,
+                                              label="Precision", scale=1, elem_id="ur-eval-precision")
+                    eval_split = gr.Radio(choices=list(results_store.SPLITS), value="dev", scale=1,
+                                          label="Questions (dev[:300]: the first 300, older runs)")
+                    refresh = gr.Button("Reload results", size="sm", scale=0)
                 eval_note = gr.HTML("")
                 eval_table = gr.Dataframe(pd.DataFrame([], columns=viz.EVAL_HEADERS), interactive=False,
-                                          label="Results")
-                eval_plot = gr.Plot(label="Metrics")
-                refresh = gr.Button("Reload results", size="sm")
+                                          label="Runs (results store)", wrap=True)
+                gr.Markdown(results_store.METRIC_DEFINITIONS, elem_id="ur-eval-metrics")
+                eval_plot = gr.Plot(label="Accuracy and R@1")
 
             with gr.Tab("About", id="about"):
                 about = gr.Markdown(about_markdown(pipeline))
@@ -485,8 +499,8 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
         def on_tick():
             return banner_html(pipeline), gr.Timer(active=_loading(pipeline))
 
-        def on_eval():
-            return (*evaluation(pipeline), about_markdown(pipeline))
+        def on_eval(corpus_name, precision, split):
+            return (*evaluation(pipeline, corpus_name, precision, split), about_markdown(pipeline))
 
         def on_example(sample):
             return sample[0] if isinstance(sample, (list, tuple)) else sample
@@ -500,12 +514,15 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
         corpus.change(lambda: gr.Timer(active=True), None, timer, api_name=False, queue=False).then(
             _guard(on_corpus), corpus, corpus_outputs, api_name=False, concurrency_id="models")
         demo.load(_guard(on_corpus), corpus, corpus_outputs, api_name=False)
-        demo.load(on_eval, None, [eval_note, eval_table, eval_plot, about], api_name=False)
+        eval_inputs, eval_outputs = [eval_corpus, eval_precision, eval_split], [eval_note, eval_table, eval_plot, about]
+        demo.load(on_eval, eval_inputs, eval_outputs, api_name=False)
         timer.tick(on_tick, None, [banner, timer], api_name=False, queue=False, show_progress="hidden")
         cluster.change(_guard(on_cluster), [corpus, cluster], cluster_html, api_name=False)
         prefix_box.submit(_guard(on_cluster), [corpus, prefix_box], cluster_html, api_name=False)
         tree_tab.select(_guard(on_tree_tab), [corpus, last], [tree_plot, cluster], api_name=False)
-        refresh.click(on_eval, None, [eval_note, eval_table, eval_plot, about], api_name=False)
+        refresh.click(on_eval, eval_inputs, eval_outputs, api_name=False)
+        for control in eval_inputs:
+            control.change(on_eval, eval_inputs, eval_outputs, api_name=False, queue=False)
     return demo
 
 

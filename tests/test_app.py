@@ -293,26 +293,16 @@ def test_recommended_settings_start_the_page_and_weight_the_self_check(tiny, tmp
     assert any("ignoring the checkpoint's recommended settings" in m for m in messages)
 
 
-def test_eval_results_and_quantization_cost(tmp_path):
-    from unirag.pipeline import load_eval_results, quantization_cost
+def test_quantization_cost_from_the_store():
+    from unirag import results
 
-    folder = tmp_path / "nq-smollm2"
-    folder.mkdir()
-    base = {"system": "joint", "n": 50, "em": 0.1, "f1": 0.2, "recall@1": 0.5, "recall@k": 0.7, "k": 2,
-            "context_tokens_mean": 300.0, "latency_ms_median": 900.0}
-    (folder / "eval_joint_4bit.json").write_text(json.dumps({"summary": {**base, "accuracy": 0.30}, "records": []}))
-    (folder / "eval_joint_fp32.json").write_text(json.dumps({"summary": {**base, "accuracy": 0.34}}))
-    (folder / "eval_broken.json").write_text("{")
-    rows = load_eval_results(tmp_path)
-    assert {(r["corpus"], r["precision"]) for r in rows} == {("nq", "4bit"), ("nq", "fp32")}
-    cost = quantization_cost(rows)
-    assert len(cost) == 1 and "-4.0 points" in cost[0]
-    assert quantization_cost(rows[:1]) == []
-    # Another run of the same system (k=3) is paired with its own fp32 run, not mixed with k=2.
-    (folder / "eval_joint-k3_4bit.json").write_text(json.dumps({**base, "k": 3, "accuracy": 0.20}))
-    (folder / "eval_joint-k3_fp32.json").write_text(json.dumps({**base, "k": 3, "accuracy": 0.25}))
-    cost = quantization_cost(load_eval_results(tmp_path))
-    assert len(cost) == 2 and any("-4.0 points" in c for c in cost) and any("-5.0 points" in c for c in cost)
+    rows = results.load_store()
+    cost = results.quantization_cost(rows)
+    # One sentence a run measured in both precisions, paired by corpus, split and run name (k=2 and k=3 apart).
+    assert any(c.startswith("nq/dev · RAG top-5: accuracy 0.139 in 4-bit vs 0.297 in fp32 (-15.8 points")
+               for c in cost)
+    assert sum("joint, 2 docs, beam 10, stage-2 reader" in c for c in cost) == 2  # nq dev and squad dev[:300]
+    assert results.quantization_cost([r for r in rows if r["precision"] == "4bit"]) == []
 
 
 # --------------------------------------------------------------------------------------------- fast: callbacks
@@ -456,13 +446,25 @@ def test_select_corpus_and_cluster_callbacks(pipeline):
     assert all(s is not None and not hasattr(s, "value") for s in sliders)  # gr.skip(): left as they are
 
 
-def test_evaluation_and_about(pipeline):
+def test_evaluation_and_about(pipeline, tmp_path, monkeypatch):
     import app
+    from unirag import results, viz
 
-    note, table, fig = app.evaluation(pipeline)
-    assert "No evaluation results yet" in note and table.empty
+    note, table, fig = app.evaluation(pipeline, "nq", "4bit")
+    # The store's nq NF4 runs, in plain words, No RAG first; the chart has one bar pair a run.
+    assert len(table) == sum(r["corpus"] == "nq" and r["precision"] == "4bit" for r in results.load_store())
+    assert list(table["run"][:4]) == ["No RAG", "RAG top-1", "RAG top-3", "RAG top-5"]
+    assert table.iloc[4]["run"].endswith("(recommended)")
+    assert len(fig.data) == 2 and len(fig.data[0].y) == len(table) and fig.layout.height <= viz.EVAL_MAX_HEIGHT
+    assert "results store" in note
+    monkeypatch.setattr(results, "STORE_DIR", tmp_path)
+    note, table, fig = app.evaluation(pipeline, "nq", "fp32")
+    assert "No runs" in note and table.empty
     about = app.about_markdown(pipeline)
     assert "not measured yet" in about
+    (tmp_path / "nq.jsonl").write_text("{\n")
+    note, table, _ = app.evaluation(pipeline, "nq", "fp32")
+    assert "nq.jsonl:1" in note and table.empty
     for ref in ("Retrieval as Reasoning", "NCI", "DSI", "GeAR", "RetroLLM", "UniGen"):
         assert ref in about
 

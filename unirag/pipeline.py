@@ -13,7 +13,6 @@ dense RAG answer is still produced. Errors the user can fix are `UniragError`s w
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ from typing import Any
 from unirag.answer import Answer
 from unirag.data import DATASETS, Corpus, Question, dataset_paths, load_corpus, load_questions, prepare_question
 from unirag.errors import UniragError
-from unirag.eval import contains_answer, normalize_answer, run_name
+from unirag.eval import contains_answer, normalize_answer
 from unirag.paths import REPO_ROOT, default_data_dir
 from unirag.settings import InferenceSettings, check_precision
 
@@ -469,61 +468,3 @@ def mark_gold(answer: Answer, gold: Question | None) -> SideResult:
         result.gold_found = gold.doc_id in ids
         result.gold_rank = ids.index(gold.doc_id) + 1 if result.gold_found else None
     return result
-
-
-# --------------------------------------------------------------------------------------------- evaluation files
-
-
-def _precision_of(path: Path, summary: dict[str, Any]) -> str:
-    value = str(summary.get("precision") or "").lower()
-    if value:
-        return normalize_precision(value)
-    stem = path.stem.lower()
-    if re.search(r"(4bit|nf4|4-bit|int4)", stem):
-        return "4bit"
-    if re.search(r"(fp32|float32|full)", stem):
-        return "fp32"
-    return ""
-
-
-def load_eval_results(checkpoint_dir: Path | str) -> list[dict[str, Any]]:
-    """Summaries of `<checkpoint_dir>/*/eval_*.json` files written by `python -m unirag eval --out`.
-
-    Each row: corpus (from the folder name or the summary), system, precision ("4bit"/"fp32"/""), the metrics,
-    and `file`. Unreadable files are skipped with a console warning.
-    """
-    rows = []
-    for path in sorted(Path(checkpoint_dir).glob("*/eval_*.json")):
-        try:
-            blob = json.loads(path.read_text(encoding="utf-8"))
-            summary = blob["summary"] if isinstance(blob, dict) and "summary" in blob else blob
-            if not isinstance(summary, dict) or "system" not in summary:
-                raise ValueError("no summary with a 'system' field")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            print(f"[unirag] skipping {path}: {exc}", flush=True)
-            continue
-        corpus = summary.get("corpus") or path.parent.name.split("-", 1)[0]
-        rows.append({**summary, "corpus": Path(str(corpus)).parent.name if "/" in str(corpus) else corpus,
-                     "precision": _precision_of(path, summary), "file": f"{path.parent.name}/{path.name}"})
-    return rows
-
-
-def quantization_cost(results: list[dict[str, Any]]) -> list[str]:
-    """Sentences comparing 4-bit and fp32 accuracy of the same system on the same corpus (empty if unmeasured)."""
-    out = []
-    by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-    for r in results:
-        if r.get("precision") in PRECISIONS and r.get("accuracy") is not None:
-            # The run name (file name without the precision) keeps k=2 and k=3 of one system apart.
-            run = run_name(r.get("file", "")) or r["system"]
-            by_key.setdefault((r["corpus"], run), {})[r["precision"]] = r
-    for (corpus, system), pair in sorted(by_key.items()):
-        if "4bit" in pair and "fp32" in pair:
-            q, f = pair["4bit"], pair["fp32"]
-            delta = (q["accuracy"] - f["accuracy"]) * 100
-            lat = ""
-            if q.get("latency_ms_median") and f.get("latency_ms_median"):
-                lat = f"; median latency {q['latency_ms_median']:.0f} ms vs {f['latency_ms_median']:.0f} ms"
-            out.append(f"{corpus} / {system}: accuracy {q['accuracy']:.3f} in 4-bit vs {f['accuracy']:.3f} in fp32 "
-                       f"({delta:+.1f} points, n={q.get('n')}/{f.get('n')}){lat}.")
-    return out
