@@ -275,7 +275,7 @@ def evaluation(pipeline: Pipeline, corpus: str | None = None, precision: str | N
     picked = results_store.table(rows, corpus, precision, split, shipped=None)  # older models last
     if not picked:
         note = viz.message_html(
-            f"No runs for {corpus}/{split} in {precision} in `{results_store.STORE_DIR}`. `python -m unirag eval` "
+            f"No runs for {corpus}/{split} in {precision} in `{results_store.default_store()}`. `python -m unirag eval` "
             "measures one; `unirag.results.append_run` stores it.", "info")
     else:
         note = (f'<div class="ur-muted">{len(picked)} run(s) of {html.escape(corpus)}/{html.escape(split)} in '

@@ -457,7 +457,7 @@ def test_evaluation_and_about(pipeline, tmp_path, monkeypatch):
     assert table.iloc[4]["run"].endswith("(recommended)")
     assert len(fig.data) == 2 and len(fig.data[0].y) == len(table) and fig.layout.height <= viz.EVAL_MAX_HEIGHT
     assert "results store" in note
-    monkeypatch.setattr(results, "STORE_DIR", tmp_path)
+    monkeypatch.setenv("UNIRAG_RESULTS", str(tmp_path))
     note, table, fig = app.evaluation(pipeline, "nq", "fp32")
     assert "No runs" in note and table.empty
     about = app.about_markdown(pipeline)

@@ -272,8 +272,9 @@ def test_compare_two_eval_runs(tmp_path, capsys):
     assert code == 2 and "not a readable JSON file" in err
 
 
-def test_eval_shards_merge_into_the_whole_run(files, capsys, tiny_llm_dirs):
+def test_eval_shards_merge_into_the_whole_run(files, capsys, tiny_llm_dirs, monkeypatch):
     root, corpus, questions = files
+    monkeypatch.setenv("UNIRAG_RESULTS", str(root / "store"))
     questions.write_text("".join(
         json.dumps({"id": f"q{i}", "question": f"city {i}?", "answers": [str(i)], "doc_id": f"d{i}"}) + "\n"
         for i in range(4)))
@@ -286,14 +287,17 @@ def test_eval_shards_merge_into_the_whole_run(files, capsys, tiny_llm_dirs):
     assert shard_ids == [["q0", "q1", "q2"], ["q3"]]
 
     code, out, err = run(capsys, "merge", root / "m.json", root / "a.json", root / "b.json",
-                         "--summary-out", root / "eval_m_fp32.json")
+                         "--record", "merged shards")
     assert code == 0, err
     merged, whole = (json.loads((root / f"{n}.json").read_text()) for n in ("m", "whole"))
     assert [r["id"] for r in merged["records"]] == [r["id"] for r in whole["records"]]
     for key in ("n", "accuracy", "em", "f1", "corpus", "precision", "system", "k"):
         assert merged["summary"][key] == whole["summary"][key], key
     assert len(merged["summary"]["shard_wall_time_s"]) == 2
-    assert json.loads((root / "eval_m_fp32.json").read_text())["summary"]["run"] == "m"
+    from unirag.results import load_store
+
+    (row,) = load_store(root / "store")
+    assert (row["run"], row["n"], row["metrics"]["accuracy"]) == ("merged shards", 4, whole["summary"]["accuracy"])
     assert json.loads(out.strip().splitlines()[-1])["n"] == 4
 
     code, _, err = run(capsys, "merge", root / "m2.json", root / "a.json", root / "whole.json")

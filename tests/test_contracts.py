@@ -241,18 +241,24 @@ def test_merge_and_compare_name_the_file_and_record_without_an_id(tmp_path, caps
     assert not (tmp_path / "m.json").exists()
 
 
-def test_merge_refuses_summary_out_equal_to_out(tmp_path, capsys):
+def test_merge_never_loses_a_shard_and_records_in_the_store(tmp_path, capsys, monkeypatch):
+    """The merged summary goes to the results store, never to a file that could be the records (the old
+    `--summary-out X` with X = OUT kept the summary alone); OUT equal to a shard is refused."""
     from unirag.cli import main
+    from unirag.results import load_store
 
+    monkeypatch.setenv("UNIRAG_RESULTS", str(tmp_path / "store"))
     for name, ids in (("a.json", ["q1"]), ("b.json", ["q2"])):
         (tmp_path / name).write_text(json.dumps(_shard(ids)))
-    out = tmp_path / "eval_m_fp32.json"
-    argv = ["merge", str(out), str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--summary-out"]
-    assert main([*argv, str(out)]) == 2
-    assert "OUT and --summary-out are the same file" in capsys.readouterr().err and not out.exists()
-    assert main([*argv, str(tmp_path / "b.json")]) == 2
+    out = tmp_path / "m.json"
+    argv = ["merge", str(out), str(tmp_path / "a.json"), str(tmp_path / "b.json")]
+    with pytest.raises(SystemExit):  # the option is gone: argparse refuses it
+        main([*argv, "--summary-out", str(out)])
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "b.json"), str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
     assert "overwrite one of the shards" in capsys.readouterr().err
-    assert main([*argv, str(tmp_path / "s.json")]) == 0
+    assert len(json.loads((tmp_path / "b.json").read_text())["records"]) == 1
+    assert main(argv) == 0
     assert len(json.loads(out.read_text())["records"]) == 2
 
 

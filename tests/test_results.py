@@ -57,7 +57,7 @@ def test_load_names_file_and_line_of_a_bad_row(tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"precision": "nf4"}, "precision 'nf4'"),
-    ({"split": "train"}, "split 'train'"),
+    ({"split": "dev;rm"}, "split 'dev;rm'"),
     ({"n": "266"}, "`n` must be int"),
     ({"extra": 1}, "unknown field"),
     ({"metrics": {"accuracy": 0.1}}, "metrics lack"),
@@ -132,3 +132,23 @@ def test_generator_rewrites_and_checks(tmp_path):
     assert results.main([str(report), "--store", str(store)]) == 0 and "| RAG top-5 |" not in report.read_text()
     report.write_text("<!-- results:nq:int8 -->\n<!-- /results -->\n")
     assert results.main([str(report), "--store", str(store)]) == 2
+
+
+def test_recommended_settings_name_their_results_row():
+    """Each shipped recommended setting's reason names a store row measured with exactly those values."""
+    import re
+
+    from unirag.paths import REPO_ROOT
+    from unirag.settings import PRECISIONS, RecommendedSettings
+
+    rows = results.load_store()
+    for ckpt in sorted((REPO_ROOT / "checkpoints").glob("*-smollm2")):
+        corpus = ckpt.name.split("-")[0]
+        for precision in PRECISIONS:
+            rec = RecommendedSettings.load(ckpt, precision)
+            assert rec is not None and "\n" not in rec.reason
+            run = re.match(r"results row '([^']+)'", rec.reason)
+            assert run, rec.reason
+            (row,) = [r for r in rows if (r["run"], r["corpus"], r["precision"], r["split"]) == (
+                run[1], corpus, precision, "dev")]
+            assert {k: row["settings"][k] for k in rec.values} == rec.values

@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="join the eval --out files of question shards into one run")
     merge.add_argument("out", help="merged records file to write (as eval --out)")
     merge.add_argument("shards", nargs="+", help="eval --out files of the shards (same system and setting)")
-    merge.add_argument("--summary-out", default=None, help="also write the summary alone (eval_<run>_<precision>.json)")
+    merge.add_argument("--record", default=None, metavar="RUN",
+                       help="append the merged run, named in plain words, to the results store")
 
     compare = sub.add_parser("compare", help="paired comparison of two eval runs on the same questions")
     compare.add_argument("a", help="eval --out file (records) of system A")
@@ -189,6 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     k = s.documents_read(settings)
     labels = {
         "corpus": Path(args.corpus).resolve().parent.name,
+        "split": Path(args.questions).stem,
         "corpus_fingerprint": corpus.fingerprint,
         "precision": settings.precision,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
@@ -201,17 +203,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     summary = run_eval(lambda qs: system.answer_many(qs, settings), args.system, questions, k, batch_size=batch,
                        out=args.out, labels=labels, resume=args.resume, overwrite=args.overwrite)
     if args.record:
-        from unirag.results import append_run, row_from_summary
-
-        split = Path(args.questions).stem + (f"[{args.offset}:{args.offset + len(questions)}]"
-                                             if args.offset or args.limit else "")
-        row = row_from_summary(summary, run=args.record, system=args.system, corpus=labels["corpus"], split=split,
-                               precision=settings.precision, settings={**labels, **labels["settings"]},
-                               command="python -m unirag " + " ".join(sys.argv[1:]))
-        store = os.environ.get("UNIRAG_RESULTS")  # tests and forks keep their own store
-        print(f"recorded in {append_run(row, **({'store_dir': Path(store)} if store else {}))}", file=sys.stderr)
+        split = labels["split"] + (f"[{args.offset}:{args.offset + len(questions)}]" if args.offset or args.limit
+                                   else "")
+        _record(summary, args.record, split)
     print(json.dumps(summary), flush=True)
     return 0
+
+
+def _record(summary: dict, run: str, split: str) -> None:
+    """Append a run to the results store (results/<corpus>.jsonl, or UNIRAG_RESULTS), its settings from the labels."""
+    from unirag.results import append_run, row_from_summary
+
+    settings = {k: summary[k] for k in ("checkpoint", "llm", "corpus_fingerprint", "passage_cache") if k in summary}
+    row = row_from_summary(summary, run=run, system=summary["system"], corpus=summary["corpus"], split=split,
+                           precision=summary["precision"], settings={**settings, **summary.get("settings", {})},
+                           command="python -m unirag " + " ".join(sys.argv[1:]))
+    print(f"recorded in {append_run(row)}", file=sys.stderr)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -243,14 +250,18 @@ def _read_records_file(path: str) -> dict:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from unirag.eval import check_output_paths, merge_runs, run_name, write_json_atomic
+    from unirag.eval import check_output_paths, merge_runs, write_json_atomic
 
-    # Before reading anything: OUT == --summary-out would keep the summary alone, OUT == a shard loses it.
-    check_output_paths({"OUT": args.out, "--summary-out": args.summary_out}, args.shards, what="shards")
+    # Before reading anything: OUT == a shard would lose that shard's records.
+    check_output_paths({"OUT": args.out}, args.shards, what="shards")
     merged = merge_runs([_read_records_file(path) for path in args.shards], names=args.shards)
     write_json_atomic(args.out, merged)
-    if args.summary_out:
-        write_json_atomic(args.summary_out, {"summary": {**merged["summary"], "run": run_name(args.summary_out)}})
+    if args.record:
+        summary = merged["summary"]
+        if "system" not in summary or "corpus" not in summary:
+            raise UniragError("The shards' summaries do not name their system and corpus (written by an older "
+                              "eval); they cannot be recorded.")
+        _record(summary, args.record, summary.get("split", "dev"))
     print(json.dumps(merged["summary"]), flush=True)
     return 0
 

@@ -407,8 +407,3 @@ def write_json_atomic(path: str | Path, blob: dict) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def run_name(path: str | Path) -> str:
-    """The run of a summary file `eval_<run>_<precision>.json` (what the app pairs 4-bit and fp32 by)."""
-    return re.sub(r"_(4bit|fp32)$", "", Path(path).stem).removeprefix("eval_")

@@ -21,14 +21,21 @@ from typing import Any
 
 from unirag.errors import UniragError
 from unirag.paths import REPO_ROOT
+from unirag.systems import SYSTEM_NAMES
 
-# UNIRAG_RESULTS points elsewhere (a copy of the store, tests).
-STORE_DIR = Path(os.environ.get("UNIRAG_RESULTS") or REPO_ROOT / "results")
+
+
+def default_store() -> Path:
+    """The repository's `results/`, or UNIRAG_RESULTS (a copy of the store, tests), read at call time."""
+    return Path(os.environ.get("UNIRAG_RESULTS") or REPO_ROOT / "results")
+
+
 MACHINE = "2-core CPU, 24 GB"
 LLM = "embedded SmolLM2-135M-Instruct"
 
-# The project's named systems (what a row compares), in the order the report lists them.
+# The project's named systems (unirag.systems), in the order the report lists them.
 SYSTEMS = ("norag", "rag", "joint", "joint-no-match", "rag-joint-reader", "joint-gold", "gold")
+assert set(SYSTEMS) == set(SYSTEM_NAMES), "the report orders every named system"
 SYSTEM_WORDS = {
     "norag": "the LLM alone, no context",
     "rag": "dense MiniLM top-k read by the base LLM",
@@ -39,7 +46,8 @@ SYSTEM_WORDS = {
     "gold": "the gold passage read by the base LLM",
 }
 PRECISIONS = ("4bit", "fp32")
-SPLITS = ("dev", "dev[:300]")
+SPLITS = ("dev", "dev[:300]")  # the question sets the report and the Evaluation tab show
+SPLIT = re.compile(r"^[\w.-]+(\[\d*:\d*\])?$")  # a question file's name, optionally with the slice evaluated
 METRIC_KEYS = ("accuracy", "em", "f1", "recall@1", "recall@3", "recall@k", "k", "context_tokens_mean",
                "latency_ms_median", "wall_time_s")
 FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -81,8 +89,9 @@ def validate_row(row: Any, where: str = "row") -> dict[str, Any]:
         raise UniragError(f"{where}: unknown system {row['system']!r}; use one of {', '.join(SYSTEMS)}.")
     if row["precision"] not in PRECISIONS:
         raise UniragError(f"{where}: precision {row['precision']!r} is not one of {', '.join(PRECISIONS)}.")
-    if row["split"] not in SPLITS:
-        raise UniragError(f"{where}: split {row['split']!r} is not one of {', '.join(SPLITS)}.")
+    if not SPLIT.match(row["split"]):
+        raise UniragError(f"{where}: split {row['split']!r} must be a question file's name, optionally sliced "
+                          "(dev, dev[:300]).")
     metrics = row["metrics"]
     absent = [k for k in METRIC_KEYS if k not in metrics]
     if absent:
@@ -110,7 +119,7 @@ def load_store(store_dir: Path | str | None = None, corpus: str | None = None) -
 
     `store_dir` defaults to the repository's `results/` (or UNIRAG_RESULTS).
     """
-    store_dir = Path(store_dir or STORE_DIR)
+    store_dir = Path(store_dir or default_store())
     paths = [store_dir / f"{corpus}.jsonl"] if corpus else sorted(store_dir.glob("*.jsonl"))
     rows: list[dict[str, Any]] = []
     seen: dict[tuple[str, str, str, str], str] = {}
@@ -146,7 +155,7 @@ def append_run(row: dict[str, Any], store_dir: Path | None = None, replace: bool
     leaves half a store.
     """
     validate_row(row, f"new row {row.get('run')!r}" if isinstance(row, dict) else "new row")
-    store_dir = Path(store_dir or STORE_DIR)
+    store_dir = Path(store_dir or default_store())
     store_dir.mkdir(parents=True, exist_ok=True)
     path = store_dir / f"{row['corpus']}.jsonl"
     old = load_store(store_dir, row["corpus"])
@@ -326,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if new != text:
         args.report.write_text(new, encoding="utf-8")
-        print(f"{args.report}: tables regenerated from {args.store or STORE_DIR}.")
+        print(f"{args.report}: tables regenerated from {args.store or default_store()}.")
     return 0
 
 
