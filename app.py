@@ -19,23 +19,20 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from unirag.settings import PRECISIONS
+from unirag.settings import JOINT_READERS, LIMITS, PRECISIONS, InferenceSettings, RecommendedSettings
 
 try:
     import gradio as gr
     import pandas as pd
 
+    from unirag import results as results_store
     from unirag import viz
     from unirag.errors import UniragError
     from unirag.pipeline import (
-        ASK_DEFAULTS,
         CORPUS_LABELS,
-        JOINT_READERS,
+        AppConfig,
         Comparison,
         Pipeline,
-        Settings,
-        load_eval_results,
-        quantization_cost,
     )
 except ImportError as _exc:  # no page without gradio: say what to install instead of a traceback
     sys.exit(f"error: the package `{_exc.name}` is not installed. Run `make app` (or "
@@ -165,10 +162,10 @@ def render(comparison: Comparison, bundle) -> tuple:
     gold_doc = comparison.gold.doc_id if comparison.gold else None
     answers = comparison.gold.answers if comparison.gold else ()
     joint, rag = comparison.joint, comparison.rag
-    reader = " · base LLM reads" if comparison.settings.get("joint_reader") == "base" else ""
+    reader = " · base LLM reads" if comparison.settings.joint_reader == "base" else ""
     joint_card = viz.answer_card_html(joint.answer, f"Joint model · retrieval as reasoning{reader}", viz.JOINT_COLOR,
                                       joint.gold_found, joint.gold_rank, joint.correct, answers, joint.error)
-    rag_card = viz.answer_card_html(rag.answer, f"Dense RAG · top-{comparison.settings['rag_k']}", viz.RAG_COLOR,
+    rag_card = viz.answer_card_html(rag.answer, f"Dense RAG · top-{comparison.settings.rag_k}", viz.RAG_COLOR,
                                     rag.gold_found, rag.gold_rank, rag.correct, answers, rag.error)
     if joint.answer is not None:
         path_fig = viz.docid_path_figure(joint.answer, bundle.tree)
@@ -198,11 +195,14 @@ def render(comparison: Comparison, bundle) -> tuple:
 # --------------------------------------------------------------------------------------------- callbacks
 
 
-def ask(pipeline: Pipeline, corpus: str, question: str, beam_width: float, k_docs: float, rag_k: float,
-        max_new_tokens: float, joint_reader: str = "trained", self_check: float = 0) -> tuple:
-    """Answer with both systems; returns the outputs in `render` order, the banner and the path for the tree tab."""
-    comparison = pipeline.ask(corpus, question or "", int(beam_width), int(k_docs), int(rag_k), int(max_new_tokens),
-                              joint_reader or "trained", int(self_check or 0))
+def ask(pipeline: Pipeline, corpus: str, question: str, beam_width: float | None = None, k_docs: float | None = None,
+        rag_k: float | None = None, max_new_tokens: float | None = None, joint_reader: str | None = None,
+        self_check: float | None = None) -> tuple:
+    """Answer with both systems; returns the outputs in `render` order, the banner and the path for the tree tab.
+    A setting left out (None) is the corpus's start setting, as on the page."""
+    comparison = pipeline.ask(corpus, question or "", beam_width=beam_width, k_docs=k_docs, rag_k=rag_k,
+                              max_new_tokens=max_new_tokens, joint_reader=joint_reader or None,
+                              self_check=self_check)
     return (*render(comparison, pipeline.bundle(corpus)), banner_html(pipeline), last_docid(comparison))
 
 
@@ -239,15 +239,15 @@ def select_corpus(pipeline: Pipeline, corpus: str) -> tuple:
     choices = viz.cluster_choices(bundle.tree, max_depth=3)
     start = pipeline.start_settings(corpus)
     return (
-        gr.Dataset(samples=[[q] for q in bundle.examples(pipeline.settings.n_examples)]),
+        gr.Dataset(samples=[[q] for q in bundle.examples(pipeline.config.n_examples)]),
         viz.corpus_tree_figure(bundle.tree),
         gr.Dropdown(choices=choices, value=""),
         cluster_docs(pipeline, corpus, ""),
         banner_html(pipeline),
-        gr.Slider(value=start["beam_width"]),
-        gr.Slider(value=start["k_docs"]),
-        gr.Slider(value=start["self_check"]),
-        gr.Radio(value=start["joint_reader"]),
+        gr.Slider(value=start.beam_width),
+        gr.Slider(value=start.k_docs),
+        gr.Slider(value=start.self_check),
+        gr.Radio(value=start.joint_reader),
     )
 
 
@@ -263,30 +263,37 @@ def cluster_docs(pipeline: Pipeline, corpus: str, prefix: str | None) -> str:
     return viz.cluster_docs_html(bundle.tree, parsed, bundle.texts(), limit=30 if not parsed else 200)
 
 
-def evaluation(pipeline: Pipeline) -> tuple:
-    results = load_eval_results(pipeline.settings.checkpoint_dir)
-    if not results:
+def evaluation(pipeline: Pipeline, corpus: str | None = None, precision: str | None = None,
+               split: str = "dev") -> tuple:
+    """The results store's runs for one corpus, precision and split: a note, the table, the chart."""
+    corpus = corpus or "nq"
+    precision = precision or pipeline.config.precision
+    try:
+        rows = results_store.load_store()
+    except UniragError as exc:  # a hand-edited store with a bad row: say where, keep the page up
+        return viz.message_html(str(exc), "warn"), pd.DataFrame([], columns=viz.EVAL_HEADERS), viz.eval_figure([])
+    picked = results_store.table(rows, corpus, precision, split, shipped=None)  # older models last
+    if not picked:
         note = viz.message_html(
-            f"No evaluation results yet: no `eval_*.json` in `{pipeline.settings.checkpoint_dir}/*/`. Write them with "
-            "`python -m unirag eval --system joint --checkpoint checkpoints/nq-smollm2 --k 2 --load-in-4bit --corpus "
-            "../shared/data/nq/corpus.jsonl --questions ../shared/data/nq/dev.jsonl --summary-out "
-            "checkpoints/nq-smollm2/eval_nq-dev-joint-k2_4bit.json` (and the same without `--load-in-4bit` into "
-            "`eval_nq-dev-joint-k2_fp32.json`: the About tab then shows the accuracy cost of 4-bit).",
-            "info")
+            f"No runs for {corpus}/{split} in {precision} in `{results_store.default_store()}`. `python -m unirag eval` "
+            "measures one; `unirag.results.append_run` stores it.", "info")
     else:
-        where = html.escape(str(pipeline.settings.checkpoint_dir))
-        note = f'<div class="ur-muted">{len(results)} result file(s) from {where}.</div>'
-    table = pd.DataFrame(viz.eval_rows(results), columns=viz.EVAL_HEADERS)
-    return note, table, viz.eval_figure(results)
+        note = (f'<div class="ur-muted">{len(picked)} run(s) of {html.escape(corpus)}/{html.escape(split)} in '
+                f"{html.escape(precision)} from the results store (<code>results/{html.escape(corpus)}.jsonl</code>; "
+                "docs/RESULTS.md is generated from it).</div>")
+    table = pd.DataFrame(viz.eval_rows(picked), columns=viz.EVAL_HEADERS)
+    return note, table, viz.eval_figure(picked, f"{corpus}/{split}, {precision}: accuracy and R@1")
 
 
 def about_markdown(pipeline: Pipeline) -> str:
-    cost = quantization_cost(load_eval_results(pipeline.settings.checkpoint_dir))
+    try:
+        cost = results_store.quantization_cost(results_store.load_store())
+    except UniragError:
+        cost = []
     cost_text = "\n".join(f"  - {line}" for line in cost) if cost else (
-        "  - not measured yet (no pair of 4-bit and fp32 `eval_*.json` results for the same system and corpus in the "
-        "checkpoint folders)")
+        "  - not measured yet (no run of the results store in both 4-bit and fp32)")
     sides = ("The two sides answer at the same time, each on its own thread: the latency on each card was measured "
-             "while the other side was running." if pipeline.settings.parallel_sides else
+             "while the other side was running." if pipeline.config.parallel_sides else
              "The two sides answer one after the other (`UNIRAG_PARALLEL_SIDES=0`).")
     return f"""
 ### How the joint model retrieves
@@ -310,11 +317,9 @@ def about_markdown(pipeline: Pipeline) -> str:
    score + how likely the question is after each document (query likelihood): the same LLM judges its own
    candidates, no second model; it costs one pass over N documents (`eval --self-check N`), or only the
    question's tokens when the passages' prompts were precomputed (`python -m unirag index --self-check-cache`).
-   The page starts from each checkpoint's recommended setting for its precision (`recommended_settings.json`,
-   chosen on held-out train questions: one document, beam 32, self-check 20; in NF4 the trained reader reads,
-   in fp32 the base LLM, which reads better there, and on nq in fp32 beam 10 with self-check 5 keeps it
-   below RAG top-5's latency), with the self-check on only when the passage cache for
-   this model and precision exists.
+   The page starts from each checkpoint's recommended setting for the app's precision (listed below, from its
+   `recommended_settings.json`, chosen on held-out train questions), with the self-check on only when the passage
+   cache for this model and precision exists.
    The heatmaps
    show which context tokens (or sentences) each answer token attended to,
    and the highlighted sentences in the documents are the ones the answer used (GeAR-style localisation).
@@ -323,9 +328,11 @@ The dense RAG baseline embeds the question with the same bi-encoder, takes the t
 and reads them with the same LLM and prompt.
 
 ### This deployment
-- Precision: **{pipeline.settings.precision_label}** (`--precision fp32` for full precision).
+- Precision: **{pipeline.config.precision_label}** (`--precision fp32` for full precision).
 - LLM: **{pipeline.status()["llm"]}**, encoder: **{pipeline.status()["encoder"]}**.
 - {sides}
+- Settings the page starts from:
+{recommended_markdown(pipeline)}
 - Measured accuracy cost of 4-bit:
 {cost_text}
 
@@ -344,12 +351,36 @@ and reads them with the same LLM and prompt.
 """
 
 
+def recommended_markdown(pipeline: Pipeline) -> str:
+    """Each corpus's start setting for the app's precision, read from its checkpoint (never typed in here)."""
+    lines = []
+    for corpus in pipeline.config.corpora:
+        label = CORPUS_LABELS.get(corpus, corpus)
+        ckpt = pipeline.config.find_checkpoint(corpus)
+        try:
+            rec = RecommendedSettings.load(ckpt, pipeline.config.precision) if ckpt else None
+        except UniragError as exc:
+            lines.append(f"  - {label}: the checkpoint's settings file is invalid ({exc})")
+            continue
+        if rec is None:
+            lines.append(f"  - {label}: no recommended setting shipped; library defaults "
+                         f"`{InferenceSettings(precision=pipeline.config.precision).to_dict()}`")
+            continue
+        values = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.values.items())
+        lines.append(f"  - {label}: {values}" + (f" ({rec.reason})" if rec.reason else ""))
+        bundle = pipeline.loaded(corpus)
+        for notice in bundle.settings.notices if bundle else ():
+            lines.append(f"    - {notice}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- layout
 
 
 def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
-    corpora = list(pipeline.settings.corpora)
+    corpora = list(pipeline.config.corpora)
     default_corpus = default_corpus if default_corpus in corpora else corpora[0]
+    start = pipeline.start_settings(default_corpus)  # the page and the API start from the same values
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="ur-header")
         banner = gr.HTML(banner_html(pipeline), elem_id="ur-banner")
@@ -370,18 +401,20 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                       elem_id="ur-examples")
                 with gr.Accordion("Advanced settings", open=False):
                     with gr.Row():
-                        beam_width = gr.Slider(1, 32, value=ASK_DEFAULTS["beam_width"], step=1,
+                        beam_width = gr.Slider(*LIMITS["beam_width"], value=start.beam_width, step=1,
                                                label="Beam width (joint)")
-                        k_docs = gr.Slider(1, 3, value=ASK_DEFAULTS["k_docs"], step=1,
+                        k_docs = gr.Slider(*LIMITS["k_docs"], value=start.k_docs, step=1,
                                            label="Documents selected (joint)")
-                        rag_k = gr.Slider(1, 10, value=5, step=1, label="RAG k (top-k passages)")
-                        max_new = gr.Slider(4, 128, value=32, step=1, label="Max new tokens")
-                    joint_reader = gr.Radio(JOINT_READER_CHOICES, value=ASK_DEFAULTS["joint_reader"],
+                        rag_k = gr.Slider(*LIMITS["rag_k"], value=start.rag_k, step=1, label="RAG k (top-k passages)")
+                        max_new = gr.Slider(*LIMITS["max_new_tokens"], value=start.max_new_tokens, step=1,
+                                            label="Max new tokens")
+                    joint_reader = gr.Radio(JOINT_READER_CHOICES, value=start.joint_reader,
                                             label="Joint reader",
                                             info="Who reads the joint model's documents. The base LLM is what the RAG "
                                             "side reads with, so the two answers then differ only in retrieval "
                                             "(docs/RESULTS.md: more accurate, less terse).", elem_id="ur-reader")
-                    self_check = gr.Slider(0, 32, value=ASK_DEFAULTS["self_check"], step=1, label="Self-check (joint)",
+                    self_check = gr.Slider(*LIMITS["self_check"], value=start.self_check, step=1,
+                                           label="Self-check (joint)",
                                            info="0 = off. N ≥ 2: the base LLM re-reads the search's top N documents "
                                            "and ranks them by search score + how likely the question is after each "
                                            "(query likelihood). Better top documents, slower; N above about 5 is "
@@ -428,11 +461,19 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                 cluster_html = gr.HTML("", elem_id="ur-cluster-docs")
 
             with gr.Tab("Evaluation", id="eval"):
+                with gr.Row():
+                    eval_corpus = gr.Dropdown(choices=[(v, k) for k, v in CORPUS_LABELS.items()],
+                                              value=default_corpus, label="Corpus", scale=1, elem_id="ur-eval-corpus")
+                    eval_precision = gr.Radio(choices=list(PRECISIONS), value=pipeline.config.precision,
+                                              label="Precision", scale=1, elem_id="ur-eval-precision")
+                    eval_split = gr.Radio(choices=list(results_store.SPLITS), value="dev", scale=1,
+                                          label="Questions (dev[:300]: the first 300, older runs)")
+                    refresh = gr.Button("Reload results", size="sm", scale=0)
                 eval_note = gr.HTML("")
                 eval_table = gr.Dataframe(pd.DataFrame([], columns=viz.EVAL_HEADERS), interactive=False,
-                                          label="Results")
-                eval_plot = gr.Plot(label="Metrics")
-                refresh = gr.Button("Reload results", size="sm")
+                                          label="Runs (results store)", wrap=True)
+                gr.Markdown(results_store.METRIC_DEFINITIONS, elem_id="ur-eval-metrics")
+                eval_plot = gr.Plot(label="Accuracy and R@1")
 
             with gr.Tab("About", id="about"):
                 about = gr.Markdown(about_markdown(pipeline))
@@ -441,8 +482,8 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                        rag_docs, rag_heat, banner, last]
         ask_inputs = [corpus, question, beam_width, k_docs, rag_k, max_new, joint_reader, self_check]
 
-        def on_ask(corpus, question, beam_width, docs_selected, rag_k, max_new_tokens, reader="trained",
-                   self_check=0):
+        def on_ask(corpus, question, beam_width=None, docs_selected=None, rag_k=None, max_new_tokens=None,
+                   reader=None, self_check=None):
             return ask(pipeline, corpus, question, beam_width, docs_selected, rag_k, max_new_tokens, reader,
                        self_check)
 
@@ -458,8 +499,8 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
         def on_tick():
             return banner_html(pipeline), gr.Timer(active=_loading(pipeline))
 
-        def on_eval():
-            return (*evaluation(pipeline), about_markdown(pipeline))
+        def on_eval(corpus_name, precision, split):
+            return (*evaluation(pipeline, corpus_name, precision, split), about_markdown(pipeline))
 
         def on_example(sample):
             return sample[0] if isinstance(sample, (list, tuple)) else sample
@@ -473,12 +514,15 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
         corpus.change(lambda: gr.Timer(active=True), None, timer, api_name=False, queue=False).then(
             _guard(on_corpus), corpus, corpus_outputs, api_name=False, concurrency_id="models")
         demo.load(_guard(on_corpus), corpus, corpus_outputs, api_name=False)
-        demo.load(on_eval, None, [eval_note, eval_table, eval_plot, about], api_name=False)
+        eval_inputs, eval_outputs = [eval_corpus, eval_precision, eval_split], [eval_note, eval_table, eval_plot, about]
+        demo.load(on_eval, eval_inputs, eval_outputs, api_name=False)
         timer.tick(on_tick, None, [banner, timer], api_name=False, queue=False, show_progress="hidden")
         cluster.change(_guard(on_cluster), [corpus, cluster], cluster_html, api_name=False)
         prefix_box.submit(_guard(on_cluster), [corpus, prefix_box], cluster_html, api_name=False)
         tree_tab.select(_guard(on_tree_tab), [corpus, last], [tree_plot, cluster], api_name=False)
-        refresh.click(on_eval, None, [eval_note, eval_table, eval_plot, about], api_name=False)
+        refresh.click(on_eval, eval_inputs, eval_outputs, api_name=False)
+        for control in eval_inputs:
+            control.change(on_eval, eval_inputs, eval_outputs, api_name=False, queue=False)
     return demo
 
 
@@ -514,20 +558,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     args = parse_args(argv)
     try:
-        settings = Settings.from_env(precision=args.precision, llm=args.llm, encoder=args.encoder,
-                                     checkpoint_dir=args.checkpoint_dir, data_dir=args.data)
+        config = AppConfig.from_env(precision=args.precision, llm=args.llm, encoder=args.encoder,
+                                    checkpoint_dir=args.checkpoint_dir, data_dir=args.data)
     except UniragError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     # Leave a core for the web server; the two sides answer at once (parallel_sides), so they split the rest.
-    spare = max(1, (os.cpu_count() or 1) - 1) // (2 if settings.parallel_sides else 1)
+    spare = max(1, (os.cpu_count() or 1) - 1) // (2 if config.parallel_sides else 1)
     threads = args.threads or (None if "OMP_NUM_THREADS" in os.environ else max(1, spare))
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    pipeline = Pipeline(settings)
-    print(f"[unirag] {TITLE}: precision {settings.precision_label}; checkpoints in {settings.checkpoint_dir}; "
+    pipeline = Pipeline(config)
+    print(f"[unirag] {TITLE}: precision {config.precision_label}; checkpoints in {config.checkpoint_dir}; "
           f"{threads or 'default'} torch thread(s)", flush=True)
     if not args.no_preload:
         pipeline.preload([args.corpus])

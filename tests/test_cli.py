@@ -52,12 +52,12 @@ def test_corrupted_questions_line(files, capsys):
 
 def test_bad_numbers_and_output_folder(files, capsys):
     root, corpus, questions = files
-    code, _, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag", "--k", 0)
-    assert code == 2 and "--k must be at least 1" in err
+    code, _, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag", "--rag-k", 0)
+    assert code == 2 and "rag_k must be between 1 and 10" in err
     code, _, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag", "--out", root)
     assert code == 2 and "is a folder" in err
     code, _, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag",
-                       "--summary-out", root / "missing" / "s.json")
+                       "--out", root / "missing" / "s.json")
     assert code == 2 and "does not exist" in err
 
 
@@ -98,8 +98,9 @@ def test_missing_encoder_package(monkeypatch):
         backbones.SentenceEncoder()
 
 
-def test_ask_with_empty_question_and_eval_contract(files, capsys, tiny_llm_dirs):
+def test_ask_with_empty_question_and_eval_contract(files, capsys, tiny_llm_dirs, monkeypatch):
     root, corpus, questions = files
+    monkeypatch.setenv("UNIRAG_RESULTS", str(root / "results"))
     llm = tiny_llm_dirs["llama"]
     code, _, err = run(capsys, "ask", "--corpus", corpus, "--llm", llm, "--system", "norag", "   ")
     assert code == 2 and "question is empty" in err
@@ -119,8 +120,8 @@ def test_ask_with_empty_question_and_eval_contract(files, capsys, tiny_llm_dirs)
         3,
         "--out",
         out_file,
-        "--summary-out",
-        root / "eval_smoke-norag_fp32.json",
+        "--record",
+        "smoke test, no RAG",
     )
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
@@ -137,10 +138,14 @@ def test_ask_with_empty_question_and_eval_contract(files, capsys, tiny_llm_dirs)
     ):
         assert key in summary
     assert summary["n"] == 1 and json.loads(out_file.read_text())["summary"] == summary
-    # The app's Evaluation tab reads these labelled summaries (corpus from the data folder, run from the name).
-    labelled = json.loads((root / "eval_smoke-norag_fp32.json").read_text())["summary"]
-    assert labelled == {**summary, "run": "smoke-norag"}
-    assert (labelled["corpus"], labelled["precision"]) == (root.name, "fp32")
+    # The app's Evaluation tab reads the results store: one row with the run's name, settings and metrics.
+    from unirag.results import load_store
+
+    (row,) = load_store(root / "results")
+    assert (row["run"], row["system"], row["corpus"], row["precision"]) == ("smoke test, no RAG", "norag", root.name,
+                                                                           "fp32")
+    assert row["metrics"]["accuracy"] == summary["accuracy"] and row["n"] == 1
+    assert row["settings"]["max_new_tokens"] == 3 and "--record" in row["command"]
 
 
 def _joint_checkpoint(root, llm_dir, corpus_path):
@@ -165,19 +170,23 @@ def test_eval_joint_and_rag_with_joint_reader(files, capsys, tiny_llm_dirs, monk
     root, corpus, questions = files
     ckpt = _joint_checkpoint(root, tiny_llm_dirs["llama"], corpus)
     code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "joint",
-                         "--checkpoint", ckpt, "--k", 2, "--max-new-tokens", 2)
+                         "--checkpoint", ckpt, "--k-docs", 2, "--max-new-tokens", 2)
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["system"] == "joint" and summary["recall@k"] is not None
-    assert summary["ranking"] == "path log-prob + document match" and "reader" not in summary
+    assert summary["system"] == "joint" and summary["recall@k"] in (0.0, 1.0) and summary["k"] == 2
+    # The summary names every setting the system read (here: library defaults and the two flags).
+    assert summary["settings"] == {"k_docs": 2, "beam_width": 10, "self_check": 0, "self_check_weight": 4.0,
+                                   "joint_reader": "trained", "max_new_tokens": 2}
+    assert summary["checkpoint"] == str(ckpt) and summary["precision"] == "fp32" and summary["corpus_fingerprint"]
     assert summary["recall@3"] is None  # the search returned only the 2 documents read
-    code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "joint",
-                         "--checkpoint", ckpt, "--k", 1, "--max-new-tokens", 2, "--base-reader")
+    code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "joint-no-match",
+                         "--checkpoint", ckpt, "--k-docs", 1, "--max-new-tokens", 2, "--joint-reader", "base")
     assert code == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["reader"] == "base LLM"
+    no_match = json.loads(out.strip().splitlines()[-1])
+    assert no_match["system"] == "joint-no-match" and no_match["settings"]["joint_reader"] == "base"
     code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag",
-                         "--base-reader")
-    assert code != 0 and "--base-reader" in err
+                         "--joint-reader", "base")
+    assert code == 2 and "--joint-reader do(es) not apply to --system rag" in err
     # dense top-k read by the joint model's reader (bag-of-words stand-in encoder: no model download)
     from conftest import BagOfWordsEncoder
 
@@ -189,7 +198,10 @@ def test_eval_joint_and_rag_with_joint_reader(files, capsys, tiny_llm_dirs, monk
 
     monkeypatch.setattr(rag.DenseRetriever, "from_corpus", classmethod(bag_of_words_retriever))
     code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag",
-                         "--checkpoint", ckpt, "--k", 1, "--max-new-tokens", 2)
+                         "--checkpoint", ckpt, "--rag-k", 1)
+    assert code == 2 and "rag-joint-reader" in err  # the ablation has a name, not a flag combination
+    code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag-joint-reader",
+                         "--checkpoint", ckpt, "--rag-k", 1, "--max-new-tokens", 2)
     assert code == 0, err
     lora_read = json.loads(out.strip().splitlines()[-1])
     assert lora_read["recall@1"] == 1.0 and lora_read["recall@3"] == 1.0  # reads 1, ranks 3 like dense RAG
@@ -200,33 +212,36 @@ def test_eval_joint_with_self_check_and_its_bad_flags(files, capsys, tiny_llm_di
     root, corpus, questions = files
     ckpt = _joint_checkpoint(root, tiny_llm_dirs["llama"], corpus)
     joint = ("eval", "--corpus", corpus, "--questions", questions, "--system", "joint", "--checkpoint", ckpt,
-             "--k", 1, "--max-new-tokens", 2)
+             "--k-docs", 1, "--max-new-tokens", 2)
     code, out, err = run(capsys, *joint, "--self-check", 3, "--self-check-weight", 8)
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["self_check"] == 3 and summary["self_check_weight"] == 8.0
+    assert summary["settings"]["self_check"] == 3 and summary["settings"]["self_check_weight"] == 8.0
     assert summary["recall@3"] is not None  # reads one document; the self-check ranked three
     code, out, err = run(capsys, *joint, "--self-check", 2)
     assert code == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["self_check_weight"] == 4.0  # the library's default
+    assert json.loads(out.strip().splitlines()[-1])["settings"]["self_check_weight"] == 4.0  # the library's default
     bad = [
         (("--self-check", 1), "self_check"),
         (("--self-check", 33), "self_check"),
-        (("--self-check-weight", 8), "--self-check-weight needs --self-check"),
+        (("--self-check-weight", 8), "self_check_weight needs self_check"),
         (("--self-check", 3, "--self-check-weight", 0), "self_check_weight"),
         (("--self-check", 3, "--self-check-weight", "nan"), "self_check_weight"),
-        (("--self-check", 3, "--gold"), "--gold"),
     ]
     for extra, message in bad:
         code, out, err = run(capsys, *joint, *extra)
         assert code == 2 and message in err and not out, (extra, err)
-    code, out, err = run(capsys, *joint, "--self-check-cache")
-    assert code == 2 and "--self-check-cache needs --self-check" in err
+    code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "joint-gold",
+                         "--checkpoint", ckpt, "--self-check", 3)
+    assert code == 2 and "--self-check do(es) not apply to --system joint-gold" in err
+    code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag",
+                         "--self-check-cache")
+    assert code == 2 and "--self-check-cache applies to the joint search systems" in err
     code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "rag",
                          "--self-check", 3)
-    assert code == 2 and "--self-check applies to --system joint" in err
+    assert code == 2 and "--self-check do(es) not apply to --system rag" in err
     code, out, err = run(capsys, "ask", "--corpus", corpus, "--system", "rag", "--self-check", 3, "city 2?")
-    assert code == 2 and "--self-check applies to --system joint" in err
+    assert code == 2 and "--self-check do(es) not apply to --system rag" in err
 
 
 def test_joint_checkpoint_for_another_corpus(files, capsys, tiny_llm_dirs):
@@ -257,8 +272,9 @@ def test_compare_two_eval_runs(tmp_path, capsys):
     assert code == 2 and "not a readable JSON file" in err
 
 
-def test_eval_shards_merge_into_the_whole_run(files, capsys, tiny_llm_dirs):
+def test_eval_shards_merge_into_the_whole_run(files, capsys, tiny_llm_dirs, monkeypatch):
     root, corpus, questions = files
+    monkeypatch.setenv("UNIRAG_RESULTS", str(root / "store"))
     questions.write_text("".join(
         json.dumps({"id": f"q{i}", "question": f"city {i}?", "answers": [str(i)], "doc_id": f"d{i}"}) + "\n"
         for i in range(4)))
@@ -271,14 +287,17 @@ def test_eval_shards_merge_into_the_whole_run(files, capsys, tiny_llm_dirs):
     assert shard_ids == [["q0", "q1", "q2"], ["q3"]]
 
     code, out, err = run(capsys, "merge", root / "m.json", root / "a.json", root / "b.json",
-                         "--summary-out", root / "eval_m_fp32.json")
+                         "--record", "merged shards")
     assert code == 0, err
     merged, whole = (json.loads((root / f"{n}.json").read_text()) for n in ("m", "whole"))
     assert [r["id"] for r in merged["records"]] == [r["id"] for r in whole["records"]]
     for key in ("n", "accuracy", "em", "f1", "corpus", "precision", "system", "k"):
         assert merged["summary"][key] == whole["summary"][key], key
     assert len(merged["summary"]["shard_wall_time_s"]) == 2
-    assert json.loads((root / "eval_m_fp32.json").read_text())["summary"]["run"] == "m"
+    from unirag.results import load_store
+
+    (row,) = load_store(root / "store")
+    assert (row["run"], row["n"], row["metrics"]["accuracy"]) == ("merged shards", 4, whole["summary"]["accuracy"])
     assert json.loads(out.strip().splitlines()[-1])["n"] == 4
 
     code, _, err = run(capsys, "merge", root / "m2.json", root / "a.json", root / "whole.json")

@@ -23,7 +23,7 @@ def test_loads_corpus_and_questions(tmp_path):
             tmp_path / "q.jsonl",
             [
                 json.dumps({"id": "q1", "question": " who? ", "answers": ["x"], "doc_id": "d2"}),
-                json.dumps({"id": "q2", "question": "what?", "answers": []}),
+                json.dumps({"id": "q2", "question": "what?", "answers": ["y"]}),
             ],
         ),
         corpus,

@@ -236,15 +236,20 @@ def test_cluster_browser(tree):
 
 
 def test_eval_rows_and_figure():
-    results = [{"corpus": "nq", "system": "joint", "precision": "4bit", "n": 10, "accuracy": 0.3, "em": 0.1,
-                "f1": 0.2, "recall@1": 0.5, "recall@k": None, "k": 2, "file": "nq-smollm2/eval_joint.json"},
-               {"corpus": "nq", "system": "rag", "precision": "", "n": 10, "accuracy": 0.4, "em": 0.2, "f1": 0.3,
-                "recall@1": 0.6, "recall@k": 0.8, "k": 5, "file": "nq-smollm2/eval_rag.json"}]
-    rows = viz.eval_rows(results)
-    assert len(rows) == 2 and len(rows[0]) == len(viz.EVAL_HEADERS) and rows[0][8] == ""
-    fig = viz.eval_figure(results)
-    # One trace per metric, one bar per result: the bars carry the summaries' numbers (None drawn as 0, "n/a").
+    rows = [{"run": "joint, 1 doc", "n": 10, "accuracy": 0.3, "em": 0.1, "f1": 0.2, "recall@1": 0.5,
+             "recall@3": None, "context": 120.4, "latency_ms": 900.0, "p_vs_rag5": 0.054, "recommended": True},
+            {"run": "RAG top-5", "n": 10, "accuracy": 0.4, "em": 0.2, "f1": 0.3, "recall@1": None,
+             "recall@3": 0.9, "context": 600.0, "latency_ms": None, "p_vs_rag5": None}]
+    table = viz.eval_rows(rows)
+    assert len(table) == 2 and all(len(r) == len(viz.EVAL_HEADERS) for r in table)
+    assert table[0][0] == "joint, 1 doc (recommended)" and table[0][6] == "" and table[1][8] == ""
+    assert table[0][9] == "0.054" and viz.eval_rows([dict(rows[0], p_vs_rag5=1e-5)])[0][9] == "1e-05"
+    fig = viz.eval_figure(rows, "nq/dev, 4bit")
+    # Two traces (accuracy, R@1), one bar each a run, in the table's order (None drawn as 0, "n/a").
     assert [t.name for t in fig.data] == list(viz.EVAL_METRICS)
-    assert list(fig.data[0].x) == [0.3, 0.4] and list(fig.data[4].x) == [0, 0.8] and fig.data[4].text[0] == "n/a"
-    assert list(fig.data[0].y) == ["nq · joint k=2 · 4bit", "nq · rag k=5"]
+    assert list(fig.data[0].x) == [0.3, 0.4] and list(fig.data[1].x) == [0.5, 0] and fig.data[1].text[1] == "n/a"
+    assert list(fig.data[0].y) == ["joint, 1 doc", "RAG top-5"]
+    # The height follows the number of runs, capped.
+    many = [dict(rows[1], run=f"run {i}") for i in range(80)]
+    assert fig.layout.height < viz.eval_figure(many).layout.height == viz.EVAL_MAX_HEIGHT
     assert not viz.eval_figure([]).data

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from unirag.errors import UniragError
-
-SYSTEMS = ("norag", "rag", "joint")
+from unirag.settings import HELP, InferenceSettings
+from unirag.systems import SYSTEM_NAMES
 
 
 def _add_corpus(parser: argparse.ArgumentParser) -> None:
@@ -18,27 +19,25 @@ def _add_corpus(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder", default=None, help="sentence encoder: hub id, 'dpr', or empty for embedded MiniLM")
 
 
-def _add_llm(parser: argparse.ArgumentParser) -> None:
+def _add_system(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """The system, its model, and every inference setting (unset = the checkpoint's recommended, else default)."""
+    from unirag.systems import describe
+
+    parser.add_argument("--system", required=default is None, default=default, choices=SYSTEM_NAMES,
+                        help="the compared system:\n" + describe())
+    parser.add_argument("--checkpoint", default=None, help="joint checkpoint folder (the joint-* systems)")
     parser.add_argument("--llm", default=None, help="LLM hub id or local folder; empty = embedded SmolLM2-135M")
-    parser.add_argument("--load-in-4bit", action="store_true", help="load the LLM in bitsandbytes NF4")
-
-
-SELF_CHECK_HELP = ("joint: re-rank the search's top N documents (N >= 2) by search score + how likely the question "
-                   "is after each document under the base LLM (query likelihood); 0 = off")
-SELF_CHECK_WEIGHT_HELP = ("joint, with --self-check: the weight of the question's mean log-probability against the "
-                          "search score (default 4, chosen on held-out nq train questions; large = likelihood alone)")
-
-
-SELF_CHECK_CACHE_HELP = ("joint, with --self-check: read the passages' precomputed self-check prompts (KV states "
-                         "of the base LLM, built once per corpus, base and precision, resumable; see `index "
-                         "--self-check-cache`) instead of re-reading N passages per question: same scores up to "
-                         "float16 rounding, far faster")
-
-
-def _add_self_check(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--self-check", type=int, default=0, metavar="N", help=SELF_CHECK_HELP)
-    parser.add_argument("--self-check-weight", type=float, default=None, metavar="W", help=SELF_CHECK_WEIGHT_HELP)
-    parser.add_argument("--self-check-cache", action="store_true", help=SELF_CHECK_CACHE_HELP)
+    parser.add_argument("--load-in-4bit", action="store_true", help="load the LLM in bitsandbytes NF4 (else fp32)")
+    settings = parser.add_argument_group("inference settings (unset: the checkpoint's recommended setting for the "
+                                         "precision, else the library default)")
+    for name in InferenceSettings.names():
+        if name == "precision":
+            continue
+        kind = {"self_check_weight": float, "joint_reader": str}.get(name, int)
+        settings.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=HELP[name])
+    settings.add_argument("--self-check-cache", action="store_true",
+                          help="build the self-check passage cache first when it is missing (a resumable pass over "
+                               "every passage; see `index --self-check-cache`); an existing one is always used")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,47 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--checkpoint", default=None, help="with --self-check-cache: a joint checkpoint folder")
     index.add_argument("--load-in-4bit", action="store_true", help="with --self-check-cache: the NF4 base")
 
-    ev = sub.add_parser("eval", help="evaluate a system; the last stdout line is a JSON summary")
+    ev = sub.add_parser("eval", help="evaluate a system; stdout is one JSON summary",
+                        formatter_class=argparse.RawTextHelpFormatter)
     _add_corpus(ev)
-    _add_llm(ev)
     ev.add_argument("--questions", required=True, help="questions JSONL (or raw SQuAD JSON)")
-    ev.add_argument("--system", required=True, choices=SYSTEMS)
-    ev.add_argument("--k", type=int, default=5, help="documents in the context (rag: top-k; joint: docs selected)")
-    ev.add_argument("--checkpoint", default=None,
-                    help="joint checkpoint folder; with --system rag, its reader reads the dense top-k")
+    _add_system(ev)
     ev.add_argument("--limit", type=int, default=None, help="evaluate the first N questions only (after --offset)")
     ev.add_argument("--offset", type=int, default=0,
                     help="skip the first N questions: shards of a long run, joined by `python -m unirag merge`")
-    ev.add_argument("--out", default=None, help="write per-question records to this JSON file")
-    ev.add_argument("--summary-out", default=None,
-                    help="write the summary only, labelled with corpus, precision and run name, to this JSON file "
-                         "(the app's Evaluation tab reads checkpoints/*/eval_<run>_<precision>.json)")
-    ev.add_argument("--batch-size", type=int, default=8, help="questions per generation batch")
-    ev.add_argument("--max-new-tokens", type=int, default=32)
-    ev.add_argument("--gold", action="store_true", help="read the gold passage only (reader upper bound)")
-    ev.add_argument("--beam-width", type=int, default=10, help="joint: constrained beam width")
-    ev.add_argument("--path-logprob-only", action="store_true",
-                    help="joint: rank documents by the docid path's log-probability alone, without the "
-                         "document-level match (the ranking before 2026-11-25)")
-    ev.add_argument("--base-reader", action="store_true",
-                    help="joint: the base LLM reads the retrieved documents (stage-2 LoRA adapter, pathway and "
-                         "bridge off), the weights --system rag reads with: isolates the retrieval effect")
-    _add_self_check(ev)
+    ev.add_argument("--out", default=None, help="per-question records (JSON), written as each question finishes")
+    ev.add_argument("--resume", action="store_true", help="continue an interrupted run of the same --out")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    ev.add_argument("--record", default=None, metavar="RUN",
+                    help="append the run, named in plain words, to the results store (results/<corpus>.jsonl)")
+    ev.add_argument("--batch-size", type=int, default=8, help="questions per generation batch (base-LLM systems)")
 
-    ask = sub.add_parser("ask", help="answer one question with a system")
+    ask = sub.add_parser("ask", help="answer one question with a system; stdout is one JSON record",
+                         formatter_class=argparse.RawTextHelpFormatter)
     _add_corpus(ask)
-    _add_llm(ask)
     ask.add_argument("question")
-    ask.add_argument("--system", default="rag", choices=SYSTEMS)
-    ask.add_argument("--k", type=int, default=5)
-    ask.add_argument("--checkpoint", default=None)
-    ask.add_argument("--beam-width", type=int, default=10)
-    _add_self_check(ask)
+    _add_system(ask, default="rag")
 
     merge = sub.add_parser("merge", help="join the eval --out files of question shards into one run")
     merge.add_argument("out", help="merged records file to write (as eval --out)")
     merge.add_argument("shards", nargs="+", help="eval --out files of the shards (same system and setting)")
-    merge.add_argument("--summary-out", default=None, help="also write the summary alone (eval_<run>_<precision>.json)")
+    merge.add_argument("--record", default=None, metavar="RUN",
+                       help="append the merged run, named in plain words, to the results store")
 
     compare = sub.add_parser("compare", help="paired comparison of two eval runs on the same questions")
     compare.add_argument("a", help="eval --out file (records) of system A")
@@ -156,183 +140,128 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_answerer(args: argparse.Namespace, corpus, attn_implementation: str = "eager", traces: bool = True):
-    """Return (system object, batch answer function over Question lists).
-
-    Models load with `attn_implementation`; eval passes "sdpa" and skips attention traces (no heatmaps
-    needed; 1.7x faster for RAG k=5 on squad on the 2-core CPU), the same greedy answers up to float rounding.
-    """
-    from unirag.backbones import load_llm
-    from unirag.rag import RANKED_AT_LEAST, DenseRagSystem, DenseRetriever, NoRagSystem, Reader
-
-    gold = getattr(args, "gold", False)
-    if args.system == "joint" or (args.system == "rag" and args.checkpoint):
-        from unirag.data import prepare_question
-        from unirag.joint.system import JointSystem
-        from unirag.settings import InferenceSettings
-
-        if not args.checkpoint:
-            raise UniragError("--system joint needs --checkpoint DIR (e.g. checkpoints/nq-smollm2).")
-        system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
-                                             attn_implementation=attn_implementation,
-                                             traces=traces,
-                                             document_match=not getattr(args, "path_logprob_only", False),
-                                             passage_cache=getattr(args, "self_check_cache", False))
-        retriever = DenseRetriever.from_corpus(corpus, args.encoder) if args.system == "rag" else None
-        settings = InferenceSettings(
-            # forced documents (gold, dense top k) are read whatever their number: k_docs is the search's only
-            k_docs=args.k if retriever is None and not gold else 1, beam_width=args.beam_width,
-            max_new_tokens=getattr(args, "max_new_tokens", 32), self_check=getattr(args, "self_check", 0),
-            joint_reader="base" if getattr(args, "base_reader", False) else "trained", **_self_check_weight(args))
-
-        def answer_joint(questions):
-            answers = []
-            for q in questions:
-                ranked: list[str] = []
-                if gold:  # the gold passage read by the joint reader (retrieval skipped)
-                    text, notices = prepare_question(q.question)
-                    answer = system.read(text, system.documents([q.doc_id]), settings)
-                    answer.notices[:0] = [*notices, f"Gold document {q.doc_id} forced as the only context "
-                                                    "(retrieval skipped)."]
-                elif retriever is not None:  # dense top-k read by the joint model's reader
-                    hits = retriever.search(q.question, max(args.k, RANKED_AT_LEAST))
-                    ranked = [h[0] for h in hits] if len(hits) > args.k else []  # for R@3, as dense RAG ranks
-                    hits = hits[: args.k]
-                    text, notices = prepare_question(q.question)
-                    answer = system.read(text, system.documents([h[0] for h in hits], [h[1] for h in hits]),
-                                         settings)
-                    answer.notices[:0] = notices
-                else:
-                    answer = system.answer(q.question, settings)
-                answer.system = args.system
-                answer.ranked_doc_ids = ranked or answer.ranked_doc_ids
-                answers.append(answer)
-            return answers
-
-        return system, answer_joint
-
-    model, tokenizer = load_llm(args.llm, load_in_4bit=args.load_in_4bit, attn_implementation=attn_implementation)
-    reader = Reader(model, tokenizer, max_new_tokens=getattr(args, "max_new_tokens", 32))
-    if args.system == "norag":
-        system = NoRagSystem(reader)
-        return system, lambda questions: system.answer_many([q.question for q in questions])
-    system = DenseRagSystem(DenseRetriever.from_corpus(corpus, args.encoder), reader, k=args.k)
-
-    def answer_rag(questions):
-        golds = [q.doc_id for q in questions] if gold else None
-        return system.answer_many([q.question for q in questions], k=args.k, gold_doc_ids=golds)
-
-    return system, answer_rag
+def _explicit_settings(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in InferenceSettings.names() if getattr(args, name, None) is not None}
 
 
-def _self_check_weight(args: argparse.Namespace) -> dict[str, float]:
-    weight = getattr(args, "self_check_weight", None)
-    return {} if weight is None else {"self_check_weight": weight}
+def _resolve(args: argparse.Namespace, corpus, *, attn_implementation: str, traces: bool):
+    """(system spec, loaded system, settings): the layered settings, validated once, for the loaded system."""
+    from unirag.systems import load_system, spec
 
-
-def _check_self_check(args: argparse.Namespace) -> None:
-    from unirag.settings import InferenceSettings
-
-    if args.self_check and args.system != "joint":
-        raise UniragError("--self-check applies to --system joint (it re-ranks the joint model's own documents).")
-    InferenceSettings(self_check=args.self_check)
-    if args.self_check_weight is not None:
-        if not args.self_check:
-            raise UniragError("--self-check-weight needs --self-check N (N >= 2).")
-        InferenceSettings(self_check_weight=args.self_check_weight)
-    if args.self_check_cache and not args.self_check:
-        raise UniragError("--self-check-cache needs --self-check N (N >= 2).")
+    s = spec(args.system)
+    explicit = _explicit_settings(args)
+    unused = sorted(set(explicit) - set(s.settings_used))
+    if unused:
+        flags = ", ".join("--" + n.replace("_", "-") for n in unused)
+        raise UniragError(f"{flags} do(es) not apply to --system {args.system}; it reads: "
+                          f"{', '.join(s.settings_used)}.")
+    if args.self_check_cache and "self_check" not in s.settings_used:
+        raise UniragError(f"--self-check-cache applies to the joint search systems, not {args.system}.")
+    precision = "4bit" if args.load_in_4bit else "fp32"
+    InferenceSettings(precision=precision, **explicit)  # bad values fail here, before any model loads
+    system, joint = load_system(args.system, corpus, checkpoint=args.checkpoint, llm=args.llm, encoder=args.encoder,
+                                precision=precision, passage_cache=args.self_check_cache,
+                                attn_implementation=attn_implementation, traces=traces)
+    settings = InferenceSettings.from_existing(
+        args.checkpoint if s.needs_checkpoint else None, precision,
+        passage_cache=joint is not None and joint.passage_cache is not None, **explicit)
+    for notice in settings.notices:
+        print(f"note: {notice}", file=sys.stderr)
+    return s, system, settings
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from unirag.data import load_corpus, load_questions
-    from unirag.eval import run_eval, run_name, write_json_atomic
-    from unirag.joint.search import ranking_name
-    from unirag.settings import InferenceSettings
+    from unirag.eval import check_output_paths, run_eval
 
-    for name in ("k", "limit", "batch_size", "max_new_tokens", "beam_width"):
+    for name in ("limit", "batch_size"):
         _positive(name.replace("_", "-"), getattr(args, name))
-    for flag in ("out", "summary_out"):
-        target = getattr(args, flag)
-        if target and Path(target).is_dir():
-            raise UniragError(f"--{flag.replace('_', '-')} {target} is a folder; give a file name.")
-        if target and not Path(target).resolve().parent.is_dir():
-            raise UniragError(f"--{flag.replace('_', '-')}: the folder of {target} does not exist.")
-    if args.base_reader and args.system != "joint":
-        raise UniragError("--base-reader applies to --system joint (the rag system always reads with the base LLM).")
-    _check_self_check(args)
-    if args.self_check and args.gold:
-        raise UniragError("--self-check re-ranks retrieved documents; --gold reads the gold passage without retrieval.")
-    corpus = load_corpus(args.corpus)
     if args.offset < 0:
         raise UniragError(f"--offset must be at least 0 (got {args.offset}).")
+    check_output_paths({"--out": args.out}, [args.corpus, args.questions])
+    if args.resume and not args.out:
+        raise UniragError("--resume continues an --out file; give --out.")
+    corpus = load_corpus(args.corpus)
     questions = load_questions(args.questions, corpus)
     if args.offset >= len(questions):
         raise UniragError(f"--offset {args.offset} skips all {len(questions)} questions.")
     questions = questions[args.offset :][: args.limit]
-    if args.gold and any(q.doc_id is None for q in questions):
-        raise UniragError("--gold needs a doc_id on every question.")
-    system, answer_batch = _make_answerer(args, corpus, attn_implementation="sdpa", traces=False)
-    batch = 1 if (args.system == "joint" or args.checkpoint) else args.batch_size
-    summary = run_eval(
-        answer_batch, args.system + ("-gold" if args.gold else ""), questions, args.k, batch_size=batch, out=args.out,
-        labels={"corpus": Path(args.corpus).resolve().parent.name,
-                "precision": "4bit" if args.load_in_4bit else "fp32",
-                **({"ranking": ranking_name(not args.path_logprob_only)}
-                   if args.system == "joint" and not args.gold else {}),
-                **({"reader": "base LLM"} if args.base_reader else {}),
-                **({"self_check": args.self_check,
-                    "self_check_weight": InferenceSettings(**_self_check_weight(args)).self_check_weight}
-                   if args.self_check else {}),
-                **({"self_check_cache": True} if args.self_check_cache else {})},
-    )
-    if args.summary_out:
-        write_json_atomic(args.summary_out, {"summary": {**summary, "run": run_name(args.summary_out)}})
+    s, system, settings = _resolve(args, corpus, attn_implementation="sdpa", traces=False)
+    k = s.documents_read(settings)
+    labels = {
+        "corpus": Path(args.corpus).resolve().parent.name,
+        "split": Path(args.questions).stem,
+        "corpus_fingerprint": corpus.fingerprint,
+        "precision": settings.precision,
+        "checkpoint": str(args.checkpoint) if args.checkpoint else None,
+        "llm": args.llm or "embedded SmolLM2-135M-Instruct",
+        "settings": {name: getattr(settings, name) for name in s.settings_used},
+    }
+    if args.self_check_cache or "self_check" in s.settings_used:
+        labels["passage_cache"] = bool(getattr(getattr(system, "joint", None), "passage_cache", None))
+    batch = args.batch_size if s.reader == "base" else 1
+    summary = run_eval(lambda qs: system.answer_many(qs, settings), args.system, questions, k, batch_size=batch,
+                       out=args.out, labels=labels, resume=args.resume, overwrite=args.overwrite)
+    if args.record:
+        split = labels["split"] + (f"[{args.offset}:{args.offset + len(questions)}]" if args.offset or args.limit
+                                   else "")
+        _record(summary, args.record, split)
     print(json.dumps(summary), flush=True)
     return 0
 
 
+def _record(summary: dict, run: str, split: str) -> None:
+    """Append a run to the results store (results/<corpus>.jsonl, or UNIRAG_RESULTS), its settings from the labels."""
+    from unirag.results import append_run, row_from_summary
+
+    settings = {k: summary[k] for k in ("checkpoint", "llm", "corpus_fingerprint", "passage_cache") if k in summary}
+    row = row_from_summary(summary, run=run, system=summary["system"], corpus=summary["corpus"], split=split,
+                           precision=summary["precision"], settings={**settings, **summary.get("settings", {})},
+                           command="python -m unirag " + " ".join(sys.argv[1:]))
+    print(f"recorded in {append_run(row)}", file=sys.stderr)
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
-    from unirag.data import load_corpus
+    from unirag.data import Question, load_corpus, prepare_question
 
-    _check_self_check(args)
+    text, _ = prepare_question(args.question)  # an empty question fails before any model loads
     corpus = load_corpus(args.corpus)
-    system, _ = _make_answerer(args, corpus)
-    if args.system != "joint":
-        answer = system.answer(args.question)
-    else:
-        from unirag.settings import InferenceSettings
-
-        answer = system.answer(args.question, InferenceSettings(
-            k_docs=args.k, beam_width=args.beam_width, self_check=args.self_check, **_self_check_weight(args)))
+    _, system, settings = _resolve(args, corpus, attn_implementation="eager", traces=True)
+    answer = system.answer_many([Question("ask", args.question, ())], settings)[0]
     for notice in answer.notices:
         print(f"note: {notice}", file=sys.stderr)
     for doc in answer.docs:
         print(f"[{doc.score:.3f}] {doc.doc_id} {doc.title}", file=sys.stderr)
-    print(json.dumps(answer.to_record(), ensure_ascii=False))
+    print(json.dumps({**answer.to_record(), "settings": settings.to_dict()}, ensure_ascii=False))
     return 0
 
 
 def _read_records_file(path: str) -> dict:
+    from unirag.eval import check_record_ids
+
     try:
         blob = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise UniragError(f"{path} is not a readable JSON file ({exc}).") from None
     if not isinstance(blob, dict) or not isinstance(blob.get("records"), list):
         raise UniragError(f"{path} has no per-question records: pass an `eval --out` file, not a summary.")
+    check_record_ids(blob["records"], path)
     return blob
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from unirag.eval import merge_runs, run_name, write_json_atomic
+    from unirag.eval import check_output_paths, merge_runs, write_json_atomic
 
-    targets = [Path(t).resolve() for t in (args.out, args.summary_out) if t]
-    if any(t in {Path(s).resolve() for s in args.shards} for t in targets):
-        raise UniragError("The merged file would overwrite one of the shards; give another name.")
+    # Before reading anything: OUT == a shard would lose that shard's records.
+    check_output_paths({"OUT": args.out}, args.shards, what="shards")
     merged = merge_runs([_read_records_file(path) for path in args.shards], names=args.shards)
     write_json_atomic(args.out, merged)
-    if args.summary_out:
-        write_json_atomic(args.summary_out, {"summary": {**merged["summary"], "run": run_name(args.summary_out)}})
+    if args.record:
+        summary = merged["summary"]
+        if "system" not in summary or "corpus" not in summary:
+            raise UniragError("The shards' summaries do not name their system and corpus (written by an older "
+                              "eval); they cannot be recorded.")
+        _record(summary, args.record, summary.get("split", "dev"))
     print(json.dumps(merged["summary"]), flush=True)
     return 0
 

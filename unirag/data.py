@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from unirag.errors import DataError, MissingDependencyError, UniragError
+from unirag.errors import DataError, UniragError
 from unirag.paths import default_data_dir
 
 MAX_QUESTION_CHARS = 2000
+# Longest passage text kept at load. The shipped corpora's longest is 4,063 characters (squad); a reader sees
+# ~8k tokens (SmolLM2), and one unbounded passage (a 1 MB line) made reading try to allocate 137 GB.
+MAX_PASSAGE_CHARS = 8000
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s")
+
+log = logging.getLogger(__name__)
 DATASETS = ("nq", "squad")
 
 
@@ -43,6 +51,7 @@ class Question:
 class Corpus:
     passages: list[Passage]
     source: str = ""
+    notices: list[str] = field(default_factory=list)  # what loading changed (e.g. long passages truncated)
     _index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -113,6 +122,33 @@ def _require_str(obj: dict, key: str, where: str, allow_empty: bool = False) -> 
     return value
 
 
+def truncate_passage(text: str, max_chars: int = MAX_PASSAGE_CHARS) -> str:
+    """`text` cut to at most `max_chars`: at the last sentence end in the second half of the limit, else the last
+    space, else hard."""
+    if len(text) <= max_chars:
+        return text
+    head = text[: max_chars + 1]  # +1: a sentence end or space right at the limit still counts
+    ends = [m.end() for m in _SENTENCE_END.finditer(head) if m.end() > max_chars // 2]
+    if ends:
+        return head[: ends[-1]].rstrip()
+    space = head.rfind(" ", max_chars // 2)
+    return (head[:space] if space > 0 else text[:max_chars]).rstrip()
+
+
+def _bounded(passages: list[Passage], source: str) -> Corpus:
+    """The corpus, passages longer than MAX_PASSAGE_CHARS truncated, with one notice (and one warning) for all."""
+    long_ids = [p.id for p in passages if len(p.text) > MAX_PASSAGE_CHARS]
+    notices = []
+    if long_ids:
+        passages = [Passage(p.id, p.title, truncate_passage(p.text)) if len(p.text) > MAX_PASSAGE_CHARS else p
+                    for p in passages]
+        shown = ", ".join(long_ids[:10]) + (", ..." if len(long_ids) > 10 else "")
+        notices.append(f"{len(long_ids)} passage{'s' if len(long_ids) > 1 else ''} longer than "
+                       f"{MAX_PASSAGE_CHARS:,} characters {'were' if len(long_ids) > 1 else 'was'} truncated: {shown}")
+        log.warning("%s: %s", source, notices[-1])
+    return Corpus(passages, source=source, notices=notices)
+
+
 def load_corpus(path: str | Path) -> Corpus:
     """Load a corpus from JSONL, or the paragraphs of a raw SQuAD JSON file."""
     path = Path(path)
@@ -130,7 +166,7 @@ def load_corpus(path: str | Path) -> Corpus:
         passages.append(Passage(doc_id, title.strip(), _require_str(obj, "text", where).strip()))
     if not passages:
         raise DataError(f"{path}: the corpus is empty")
-    return Corpus(passages, source=str(path))
+    return _bounded(passages, str(path))
 
 
 def load_questions(path: str | Path, corpus: Corpus | None = None) -> list[Question]:
@@ -160,7 +196,11 @@ def load_questions(path: str | Path, corpus: Corpus | None = None) -> list[Quest
         doc_id = obj.get("doc_id")
         if doc_id is not None and not isinstance(doc_id, str):
             raise DataError(f"{where}: field 'doc_id' must be a string")
-        questions.append(Question(qid, text.strip(), tuple(a.strip() for a in answers if a.strip()), doc_id))
+        golds = tuple(a.strip() for a in answers if a.strip())
+        if not golds:  # no gold answer: every metric would score it 0 and silently lower the mean
+            raise DataError(f"{where}: question {qid!r} has no gold answer (field 'answers' is empty); "
+                            "give at least one answer string or remove the question")
+        questions.append(Question(qid, text.strip(), golds, doc_id))
     if not questions:
         raise DataError(f"{path}: no questions found")
     if corpus is not None:
@@ -206,11 +246,15 @@ def load_squad_json(path: str | Path) -> tuple[Corpus, list[Question]]:
                 if not qid or qid in seen:
                     raise DataError(f"{path}: article {a} paragraph {p}: missing or duplicate question id {qid!r}")
                 seen.add(qid)
-                answers = tuple(dict.fromkeys(str(x.get("text", "")).strip() for x in qa.get("answers", [])))
+                answers = tuple(a for a in dict.fromkeys(str(x.get("text", "")).strip() for x in qa.get("answers", []))
+                                if a)
+                if not answers:  # SQuAD 2.0's unanswerable questions: this loader reads v1.1 only
+                    raise DataError(f"{path}: article {a} paragraph {p}: question {qid!r} has no gold answer "
+                                    "(a SQuAD 2.0 file? pass SQuAD v1.1)")
                 questions.append(Question(qid, str(qa.get("question", "")).strip(), answers, doc_id))
     if not passages:
         raise DataError(f"{path}: no paragraphs found")
-    return Corpus(passages, source=str(path)), questions
+    return _bounded(passages, str(path)), questions
 
 
 def dataset_paths(name: str, split: str = "dev", data_dir: str | Path | None = None) -> tuple[Path, Path]:
@@ -237,27 +281,3 @@ def prepare_question(text: str, max_chars: int = MAX_QUESTION_CHARS) -> tuple[st
         notices.append(f"The question was {len(cleaned):,} characters long; it was truncated to {max_chars:,}.")
         cleaned = cleaned[:max_chars]
     return cleaned, notices
-
-
-def load_hub_squad(split: str = "validation") -> tuple[Corpus, list[Question]]:
-    """Build the same format from the public SQuAD v1.1 on the Hugging Face hub (needs `datasets`, network)."""
-    try:
-        import datasets  # type: ignore[import-not-found]
-    except ImportError:
-        raise MissingDependencyError("Loading from the hub needs `pip install datasets`.") from None
-    try:
-        rows = datasets.load_dataset("rajpurkar/squad", split=split)
-    except Exception as exc:  # network errors come in many types
-        raise UniragError(
-            f"Could not fetch SQuAD from the hub ({type(exc).__name__}); offline? "
-            f"Use the local files in {default_data_dir()} instead."
-        ) from None
-    passages: dict[str, Passage] = {}
-    questions: list[Question] = []
-    for row in rows:
-        context = row["context"].strip()
-        key = hashlib.sha1(context.encode()).hexdigest()[:10]
-        passages.setdefault(key, Passage(f"sqh-{key}", row["title"].replace("_", " "), context))
-        answers = tuple(dict.fromkeys(a.strip() for a in row["answers"]["text"]))
-        questions.append(Question(row["id"], row["question"].strip(), answers, f"sqh-{key}"))
-    return Corpus(list(passages.values()), source=f"hub:rajpurkar/squad/{split}"), questions

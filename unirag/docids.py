@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from collections import defaultdict
@@ -23,6 +24,8 @@ from unirag.paths import cache_dir
 
 TREE_FORMAT = 1
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TreeConfig:
@@ -36,6 +39,12 @@ class TreeConfig:
             raise UniragError(f"Docid tree needs k >= 2 and c >= 1 (got k={self.k}, c={self.c}).")
 
 
+def corpus_name(corpus: Corpus) -> str:
+    """A corpus's human name: its file's folder (`nq` for data/nq/corpus.jsonl), else its source."""
+    source = Path(corpus.source) if corpus.source else None
+    return (source.parent.name if source is not None and source.parent.name else corpus.source) or "unnamed"
+
+
 def passage_text(title: str, text: str) -> str:
     return f"{title}. {text}" if title else text
 
@@ -45,33 +54,87 @@ def embeddings_path(corpus: Corpus, encoder_name: str) -> Path:
     return cache_dir() / "embeddings" / f"{key}.npy"
 
 
+def _write_json_atomic(path: Path, blob: dict) -> None:
+    """Through a temporary sibling and os.replace, as the arrays: a killed run never leaves half a JSON file."""
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(blob))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _cached_embeddings(path: Path, meta_path: Path, corpus: Corpus, name: str) -> tuple[np.ndarray | None, str]:
+    """(embeddings, "") from a sound cache, else (None, why it cannot be used: "" when there is none)."""
+    if not path.is_file():
+        return None, ""
+    if not meta_path.is_file():
+        return None, f"its metadata {meta_path.name} is missing"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as exc:
+        return None, f"its metadata is unreadable ({exc})"
+    if meta.get("corpus_fingerprint") != corpus.fingerprint or meta.get("encoder") != name:
+        return None, "its metadata names another corpus or encoder"
+    if meta.get("sha256") is not None and meta["sha256"] != _sha256(path):
+        return None, "checksum mismatch: the file was truncated or altered"
+    try:
+        emb = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        return None, f"unreadable array ({exc})"
+    if emb.ndim != 2 or emb.shape[0] != len(corpus):
+        return None, f"shape {emb.shape} for {len(corpus)} passages"
+    if meta.get("dim") is not None and emb.shape[1] != meta["dim"]:
+        return None, f"width {emb.shape[1]}, the metadata says {meta['dim']}"
+    if not np.issubdtype(emb.dtype, np.floating):
+        return None, f"dtype {emb.dtype} is not floating point"
+    if not np.isfinite(emb).all():
+        return None, f"{int((~np.isfinite(emb)).any(axis=1).sum())} rows hold NaN or inf values"
+    if meta.get("sha256") is None:  # a cache from before checksums: sound, so record its checksum now
+        _write_json_atomic(meta_path, {**meta, "sha256": _sha256(path)})
+    return emb, ""
+
+
 def corpus_embeddings(
     corpus: Corpus, encoder=None, encoder_name: str | None = None, progress: bool = True
 ) -> np.ndarray:
-    """Passage embeddings [N, dim], cached on disk by corpus fingerprint and encoder name."""
+    """Passage embeddings [N, dim], cached on disk by corpus fingerprint and encoder name. A corrupt cache
+    (truncated, wrong shape or dtype, NaN/inf, checksum mismatch) is logged and rebuilt."""
     name = encoder.name if encoder is not None else (encoder_name or TreeConfig.encoder)
     path = embeddings_path(corpus, name)
     meta_path = path.with_suffix(".json")
-    if path.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("corpus_fingerprint") == corpus.fingerprint and meta.get("encoder") == name:
-            emb = np.load(path)
-            if emb.shape[0] == len(corpus):
-                return emb
+    emb, problem = _cached_embeddings(path, meta_path, corpus, name)
+    if emb is not None:
+        return emb
+    if problem:
+        log.warning("the cached embeddings at %s were corrupt (%s); rebuilding", path, problem)
     if encoder is None:
         from unirag.backbones import SentenceEncoder
 
         encoder = SentenceEncoder(None if name == TreeConfig.encoder else name)
-    emb = encoder.encode_passages([passage_text(p.title, p.text) for p in corpus], progress=progress)
+    emb = np.asarray(encoder.encode_passages([passage_text(p.title, p.text) for p in corpus], progress=progress))
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():  # never cache (or cluster) vectors that compare as nothing
+        raise UniragError(f"The encoder {name} returned NaN or inf embeddings for {int(bad.sum())} passages "
+                          f"(e.g. {corpus.ids[int(np.flatnonzero(bad)[0])]}); check the encoder files.")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npy")
     np.save(tmp, emb)
+    checksum = _sha256(tmp)
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
-    meta_path.write_text(
-        json.dumps(
-            {"corpus_fingerprint": corpus.fingerprint, "encoder": name, "n": len(corpus), "dim": int(emb.shape[1])}
-        )
-    )
+    # Written after the array: a kill in between leaves an old checksum, so the next run rebuilds.
+    _write_json_atomic(meta_path, {"corpus_fingerprint": corpus.fingerprint, "encoder": name, "n": len(corpus),
+                                   "dim": int(emb.shape[1]), "dtype": str(emb.dtype), "sha256": checksum})
     return emb
 
 
@@ -117,11 +180,13 @@ class DocidTree:
         config: TreeConfig,
         corpus_fingerprint: str,
         labels: dict[tuple[int, ...], str] | None = None,
+        corpus_name: str | None = None,
     ):
         if len(doc_ids) != len(docids):
             raise UniragError("Docid tree: doc ids and docids differ in length.")
         self.config = config
         self.corpus_fingerprint = corpus_fingerprint
+        self.corpus_name = corpus_name  # for messages only (older trees lack it); the fingerprint decides
         self.doc_ids = list(doc_ids)
         self.docids = [tuple(int(s) for s in d) for d in docids]
         self._by_docid = dict(zip(self.docids, self.doc_ids, strict=True))
@@ -200,6 +265,7 @@ class DocidTree:
         return {
             "format": TREE_FORMAT,
             "corpus_fingerprint": self.corpus_fingerprint,
+            **({"corpus_name": self.corpus_name} if self.corpus_name else {}),
             "config": asdict(self.config),
             "doc_ids": self.doc_ids,
             "docids": [list(d) for d in self.docids],
@@ -209,33 +275,47 @@ class DocidTree:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict()))
-        os.replace(tmp, path)
+        _write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path, corpus: Corpus | None = None) -> DocidTree:
-        """Load a tree; with `corpus`, refuse one built from any other corpus."""
+        """Load a tree; with `corpus`, refuse one built from any other corpus (saying which it was built for)."""
         path = Path(path)
         try:
             blob = json.loads(path.read_text(encoding="utf-8"))
             fingerprint = blob["corpus_fingerprint"]
+            name = blob.get("corpus_name")
             config = TreeConfig(**blob["config"])
             doc_ids, docids = blob["doc_ids"], [tuple(d) for d in blob["docids"]]
+            if not all(isinstance(d, str) for d in doc_ids):
+                raise ValueError("a doc id is not a string")
+            if not all(d and all(isinstance(s, int) and s >= 0 for s in d) for d in docids):
+                raise ValueError("a docid is not a non-empty list of non-negative integers")
             labels = {
                 tuple(int(s) for s in key.split("-")) if key else (): text for key, text in blob["labels"].items()
             }
         except FileNotFoundError:
             raise UniragError(f"Docid tree not found: {path}. Build it with `python -m unirag index`.") from None
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, UnicodeDecodeError) as exc:
             raise UniragError(f"{path} is not a valid docid tree ({type(exc).__name__}: {exc}).") from None
         if corpus is not None and fingerprint != corpus.fingerprint:
+            built_for = f"corpus {name!r} (fingerprint {fingerprint})" if name else f"fingerprint {fingerprint}"
+            here = corpus_name(corpus)
+            advice = (f"the corpus {here!r} has changed since: rebuild the tree (`python -m unirag index --corpus "
+                      f"{corpus.source}`) or retrain the checkpoint on it" if name == here else
+                      f"pass the corpus it was built for{f' ({name})' if name else ''}, or a tree or checkpoint "
+                      f"built for {here!r}")
             raise FingerprintMismatchError(
-                f"The docid tree {path} was built for another corpus (fingerprint {fingerprint}, "
-                f"this corpus {corpus.fingerprint} from {corpus.source}). Rebuild it with "
-                f"`python -m unirag index --corpus {corpus.source}`."
+                f"The docid tree {path} was built for another corpus: {built_for}, not for {here!r} (fingerprint "
+                f"{corpus.fingerprint}, {corpus.source}). Either {advice}."
             )
-        return cls(doc_ids, docids, config, fingerprint, labels)
+        try:
+            tree = cls(doc_ids, docids, config, fingerprint, labels, corpus_name=name)
+        except UniragError as exc:
+            raise UniragError(f"{path} is not a valid docid tree ({exc})") from None
+        if corpus is not None and set(tree.doc_ids) != set(corpus.ids):  # same fingerprint: an edited file
+            raise UniragError(f"{path} is not a valid docid tree (its documents are not the corpus's).")
+        return tree
 
 
 def cluster_labels(corpus: Corpus, tree: DocidTree, top_n: int = 3) -> dict[tuple[int, ...], str]:
@@ -286,7 +366,7 @@ def build_tree(corpus: Corpus, embeddings: np.ndarray, config: TreeConfig | None
     if embeddings.shape[0] != len(corpus):
         raise UniragError(f"{embeddings.shape[0]} embeddings for {len(corpus)} passages.")
     docids = recursive_kmeans(embeddings, config.k, config.c, config.seed)
-    tree = DocidTree(corpus.ids, docids, config, corpus.fingerprint)
+    tree = DocidTree(corpus.ids, docids, config, corpus.fingerprint, corpus_name=corpus_name(corpus))
     tree.labels = cluster_labels(corpus, tree)
     return tree
 
@@ -304,7 +384,13 @@ def load_or_build_tree(
     config = config or TreeConfig()
     path = tree_path(corpus, config)
     if path.is_file():
-        return DocidTree.load(path, corpus)
+        try:
+            tree = DocidTree.load(path, corpus)
+            if tree.config != config:
+                raise UniragError(f"built with {tree.config}, not {config}")
+            return tree
+        except UniragError as exc:  # a cache: rebuild it rather than advise the command that just failed
+            log.warning("the cached docid tree at %s was corrupt (%s); rebuilding", path, exc)
     embeddings = corpus_embeddings(corpus, encoder, config.encoder, progress=progress)
     tree = build_tree(corpus, embeddings, config)
     tree.save(path)

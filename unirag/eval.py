@@ -13,7 +13,7 @@ import re
 import string
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from statistics import mean, median
 
@@ -31,22 +31,28 @@ def normalize_answer(text: str) -> str:
 
 
 def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 when the whole normalised prediction equals a normalised gold (best gold wins). A gold or a prediction
+    that normalises to empty ("The", ".") never matches: "" == "" is not an answer."""
     pred = normalize_answer(prediction)
-    return float(any(pred == normalize_answer(g) for g in golds))
+    return float(bool(pred) and any(pred == normalize_answer(g) for g in golds))
 
 
 def contains_answer(prediction: str, golds: Sequence[str]) -> float:
+    """The paper's (DPR-style) "answer contained" accuracy: a normalised gold occurs as a substring of the
+    normalised prediction, even inside a word (`"1" in "1991"` counts). Every measured number uses it as is,
+    so it stays a plain substring test; EM and F1 are the whole-string and whole-token metrics."""
     pred = normalize_answer(prediction)
     return float(any(normalize_answer(g) and normalize_answer(g) in pred for g in golds))
 
 
 def token_f1(prediction: str, golds: Sequence[str]) -> float:
+    """SQuAD token F1 against the best gold; repeated tokens count as often as both sides have them."""
     pred = normalize_answer(prediction).split()
     best = 0.0
     for gold in golds:
         ref = normalize_answer(gold).split()
         common = sum((Counter(pred) & Counter(ref)).values())
-        if common:
+        if common:  # an empty gold or prediction has nothing in common, so never matches
             precision, recall = common / len(pred), common / len(ref)
             best = max(best, 2 * precision * recall / (precision + recall))
     return best
@@ -94,6 +100,54 @@ def summarize(system: str, records: list[dict], k: int) -> dict:
     }
 
 
+PARTIAL_FORMAT = 1
+
+
+def partial_path(out: str | Path) -> Path:
+    """The sidecar where `run_eval` appends each record as it finishes: `<out>.partial.jsonl`."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial.jsonl")
+
+
+def _jsonable(value):
+    # Labels compared after a JSON round trip, as they come back from disk (tuples become lists).
+    return json.loads(json.dumps(value))
+
+
+def _read_partial(path: Path, header: dict) -> tuple[list[dict], float]:
+    """(records, wall time so far) of a sidecar, refusing one written by another run (labels, system, k)."""
+    lines = path.read_bytes().split(b"\n")
+    try:
+        found = json.loads(lines[0])
+    except ValueError:
+        raise UniragError(f"{path}:1: not a partial eval file (bad header); delete it or pass --overwrite.") from None
+    if not isinstance(found, dict) or found.get("partial_eval") != PARTIAL_FORMAT:
+        raise UniragError(f"{path}:1: not a partial eval file; delete it or pass --overwrite.")
+    differing = sorted(key for key in ("system", "k", "labels") if found.get(key) != header[key])
+    if differing:
+        details = "; ".join(f"{key}: {found.get(key)!r} there, {header[key]!r} now" for key in differing)
+        raise UniragError(f"{path} was written by another run ({details}). Resume with the same settings, or pass "
+                          "--overwrite to start over.")
+    records, wall = [], 0.0
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=0)
+    for lineno, raw in enumerate(lines[1:], start=2):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            if lineno - 1 == last:  # the line being written when the process was killed: redo that question
+                break
+            raise UniragError(f"{path}:{lineno}: corrupt line; delete the file or pass --overwrite.") from None
+        if "batch_wall_time_s" in obj:
+            wall += float(obj["batch_wall_time_s"])
+        elif isinstance(obj.get("id"), str):
+            records.append(obj)
+        else:
+            raise UniragError(f"{path}:{lineno}: a record without an id; delete the file or pass --overwrite.")
+    return records, wall
+
+
 def run_eval(
     answer_batch: Callable[[list[Question]], list[Answer]],
     system: str,
@@ -103,30 +157,136 @@ def run_eval(
     out: str | Path | None = None,
     progress: bool = True,
     labels: dict | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict:
-    """Answer every question, write per-question records to `out` (atomically) and return the summary
-    (with `labels`, e.g. corpus and precision, merged in)."""
+    """Answer every question, write per-question records to `out` and return the summary (with `labels`, e.g.
+    corpus and precision, merged in).
+
+    Nothing is lost on an interrupt: each batch's records are appended (and flushed) to `partial_path(out)`,
+    whose first line records system, k and labels; `out` is written atomically at the end and the sidecar removed.
+    `resume=True` continues a sidecar of the same run (refusing another run's), answering only the questions it
+    lacks; the final records keep the order of `questions`. An existing `out` is refused unless `resume` (nothing
+    to do: its summary is returned) or `overwrite` (start over, also discarding a sidecar)."""
     from tqdm.auto import tqdm
 
     if not questions:
         raise UniragError("No questions to evaluate.")
     out_path = Path(out) if out else None
+    if out_path is None and resume:
+        raise UniragError("Resuming needs the output file (--out) of the interrupted run.")
     if out_path is not None and out_path.parent and not out_path.parent.exists():
         raise UniragError(f"Output folder {out_path.parent} does not exist.")
-    records: list[dict] = []
-    start = time.perf_counter()
-    with tqdm(total=len(questions), desc=f"eval {system}", unit="q", disable=not progress) as bar:
-        for i in range(0, len(questions), batch_size):
-            chunk = questions[i : i + batch_size]
+    header = {"partial_eval": PARTIAL_FORMAT, "system": system, "k": k, "labels": _jsonable(labels or {})}
+    done: dict[str, dict] = {}
+    wall_before = 0.0
+    sidecar = partial_path(out_path) if out_path is not None else None
+    if out_path is not None and sidecar is not None:  # (both or neither; spelled out for the type checker)
+        if out_path.exists() and not overwrite:
+            if not resume:
+                raise UniragError(f"{out_path} already exists: pass --resume to keep it or --overwrite to replace it.")
+            return _finished_summary(out_path, header, questions)
+        if sidecar.exists() and not overwrite:
+            if not resume:
+                raise UniragError(f"{sidecar} holds an interrupted run of {out_path}: pass --resume to continue it "
+                                  "or --overwrite to start over.")
+            records, wall_before = _read_partial(sidecar, header)
+            wanted = {q.id for q in questions}
+            strays = [r["id"] for r in records if r["id"] not in wanted]
+            if strays:
+                raise UniragError(f"{sidecar} has questions this run does not ask (e.g. {strays[0]!r}; other "
+                                  "--questions, --offset or --limit?). Resume with the same questions, or --overwrite.")
+            done = {r["id"]: r for r in records}
+        # (Re)write the sidecar cleanly: a line cut by a kill must not sit before the new records.
+        tmp = sidecar.with_name(sidecar.name + f".{os.getpid()}.tmp")
+        try:
+            with tmp.open("w", encoding="utf-8") as handle:
+                handle.write(json.dumps(header) + "\n")
+                if done:
+                    handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done.values()))
+                    handle.write(json.dumps({"batch_wall_time_s": wall_before}) + "\n")
+            os.replace(tmp, sidecar)
+        finally:
+            tmp.unlink(missing_ok=True)
+    todo = [q for q in questions if q.id not in done]
+    fresh: dict[str, dict] = {}
+    wall = wall_before
+    with (sidecar.open("a", encoding="utf-8") if sidecar is not None else open(os.devnull, "w")) as handle, \
+            tqdm(total=len(questions), initial=len(done), desc=f"eval {system}", unit="q", disable=not progress) as bar:
+        for i in range(0, len(todo), batch_size):
+            start = time.perf_counter()
+            chunk = todo[i : i + batch_size]
             answers = answer_batch(chunk)
-            records.extend(score(a, q, k) for a, q in zip(answers, chunk, strict=True))
+            batch = [score(a, q, k) for a, q in zip(answers, chunk, strict=True)]
+            fresh.update((r["id"], r) for r in batch)
+            elapsed = time.perf_counter() - start
+            wall += elapsed
+            handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in batch)
+                         + json.dumps({"batch_wall_time_s": elapsed}) + "\n")
+            handle.flush()  # a batch on disk is a batch never answered again
             bar.update(len(chunk))
+    records = [done[q.id] if q.id in done else fresh[q.id] for q in questions]
     summary = summarize(system, records, k)
-    summary["wall_time_s"] = round(time.perf_counter() - start, 1)
+    summary["wall_time_s"] = round(wall, 1)
     summary.update(labels or {})
     if out_path is not None:
         write_json_atomic(out_path, {"summary": summary, "records": records})
+        partial_path(out_path).unlink(missing_ok=True)
     return summary
+
+
+def _finished_summary(out_path: Path, header: dict, questions: list[Question]) -> dict:
+    """The summary of a complete `out` that `resume` finds: nothing to do, if it is this run on these questions."""
+    try:
+        blob = json.loads(out_path.read_text(encoding="utf-8"))
+        summary, records = blob["summary"], blob["records"]
+        ids = [r["id"] for r in records]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UniragError(f"{out_path} exists but is not an eval --out file ({type(exc).__name__}); "
+                          "pass --overwrite to replace it.") from None
+    found = {"system": summary.get("system"), "k": summary.get("k"), "labels": _labels_of(summary)}
+    differing = sorted(key for key in ("system", "k", "labels") if _jsonable(found[key]) != header[key])
+    if differing or set(ids) != {q.id for q in questions}:
+        what = ", ".join(differing) if differing else "questions"
+        raise UniragError(f"{out_path} is a finished run with other {what}; pass --overwrite to replace it.")
+    return summary
+
+
+def _labels_of(summary: dict) -> dict:
+    return {key: value for key, value in summary.items() if key not in _COMPUTED and key not in ("system", "k")}
+
+
+def check_output_paths(
+    outputs: Mapping[str, str | Path | None], inputs: Sequence[str | Path | None], what: str = "inputs"
+) -> None:
+    """Refuse, before any model loads, outputs that would lose data: two outputs naming one file (`--out X
+    --summary-out X`), an output that is one of the input files (`what`: the questions, corpus, shards), an output
+    that is a folder or whose folder does not exist. `outputs` maps a name for messages (e.g. "--out") to a path."""
+    given = {name: Path(path) for name, path in outputs.items() if path}
+    for name, path in given.items():
+        if path.is_dir():
+            raise UniragError(f"{name} {path} is a folder; give a file name.")
+        if not path.resolve().parent.is_dir():
+            raise UniragError(f"{name}: the folder of {path} does not exist.")
+    names = list(given)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if _same_file(given[a], given[b]):
+                raise UniragError(f"{a} and {b} are the same file ({given[a]}): one would overwrite the other; "
+                                  "give each its own name.")
+    for name, path in given.items():
+        for source in inputs:
+            if source and _same_file(path, Path(source)):
+                raise UniragError(f"{name} {path} would overwrite one of the {what} ({source}); give another name.")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
 
 
 # Summary keys computed from the records and timing (`summarize`, `run_eval`, `merge_runs`); the rest are labels.
@@ -151,10 +311,15 @@ def merge_runs(blobs: Sequence[dict], names: Sequence[str] | None = None) -> dic
             if summary.get(key) != first.get(key):
                 raise UniragError(f"{name} has {key} {summary.get(key)!r}, {names[0]} {first.get(key)!r}: "
                                   "merge shards of one run only.")
-        labels = {key for key in (*summary, *first) if key not in _COMPUTED and key != "retrieval"}
-        differing = sorted(key for key in labels if summary.get(key) != first.get(key))
+        # Every label, nested settings included: one differing setting (or corpus fingerprint) is another run.
+        differing = _label_differences(
+            {key: value for key, value in first.items() if key not in _COMPUTED and key != "retrieval"},
+            {key: value for key, value in summary.items() if key not in _COMPUTED and key != "retrieval"},
+        )
         if differing:
             raise UniragError(f"{name} and {names[0]} differ in {', '.join(differing)}: merge shards of one run only.")
+    for blob, name in zip(blobs, names, strict=True):
+        check_record_ids(blob["records"], name)
     records, seen = [], {}
     for blob, name in zip(blobs, names, strict=True):
         for record in blob["records"]:
@@ -174,10 +339,37 @@ def merge_runs(blobs: Sequence[dict], names: Sequence[str] | None = None) -> dic
     return {"summary": summary, "records": records}
 
 
+_MISSING = object()
+
+
+def _label_differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two label dicts, a key missing on one side included
+    (`settings.beam_width`, `corpus_fingerprint (missing in one)`)."""
+    differing = []
+    for key in sorted({*a, *b}, key=str):
+        x, y = a.get(key, _MISSING), b.get(key, _MISSING)
+        if isinstance(x, dict) and isinstance(y, dict):
+            differing.extend(_label_differences(x, y, f"{prefix}{key}."))
+        elif x is _MISSING or y is _MISSING:
+            differing.append(f"{prefix}{key} (missing in one)")
+        elif _jsonable(x) != _jsonable(y):
+            differing.append(f"{prefix}{key}")
+    return differing
+
+
+def check_record_ids(records: Sequence, name: str) -> None:
+    """Every record is an object with a string `id` (merge and compare match questions by it)."""
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str) or not record["id"]:
+            raise UniragError(f"{name}: record {i} has no question 'id'; pass `eval --out` files, whose every "
+                              "record names its question.")
+
+
 def paired_comparison(records_a: list[dict], records_b: list[dict], metric: str = "accuracy") -> dict:
     """Two systems on the same questions (matched by id): how many only A / only B gets right, and the exact
     two-sided sign test on those discordant questions (the McNemar exact test). `metric` is a 0/1 record field."""
     def by_id(records: list[dict], side: str) -> dict[str, float]:
+        check_record_ids(records, side)
         values = {}
         for r in records:
             if r.get(metric) is None:
@@ -215,8 +407,3 @@ def write_json_atomic(path: str | Path, blob: dict) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def run_name(path: str | Path) -> str:
-    """The run of a summary file `eval_<run>_<precision>.json` (what the app pairs 4-bit and fp32 by)."""
-    return re.sub(r"_(4bit|fp32)$", "", Path(path).stem).removeprefix("eval_")

@@ -19,7 +19,3 @@ def cache_dir() -> Path:
 def default_data_dir() -> Path:
     """Shared QA data (UNIRAG_DATA, else ../shared/data beside the repo)."""
     return Path(os.environ.get("UNIRAG_DATA") or REPO_ROOT.parent / "shared" / "data")
-
-
-def default_checkpoint_dir() -> Path:
-    return REPO_ROOT / "checkpoints"

@@ -1,8 +1,9 @@
 """Orchestration behind the app: per-corpus lazy loading and one question through both systems.
 
-    Pipeline(Settings.from_env())
-      .bundle("nq")            corpus + dev questions, dense retriever, joint checkpoint (model + its docid tree)
-      .ask("nq", question, …)  → Comparison(joint SideResult, rag SideResult, gold question if from the dataset)
+    Pipeline(AppConfig.from_env())
+      .bundle("nq")            corpus + dev questions, dense retriever, joint checkpoint (model + its docid tree),
+                               and the settings it starts from (`InferenceSettings.from_existing`)
+      .ask("nq", question, settings)  → Comparison(joint SideResult, rag SideResult, gold question if from the dataset)
 
 The RAG side never depends on the joint side: a missing checkpoint, an unimportable `unirag.joint` or an
 error while decoding docids is reported in `Comparison.joint.error` / `CorpusBundle.joint_message` and the
@@ -12,7 +13,6 @@ dense RAG answer is still produced. Errors the user can fix are `UniragError`s w
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import re
@@ -29,17 +29,14 @@ from typing import Any
 from unirag.answer import Answer
 from unirag.data import DATASETS, Corpus, Question, dataset_paths, load_corpus, load_questions, prepare_question
 from unirag.errors import UniragError
-from unirag.eval import contains_answer, normalize_answer, run_name
+from unirag.eval import contains_answer, normalize_answer
 from unirag.paths import REPO_ROOT, default_data_dir
-from unirag.settings import JOINT_READERS, PRECISIONS, InferenceSettings, RecommendedSettings, normalize_precision
+from unirag.settings import InferenceSettings, check_precision
 
 log = logging.getLogger("unirag.app")
 
 PRECISION_LABELS = {"4bit": "4-bit NF4 (bitsandbytes)", "fp32": "fp32"}
 CORPUS_LABELS = {"nq": "Natural Questions", "squad": "SQuAD v1.1"}
-# The page's settings when a checkpoint ships no recommended setting (and `ask`'s defaults).
-ASK_DEFAULTS = {"k_docs": 2, "beam_width": 10, "self_check": 0, "joint_reader": "trained"}
-LIMITS = {"beam_width": (1, 32), "k_docs": (1, 3), "rag_k": (1, 10), "max_new_tokens": (1, 128), "self_check": (0, 32)}
 
 Progress = Callable[[str], None]
 
@@ -58,8 +55,9 @@ def llm_tag(llm: str | None) -> str:
 
 
 @dataclass
-class Settings:
-    """Where models, checkpoints and data come from. Every field has an environment variable (for HF Spaces)."""
+class AppConfig:
+    """Where models, checkpoints and data come from (not how a question is answered: that is
+    `unirag.settings.InferenceSettings`). Every field has an environment variable (for HF Spaces)."""
 
     llm: str | None = None  # UNIRAG_LLM: hub id or folder; None = embedded SmolLM2-135M
     encoder: str | None = None  # UNIRAG_ENCODER: hub id, "dpr", or None = embedded all-MiniLM-L6-v2
@@ -73,16 +71,14 @@ class Settings:
     parallel_sides: bool = True
 
     def __post_init__(self) -> None:
-        self.precision = normalize_precision(self.precision)
-        if self.precision not in PRECISIONS:
-            raise UniragError(f"Unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}.")
+        self.precision = check_precision(self.precision)
         self.checkpoint_dir = Path(self.checkpoint_dir)
         unknown = [c for c in self.corpora if c not in DATASETS]
         if unknown:
             raise UniragError(f"Unknown corpus {unknown[0]!r}: choose from {', '.join(DATASETS)}.")
 
     @classmethod
-    def from_env(cls, **overrides: Any) -> Settings:
+    def from_env(cls, **overrides: Any) -> AppConfig:
         values: dict[str, Any] = {
             "llm": _env("UNIRAG_LLM"),
             "encoder": _env("UNIRAG_ENCODER"),
@@ -125,15 +121,6 @@ class Settings:
                 f"{_rel(data / 'train.jsonl')}{llm} --out {_rel(out)}")
 
 
-def _start_settings(bundle: CorpusBundle | None, precision: str = "4bit") -> dict[str, int | float | str]:
-    if bundle is None or bundle.joint is None or bundle.recommended is None:
-        return dict(ASK_DEFAULTS)
-    settings = InferenceSettings.from_existing(bundle.checkpoint, precision,
-                                               passage_cache=bundle.joint.passage_cache is not None)
-    return {k: getattr(settings, k) for k in ("k_docs", "beam_width", "self_check", "self_check_weight",
-                                              "joint_reader")}
-
-
 def _rel(path: Path) -> str:
     """A path relative to the working directory when that is shorter (`../shared/data/nq/corpus.jsonl`)."""
     path = Path(path)
@@ -165,7 +152,7 @@ class Comparison:
     gold: Question | None
     joint: SideResult
     rag: SideResult
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: InferenceSettings = field(default_factory=InferenceSettings)
 
 
 @dataclass
@@ -180,7 +167,8 @@ class CorpusBundle:
     tree_source: str = ""
     joint: Any = None  # JointSystem or None
     joint_message: str | None = None  # why the joint side is unavailable (shown on the page)
-    recommended: Any = None  # the checkpoint's RecommendedSettings, if it ships them
+    # The settings the page starts from: the checkpoint's recommended setting for the precision, else defaults.
+    settings: InferenceSettings = field(default_factory=InferenceSettings)
     checkpoint: Path | None = None
     load_seconds: float = 0.0
     _by_text: dict[str, Question] = field(default_factory=dict, repr=False)
@@ -214,13 +202,13 @@ class CorpusBundle:
 class Pipeline:
     """Lazy, thread-safe loading per corpus and the side-by-side answer of both systems."""
 
-    def __init__(self, settings: Settings | None = None, progress: Progress | None = None):
-        self.settings = settings or Settings.from_env()
+    def __init__(self, config: AppConfig | None = None, progress: Progress | None = None):
+        self.config = config or AppConfig.from_env()
         self._progress = progress
         self._bundles: dict[str, CorpusBundle] = {}
         self._errors: dict[str, str] = {}
         self._stage: dict[str, str] = {}
-        self._locks = {name: threading.Lock() for name in self.settings.corpora}
+        self._locks = {name: threading.Lock() for name in self.config.corpora}
         self._llm_lock = threading.Lock()
         # One forward pass per model at a time (the RAG reader is shared by all corpora).
         self._side_locks = {"joint": threading.Lock(), "rag": threading.Lock()}
@@ -239,7 +227,7 @@ class Pipeline:
     def status(self) -> dict[str, Any]:
         """Per corpus: "ready" / "loading: <stage>" / "error: <message>" / "not loaded"; plus page messages."""
         corpora = {}
-        for name in self.settings.corpora:
+        for name in self.config.corpora:
             if name in self._bundles:
                 corpora[name] = "ready"
             elif name in self._errors:
@@ -249,16 +237,16 @@ class Pipeline:
             else:
                 corpora[name] = "not loaded"
         return {
-            "precision": self.settings.precision_label,
-            "llm": self.settings.llm or "embedded SmolLM2-135M-Instruct",
-            "encoder": self.settings.encoder or "embedded all-MiniLM-L6-v2",
+            "precision": self.config.precision_label,
+            "llm": self.config.llm or "embedded SmolLM2-135M-Instruct",
+            "encoder": self.config.encoder or "embedded all-MiniLM-L6-v2",
             "corpora": corpora,
             "messages": self.messages(),
         }
 
     def messages(self) -> list[str]:
         out = []
-        for name in self.settings.corpora:
+        for name in self.config.corpora:
             if name in self._errors:
                 out.append(f"{CORPUS_LABELS[name]}: {self._errors[name]}")
             elif name in self._bundles and self._bundles[name].joint_message:
@@ -277,8 +265,8 @@ class Pipeline:
                 from unirag.backbones import load_llm
                 from unirag.rag import Reader
 
-                self._say(corpus, f"loading the LLM ({self.status()['llm']}, {self.settings.precision_label})…")
-                model, tokenizer = load_llm(self.settings.llm, load_in_4bit=self.settings.load_in_4bit)
+                self._say(corpus, f"loading the LLM ({self.status()['llm']}, {self.config.precision_label})…")
+                model, tokenizer = load_llm(self.config.llm, load_in_4bit=self.config.load_in_4bit)
                 self._reader = Reader(model, tokenizer)
             return self._reader
 
@@ -288,13 +276,13 @@ class Pipeline:
                 from unirag.backbones import SentenceEncoder
 
                 self._say(corpus, "loading the sentence encoder…")
-                self._encoder = SentenceEncoder(self.settings.encoder)
+                self._encoder = SentenceEncoder(self.config.encoder)
             return self._encoder
 
     def bundle(self, name: str) -> CorpusBundle:
         """Load (once) and return a corpus with its systems. Raises UniragError with what to run if it can't."""
         if name not in self._locks:
-            raise UniragError(f"Unknown corpus {name!r}: choose from {', '.join(self.settings.corpora)}.")
+            raise UniragError(f"Unknown corpus {name!r}: choose from {', '.join(self.config.corpora)}.")
         if name in self._bundles:
             return self._bundles[name]
         with self._locks[name]:
@@ -322,7 +310,7 @@ class Pipeline:
         start = time.perf_counter()
         self._say(name, "reading the corpus and dev questions…")
         try:
-            corpus_path, dev_path = dataset_paths(name, "dev", self.settings.data_root())
+            corpus_path, dev_path = dataset_paths(name, "dev", self.config.data_root())
         except UniragError as exc:
             raise UniragError(f"{exc} The app needs the shared QA data (set `UNIRAG_DATA`).") from None
         corpus = load_corpus(corpus_path)
@@ -333,13 +321,13 @@ class Pipeline:
         retriever = DenseRetriever(corpus, encoder, embeddings)
         reader = self._shared_reader(name)
         rag = DenseRagSystem(retriever, reader)
-        bundle = CorpusBundle(name, corpus, questions, rag)
+        bundle = CorpusBundle(name, corpus, questions, rag, settings=InferenceSettings(precision=self.config.precision))
         self._load_joint(bundle)
         if bundle.tree is None:
             from unirag.docids import TreeConfig, load_or_build_tree
 
             self._say(name, "building the docid tree for the corpus tab (cached)…")
-            config = TreeConfig(encoder=self.settings.encoder or TreeConfig.encoder)
+            config = TreeConfig(encoder=self.config.encoder or TreeConfig.encoder)
             bundle.tree = load_or_build_tree(corpus, config, encoder=encoder, progress=True)
             bundle.tree_source = "cache (k-means over the encoder's embeddings)"
         bundle.load_seconds = time.perf_counter() - start
@@ -348,32 +336,27 @@ class Pipeline:
 
     def _load_joint(self, bundle: CorpusBundle) -> None:
         name = bundle.name
-        ckpt = self.settings.find_checkpoint(name)
+        ckpt = self.config.find_checkpoint(name)
         if ckpt is None:
-            looked = _rel(self.settings.checkpoint_candidates(name)[0])
+            looked = _rel(self.config.checkpoint_candidates(name)[0])
             bundle.joint_message = (
                 f"No joint checkpoint found (looked for `{looked}/joint_config.json`). Train one with "
-                f"`{self.settings.train_command(name)}`; until then only the dense RAG column answers."
+                f"`{self.config.train_command(name)}`; until then only the dense RAG column answers."
             )
             self._say(name, "no joint checkpoint: " + bundle.joint_message)
             return
         try:
-            from unirag.joint.checkpoint import TREE_FILE
-            from unirag.joint.system import JointSystem
+            from unirag.joint import JointSystem
         except ImportError as exc:
             bundle.joint_message = (f"The joint model code is not importable ({exc}); only the dense RAG column "
                                     "answers. Reinstall with `make install`.")
             self._say(name, bundle.joint_message)
             return
         try:
-            self._say(name, f"loading the joint checkpoint {_rel(ckpt)} ({self.settings.precision_label})…")
-            tree_path = ckpt / TREE_FILE
-            if not tree_path.is_file():
-                raise UniragError(f"{_rel(tree_path)} is missing: the checkpoint must ship its docid tree.")
-            bundle.joint = JointSystem.from_checkpoint(ckpt, bundle.corpus, load_in_4bit=self.settings.load_in_4bit,
-                                                       base_model=self.settings.llm)
-            tree = bundle.joint.trie
-            bundle.tree, bundle.tree_source, bundle.checkpoint = tree, f"checkpoint {_rel(tree_path)}", ckpt
+            self._say(name, f"loading the joint checkpoint {_rel(ckpt)} ({self.config.precision_label})…")
+            bundle.joint = JointSystem.from_checkpoint(ckpt, bundle.corpus, load_in_4bit=self.config.load_in_4bit,
+                                                       base_model=self.config.llm)
+            bundle.tree, bundle.tree_source, bundle.checkpoint = bundle.joint.trie, f"checkpoint {_rel(ckpt)}", ckpt
             self._attach_passage_cache(bundle)
             self._apply_recommended(bundle, ckpt)
         except UniragError as exc:
@@ -396,26 +379,28 @@ class Pipeline:
             self._say(bundle.name, f"self-check reads the passage cache {cache.path}")
 
     def _apply_recommended(self, bundle: CorpusBundle, ckpt: Path) -> None:
-        """The checkpoint's measured setting: its self-check weight for every question, its sliders for the page."""
+        """The checkpoint's measured setting for the app's precision: what the page and the API start from."""
         try:
-            bundle.recommended = RecommendedSettings.load(ckpt, precision=self.settings.precision)
+            bundle.settings = InferenceSettings.from_existing(
+                ckpt, self.config.precision, passage_cache=bundle.joint.passage_cache is not None)
         except UniragError as exc:  # a bad settings file must not take the model down: report it, use defaults
+            bundle.settings = InferenceSettings(precision=self.config.precision)
             self._say(bundle.name, f"ignoring the checkpoint's recommended settings: {exc}")
             return
-        if bundle.recommended is not None:
-            # The bundle is not registered yet while it loads, so this reads it directly, not by name.
-            self._say(bundle.name, f"recommended settings: {_start_settings(bundle, self.settings.precision)}")
+        self._say(bundle.name, f"settings: {bundle.settings.to_dict()}")
+        for notice in bundle.settings.notices:
+            self._say(bundle.name, notice)
 
-    def start_settings(self, name: str) -> dict[str, int | float | str]:
-        """The settings the page starts from for a loaded corpus: the checkpoint's recommended setting (its
-        self-check only with a passage cache), else the defaults of `ask`."""
-        return _start_settings(self.loaded(name), self.settings.precision)
+    def start_settings(self, name: str) -> InferenceSettings:
+        """The settings a loaded corpus starts from (defaults before it is loaded)."""
+        bundle = self.loaded(name)
+        return bundle.settings if bundle is not None else InferenceSettings(precision=self.config.precision)
 
     def preload(self, names: list[str] | None = None) -> threading.Thread:
         """Load corpora in a background thread (progress on the console and in `status()`)."""
 
         def run() -> None:
-            for name in names or list(self.settings.corpora[:1]):
+            for name in names or list(self.config.corpora[:1]):
                 try:
                     self.bundle(name)
                 except UniragError:
@@ -427,57 +412,25 @@ class Pipeline:
 
     # ------------------------------------------------------------------------- answering
 
-    @staticmethod
-    def _check(name: str, value: Any) -> int:
-        low, high = LIMITS[name]
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            raise UniragError(f"{name.replace('_', ' ')} must be a whole number (got {value!r}).") from None
-        if not low <= number <= high:
-            raise UniragError(f"{name.replace('_', ' ')} must be between {low} and {high} (got {number}).")
-        return number
-
-    def ask(self, name: str, question: str, beam_width: int = ASK_DEFAULTS["beam_width"],
-            k_docs: int = ASK_DEFAULTS["k_docs"], rag_k: int = 5, max_new_tokens: int = 32,
-            joint_reader: str = ASK_DEFAULTS["joint_reader"],
-            self_check: int = ASK_DEFAULTS["self_check"]) -> Comparison:
-        """Both systems on one question. Bad input raises UniragError; a failing side is reported in its result.
-
-        self_check = N >= 2 re-ranks the joint search's top N documents by how likely the question is after each
-        (JointSystem.answer); 0 = off."""
+    def ask(self, name: str, question: str, settings: InferenceSettings | None = None, **changes: Any) -> Comparison:
+        """Both systems on one question, with `settings` (default: the corpus's start settings) and `changes` to
+        them (validated). Bad input raises UniragError; a failing side is reported in its result."""
         text, _ = prepare_question(question)
-        beam_width, k_docs = self._check("beam_width", beam_width), self._check("k_docs", k_docs)
-        rag_k, max_new_tokens = self._check("rag_k", rag_k), self._check("max_new_tokens", max_new_tokens)
-        self_check = self._check("self_check", self_check)
-        if self_check == 1:
-            raise UniragError("self-check needs at least 2 documents to compare (0 switches it off).")
-        if joint_reader not in JOINT_READERS:
-            raise UniragError(f"joint reader must be one of {', '.join(JOINT_READERS)} (got {joint_reader!r}).")
         bundle = self.bundle(name)
+        settings = (settings or bundle.settings).replace(**changes)
         gold = bundle.match(text)
-        comparison = Comparison(name, text, gold, SideResult(), SideResult(),
-                                {"beam_width": beam_width, "k_docs": k_docs, "rag_k": rag_k,
-                                 "max_new_tokens": max_new_tokens, "joint_reader": joint_reader,
-                                 "self_check": self_check})
+        comparison = Comparison(name, text, gold, SideResult(), SideResult(), settings)
         joint_side: Future[SideResult] | None = None
         if bundle.joint is None:
             comparison.joint.error = bundle.joint_message or "The joint model is not loaded."
         else:
             joint = bundle.joint
-            # The checkpoint's recommended self-check weight (when it ships one) for every question.
-            settings = InferenceSettings.from_existing(
-                bundle.checkpoint if bundle.recommended is not None else None, self.settings.precision,
-                passage_cache=joint.passage_cache is not None, k_docs=k_docs, beam_width=beam_width,
-                max_new_tokens=max_new_tokens, joint_reader=joint_reader, self_check=self_check)
-            run_joint = partial(self._side, "joint", lambda: joint.answer(question, settings), gold)
-            if self.settings.parallel_sides:
+            run_joint = partial(self._side, "joint", lambda: joint.answer(text, settings), gold)
+            if self.config.parallel_sides:
                 joint_side = self._joint_worker().submit(run_joint)
             else:
                 comparison.joint = run_joint()
-        comparison.rag = self._side(
-            "rag", lambda: bundle.rag.answer(question, k=rag_k, max_new_tokens=max_new_tokens, with_attention=True),
-            gold)
+        comparison.rag = self._side("rag", lambda: bundle.rag.answer(text, settings, with_attention=True), gold)
         if joint_side is not None:
             comparison.joint = joint_side.result()
         from unirag.backbones import release_memory
@@ -515,61 +468,3 @@ def mark_gold(answer: Answer, gold: Question | None) -> SideResult:
         result.gold_found = gold.doc_id in ids
         result.gold_rank = ids.index(gold.doc_id) + 1 if result.gold_found else None
     return result
-
-
-# --------------------------------------------------------------------------------------------- evaluation files
-
-
-def _precision_of(path: Path, summary: dict[str, Any]) -> str:
-    value = str(summary.get("precision") or "").lower()
-    if value:
-        return normalize_precision(value)
-    stem = path.stem.lower()
-    if re.search(r"(4bit|nf4|4-bit|int4)", stem):
-        return "4bit"
-    if re.search(r"(fp32|float32|full)", stem):
-        return "fp32"
-    return ""
-
-
-def load_eval_results(checkpoint_dir: Path | str) -> list[dict[str, Any]]:
-    """Summaries of `<checkpoint_dir>/*/eval_*.json` files written by `python -m unirag eval --out`.
-
-    Each row: corpus (from the folder name or the summary), system, precision ("4bit"/"fp32"/""), the metrics,
-    and `file`. Unreadable files are skipped with a console warning.
-    """
-    rows = []
-    for path in sorted(Path(checkpoint_dir).glob("*/eval_*.json")):
-        try:
-            blob = json.loads(path.read_text(encoding="utf-8"))
-            summary = blob["summary"] if isinstance(blob, dict) and "summary" in blob else blob
-            if not isinstance(summary, dict) or "system" not in summary:
-                raise ValueError("no summary with a 'system' field")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            print(f"[unirag] skipping {path}: {exc}", flush=True)
-            continue
-        corpus = summary.get("corpus") or path.parent.name.split("-", 1)[0]
-        rows.append({**summary, "corpus": Path(str(corpus)).parent.name if "/" in str(corpus) else corpus,
-                     "precision": _precision_of(path, summary), "file": f"{path.parent.name}/{path.name}"})
-    return rows
-
-
-def quantization_cost(results: list[dict[str, Any]]) -> list[str]:
-    """Sentences comparing 4-bit and fp32 accuracy of the same system on the same corpus (empty if unmeasured)."""
-    out = []
-    by_key: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-    for r in results:
-        if r.get("precision") in PRECISIONS and r.get("accuracy") is not None:
-            # The run name (file name without the precision) keeps k=2 and k=3 of one system apart.
-            run = run_name(r.get("file", "")) or r["system"]
-            by_key.setdefault((r["corpus"], run), {})[r["precision"]] = r
-    for (corpus, system), pair in sorted(by_key.items()):
-        if "4bit" in pair and "fp32" in pair:
-            q, f = pair["4bit"], pair["fp32"]
-            delta = (q["accuracy"] - f["accuracy"]) * 100
-            lat = ""
-            if q.get("latency_ms_median") and f.get("latency_ms_median"):
-                lat = f"; median latency {q['latency_ms_median']:.0f} ms vs {f['latency_ms_median']:.0f} ms"
-            out.append(f"{corpus} / {system}: accuracy {q['accuracy']:.3f} in 4-bit vs {f['accuracy']:.3f} in fp32 "
-                       f"({delta:+.1f} points, n={q.get('n')}/{f.get('n')}){lat}.")
-    return out

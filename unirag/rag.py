@@ -15,6 +15,7 @@ import torch
 from unirag.answer import Answer, AnswerAttention, RetrievedDoc, Trace
 from unirag.data import Corpus, Passage, prepare_question
 from unirag.errors import UniragError
+from unirag.settings import InferenceSettings
 
 RANKED_AT_LEAST = 3  # dense RAG ranks at least this many documents, whatever k it reads (for R@3)
 
@@ -260,44 +261,40 @@ class NoRagSystem:
     def __init__(self, reader: Reader):
         self.reader = reader
 
-    def answer_many(
-        self, questions: list[str], max_new_tokens: int | None = None, with_attention: bool = False, **_: object
-    ) -> list[Answer]:
+    def answer_many(self, questions: list[str], settings: InferenceSettings | None = None,
+                    with_attention: bool = False) -> list[Answer]:
+        settings = settings or InferenceSettings()
         prepared = [prepare_question(q) for q in questions]
         texts = [q for q, _ in prepared]
-        outs = self.reader.read_many(texts, [[] for _ in texts], max_new_tokens, with_attention)
+        outs = self.reader.read_many(texts, [[] for _ in texts], settings.max_new_tokens, with_attention)
         return _answers(self.name, texts, [n for _, n in prepared], outs, [[] for _ in texts], None)
 
-    def answer(self, question: str, **kwargs: object) -> Answer:
-        return self.answer_many([question], **kwargs)[0]
+    def answer(self, question: str, settings: InferenceSettings | None = None, with_attention: bool = False) -> Answer:
+        return self.answer_many([question], settings, with_attention)[0]
 
 
 class DenseRagSystem:
-    """Vanilla dense RAG: top-k bi-encoder passages concatenated into the prompt."""
+    """Vanilla dense RAG: the top `settings.rag_k` bi-encoder passages concatenated into the prompt."""
 
     name = "rag"
 
-    def __init__(self, retriever: DenseRetriever, reader: Reader, k: int = 5):
+    def __init__(self, retriever: DenseRetriever, reader: Reader):
         self.retriever = retriever
         self.reader = reader
-        self.k = k
 
     def answer_many(
         self,
         questions: list[str],
-        k: int | None = None,
-        max_new_tokens: int | None = None,
+        settings: InferenceSettings | None = None,
         with_attention: bool = False,
         gold_doc_ids: list[str] | None = None,
-        **_: object,
     ) -> list[Answer]:
         """`gold_doc_ids` forces each question's gold passage alone (the reader's upper bound)."""
+        settings = settings or InferenceSettings()
         prepared = [prepare_question(q) for q in questions]
         texts = [q for q, _ in prepared]
         start = time.perf_counter()
-        k = k or self.k
-        if k < 1:
-            raise UniragError(f"k must be at least 1 (got {k}).")
+        k = settings.rag_k
         if gold_doc_ids is not None:
             ranked = [[(doc_id, 1.0)] for doc_id in gold_doc_ids]
         else:
@@ -306,7 +303,7 @@ class DenseRagSystem:
         hits = [row[:k] for row in ranked]
         retrieve_ms = (time.perf_counter() - start) * 1000 / len(texts)
         passages = [[self.retriever.corpus[doc_id] for doc_id, _ in row] for row in hits]
-        outs = self.reader.read_many(texts, passages, max_new_tokens, with_attention)
+        outs = self.reader.read_many(texts, passages, settings.max_new_tokens, with_attention)
         docs = [
             [RetrievedDoc(p.id, p.title, p.text, score) for p, (_, score) in zip(ps, row, strict=True)]
             for ps, row in zip(passages, hits, strict=True)
@@ -317,6 +314,5 @@ class DenseRagSystem:
                 answer.ranked_doc_ids = [doc_id for doc_id, _ in row]
         return answers
 
-    def answer(self, question: str, gold_doc_id: str | None = None, **kwargs: object) -> Answer:
-        golds = [gold_doc_id] if gold_doc_id else None
-        return self.answer_many([question], gold_doc_ids=golds, **kwargs)[0]
+    def answer(self, question: str, settings: InferenceSettings | None = None, with_attention: bool = False) -> Answer:
+        return self.answer_many([question], settings, with_attention)[0]

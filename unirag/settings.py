@@ -162,7 +162,10 @@ class InferenceSettings:
                     "with the passage cache (`python -m unirag index --self-check-cache`); without it the "
                     f"self-check is off and the beam is {values['beam_width']}.")
         values.update({k: v for k, v in explicit.items() if v is not None})
-        return cls(precision=precision, notices=tuple(notices), **values)
+        settings = cls(precision=precision, notices=tuple(notices), **values)
+        if explicit.get("self_check_weight") is not None and not settings.self_check:
+            raise UniragError("self_check_weight needs self_check N >= 2: with the self-check off it has no effect.")
+        return settings
 
 
 @dataclass(frozen=True)

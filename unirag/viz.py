@@ -17,6 +17,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from unirag.answer import Answer, AnswerAttention
+from unirag.results import format_p
 
 # --------------------------------------------------------------------------------------------- palette
 
@@ -661,37 +662,36 @@ def cluster_docs_html(tree, prefix: Sequence[int], texts: Mapping[str, tuple[str
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-EVAL_METRICS = ("accuracy", "em", "f1", "recall@1", "recall@k")
-EVAL_HEADERS = ["corpus", "system", "precision", "n", "accuracy", "em", "f1", "recall@1", "recall@k", "k",
-                "context tokens", "latency ms", "file"]
+EVAL_METRICS = ("accuracy", "recall@1")  # the chart's two bars a run: did it answer, did it find the passage
+EVAL_HEADERS = ["run", "n", "accuracy", "EM", "F1", "R@1", "R@3", "context tokens", "latency ms", "p vs RAG top-5"]
+EVAL_MAX_HEIGHT = 900
 
 
-def eval_rows(results: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
-    def fmt(v: Any) -> Any:
-        return round(v, 4) if isinstance(v, float) else ("" if v is None else v)
+def eval_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    """Table rows for store rows already filtered to one corpus, precision and split (`unirag.results.table`
+    dicts), in the order given."""
+    def fmt(v: Any, digits: int = 3) -> Any:
+        return round(v, digits) if isinstance(v, float) else ("" if v is None else v)
 
-    return [[fmt(r.get(k)) for k in ("corpus", "system", "precision", "n", *EVAL_METRICS, "k", "context_tokens_mean",
-                                      "latency_ms_median", "file")] for r in results]
+    return [[f"{r['run']} (recommended)" if r.get("recommended") else r["run"], r["n"], fmt(r["accuracy"]),
+             fmt(r["em"]), fmt(r["f1"]), fmt(r["recall@1"]), fmt(r["recall@3"]), fmt(r["context"], 0),
+             fmt(r["latency_ms"], 0), "" if r["p_vs_rag5"] is None else format_p(r["p_vs_rag5"])] for r in rows]
 
 
-def eval_figure(results: Sequence[Mapping[str, Any]]) -> go.Figure:
-    """Horizontal grouped bars: one row per result (corpus · run · precision), one colour per metric, so that a
-    score of runs stays readable."""
-    if not results:
-        return empty_figure("No evaluation results yet.", "Evaluation", 300)
-    labels = []
-    for r in results:
-        run = r.get("run") or f"{r.get('system', '?')} k={r.get('k', '?')}"
-        labels.append(_p(" · ".join(str(x) for x in (r.get("corpus", "?"), run, r.get("precision")) if x)))
+def eval_figure(rows: Sequence[Mapping[str, Any]], title: str = "Accuracy and R@1") -> go.Figure:
+    """Horizontal bars, accuracy and R@1, one pair per run of the filtered table; the height follows the number of
+    runs (capped) so a long table stays a compact chart."""
+    if not rows:
+        return empty_figure("No runs for this selection.", "Evaluation", 300)
+    labels = [_p(r["run"]) for r in rows]
     fig = go.Figure()
-    palette = {"accuracy": "#7c3aed", "em": "#94a3b8", "f1": "#64748b", "recall@1": "#0284c7", "recall@k": "#7dd3fc"}
+    palette = {"accuracy": "#7c3aed", "recall@1": "#0284c7"}
     for metric in EVAL_METRICS:
-        values = [r.get(metric) for r in results]
+        values = [r.get(metric) for r in rows]
         fig.add_trace(go.Bar(name=metric, y=labels, x=[v if v is not None else 0 for v in values], orientation="h",
                              text=[f"{v:.2f}" if isinstance(v, (int, float)) else "n/a" for v in values],
                              textposition="outside", marker={"color": palette[metric]}))
     fig.update_xaxes(range=[0, 1.1], gridcolor="#e2e8f0")
-    fig.update_yaxes(autorange="reversed")
-    return _layout(fig, "Evaluation results (from eval_*.json in the checkpoint folders)",
-                   max(320, 60 + 26 * len(EVAL_METRICS) * len(results) // 2), barmode="group",
+    fig.update_yaxes(autorange="reversed", automargin=True)
+    return _layout(fig, title, min(EVAL_MAX_HEIGHT, 120 + 34 * len(rows)), barmode="group",
                    legend={"orientation": "h", "y": 1.02, "yanchor": "bottom"})

@@ -1,0 +1,154 @@
+"""The results store (results/*.jsonl), its validation and append, and docs/RESULTS.md generated from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from unirag import results
+from unirag.errors import UniragError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _row(**over):
+    row = {"run": "RAG top-5", "system": "rag", "corpus": "nq", "split": "dev", "precision": "4bit", "n": 266,
+           "settings": {"rag_k": 5, "max_new_tokens": 32}, "command": "python -m unirag eval --system rag --k 5",
+           "metrics": {k: None for k in results.METRIC_KEYS}, "date": "2026-12-01", "machine": results.MACHINE,
+           "source": "test"}
+    row["metrics"].update(accuracy=0.139, k=5)
+    row.update(over)
+    return row
+
+
+def test_the_shipped_store_is_valid_and_complete():
+    rows = results.load_store()
+    assert {r["corpus"] for r in rows} == {"nq", "squad"}
+    # Every migrated summary file is one row (88), plus the notebook's figures whose records were lost.
+    assert sum(r["source"].startswith("eval_") for r in rows) == 88
+    assert all(r["source"].startswith(("eval_", "docs/RESULTS.md")) for r in rows)
+    recommended = [(r["corpus"], r["precision"]) for r in rows if r["settings"].get("recommended")]
+    assert sorted(recommended) == [("nq", "4bit"), ("nq", "fp32"), ("squad", "4bit"), ("squad", "fp32")]
+
+
+def test_report_tables_are_generated_from_the_store():
+    report = REPO / "docs" / "RESULTS.md"
+    text = report.read_text(encoding="utf-8")
+    assert text.count("<!-- results:") >= 4
+    # If this fails, run `python -m unirag.results docs/RESULTS.md` and commit the report.
+    assert results.update_report(text, results.load_store()) == text
+    assert results.main([str(report), "--check"]) == 0
+
+
+def test_load_names_file_and_line_of_a_bad_row(tmp_path):
+    good = json.dumps(_row())
+    (tmp_path / "nq.jsonl").write_text(good + "\n\n" + json.dumps(_row(run="x", system="dense")) + "\n")
+    with pytest.raises(UniragError, match=r"nq.jsonl:3: unknown system 'dense'"):
+        results.load_store(tmp_path)
+    (tmp_path / "nq.jsonl").write_text(good + "\n{oops\n")
+    with pytest.raises(UniragError, match=r"nq.jsonl:2: not valid JSON"):
+        results.load_store(tmp_path)
+    (tmp_path / "nq.jsonl").write_text(good + "\n" + good + "\n")
+    with pytest.raises(UniragError, match=r"nq.jsonl:2: run 'RAG top-5' .* already in .*nq.jsonl:1"):
+        results.load_store(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"precision": "nf4"}, "precision 'nf4'"),
+    ({"split": "dev;rm"}, "split 'dev;rm'"),
+    ({"n": "266"}, "`n` must be int"),
+    ({"extra": 1}, "unknown field"),
+    ({"metrics": {"accuracy": 0.1}}, "metrics lack"),
+    ({"paired": [{"against": "RAG top-5"}]}, "paired"),
+])
+def test_validation_messages(change, message):
+    with pytest.raises(UniragError, match=message):
+        results.validate_row(_row(**change))
+    row = _row()
+    del row["command"]
+    with pytest.raises(UniragError, match="missing field.*command"):
+        results.validate_row(row)
+
+
+def test_append_run_is_atomic_and_refuses_duplicates(tmp_path):
+    path = results.append_run(_row(), tmp_path)
+    assert path == tmp_path / "nq.jsonl" and results.load_store(tmp_path)[0]["metrics"]["accuracy"] == 0.139
+    results.append_run(_row(precision="fp32"), tmp_path)
+    results.append_run(_row(corpus="squad"), tmp_path)
+    with pytest.raises(UniragError, match="already stored.*replace=True"):
+        results.append_run(_row(), tmp_path)
+    with pytest.raises(UniragError, match="unknown system"):
+        results.append_run(_row(system="bm25x"), tmp_path)
+    results.append_run(_row(metrics={**_row()["metrics"], "accuracy": 0.2}), tmp_path, replace=True)
+    rows = results.load_store(tmp_path, "nq")
+    assert [(r["precision"], r["metrics"]["accuracy"]) for r in rows] == [("4bit", 0.2), ("fp32", 0.139)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nq.jsonl", "squad.jsonl"]  # no temp file left
+
+
+def test_row_from_summary_keeps_every_value(tmp_path):
+    summary = {"system": "joint", "n": 3, "accuracy": 0.3333, "em": 0.0, "f1": 0.1, "recall@1": 0.6667,
+               "recall@k": 0.6667, "k": 1, "recall@3": None, "context_tokens_mean": 118.2,
+               "latency_ms_median": 812.5, "wall_time_s": 4.1, "reader": "stage-2"}
+    row = results.row_from_summary({"summary": summary}, run="joint, 1 doc, beam 32", system="joint", corpus="nq",
+                                   split="dev", precision="4bit", settings={"k_docs": 1, "beam_width": 32},
+                                   command="python -m unirag eval ...")
+    assert row["machine"] == results.MACHINE and len(row["date"]) == 10
+    assert {k: row["metrics"][k] for k in results.METRIC_KEYS} == {k: summary.get(k) for k in results.METRIC_KEYS}
+    assert row["labels"] == {"system": "joint", "reader": "stage-2"}
+    results.append_run(row, tmp_path)
+
+
+def test_table_order_render_and_quantization_cost():
+    rows = [_row(run="joint", system="joint", settings={"k_docs": 1, "recommended": True},
+                 paired=[{"against": "RAG top-5 (NF4)", "only_a": 40, "only_b": 20, "p": 0.01}]),
+            _row(run="gold passage, base reader", system="gold"), _row(run="No RAG", system="norag"),
+            _row(run="RAG top-1", settings={"rag_k": 1}), _row(),
+            _row(precision="fp32", metrics={**_row()["metrics"], "accuracy": 0.297})]
+    assert [t["run"] for t in results.table(rows, "nq", "4bit")] == [
+        "No RAG", "RAG top-1", "RAG top-5", "joint", "gold passage, base reader"]
+    md = results.render_table(rows, "nq", "4bit")
+    assert "| **joint** (recommended) | 266 | 0.139 |" in md and md.splitlines()[5].endswith("| 0.01 |")
+    older = _row(run="4-layer model: joint", system="joint", settings={"k_docs": 1, "shipped": False})
+    assert [t["run"] for t in results.table([*rows, older], "nq", "4bit", shipped=False)] == ["4-layer model: joint"]
+    assert results.table([*rows, older], "nq", "4bit", shipped=None)[-1]["run"] == "4-layer model: joint"
+    assert "4-layer" not in results.render_table([*rows, older], "nq", "4bit")
+    assert results.quantization_cost(rows) == [
+        "nq/dev · RAG top-5: accuracy 0.139 in 4-bit vs 0.297 in fp32 (-15.8 points, n=266)."]
+
+
+def test_generator_rewrites_and_checks(tmp_path):
+    store = tmp_path / "store"
+    results.append_run(_row(), store)
+    report = tmp_path / "R.md"
+    report.write_text("# R\n<!-- results:nq:4bit -->\nstale\n<!-- /results -->\ntail\n")
+    assert results.main([str(report), "--store", str(store), "--check"]) == 1
+    assert results.main([str(report), "--store", str(store)]) == 0
+    text = report.read_text()
+    assert "| RAG top-5 | 266 | 0.139 |" in text and "stale" not in text and text.endswith("tail\n")
+    assert results.main([str(report), "--store", str(store), "--check"]) == 0
+    report.write_text("<!-- results:nq:4bit:dev:other -->\n<!-- /results -->\n")
+    assert results.main([str(report), "--store", str(store)]) == 0 and "| RAG top-5 |" not in report.read_text()
+    report.write_text("<!-- results:nq:int8 -->\n<!-- /results -->\n")
+    assert results.main([str(report), "--store", str(store)]) == 2
+
+
+def test_recommended_settings_name_their_results_row():
+    """Each shipped recommended setting's reason names a store row measured with exactly those values."""
+    import re
+
+    from unirag.paths import REPO_ROOT
+    from unirag.settings import PRECISIONS, RecommendedSettings
+
+    rows = results.load_store()
+    for ckpt in sorted((REPO_ROOT / "checkpoints").glob("*-smollm2")):
+        corpus = ckpt.name.split("-")[0]
+        for precision in PRECISIONS:
+            rec = RecommendedSettings.load(ckpt, precision)
+            assert rec is not None and "\n" not in rec.reason
+            run = re.match(r"results row '([^']+)'", rec.reason)
+            assert run, rec.reason
+            (row,) = [r for r in rows if (r["run"], r["corpus"], r["precision"], r["split"]) == (
+                run[1], corpus, precision, "dev")]
+            assert {k: row["settings"][k] for k in rec.values} == rec.values

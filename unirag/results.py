@@ -1,0 +1,343 @@
+"""The results store: one JSON row per measured run, in `results/<corpus>.jsonl`, and the report's tables.
+
+A row says what was run in plain words (`run`), which named system it is, on which data and precision, with the
+full settings, the metrics `python -m unirag eval` printed, the command, date and machine. docs/RESULTS.md's
+tables are generated from the store (`python -m unirag.results docs/RESULTS.md`; `--check` fails when stale), so
+the report cannot drift from the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from unirag.errors import UniragError
+from unirag.paths import REPO_ROOT
+from unirag.systems import SYSTEM_NAMES
+
+
+
+def default_store() -> Path:
+    """The repository's `results/`, or UNIRAG_RESULTS (a copy of the store, tests), read at call time."""
+    return Path(os.environ.get("UNIRAG_RESULTS") or REPO_ROOT / "results")
+
+
+MACHINE = "2-core CPU, 24 GB"
+LLM = "embedded SmolLM2-135M-Instruct"
+
+# The project's named systems (unirag.systems), in the order the report lists them.
+SYSTEMS = ("norag", "rag", "joint", "joint-no-match", "rag-joint-reader", "joint-gold", "gold")
+assert set(SYSTEMS) == set(SYSTEM_NAMES), "the report orders every named system"
+SYSTEM_WORDS = {
+    "norag": "the LLM alone, no context",
+    "rag": "dense MiniLM top-k read by the base LLM",
+    "joint": "the joint model's docid search (path log-prob + document match), its top documents read",
+    "joint-no-match": "the docid search ranked by path log-prob alone (no document match)",
+    "rag-joint-reader": "dense MiniLM top-k read by the joint model's stage-2 reader",
+    "joint-gold": "the gold passage read by the joint model's stage-2 reader",
+    "gold": "the gold passage read by the base LLM",
+}
+PRECISIONS = ("4bit", "fp32")
+SPLITS = ("dev", "dev[:300]")  # the question sets the report and the Evaluation tab show
+SPLIT = re.compile(r"^[\w.-]+(\[\d*:\d*\])?$")  # a question file's name, optionally with the slice evaluated
+METRIC_KEYS = ("accuracy", "em", "f1", "recall@1", "recall@3", "recall@k", "k", "context_tokens_mean",
+               "latency_ms_median", "wall_time_s")
+FIELDS: dict[str, type | tuple[type, ...]] = {
+    "run": str, "system": str, "corpus": str, "split": str, "precision": str, "n": int, "settings": dict,
+    "metrics": dict, "command": str, "date": str, "machine": str, "source": str,
+}
+OPTIONAL: dict[str, type | tuple[type, ...]] = {"paired": list, "labels": dict}
+PAIRED_KEYS = ("against", "only_a", "only_b", "p")
+
+METRIC_DEFINITIONS = (
+    "**accuracy**: the normalised gold answer occurs in the output; **EM / F1**: SQuAD-style exact match and token "
+    "F1 against the gold answers; **R@1 / R@3**: the gold passage is first / in the top 3 of the system's ranking "
+    "(the docid search for the joint model, MiniLM cosine for RAG; 1.000 when the gold passage is forced); "
+    "**context**: mean prompt tokens of retrieved text; **latency**: median ms a question during the run "
+    "(batched baselines and shared CPUs: compare only latencies timed alone, see the latency section); "
+    "**p vs RAG top-5**: exact two-sided sign test on the questions only one of the two answers correctly."
+)
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def validate_row(row: Any, where: str = "row") -> dict[str, Any]:
+    """Return `row` if it is a well-formed store row, else raise UniragError naming `where` and the field."""
+    if not isinstance(row, dict):
+        raise UniragError(f"{where}: a results row must be a JSON object, got {type(row).__name__}.")
+    missing = [k for k in FIELDS if k not in row]
+    if missing:
+        raise UniragError(f"{where}: missing field(s) {', '.join(missing)} (every row needs {', '.join(FIELDS)}).")
+    unknown = sorted(set(row) - set(FIELDS) - set(OPTIONAL))
+    if unknown:
+        raise UniragError(f"{where}: unknown field(s) {', '.join(unknown)}; put extra labels under `labels`.")
+    for key, kind in {**FIELDS, **OPTIONAL}.items():
+        if key in row and (not isinstance(row[key], kind) or isinstance(row[key], bool)):
+            raise UniragError(f"{where}: `{key}` must be {getattr(kind, '__name__', kind)}, got {row[key]!r}.")
+        if kind is str and key in row and not row[key].strip():
+            raise UniragError(f"{where}: `{key}` is empty.")
+    if row["system"] not in SYSTEMS:
+        raise UniragError(f"{where}: unknown system {row['system']!r}; use one of {', '.join(SYSTEMS)}.")
+    if row["precision"] not in PRECISIONS:
+        raise UniragError(f"{where}: precision {row['precision']!r} is not one of {', '.join(PRECISIONS)}.")
+    if not SPLIT.match(row["split"]):
+        raise UniragError(f"{where}: split {row['split']!r} must be a question file's name, optionally sliced "
+                          "(dev, dev[:300]).")
+    metrics = row["metrics"]
+    absent = [k for k in METRIC_KEYS if k not in metrics]
+    if absent:
+        raise UniragError(f"{where}: metrics lack {', '.join(absent)} (write null where unknown).")
+    for key, value in metrics.items():
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (value is None or numeric or (isinstance(value, list) and all(isinstance(v, (int, float))
+                                                                              for v in value))):
+            raise UniragError(f"{where}: metric `{key}` must be a number or null, got {value!r}.")
+    for i, pair in enumerate(row.get("paired", [])):
+        if not isinstance(pair, dict) or any(k not in pair for k in PAIRED_KEYS):
+            raise UniragError(f"{where}: paired[{i}] needs {', '.join(PAIRED_KEYS)}.")
+    return row
+
+
+def _key(row: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    return row["run"], row["corpus"], row["precision"], row["split"]
+
+
+# --------------------------------------------------------------------------------------------- load / append
+
+
+def load_store(store_dir: Path | str | None = None, corpus: str | None = None) -> list[dict[str, Any]]:
+    """Every row of `<store_dir>/*.jsonl` (or `<corpus>.jsonl`), validated; errors name the file and line.
+
+    `store_dir` defaults to the repository's `results/` (or UNIRAG_RESULTS).
+    """
+    store_dir = Path(store_dir or default_store())
+    paths = [store_dir / f"{corpus}.jsonl"] if corpus else sorted(store_dir.glob("*.jsonl"))
+    rows: list[dict[str, Any]] = []
+    seen: dict[tuple[str, str, str, str], str] = {}
+    for path in paths:
+        if not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise UniragError(f"{where}: not valid JSON ({exc}); fix or remove the line.") from exc
+            validate_row(row, where)
+            if _key(row) in seen:
+                raise UniragError(f"{where}: run {row['run']!r} ({row['precision']}, {row['split']}) is already "
+                                  f"in {seen[_key(row)]}; rename one of them.")
+            seen[_key(row)] = where
+            rows.append(row)
+    return rows
+
+
+def _dump(row: Mapping[str, Any]) -> str:
+    return json.dumps(row, ensure_ascii=False)
+
+
+def append_run(row: dict[str, Any], store_dir: Path | None = None, replace: bool = False) -> Path:
+    """Add `row` to `<store_dir>/<corpus>.jsonl` and return that path.
+
+    Refuses a row whose run name, corpus, precision and split are already stored, unless `replace` (then the old
+    row is replaced in place). The file is rewritten through a temporary file and `os.replace`, so a crash never
+    leaves half a store.
+    """
+    validate_row(row, f"new row {row.get('run')!r}" if isinstance(row, dict) else "new row")
+    store_dir = Path(store_dir or default_store())
+    store_dir.mkdir(parents=True, exist_ok=True)
+    path = store_dir / f"{row['corpus']}.jsonl"
+    old = load_store(store_dir, row["corpus"])
+    lines, replaced = [], False
+    for existing in old:
+        if _key(existing) == _key(row):
+            if not replace:
+                raise UniragError(f"{path}: run {row['run']!r} ({row['precision']}, {row['split']}) is already "
+                                  "stored; give the run another name or pass replace=True.")
+            existing, replaced = row, True
+        lines.append(_dump(existing))
+    if not replaced:
+        lines.append(_dump(row))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=store_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def row_from_summary(summary: dict[str, Any], *, run: str, system: str, corpus: str, split: str, precision: str,
+                     settings: dict[str, Any], command: str) -> dict[str, Any]:
+    """A store row from an eval summary (`unirag.eval.summarize` output); fills date (today, UTC) and machine.
+
+    The metrics are copied as they are; summary keys that are not metrics are kept verbatim under `labels`.
+    """
+    summary = summary.get("summary", summary)
+    metrics = {k: summary.get(k) for k in METRIC_KEYS}
+    metrics.update({k: v for k, v in summary.items() if k.endswith("_s") and k not in metrics})
+    labels = {k: v for k, v in summary.items() if k not in metrics and k not in ("n", "corpus", "precision")}
+    row = {"run": run, "system": system, "corpus": corpus, "split": split, "precision": precision,
+           "n": summary.get("n"), "settings": dict(settings), "metrics": metrics, "command": command,
+           "date": _dt.datetime.now(_dt.timezone.utc).date().isoformat(), "machine": MACHINE,
+           "source": "python -m unirag eval"}
+    if labels:
+        row["labels"] = labels
+    return validate_row(row, f"summary of {run!r}")
+
+
+# --------------------------------------------------------------------------------------------- tables
+
+
+TABLE_HEADERS = ("run", "n", "accuracy", "EM", "F1", "R@1", "R@3", "context tokens", "latency ms", "p vs RAG top-5")
+
+
+def _shipped(row: Mapping[str, Any]) -> bool:
+    # Rows of models that are not the shipped checkpoints (older levers) say settings.shipped = false.
+    return bool(row["settings"].get("shipped", True))
+
+
+def _order(row: Mapping[str, Any]) -> tuple:
+    s = row["settings"]
+    # The recommended joint setting right after the RAG rows it is measured against; older models last.
+    return (not _shipped(row), "" if _shipped(row) else str(s.get("checkpoint")),
+            SYSTEMS.index(row["system"]) if not s.get("recommended") else SYSTEMS.index("rag") + 0.5,
+            s.get("pathway_layers") or 0, s.get("rag_k") or 0, s.get("k_docs") or 0, s.get("joint_reader") != "base",
+            s.get("beam_width") or 0, s.get("self_check") or 0, s.get("self_check_weight") or 0, row["run"])
+
+
+def table(rows: Iterable[Mapping[str, Any]], corpus: str, precision: str, split: str = "dev",
+          shipped: bool | None = True) -> list[dict]:
+    """The report's rows for one corpus, precision and split, in reading order: No RAG, RAG k=1/3/5, the joint
+    model's recommended setting, the other joint rows, then the ablation systems and the gold-passage ceilings.
+
+    `shipped`: True keeps the baselines and the shipped checkpoints' rows, False the older models' rows, None all
+    (older models last).
+    """
+    picked = sorted((r for r in rows if r["corpus"] == corpus and r["precision"] == precision
+                     and r["split"] == split and (shipped is None or _shipped(r) == shipped)), key=_order)
+    out = []
+    for r in picked:
+        m = r["metrics"]
+        p = next((q["p"] for q in r.get("paired", []) if q["against"].startswith("RAG top-5")), None)
+        out.append({"run": r["run"], "n": r["n"], "accuracy": m["accuracy"], "em": m["em"], "f1": m["f1"],
+                     "recall@1": m["recall@1"], "recall@3": m["recall@3"], "context": m["context_tokens_mean"],
+                     "latency_ms": m["latency_ms_median"], "p_vs_rag5": p,
+                     "recommended": bool(r["settings"].get("recommended"))})
+    return out
+
+
+def _cell(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_p(p: Any) -> str:
+    """A p-value as the report writes it: two significant digits (p spans 0.5 to 1e-7); a bound such as "<1e-4"
+    is kept as written; "–" when there is none."""
+    return f"{p:.2g}" if isinstance(p, float) else _cell(p)
+
+
+def render_table(rows: Iterable[Mapping[str, Any]], corpus: str, precision: str, split: str = "dev",
+                 shipped: bool | None = True) -> str:
+    lines = ["| " + " | ".join(TABLE_HEADERS) + " |", "|" + "---|" * len(TABLE_HEADERS)]
+    for t in table(rows, corpus, precision, split, shipped):
+        name = f"**{t['run']}** (recommended)" if t["recommended"] else t["run"]
+        cells = [name, _cell(t["n"]), *(_cell(t[k]) for k in ("accuracy", "em", "f1", "recall@1", "recall@3")),
+                 _cell(t["context"], 0), _cell(t["latency_ms"], 0), format_p(t["p_vs_rag5"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_tables(rows: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """Every corpus × precision table of the store (full dev split), as Markdown."""
+    rows = load_store() if rows is None else rows
+    parts = []
+    for corpus in sorted({r["corpus"] for r in rows}):
+        for precision in PRECISIONS:
+            if any(r["corpus"] == corpus and r["precision"] == precision for r in rows):
+                parts.append(f"### {corpus}/dev, {precision}\n\n{render_table(rows, corpus, precision)}")
+    return "\n\n".join(parts) + "\n"
+
+
+def quantization_cost(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Sentences comparing 4-bit and fp32 accuracy of the same run (corpus, split, run name); empty if none."""
+    pairs: dict[tuple[str, str, str], dict[str, Mapping[str, Any]]] = {}
+    for r in rows:
+        if r["metrics"].get("accuracy") is not None:
+            pairs.setdefault((r["corpus"], r["split"], r["run"]), {})[r["precision"]] = r
+    out = []
+    for (corpus, split, run), pair in sorted(pairs.items()):
+        if "4bit" in pair and "fp32" in pair:
+            q, f = pair["4bit"]["metrics"], pair["fp32"]["metrics"]
+            delta = (q["accuracy"] - f["accuracy"]) * 100
+            out.append(f"{corpus}/{split} · {run}: accuracy {q['accuracy']:.3f} in 4-bit vs {f['accuracy']:.3f} in "
+                       f"fp32 ({delta:+.1f} points, n={pair['4bit']['n']}).")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- the report
+
+
+MARKER = re.compile(r"(<!-- results:(?P<corpus>[\w-]+):(?P<precision>\w+)(?::(?P<split>dev(?:\[:\d+\])?))?"
+                    r"(?::(?P<other>other))? -->\n)"
+                    r"(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
+
+
+def update_report(text: str, rows: Sequence[Mapping[str, Any]]) -> str:
+    """`text` with every `<!-- results:CORPUS:PRECISION[:SPLIT][:other] -->` … `<!-- /results -->` block
+    regenerated (`:other`: the rows of older, not shipped models)."""
+    def fill(match: re.Match) -> str:
+        corpus, precision, split = match["corpus"], match["precision"], match["split"] or "dev"
+        if precision not in PRECISIONS or split not in SPLITS:
+            raise UniragError(f"bad results marker {match.group(1).strip()!r}: precision one of "
+                              f"{', '.join(PRECISIONS)}, split one of {', '.join(SPLITS)}.")
+        body = render_table(rows, corpus, precision, split, shipped=not match["other"])
+        return f"{match.group(1)}{body}\n{match['end']}"
+
+    return MARKER.sub(fill, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unirag.results",
+                                     description="Regenerate the results tables of a report from the store.")
+    parser.add_argument("report", type=Path, help="Markdown file with <!-- results:CORPUS:PRECISION --> markers")
+    parser.add_argument("--store", type=Path, default=None, help="results store folder (default: results/)")
+    parser.add_argument("--check", action="store_true", help="exit 1 if the report's tables are stale; write nothing")
+    args = parser.parse_args(argv)
+    try:
+        rows = load_store(args.store)
+        text = args.report.read_text(encoding="utf-8")
+        new = update_report(text, rows)
+    except (OSError, UniragError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        if new != text:
+            print(f"{args.report}: tables are stale; run `python -m unirag.results {args.report}`.", file=sys.stderr)
+            return 1
+        return 0
+    if new != text:
+        args.report.write_text(new, encoding="utf-8")
+        print(f"{args.report}: tables regenerated from {args.store or default_store()}.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

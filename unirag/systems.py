@@ -1,0 +1,212 @@
+"""The compared systems, each a name with one documented meaning (`eval --system NAME`, the app's columns).
+
+Every system answers a batch of `Question`s with one `InferenceSettings` and returns `Answer`s:
+
+    system = build_system("joint", corpus, settings, checkpoint="checkpoints/nq-smollm2")
+    answers = system.answer_many(questions, settings)
+
+Ablations are systems too (a name, not a combination of flags): the gold passage read by either reader, dense
+documents read by the joint reader, the docid search without its document match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from unirag.answer import Answer, RetrievedDoc
+from unirag.data import Corpus, Question, prepare_question
+from unirag.errors import UniragError
+from unirag.settings import InferenceSettings
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    name: str
+    meaning: str
+    reader: str  # "base" (the base LLM, as RAG reads) or "joint" (the joint checkpoint's reader, per settings)
+    needs_checkpoint: bool = False
+    needs_gold: bool = False  # reads each question's gold passage: every question needs a doc_id
+    retrieves: bool = True  # False: no ranking, so no R@k
+    settings_used: tuple[str, ...] = ("max_new_tokens",)  # the InferenceSettings fields this system reads
+
+    def documents_read(self, settings: InferenceSettings) -> int:
+        """How many documents it reads (the k of R@k)."""
+        if self.needs_gold:
+            return 1
+        return settings.rag_k if "rag_k" in self.settings_used else settings.k_docs
+
+
+_JOINT = ("k_docs", "beam_width", "self_check", "self_check_weight", "joint_reader", "max_new_tokens")
+SPECS: dict[str, SystemSpec] = {s.name: s for s in (
+    SystemSpec("norag", "the base LLM answers from the question alone", "base", retrieves=False),
+    SystemSpec("rag", "dense retrieval (bi-encoder, cosine top rag_k) read by the base LLM", "base",
+               settings_used=("rag_k", "max_new_tokens")),
+    SystemSpec("gold", "the gold passage alone read by the base LLM: the reader's upper bound", "base",
+               needs_gold=True),
+    SystemSpec("joint", "the joint model: trie-constrained docid search (+ self-check), its k_docs documents read "
+                        "by the reader `joint_reader` names", "joint", needs_checkpoint=True, settings_used=_JOINT),
+    SystemSpec("joint-no-match", "ablation: the joint model with the search ranked by the docid path's "
+                                 "log-probability alone, without the document-level match", "joint",
+               needs_checkpoint=True, settings_used=_JOINT),
+    SystemSpec("joint-gold", "ablation: the gold passage alone read by the joint model's reader", "joint",
+               needs_checkpoint=True, needs_gold=True, settings_used=("joint_reader", "max_new_tokens")),
+    SystemSpec("rag-joint-reader", "ablation: dense top rag_k documents read by the joint model's reader (the "
+                                   "retrieval effect apart from the reader)", "joint", needs_checkpoint=True,
+               settings_used=("rag_k", "joint_reader", "max_new_tokens")),
+)}
+SYSTEM_NAMES = tuple(SPECS)
+
+
+class System(Protocol):
+    name: str
+
+    def answer_many(self, questions: Sequence[Question], settings: InferenceSettings) -> list[Answer]: ...
+
+
+def spec(name: str) -> SystemSpec:
+    if name not in SPECS:
+        raise UniragError(f"Unknown system {name!r}; choose from {', '.join(SYSTEM_NAMES)}.")
+    return SPECS[name]
+
+
+def describe() -> str:
+    """One line per system, for `--help` and the docs."""
+    return "\n".join(f"  {s.name:<17} {s.meaning}" for s in SPECS.values())
+
+
+def _check_gold(name: str, questions: Sequence[Question], corpus: Corpus) -> None:
+    missing = [q.id for q in questions if not q.doc_id or q.doc_id not in corpus]
+    if missing:
+        raise UniragError(f"System {name!r} reads each question's gold passage, but {len(missing)} question(s) have "
+                          f"none in the corpus (first: {missing[0]!r}).")
+
+
+class _JointReading:
+    """The joint checkpoint's reader on documents chosen elsewhere: the gold passage or dense top-k."""
+
+    def __init__(self, name: str, joint: Any, retriever: Any = None) -> None:
+        self.name, self.joint, self.retriever = name, joint, retriever
+
+    def answer_many(self, questions: Sequence[Question], settings: InferenceSettings) -> list[Answer]:
+        from unirag.rag import RANKED_AT_LEAST
+
+        corpus = self.joint.corpus
+        if self.retriever is None:
+            _check_gold(self.name, questions, corpus)
+        answers = []
+        for q in questions:
+            text, notices = prepare_question(q.question)
+            ranked: list[str] = []
+            if self.retriever is None:
+                docs = [_doc(corpus, q.doc_id, 0.0, self.joint.trie)]
+                notices.append(f"Gold document {q.doc_id} forced as the only context (retrieval skipped).")
+            else:
+                hits = self.retriever.search(text, max(settings.rag_k, RANKED_AT_LEAST))
+                ranked = [doc_id for doc_id, _ in hits] if len(hits) > settings.rag_k else []  # R@3, as dense RAG
+                docs = [_doc(corpus, doc_id, score, self.joint.trie) for doc_id, score in hits[: settings.rag_k]]
+            answer = self.joint.read(text, docs, settings)
+            answer.system, answer.ranked_doc_ids = self.name, ranked
+            answer.notices[:0] = notices
+            answers.append(answer)
+        return answers
+
+
+class _JointSearch:
+    def __init__(self, name: str, joint: Any) -> None:
+        self.name, self.joint = name, joint
+
+    def answer_many(self, questions: Sequence[Question], settings: InferenceSettings) -> list[Answer]:
+        answers = [self.joint.answer(q.question, settings) for q in questions]
+        for answer in answers:
+            answer.system = self.name
+        return answers
+
+
+class _BaseReading:
+    """norag / rag / gold: the base LLM's `Reader` on no documents, dense top-k, or the gold passage."""
+
+    def __init__(self, name: str, reader: Any, retriever: Any = None, corpus: Corpus | None = None) -> None:
+        from unirag.rag import DenseRagSystem, NoRagSystem
+
+        self.name, self.corpus = name, corpus
+        self._inner = NoRagSystem(reader) if retriever is None else DenseRagSystem(retriever, reader)
+
+    def answer_many(self, questions: Sequence[Question], settings: InferenceSettings) -> list[Answer]:
+        texts = [q.question for q in questions]
+        if self.name == "gold":
+            _check_gold(self.name, questions, self.corpus)
+            answers = self._inner.answer_many(texts, settings, gold_doc_ids=[q.doc_id for q in questions])
+        else:
+            answers = self._inner.answer_many(texts, settings)
+        for answer in answers:
+            answer.system = self.name
+        return answers
+
+
+def _doc(corpus: Corpus, doc_id: str, score: float, trie: Any = None) -> RetrievedDoc:
+    passage = corpus[doc_id]
+    docid = None
+    if trie is not None:
+        try:
+            docid = tuple(trie.docid(doc_id))
+        except (KeyError, UniragError):  # a document outside the checkpoint's tree has no docid
+            docid = None
+    return RetrievedDoc(passage.id, passage.title, passage.text, score, docid)
+
+
+def build_system(name: str, corpus: Corpus, *, reader: Any = None, retriever: Any = None, joint: Any = None) -> System:
+    """A named system from loaded parts: `reader` (rag.Reader on the base LLM), `retriever` (rag.DenseRetriever),
+    `joint` (joint.JointSystem). `load_system` loads them."""
+    s = spec(name)
+    if s.reader == "joint":
+        if joint is None:
+            raise UniragError(f"System {name!r} needs a joint checkpoint (--checkpoint DIR, e.g. "
+                              "checkpoints/nq-smollm2).")
+        if name in ("joint", "joint-no-match"):
+            return _JointSearch(name, joint)
+        return _JointReading(name, joint, retriever if name == "rag-joint-reader" else None)
+    return _BaseReading(name, reader, retriever if name == "rag" else None, corpus)
+
+
+def load_system(name: str, corpus: Corpus, *, checkpoint: str | Path | None = None, llm: str | None = None,
+                encoder: str | None = None, precision: str = "fp32", passage_cache: bool = False,
+                attn_implementation: str = "eager", traces: bool = True) -> tuple[System, Any]:
+    """Load what system `name` needs and build it; returns (system, the JointSystem or None).
+
+    passage_cache: open the self-check passage cache of this base and corpus, building it first when missing
+    (a resumable pass over every passage); otherwise an existing complete cache is used when found, as the app does.
+    """
+    s = spec(name)
+    if s.needs_checkpoint and not checkpoint:
+        raise UniragError(f"--system {name} needs --checkpoint DIR (e.g. checkpoints/nq-smollm2).")
+    if checkpoint and not s.needs_checkpoint:
+        raise UniragError(f"--system {name} reads with the base LLM and takes no --checkpoint; the ablation "
+                          "'rag-joint-reader' reads dense documents with the checkpoint's reader.")
+    load_in_4bit = precision == "4bit"
+    retriever = None
+    if name in ("rag", "rag-joint-reader"):
+        from unirag.rag import DenseRetriever
+
+        retriever = DenseRetriever.from_corpus(corpus, encoder)
+    if s.reader == "joint":
+        from unirag.joint import JointSystem
+
+        joint = JointSystem.from_checkpoint(checkpoint, corpus, load_in_4bit=load_in_4bit, base_model=llm,
+                                            attn_implementation=attn_implementation, traces=traces,
+                                            document_match=name != "joint-no-match", passage_cache=passage_cache)
+        if joint.passage_cache is None and not passage_cache:
+            from unirag.joint.passage_cache import PassageCache
+
+            joint.passage_cache = PassageCache.find(joint.model, corpus)
+        return build_system(name, corpus, retriever=retriever, joint=joint), joint
+    from unirag.backbones import load_llm
+    from unirag.rag import Reader
+
+    model, tokenizer = load_llm(llm, load_in_4bit=load_in_4bit, attn_implementation=attn_implementation)
+    return build_system(name, corpus, reader=Reader(model, tokenizer), retriever=retriever), None
+
+
+__all__ = ["SPECS", "SYSTEM_NAMES", "System", "SystemSpec", "build_system", "describe", "load_system", "spec"]
