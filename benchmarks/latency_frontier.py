@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      max_new_tokens=args.max_new_tokens, joint_reader=args.joint_reader,
                                                      **({} if weight is None else {"self_check_weight": weight}))
                 for beam, n, weight in args.joint}
+    rag_settings = {k: InferenceSettings(rag_k=k, max_new_tokens=args.max_new_tokens) for k in args.rag_k}
     times: dict[str, dict[str, list[float]]] = {}
     for index, q in enumerate(questions):
         for beam, n, weight in args.joint:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                     row.setdefault(f"{stage}_s", []).append(ms / 1000)
         for k in args.rag_k:
             start = time.perf_counter()
-            answer = rag.answer(q.question, k=k, max_new_tokens=args.max_new_tokens)
+            answer = rag.answer(q.question, rag_settings[k])
             total = time.perf_counter() - start
             if index:
                 row = times.setdefault(f"rag k {k}", {})

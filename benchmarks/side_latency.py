@@ -34,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from unirag.data import dataset_paths, load_questions
-    from unirag.pipeline import Pipeline, Settings
+    from unirag.pipeline import AppConfig, Pipeline
 
     questions = load_questions(dataset_paths(args.corpus, "dev")[1])[: args.questions + 1]
     # One side after the other: each side's latency without the other competing for the cores.
-    pipeline = Pipeline(Settings.from_env(precision=args.precision, parallel_sides=False))
+    pipeline = Pipeline(AppConfig.from_env(precision=args.precision, parallel_sides=False))
     pipeline.bundle(args.corpus)  # load models, index and tree before timing
     options = {"k_docs": args.k_docs, "rag_k": args.rag_k, "joint_reader": args.joint_reader,
                "self_check": args.self_check}
