@@ -414,10 +414,16 @@ def test_generative_recall_benchmark_shards(files, capsys, tiny_llm_dirs, monkey
 
 
 def test_self_check_cache_from_index_and_eval(files, capsys, tiny_llm_dirs, monkeypatch, tmp_path):
-    """`index --self-check-cache` builds the passage cache; `eval --self-check-cache` uses it, same recall."""
+    """`index --self-check-cache` builds the passage cache; eval then finds and uses it, with the same recall."""
     root, corpus, questions = files
     monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
     ckpt = _joint_checkpoint(root, tiny_llm_dirs["llama"], corpus)
+    joint = ("eval", "--corpus", corpus, "--questions", questions, "--system", "joint", "--checkpoint", ckpt,
+             "--k-docs", 1, "--max-new-tokens", 2, "--self-check", 4)
+    summaries = []
+    code, out, err = run(capsys, *joint, "--out", root / "before.json")  # no cache yet: the passages are re-read
+    assert code == 0, err
+    summaries.append(json.loads(out.strip().splitlines()[-1]))
     code, out, err = run(capsys, "index", "--corpus", corpus, "--self-check-cache")
     assert code == 2 and "needs --checkpoint" in err
     code, out, err = run(capsys, "index", "--corpus", corpus, "--checkpoint", ckpt)
@@ -427,15 +433,13 @@ def test_self_check_cache_from_index_and_eval(files, capsys, tiny_llm_dirs, monk
     built = json.loads(out.strip().splitlines()[-1])
     meta = json.loads((Path(built["self_check_cache"]) / "meta.json").read_text())
     assert meta["complete"] and meta["doc_ids"] == ["d0", "d1", "d2", "d3"]
-    joint = ("eval", "--corpus", corpus, "--questions", questions, "--system", "joint", "--checkpoint", ckpt,
-             "--k", 1, "--max-new-tokens", 2, "--self-check", 4)
-    summaries = []
-    for extra in ((), ("--self-check-cache",)):
-        code, out, err = run(capsys, *joint, *extra, "--out", root / "o.json")
-        assert code == 0, err
-        summaries.append(json.loads(out.strip().splitlines()[-1]))
-    assert summaries[1]["self_check_cache"] is True and "self_check_cache" not in summaries[0]
+    code, out, err = run(capsys, *joint, "--out", root / "after.json")  # found, as the app finds it
+    assert code == 0, err
+    summaries.append(json.loads(out.strip().splitlines()[-1]))
+    assert summaries[0]["passage_cache"] is False and summaries[1]["passage_cache"] is True
     assert summaries[1]["recall@1"] == summaries[0]["recall@1"]
+    code, out, err = run(capsys, *joint, "--out", root / "after.json")
+    assert code == 2 and "already exists" in err  # a finished run is never overwritten silently
 
 
 def test_search_pruning_agreement_by_hand():

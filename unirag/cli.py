@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -205,19 +206,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.record:
         split = labels["split"] + (f"[{args.offset}:{args.offset + len(questions)}]" if args.offset or args.limit
                                    else "")
-        _record(summary, args.record, split)
+        _record(summary, args.record, split, args.command_line)
     print(json.dumps(summary), flush=True)
     return 0
 
 
-def _record(summary: dict, run: str, split: str) -> None:
+def _record(summary: dict, run: str, split: str, command: str) -> None:
     """Append a run to the results store (results/<corpus>.jsonl, or UNIRAG_RESULTS), its settings from the labels."""
     from unirag.results import append_run, row_from_summary
 
     settings = {k: summary[k] for k in ("checkpoint", "llm", "corpus_fingerprint", "passage_cache") if k in summary}
     row = row_from_summary(summary, run=run, system=summary["system"], corpus=summary["corpus"], split=split,
                            precision=summary["precision"], settings={**settings, **summary.get("settings", {})},
-                           command="python -m unirag " + " ".join(sys.argv[1:]))
+                           command=command)
     print(f"recorded in {append_run(row)}", file=sys.stderr)
 
 
@@ -261,7 +262,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if "system" not in summary or "corpus" not in summary:
             raise UniragError("The shards' summaries do not name their system and corpus (written by an older "
                               "eval); they cannot be recorded.")
-        _record(summary, args.record, summary.get("split", "dev"))
+        _record(summary, args.record, summary.get("split", "dev"), args.command_line)
     print(json.dumps(merged["summary"]), flush=True)
     return 0
 
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return train_main(argv[1:])
         args = build_parser().parse_args(argv)
+        args.command_line = "python -m unirag " + shlex.join(argv)  # what a results row records
         handlers = {"index": cmd_index, "eval": cmd_eval, "ask": cmd_ask, "merge": cmd_merge, "compare": cmd_compare}
         return handlers[args.command](args)
     except UniragError as exc:
