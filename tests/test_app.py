@@ -600,3 +600,32 @@ def test_load_ten_concurrent_questions(live_app):
     assert proc.poll() is None, "server died"
     assert "Traceback" not in log_path.read_text()
     print(f"10 concurrent questions: {elapsed:.1f} s total")
+
+
+def test_ask_command_reproduces_the_app_answer(tiny, tmp_path, capsys):
+    """`python -m unirag ask --system joint --checkpoint C` with no setting flag runs what the app runs: the
+    checkpoint's recommended setting for the precision, the same documents and the same answer."""
+    import shutil
+
+    from unirag.cli import main
+    from unirag.pipeline import AppConfig, Pipeline
+    from unirag.settings import RecommendedSettings
+
+    config, data = tiny
+    ckpt = tmp_path / "nq-llama"
+    shutil.copytree(config.checkpoint_dir / "nq-llama", ckpt)
+    RecommendedSettings({"k_docs": 2, "beam_width": 6, "joint_reader": "base", "max_new_tokens": 5}, "test").save(
+        ckpt, "fp32")
+    pipe = Pipeline(AppConfig(llm=config.llm, precision="fp32", checkpoint_dir=tmp_path, data_dir=data))
+    question = "which planet is called the red planet"
+    app_answer = pipe.ask("nq", question).joint.answer
+    capsys.readouterr()
+    code = main(["ask", "--system", "joint", "--checkpoint", str(ckpt), "--corpus", str(data / "nq" / "corpus.jsonl"),
+                 "--llm", config.llm, question])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["settings"] == pipe.start_settings("nq").to_dict()
+    assert (record["settings"]["k_docs"], record["settings"]["beam_width"]) == (2, 6)
+    assert [d["doc_id"] for d in record["docs"]] == app_answer.doc_ids
+    assert record["text"] == app_answer.text

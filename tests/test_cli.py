@@ -557,3 +557,21 @@ def test_checkpoint_size_benchmark_counts_the_preset(capsys):
     assert full["within_budget"] and full["float16_mb"] > small["float16_mb"] > 0
     with pytest.raises(SystemExit):
         checkpoint_size.main(shapes + ["--lora-layers", "5"])
+
+
+def test_gold_systems_read_the_gold_passage(files, capsys, tiny_llm_dirs):
+    """`gold` (base LLM) and `joint-gold` (the joint reader) read each question's gold passage alone."""
+    root, corpus, questions = files
+    ckpt = _joint_checkpoint(root, tiny_llm_dirs["llama"], corpus)
+    for system, extra in (("gold", ("--llm", tiny_llm_dirs["llama"])), ("joint-gold", ("--checkpoint", ckpt))):
+        code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", system,
+                             *extra, "--max-new-tokens", 2, "--out", root / f"{system}.json")
+        assert code == 0, err
+        summary = json.loads(out.strip().splitlines()[-1])
+        (record,) = json.loads((root / f"{system}.json").read_text())["records"]
+        assert summary["system"] == system and summary["recall@1"] == 1.0 and summary["k"] == 1
+        assert [d["doc_id"] for d in record["docs"]] == ["d2"] and record["context_tokens"] > 0
+    questions.write_text(json.dumps({"id": "q9", "question": "city?", "answers": ["2"]}) + "\n")
+    code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "gold",
+                         "--llm", tiny_llm_dirs["llama"])
+    assert code == 2 and "gold passage" in err and not out

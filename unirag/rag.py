@@ -273,6 +273,26 @@ class NoRagSystem:
         return self.answer_many([question], settings, with_attention)[0]
 
 
+def _read_ranked(name: str, reader: Reader, corpus: Corpus, questions: list[str], settings: InferenceSettings,
+                 ranked: list[list[tuple[str, float]]], k: int, retrieve_ms: float | None,
+                 with_attention: bool) -> list[Answer]:
+    """Each question's top `k` of its ranking read together; the whole ranking kept when it is longer (R@3)."""
+    prepared = [prepare_question(q) for q in questions]
+    texts = [q for q, _ in prepared]
+    hits = [row[:k] for row in ranked]
+    passages = [[corpus[doc_id] for doc_id, _ in row] for row in hits]
+    outs = reader.read_many(texts, passages, settings.max_new_tokens, with_attention)
+    docs = [
+        [RetrievedDoc(p.id, p.title, p.text, score) for p, (_, score) in zip(ps, row, strict=True)]
+        for ps, row in zip(passages, hits, strict=True)
+    ]
+    answers = _answers(name, texts, [n for _, n in prepared], outs, docs, retrieve_ms)
+    for answer, row in zip(answers, ranked, strict=True):
+        if len(row) > len(answer.docs):
+            answer.ranked_doc_ids = [doc_id for doc_id, _ in row]
+    return answers
+
+
 class DenseRagSystem:
     """Vanilla dense RAG: the top `settings.rag_k` bi-encoder passages concatenated into the prompt."""
 
@@ -282,37 +302,32 @@ class DenseRagSystem:
         self.retriever = retriever
         self.reader = reader
 
-    def answer_many(
-        self,
-        questions: list[str],
-        settings: InferenceSettings | None = None,
-        with_attention: bool = False,
-        gold_doc_ids: list[str] | None = None,
-    ) -> list[Answer]:
-        """`gold_doc_ids` forces each question's gold passage alone (the reader's upper bound)."""
+    def answer_many(self, questions: list[str], settings: InferenceSettings | None = None,
+                    with_attention: bool = False) -> list[Answer]:
         settings = settings or InferenceSettings()
-        prepared = [prepare_question(q) for q in questions]
-        texts = [q for q, _ in prepared]
+        texts = [prepare_question(q)[0] for q in questions]
         start = time.perf_counter()
-        k = settings.rag_k
-        if gold_doc_ids is not None:
-            ranked = [[(doc_id, 1.0)] for doc_id in gold_doc_ids]
-        else:
-            # At least 3 ranked (R@3 is reported for every k); the top k of a dense ranking do not depend on that.
-            ranked = self.retriever.search_many(texts, max(k, RANKED_AT_LEAST))
-        hits = [row[:k] for row in ranked]
+        # At least 3 ranked (R@3 is reported for every k); the top k of a dense ranking do not depend on that.
+        ranked = self.retriever.search_many(texts, max(settings.rag_k, RANKED_AT_LEAST))
         retrieve_ms = (time.perf_counter() - start) * 1000 / len(texts)
-        passages = [[self.retriever.corpus[doc_id] for doc_id, _ in row] for row in hits]
-        outs = self.reader.read_many(texts, passages, settings.max_new_tokens, with_attention)
-        docs = [
-            [RetrievedDoc(p.id, p.title, p.text, score) for p, (_, score) in zip(ps, row, strict=True)]
-            for ps, row in zip(passages, hits, strict=True)
-        ]
-        answers = _answers(self.name, texts, [n for _, n in prepared], outs, docs, retrieve_ms)
-        for answer, row in zip(answers, ranked, strict=True):
-            if len(row) > len(answer.docs):
-                answer.ranked_doc_ids = [doc_id for doc_id, _ in row]
-        return answers
+        return _read_ranked(self.name, self.reader, self.retriever.corpus, questions, settings, ranked,
+                            settings.rag_k, retrieve_ms, with_attention)
 
     def answer(self, question: str, settings: InferenceSettings | None = None, with_attention: bool = False) -> Answer:
         return self.answer_many([question], settings, with_attention)[0]
+
+
+class GoldPassageSystem:
+    """Each question's gold passage alone, read by the base LLM: the reader's upper bound (no retrieval)."""
+
+    name = "gold"
+
+    def __init__(self, reader: Reader, corpus: Corpus):
+        self.reader = reader
+        self.corpus = corpus
+
+    def answer_many(self, questions: list[str], gold_doc_ids: list[str], settings: InferenceSettings | None = None,
+                    with_attention: bool = False) -> list[Answer]:
+        ranked = [[(doc_id, 1.0)] for doc_id in gold_doc_ids]
+        return _read_ranked(self.name, self.reader, self.corpus, questions, settings or InferenceSettings(), ranked,
+                            1, 0.0, with_attention)

@@ -129,16 +129,19 @@ class _BaseReading:
     """norag / rag / gold: the base LLM's `Reader` on no documents, dense top-k, or the gold passage."""
 
     def __init__(self, name: str, reader: Any, retriever: Any = None, corpus: Corpus | None = None) -> None:
-        from unirag.rag import DenseRagSystem, NoRagSystem
+        from unirag.rag import DenseRagSystem, GoldPassageSystem, NoRagSystem
 
         self.name, self.corpus = name, corpus
-        self._inner = NoRagSystem(reader) if retriever is None else DenseRagSystem(retriever, reader)
+        if name == "gold":
+            self._inner = GoldPassageSystem(reader, corpus)
+        else:
+            self._inner = NoRagSystem(reader) if retriever is None else DenseRagSystem(retriever, reader)
 
     def answer_many(self, questions: Sequence[Question], settings: InferenceSettings) -> list[Answer]:
         texts = [q.question for q in questions]
         if self.name == "gold":
             _check_gold(self.name, questions, self.corpus)
-            answers = self._inner.answer_many(texts, settings, gold_doc_ids=[q.doc_id for q in questions])
+            answers = self._inner.answer_many(texts, [q.doc_id for q in questions], settings)
         else:
             answers = self._inner.answer_many(texts, settings)
         for answer in answers:
