@@ -312,7 +312,7 @@ def about_markdown(pipeline: Pipeline) -> str:
    on the model's own retrievals, with short gold answers as targets, so the reader answers tersely (higher EM and
    F1, but a gold answer appears in its output less often than in the base LLM's). *Advanced settings → Joint
    reader → the base LLM* has the joint model's documents read by the base LLM instead, the RAG side's reader:
-   the two answers then differ only in what was retrieved (`eval --base-reader`; docs/RESULTS.md compares both).
+   the two answers then differ only in what was retrieved (`eval --joint-reader base`; docs/RESULTS.md compares both).
    *Self-check* lets the base LLM re-read the search's top N documents and re-rank them by search
    score + how likely the question is after each document (query likelihood): the same LLM judges its own
    candidates, no second model; it costs one pass over N documents (`eval --self-check N`), or only the
