@@ -209,9 +209,12 @@ def _dpr_bert_dir(model_id: str) -> Path:
     DPR checkpoints are not sentence-transformers models, and AutoModel maps every DPR config to
     DPRQuestionEncoder, which would leave a context encoder's weights (prefix `ctx_encoder.`) unloaded:
     the concrete class is chosen from the config's architectures."""
-    from transformers import AutoConfig, AutoTokenizer, DPRContextEncoder, DPRQuestionEncoder
+    from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel, DPRContextEncoder, DPRQuestionEncoder
 
-    key = hashlib.sha256(model_id.encode()).hexdigest()[:10]
+    source = model_id
+    if Path(model_id).is_dir():  # a local folder can change under the same name: key on its files too
+        source += repr(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(model_id).iterdir()))
+    key = hashlib.sha256(source.encode()).hexdigest()[:10]
     out = cache_dir() / "models" / f"dpr-bert-{key}"
     if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
         return out
@@ -221,7 +224,12 @@ def _dpr_bert_dir(model_id: str) -> Path:
         raise UniragError(f"The DPR encoder {model_id!r} has a projection layer (projection_dim > 0): not supported.")
     context = "DPRContextEncoder" in (config.architectures or []) or "ctx_encoder" in model_id
     dpr = (DPRContextEncoder if context else DPRQuestionEncoder).from_pretrained(model_id)
-    bert = (dpr.ctx_encoder if context else dpr.question_encoder).bert_model
+    inner = (dpr.ctx_encoder if context else dpr.question_encoder).bert_model
+    # Saved as a BertConfig: the inner model carries the DPR config, which AutoModel would map back to DPR.
+    skip = ("model_type", "architectures", "projection_dim", "auto_map")
+    bert = BertModel(BertConfig(**{k: v for k, v in config.to_dict().items() if k not in skip}),
+                     add_pooling_layer=False)
+    bert.load_state_dict(inner.state_dict())
     tmp = out.with_name(out.name + ".tmp")
     bert.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(model_id).save_pretrained(tmp)
