@@ -1,11 +1,12 @@
 # Two entry points: `make app` (start the app on the embedded models) and `make test` (all tests).
+# `make screenshot` refreshes the committed docs/screenshot.png (the browser test, writing there on purpose).
 # Both create or reuse .venv and install the pinned requirements first.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: app test test-fast lint install
+.PHONY: app test test-fast lint install screenshot
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+screenshot: $(STAMP)
+	UNIRAG_REFRESH_SCREENSHOT=1 $(BIN)/python -m pytest -q -rs tests/test_browser.py -k screenshot
 
 lint: $(STAMP)
 	$(BIN)/ruff check unirag tests app.py

@@ -110,7 +110,8 @@ def test_train_stage1_stage2_and_resume(tiny_llm_dirs, tmp_path, monkeypatch):
     assert [r.get("step") for r in log if r["stage"] == 2] == [1, 2]
     assert (out / "lora").is_dir() and json.loads((out / "trainer_state.json").read_text())["stage"] == 2
     loaded = JointModel.from_pretrained(out)
-    assert loaded.lora_enabled and encoder
+    assert loaded.lora_enabled and loaded.reader_trained  # stage 2's adapter is saved and is the reader's
+    assert json.loads((out / "docid_tree.json").read_text())["config"]["encoder"] == encoder  # the tree's encoder
     assert loaded.semantic is not None and loaded.config.semantic_dim == 8 and teacher_calls
     assert all("distill" in r for r in log)
     assert loaded.config.adapter_in_retrieval is False  # the default: docids are generated without the adapter
@@ -210,6 +211,7 @@ def test_refuses_dev_split(tmp_path):
                                             questions="../shared/data/nq/dev.jsonl", out=str(tmp_path / "x")))
 
 
+@pytest.mark.slow  # two processes with their own model loads: minutes on a shared CPU
 def test_accelerate_launch_two_processes(tiny_llm_dirs, tmp_path):
     """The same training code under `accelerate launch` (2 processes; on this CPU they use gloo; `--multi_gpu` is
     what launches them, as on a GPU machine): gradients are averaged, only
@@ -273,3 +275,67 @@ def test_train_help_documents_every_flag(capsys):
                                              "--no-semantic-docids", "--stage1-lr", "0.01"])
     assert (config.pathway_layers, config.semantic_docids, config.stage1_lr) == (8, False, 0.01)
     assert set(training._field_comments(training.TrainConfig)) == {f.name for f in fields(training.TrainConfig)}
+
+
+def _tiny_train_args(tiny_llm_dirs, tmp_path, monkeypatch, *extra):
+    """A tiny training run's arguments (fake encoder vectors: no sentence encoder is loaded)."""
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
+    corpus_path, q_path = write_tiny_data(tmp_path)
+    monkeypatch.setattr("unirag.docids.corpus_embeddings",
+                        lambda *a, **k: torch.randn(8, 8, generator=torch.Generator().manual_seed(1)).numpy())
+    monkeypatch.setattr(training, "query_embeddings", lambda texts, name: torch.randn(
+        len(texts), 8, generator=torch.Generator().manual_seed(len(texts))).numpy())
+    return ["--corpus", str(corpus_path), "--questions", str(q_path), "--out", str(tmp_path / "ckpt"),
+            "--base-model", str(tiny_llm_dirs["llama"]), "--tree-k", "2", "--tree-c", "2", "--pathway-layers", "2",
+            "--validation-questions", "2", "--pseudo-queries", "1", *extra]
+
+
+def test_training_lowers_the_loss(tiny_llm_dirs, tmp_path, monkeypatch):
+    """Stage 1 and stage 2 really learn: the logged losses fall by a clear margin within a few steps."""
+    args = _tiny_train_args(tiny_llm_dirs, tmp_path, monkeypatch, "--stage1-epochs", "4", "--batch-size", "2",
+                            "--stage1-lr", "0.02", "--stage2-steps", "20", "--save-every", "5", "--stage2-lr", "0.01",
+                            "--stage2-docid-batch", "4", "--stage2-answer-batch", "2")
+    assert training.main(args) == 0
+    log = [json.loads(line) for line in (tmp_path / "ckpt" / "loss_log.jsonl").read_text().splitlines()]
+    stage1 = [r["loss"] for r in log if r["stage"] == 1]
+    answer = [r["loss_answer"] for r in log if r["stage"] == 2]
+    docid = [r["loss_docid"] for r in log if r["stage"] == 2]  # each record: the mean over its 5 steps
+    assert len(stage1) == 4 and len(answer) == 4
+    assert stage1[-1] < 0.6 * stage1[0], stage1  # about 5.2 → 2.0
+    # Stage 2's own objective, the answer loss, falls (about 5.2 → 4.6); its docid loss is logged too.
+    assert answer[-1] < answer[0] - 0.3, answer
+    assert all(0 < d < 10 for d in docid), docid
+
+
+def test_held_out_questions_never_reach_training(tiny_llm_dirs, tmp_path, monkeypatch):
+    """The questions `held_out_split` holds out (benchmarks re-create them from trainer_state.json to choose
+    settings) appear in no stage-1 example and in no stage-2 docid or answer example."""
+    from unirag.data import load_corpus, load_questions
+
+    args = _tiny_train_args(tiny_llm_dirs, tmp_path, monkeypatch, "--validation-questions", "3", "--seed", "5",
+                            "--stage1-epochs", "1", "--batch-size", "4", "--stage2-steps", "3", "--save-every", "3",
+                            "--stage2-docid-batch", "8", "--stage2-answer-batch", "2")
+    seen_texts, answered = [], []
+    encode, answer_example = training.encode_example, training._answer_example
+
+    def spy_encode(model, tokenizer, tree, text, docid):
+        seen_texts.append(text)
+        return encode(model, tokenizer, tree, text, docid)
+
+    def spy_answer(model, tokenizer, corpus, tree, question, n_docs):
+        answered.append(question.question)
+        return answer_example(model, tokenizer, corpus, tree, question, n_docs)
+
+    monkeypatch.setattr(training, "encode_example", spy_encode)
+    monkeypatch.setattr(training, "_answer_example", spy_answer)
+    assert training.main(args) == 0
+    corpus = load_corpus(tmp_path / "corpus.jsonl")
+    questions = load_questions(tmp_path / "train.jsonl", corpus)
+    held_out, trained = training.held_out_split(questions, 5, 3)
+    assert len(held_out) == 3 and {q.id for q in held_out}.isdisjoint(q.id for q in trained)
+    held = {q.question for q in held_out}
+    assert seen_texts and answered
+    assert held.isdisjoint(seen_texts) and held.isdisjoint(answered)
+    assert {q.question for q in trained} & set(seen_texts)  # the training questions themselves are used
+    state = json.loads((tmp_path / "ckpt" / "trainer_state.json").read_text())
+    assert (state["config"]["seed"], state["config"]["validation_questions"]) == (5, 3)  # enough to re-create it

