@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         joint.passage_cache = PassageCache.open(joint.model, corpus)  # never builds: a missing cache is an error
     model, tokenizer = load_llm(joint.model.config.base_model, load_in_4bit=args.load_in_4bit,
                                 attn_implementation="sdpa")
-    rag = DenseRagSystem(DenseRetriever.from_corpus(corpus), Reader(model, tokenizer, args.max_new_tokens))
+    rag = DenseRagSystem(DenseRetriever.from_corpus(corpus), Reader(model, tokenizer))
 
     settings = {(beam, n, weight): InferenceSettings(k_docs=args.k_docs, beam_width=beam, self_check=n,
                                                      max_new_tokens=args.max_new_tokens, joint_reader=args.joint_reader,

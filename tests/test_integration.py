@@ -58,7 +58,7 @@ def test_cli_eval_rag_prints_json_contract(nq, tmp_path):
             "rag",
             "--limit",
             "4",
-            "--k",
+            "--rag-k",
             "2",
             "--out",
             out,
@@ -70,7 +70,8 @@ def test_cli_eval_rag_prints_json_contract(nq, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["system"] == "rag" and summary["n"] == 4 and summary["recall@k"] is not None
+    assert summary["system"] == "rag" and summary["n"] == 4 and summary["k"] == 2
+    assert 0.0 <= summary["recall@k"] <= 1.0 and summary["settings"] == {"rag_k": 2, "max_new_tokens": 32}
     assert json.loads(out.read_text())["summary"]["n"] == 4
 
 

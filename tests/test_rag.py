@@ -5,7 +5,16 @@ from conftest import BagOfWordsEncoder
 from unirag.backbones import load_llm
 from unirag.data import Corpus, Passage
 from unirag.errors import UniragError
-from unirag.rag import DenseRagSystem, DenseRetriever, NoRagSystem, Reader, build_prompt, clean_generation
+from unirag.rag import (
+    DenseRagSystem,
+    DenseRetriever,
+    GoldPassageSystem,
+    NoRagSystem,
+    Reader,
+    build_prompt,
+    clean_generation,
+)
+from unirag.settings import InferenceSettings
 
 
 @pytest.fixture()
@@ -50,10 +59,11 @@ def test_prompt_uses_chat_template_when_present(tiny_llm_dirs):
 
 def test_rag_and_norag_answers_record_everything(tiny_llm_dirs, retriever):
     model, tok = load_llm(str(tiny_llm_dirs["llama"]))
-    reader = Reader(model, tok, max_new_tokens=5)
+    reader = Reader(model, tok)
     reader.stop_ids = [199]  # a random model may emit EOS at once; only a never-sampled id stops it
-    rag = DenseRagSystem(retriever, reader, k=2)
-    answer = rag.answer("capital of Italy?", with_attention=True)
+    rag = DenseRagSystem(retriever, reader)
+    k2 = InferenceSettings(rag_k=2, max_new_tokens=5)
+    answer = rag.answer("capital of Italy?", k2, with_attention=True)
     assert answer.doc_ids[0] == "p1" and len(answer.docs) == 2
     assert answer.context_tokens == len(tok("\n".join(f"{d.title}: {d.text}" for d in answer.docs))["input_ids"])
     assert answer.prompt_tokens > answer.context_tokens and 0 < answer.answer_tokens <= 5
@@ -61,30 +71,31 @@ def test_rag_and_norag_answers_record_everything(tiny_llm_dirs, retriever):
     att = answer.trace.answer_attention
     assert len(att.weights) == answer.answer_tokens and len(att.weights[0]) == len(att.context_tokens)
     assert np.allclose(np.sum(att.weights, axis=1), 1.0, atol=1e-4)
-    gold = rag.answer("anything", gold_doc_id="p2")
+    (gold,) = GoldPassageSystem(reader, retriever.corpus).answer_many(["anything"], ["p2"], k2)
     assert gold.doc_ids == ["p2"] and gold.ranking == ["p2"]
     # Reading one document still ranks three (R@3); the one read is the ranking's first.
-    one = rag.answer("capital of Italy?", k=1)
+    one = rag.answer("capital of Italy?", k2.replace(rag_k=1))
     assert one.doc_ids == ["p1"] and one.ranking[0] == "p1" and sorted(one.ranking) == ["p0", "p1", "p2"]
     assert len(answer.ranking) == 3 and answer.ranking[:2] == answer.doc_ids  # k=2: the ranking is longer
-    assert rag.answer("capital of Italy?", k=3).ranked_doc_ids == []  # k=3: what it read is the ranking
-    with pytest.raises(UniragError, match="at least 1"):
-        rag.answer_many(["x"], k=-1)
+    assert rag.answer("capital of Italy?", k2.replace(rag_k=3)).ranked_doc_ids == []  # k=3: read = ranking
+    with pytest.raises(UniragError, match="rag_k must be between 1 and 10"):
+        rag.answer_many(["x"], k2.replace(rag_k=-1))
     # batched answers equal single ones (left padding must not change greedy outputs)
-    many = rag.answer_many(["capital of Italy?", "Norway capital city, please?"])
-    assert many[0].text == rag.answer("capital of Italy?").text
+    many = rag.answer_many(["capital of Italy?", "Norway capital city, please?"], k2)
+    assert many[0].text == rag.answer("capital of Italy?", k2).text
     norag = NoRagSystem(reader).answer("who?")
     assert norag.docs == [] and norag.context_tokens == 0
 
 
 def test_bad_questions_are_handled(tiny_llm_dirs, retriever):
     model, tok = load_llm(str(tiny_llm_dirs["llama"]))
-    rag = DenseRagSystem(retriever, Reader(model, tok, max_new_tokens=3), k=1)
+    rag = DenseRagSystem(retriever, Reader(model, tok))
+    one = InferenceSettings(rag_k=1, max_new_tokens=3)
     with pytest.raises(UniragError, match="empty"):
-        rag.answer("   ")
-    long = rag.answer("capital " * 3000)
+        rag.answer("   ", one)
+    long = rag.answer("capital " * 3000, one)
     assert long.notices and "truncated" in long.notices[0]
-    odd = rag.answer("Où est Rome ? 🇮🇹")  # non-ASCII and an emoji: answered as is, nothing to notice
+    odd = rag.answer("Où est Rome ? 🇮🇹", one)  # non-ASCII and an emoji: answered as is, nothing to notice
     assert odd.question == "Où est Rome ? 🇮🇹" and odd.notices == [] and len(odd.docs) == 1
     assert isinstance(odd.text, str) and odd.answer_tokens <= 3
 
@@ -95,11 +106,11 @@ def test_answer_attention_is_recorded_during_generation(tiny_llm_dirs, corpus):
     import torch
 
     model, tok = load_llm(str(tiny_llm_dirs["llama"]))
-    reader = Reader(model, tok, max_new_tokens=4)
+    reader = Reader(model, tok)
     reader.stop_ids = [199]
     passages = [[corpus["p1"], corpus["p0"]], [corpus["p2"]]]
-    outs = reader.read_many(["capital of Italy?", "Norway?"], passages, with_attention=True)
-    single = reader.read("Norway?", [corpus["p2"]], with_attention=True)
+    outs = reader.read_many(["capital of Italy?", "Norway?"], passages, 4, with_attention=True)
+    single = reader.read("Norway?", [corpus["p2"]], 4, with_attention=True)
     assert np.allclose(outs[1].attention["weights"], single.attention["weights"], atol=1e-4)
 
     prompt = build_prompt(tok, "capital of Italy?", "\n".join(p.as_context() for p in passages[0]))

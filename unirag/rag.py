@@ -17,6 +17,7 @@ from unirag.data import Corpus, Passage, prepare_question
 from unirag.errors import UniragError
 from unirag.settings import InferenceSettings
 
+DEFAULT_MAX_NEW_TOKENS = InferenceSettings().max_new_tokens  # the one default, from the settings object
 RANKED_AT_LEAST = 3  # dense RAG ranks at least this many documents, whatever k it reads (for R@3)
 
 
@@ -107,10 +108,9 @@ class ReaderOutput:
 class Reader:
     """Greedy short-answer generation from a question and passages."""
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 32, use_chat_template: bool = True):
+    def __init__(self, model, tokenizer, use_chat_template: bool = True):
         self.model = model
         self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
         self.use_chat_template = use_chat_template
         newline = tokenizer.encode("\n", add_special_tokens=False)
         stops = {tokenizer.eos_token_id, *(newline[-1:] if newline else [])}
@@ -131,7 +131,8 @@ class Reader:
         return (inside[0], inside[-1] + 1) if inside else (0, 0)
 
     def read(
-        self, question: str, passages: list[Passage], max_new_tokens: int | None = None, with_attention: bool = False
+        self, question: str, passages: list[Passage], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        with_attention: bool = False,
     ) -> ReaderOutput:
         return self.read_many([question], [passages], max_new_tokens, with_attention)[0]
 
@@ -140,7 +141,7 @@ class Reader:
         self,
         questions: list[str],
         passages: list[list[Passage]],
-        max_new_tokens: int | None = None,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         with_attention: bool = False,
     ) -> list[ReaderOutput]:
         """Read a batch (left-padded greedy decoding); latency is the batch's time split evenly."""
@@ -156,7 +157,7 @@ class Reader:
             output = self.model.generate(
                 **batch,
                 do_sample=False,
-                max_new_tokens=max_new_tokens or self.max_new_tokens,
+                max_new_tokens=max_new_tokens,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
