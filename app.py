@@ -275,8 +275,8 @@ def evaluation(pipeline: Pipeline, corpus: str | None = None, precision: str | N
     picked = results_store.table(rows, corpus, precision, split, shipped=None)  # older models last
     if not picked:
         note = viz.message_html(
-            f"No runs for {corpus}/{split} in {precision} in `{results_store.default_store()}`. `python -m unirag eval` "
-            "measures one; `unirag.results.append_run` stores it.", "info")
+            f"No runs for {corpus}/{split} in {precision} in `{results_store.default_store()}`. "
+            "`python -m unirag eval ... --record \"RUN NAME\"` measures and stores one.", "info")
     else:
         note = (f'<div class="ur-muted">{len(picked)} run(s) of {html.escape(corpus)}/{html.escape(split)} in '
                 f"{html.escape(precision)} from the results store (<code>results/{html.escape(corpus)}.jsonl</code>; "

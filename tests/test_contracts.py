@@ -245,7 +245,6 @@ def test_merge_never_loses_a_shard_and_records_in_the_store(tmp_path, capsys, mo
     """The merged summary goes to the results store, never to a file that could be the records (the old
     `--summary-out X` with X = OUT kept the summary alone); OUT equal to a shard is refused."""
     from unirag.cli import main
-    from unirag.results import load_store
 
     monkeypatch.setenv("UNIRAG_RESULTS", str(tmp_path / "store"))
     for name, ids in (("a.json", ["q1"]), ("b.json", ["q2"])):

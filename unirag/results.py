@@ -24,7 +24,6 @@ from unirag.paths import REPO_ROOT
 from unirag.systems import SYSTEM_NAMES
 
 
-
 def default_store() -> Path:
     """The repository's `results/`, or UNIRAG_RESULTS (a copy of the store, tests), read at call time."""
     return Path(os.environ.get("UNIRAG_RESULTS") or REPO_ROOT / "results")
