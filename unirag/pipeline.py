@@ -314,6 +314,8 @@ class Pipeline:
         except UniragError as exc:
             raise UniragError(f"{exc} The app needs the shared QA data (set `UNIRAG_DATA`).") from None
         corpus = load_corpus(corpus_path)
+        for notice in corpus.notices:  # e.g. passages truncated at load
+            self._say(name, notice)
         questions = load_questions(dev_path, corpus)
         encoder = self._shared_encoder(name)
         self._say(name, f"embedding {len(corpus):,} passages (cached after the first run)…")
