@@ -175,3 +175,26 @@ def test_no_cache_switches_a_recommended_self_check_off_with_a_notice(tmp_path):
     # An explicit self-check is kept as given, without a notice.
     kept = InferenceSettings.from_existing(tmp_path, "4bit", passage_cache=False, self_check=3)
     assert (kept.self_check, kept.beam_width, kept.notices) == (3, 32, ())
+
+
+def test_without_cache_setting_applies_only_without_a_passage_cache(tmp_path):
+    """A checkpoint's `without_cache` entry (measured on its own) replaces the generic no-cache rule."""
+    (tmp_path / RECOMMENDED_FILE).write_text(json.dumps({"4bit": {
+        "beam_width": 32, "self_check": 20, "self_check_weight": 16.0, "reason": "row A",
+        "without_cache": {"beam_width": 12, "self_check": 3, "reason": "row B"}}}))
+    rec = RecommendedSettings.load(tmp_path, "4bit")
+    assert rec.without_cache.values == {"beam_width": 12, "self_check": 3} and rec.without_cache.reason == "row B"
+    cached = InferenceSettings.from_existing(tmp_path, "4bit", passage_cache=True)
+    assert (cached.beam_width, cached.self_check, cached.notices) == (32, 20, ())
+    fresh = InferenceSettings.from_existing(tmp_path, "4bit", passage_cache=False)
+    assert (fresh.beam_width, fresh.self_check, fresh.self_check_weight) == (12, 3, 16.0)
+    assert "row B" in fresh.notices[0]
+    assert InferenceSettings.from_existing(tmp_path, "4bit", passage_cache=False, self_check=20).self_check == 20
+    (tmp_path / "copy").mkdir()
+    rec.save(tmp_path / "copy", "4bit")
+    assert RecommendedSettings.load(tmp_path / "copy", "4bit") == rec  # round trip keeps the fallback
+    for bad in ({"without_cache": 3}, {"without_cache": {"self_check": 1}}, {"without_cache": {"colour": 1}},
+                {"without_cache": {"without_cache": {}}}, {"reason": "two\nlines"}):
+        (tmp_path / RECOMMENDED_FILE).write_text(json.dumps({"4bit": {"self_check": 20, **bad}}))
+        with pytest.raises(UniragError):
+            RecommendedSettings.load(tmp_path, "4bit")

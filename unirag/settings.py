@@ -7,8 +7,9 @@ One order of precedence, for the app, `ask` and `eval` alike:
     explicit argument  >  the checkpoint's recommended setting for the loaded precision  >  library default
 
 A recommended self-check is quick only with the passage cache (`python -m unirag index --self-check-cache`):
-without one, `from_existing` keeps the recommended documents and reader but switches the self-check off and
-narrows the beam to `NO_CACHE_BEAM`, and says so in `notices`. Explicit values always win.
+without one, `from_existing` applies the checkpoint's `without_cache` setting (measured on its own, a results row
+of its own), or, when the checkpoint has none, keeps the recommended documents and reader, switches the
+self-check off and narrows the beam to `NO_CACHE_BEAM`; it says so in `notices`. Explicit values always win.
 Settings are validated once, when they are made; the systems trust them.
 """
 
@@ -155,12 +156,17 @@ class InferenceSettings:
         if recommended is not None:
             values.update(recommended.values)
             if recommended.values.get("self_check") and not passage_cache and explicit.get("self_check") is None:
-                values["self_check"] = 0
-                values["beam_width"] = min(values.get("beam_width", NO_CACHE_BEAM), NO_CACHE_BEAM)
+                fallback = recommended.without_cache
+                if fallback is not None:
+                    values.update(fallback.values)
+                else:
+                    values["self_check"] = 0
+                    values["beam_width"] = min(values.get("beam_width", NO_CACHE_BEAM), NO_CACHE_BEAM)
                 notices.append(
                     f"The checkpoint recommends self-check {recommended.values['self_check']}, which is quick only "
-                    "with the passage cache (`python -m unirag index --self-check-cache`); without it the "
-                    f"self-check is off and the beam is {values['beam_width']}.")
+                    "with the passage cache (`python -m unirag index --self-check-cache`); without it: self-check "
+                    f"{values.get('self_check', 0)}, beam {values.get('beam_width', NO_CACHE_BEAM)}"
+                    + (f" ({fallback.reason})." if fallback is not None and fallback.reason else "."))
         values.update({k: v for k, v in explicit.items() if v is not None})
         settings = cls(precision=precision, notices=tuple(notices), **values)
         if explicit.get("self_check_weight") is not None and not settings.self_check:
@@ -171,11 +177,13 @@ class InferenceSettings:
 @dataclass(frozen=True)
 class RecommendedSettings:
     """The setting a checkpoint's authors measured best, per precision, with a one-line reason naming its results
-    row: `recommended_settings.json` = {"4bit": {...values, "reason": "..."}, "fp32": {...}} (or one object for
-    every precision)."""
+    row: `recommended_settings.json` = {"4bit": {...values, "reason": "...", "without_cache": {...values, "reason":
+    "..."}}, "fp32": {...}} (or one object for every precision). `without_cache`: the changes that apply when the
+    self-check passage cache is missing (a fresh machine), measured on their own."""
 
     values: dict[str, Any]
     reason: str = ""
+    without_cache: RecommendedSettings | None = None
 
     KEYS = ("k_docs", "beam_width", "self_check", "self_check_weight", "joint_reader", "rag_k", "max_new_tokens")
 
@@ -202,19 +210,34 @@ class RecommendedSettings:
                 return None
             if not isinstance(raw, dict):
                 raise UniragError(f"{path}: the {precision} setting must be a JSON object.")
-        raw = dict(raw)
+        return cls._parse(dict(raw), path, precision)
+
+    @classmethod
+    def _parse(cls, raw: dict[str, Any], path: Path, precision: str, nested: bool = False) -> RecommendedSettings:
         reason = raw.pop("reason", "")
+        without = raw.pop("without_cache", None) if not nested else None
         unknown = sorted(set(raw) - set(cls.KEYS))
         if unknown:
             raise UniragError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: "
-                              f"{', '.join(cls.KEYS)}, reason.")
-        if not isinstance(reason, str):
+                              f"{', '.join(cls.KEYS)}, reason" + ("" if nested else ", without_cache") + ".")
+        if not isinstance(reason, str) or "\n" in reason:
             raise UniragError(f"{path}: reason must be one line of text.")
-        try:
-            InferenceSettings(precision=precision, **raw)  # validated with the same rules as every setting
+        if without is not None and not isinstance(without, dict):
+            raise UniragError(f"{path}: without_cache must be a JSON object of settings.")
+        fallback = cls._parse(dict(without), path, precision, nested=True) if without is not None else None
+        try:  # validated with the same rules as every setting, with and without the cache
+            InferenceSettings(precision=precision, **raw)
+            if fallback is not None:
+                InferenceSettings(precision=precision, **{**raw, **fallback.values})
         except UniragError as exc:
             raise UniragError(f"{path}: {exc}") from None
-        return cls(raw, reason)
+        return cls(raw, reason, fallback)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {**self.values, "reason": self.reason}
+        if self.without_cache is not None:
+            data["without_cache"] = self.without_cache.to_json()
+        return data
 
     def save(self, checkpoint_dir: str | Path, precision: str) -> Path:
         """Write (or replace) this precision's entry, keeping the others."""
@@ -222,7 +245,7 @@ class RecommendedSettings:
         data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         if data and not any(key in PRECISIONS for key in data):
             data = {p: data for p in PRECISIONS}  # one shared setting becomes one per precision
-        data[check_precision(precision)] = {**self.values, "reason": self.reason}
+        data[check_precision(precision)] = self.to_json()
         path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         return path
 
