@@ -60,6 +60,10 @@ def test_float16_storage_is_close_and_reopens(tiny_llm_dirs, tmp_path):
     assert cache.question_likelihood(model, "who wrote it?", cache.doc_ids) == pytest.approx(expected, abs=2e-2)
     again = PassageCache.build(model, PASSAGES, tmp_path / "kv", progress=False)  # complete: opened, not rebuilt
     assert np.array_equal(np.asarray(again.kv), np.asarray(cache.kv))
+    # The size benchmark's formula (RESULTS' figure and its growth to 1M passages) is what a build stores.
+    from benchmarks.passage_cache_size import cache_bytes
+
+    assert cache.nbytes == cache_bytes(model.base_config, int(cache.lengths.sum()), len(PASSAGES))
     with pytest.raises(UniragError, match="another model, corpus or storage dtype"):
         PassageCache.build(model, PASSAGES, tmp_path / "kv", storage_dtype="float32", progress=False)
 
