@@ -235,7 +235,8 @@ def table(rows: Iterable[Mapping[str, Any]], corpus: str, precision: str, split:
         out.append({"run": r["run"], "n": r["n"], "accuracy": m["accuracy"], "em": m["em"], "f1": m["f1"],
                      "recall@1": m["recall@1"], "recall@3": m["recall@3"], "context": m["context_tokens_mean"],
                      "latency_ms": m["latency_ms_median"], "p_vs_rag5": p,
-                     "recommended": bool(r["settings"].get("recommended"))})
+                     "recommended": bool(r["settings"].get("recommended")),
+                     "fresh_machine": bool(r["settings"].get("fresh_machine"))})
     return out
 
 
@@ -258,6 +259,7 @@ def render_table(rows: Iterable[Mapping[str, Any]], corpus: str, precision: str,
     lines = ["| " + " | ".join(TABLE_HEADERS) + " |", "|" + "---|" * len(TABLE_HEADERS)]
     for t in table(rows, corpus, precision, split, shipped):
         name = f"**{t['run']}** (recommended)" if t["recommended"] else t["run"]
+        name += " (fresh machine)" if t["fresh_machine"] else ""
         cells = [name, _cell(t["n"]), *(_cell(t[k]) for k in ("accuracy", "em", "f1", "recall@1", "recall@3")),
                  _cell(t["context"], 0), _cell(t["latency_ms"], 0), format_p(t["p_vs_rag5"])]
         lines.append("| " + " | ".join(cells) + " |")
