@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from unirag.answer import Answer, RetrievedDoc
+from unirag.answer import Answer
 from unirag.data import Corpus, Question, prepare_question
 from unirag.errors import UniragError
 from unirag.settings import InferenceSettings
@@ -101,12 +101,13 @@ class _JointReading:
             text, notices = prepare_question(q.question)
             ranked: list[str] = []
             if self.retriever is None:
-                docs = [_doc(corpus, q.doc_id, 0.0, self.joint.trie)]
+                docs = self.joint.documents([q.doc_id])
                 notices.append(f"Gold document {q.doc_id} forced as the only context (retrieval skipped).")
             else:
                 hits = self.retriever.search(text, max(settings.rag_k, RANKED_AT_LEAST))
                 ranked = [doc_id for doc_id, _ in hits] if len(hits) > settings.rag_k else []  # R@3, as dense RAG
-                docs = [_doc(corpus, doc_id, score, self.joint.trie) for doc_id, score in hits[: settings.rag_k]]
+                top = hits[: settings.rag_k]
+                docs = self.joint.documents([doc_id for doc_id, _ in top], [score for _, score in top])
             answer = self.joint.read(text, docs, settings)
             answer.system, answer.ranked_doc_ids = self.name, ranked
             answer.notices[:0] = notices
@@ -147,17 +148,6 @@ class _BaseReading:
         for answer in answers:
             answer.system = self.name
         return answers
-
-
-def _doc(corpus: Corpus, doc_id: str, score: float, trie: Any = None) -> RetrievedDoc:
-    passage = corpus[doc_id]
-    docid = None
-    if trie is not None:
-        try:
-            docid = tuple(trie.docid(doc_id))
-        except (KeyError, UniragError):  # a document outside the checkpoint's tree has no docid
-            docid = None
-    return RetrievedDoc(passage.id, passage.title, passage.text, score, docid)
 
 
 def build_system(name: str, corpus: Corpus, *, reader: Any = None, retriever: Any = None, joint: Any = None) -> System:
