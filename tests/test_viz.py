@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -253,3 +254,71 @@ def test_eval_rows_and_figure():
     many = [dict(rows[1], run=f"run {i}") for i in range(80)]
     assert fig.layout.height < viz.eval_figure(many).layout.height == viz.EVAL_MAX_HEIGHT
     assert not viz.eval_figure([]).data
+
+
+# --------------------------------------------------------------------------------------------- non-Latin text
+
+NON_LATIN = ["Кто написал «Войну и мир»?", "東京タワーの高さは？", "Is 🎸 a guitar? Ελληνικά"]
+
+
+def byte_tokens(text: str, every: int = 3) -> list[str]:
+    """SmolLM2-style byte-level token strings: the UTF-8 bytes cut every `every` bytes (mid-character on purpose)
+    and mapped through GPT-2's byte table, as `convert_ids_to_tokens` gives them."""
+    table = viz._bytes_to_unicode()
+    raw = text.encode("utf-8")
+    return ["".join(table[b] for b in raw[i : i + every]) for i in range(0, len(raw), every)]
+
+
+@pytest.mark.parametrize("text", NON_LATIN)
+def test_byte_level_tokens_merge_into_whole_characters(text):
+    tokens = byte_tokens(text)
+    assert viz.is_byte_level(tokens)
+    assert "".join(viz.clean_tokens(tokens)) == text
+    groups = viz.token_groups(tokens)
+    assert "".join(g[2] for g in groups) == text and all("\ufffd" not in g[2] for g in groups)
+    assert [g[0] for g in groups][0] == 0 and groups[-1][1] == len(tokens)
+    # Highlighting: a character split over tokens is one span weighing the sum of its pieces.
+    weights = [1.0 / len(tokens)] * len(tokens)
+    shaded = viz.highlight_tokens_html(tokens, weights)
+    assert "\ufffd" not in shaded and len(re.findall("<span", shaded)) == len(groups)
+    question = viz.question_html(Answer("joint", text, "x", trace=Trace(
+        retrieval_attention=TokenWeights(tokens, weights))))
+    assert "\ufffd" not in question
+
+
+def test_non_latin_documents_and_heatmaps_have_no_replacement_character():
+    title = "東京タワー"
+    passages = [f"{title}: 東京タワーは333メートルです。", "Москва — столица России. 🎸"]
+    context = byte_tokens(passages[0]) + ["Ċ"] + byte_tokens(passages[1], every=2)
+    answer_tokens = byte_tokens("333メートル🎸", every=2)
+    weights = [[(j % 7) / 10 for j in range(len(context))] for _ in answer_tokens]
+    docs = [RetrievedDoc("j", title, passages[0], 0.9), RetrievedDoc("r", "Москва", passages[1], 0.8)]
+    answer = Answer("rag", "高さは？", "333メートル", docs, trace=Trace(answer_attention=AnswerAttention(
+        answer_tokens, context, weights)))
+    out = viz.documents_html(answer)
+    assert "\ufffd" not in out and "東京タワー" in re.sub(r"<[^>]+>", "", out) and "ur-tok" in out
+    for long in (False, True):
+        fig = viz.attention_heatmap(answer, max_tokens=10 if long else 1000)
+        dumped = fig.to_json()
+        assert "\\ufffd" not in dumped.lower() and "\ufffd" not in dumped
+        heat = fig.data[0]
+        assert len(heat.z) == len(viz.token_groups(answer_tokens))  # one row per whole answer character
+    # The raw fallback of the joint side: token strings that do not decode alone become raw byte-level strings.
+    from unirag.joint.prompts import token_strings
+
+    class ByteTokenizer:
+        def __init__(self, tokens):
+            self.tokens = tokens
+
+        def decode(self, ids):
+            raw = bytes(viz._BYTE_DECODER[ch] for i in ids for ch in self.tokens[i])
+            return raw.decode("utf-8", errors="replace")
+
+        def convert_ids_to_tokens(self, i):
+            return self.tokens[i]
+
+    tokens = byte_tokens("Привет 🎸")
+    strings = token_strings(ByteTokenizer(tokens), list(range(len(tokens))))
+    assert strings == tokens and "".join(viz.clean_tokens(strings)) == "Привет 🎸"
+    ascii_tokens = byte_tokens("plain words")
+    assert token_strings(ByteTokenizer(ascii_tokens), list(range(len(ascii_tokens)))) == ["pla", "in ", "wor", "ds"]

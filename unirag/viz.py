@@ -89,24 +89,66 @@ _BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 def is_byte_level(tokens: Sequence[str]) -> bool:
-    """Raw byte-level BPE token strings (``Ġword``, ``Ċ``) rather than decoded text."""
+    """Raw byte-level BPE token strings (``Ġword``, ``Ċ``, ``ÐļÑĤÐ¾``) rather than decoded text.
+
+    Every character must be in the byte map and the joined bytes must be valid UTF-8; then either a mapped space or
+    newline (``Ġ``/``Ċ``) or a non-ASCII byte shows it is not plain text (a question without spaces, e.g. Japanese)."""
     joined = "".join(tokens)
-    if not joined or " " in joined or "\n" in joined:
+    if not joined or " " in joined or "\n" in joined or not all(ch in _BYTE_DECODER for ch in joined):
         return False
-    return ("Ġ" in joined or "Ċ" in joined) and all(ch in _BYTE_DECODER for ch in joined)
+    raw = bytes(_BYTE_DECODER[ch] for ch in joined)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:  # e.g. decoded Latin-1 text such as "café": not byte-level strings
+        return False
+    return "Ġ" in joined or "Ċ" in joined or any(b >= 0x80 for b in raw)
+
+
+_SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # sentencepiece byte-fallback pieces (Llama 2, Mistral)
+
+
+def _token_bytes(tokens: Sequence[str]) -> list[bytes]:
+    """The UTF-8 bytes each token stands for (byte-level map, sentencepiece ``▁`` and ``<0xNN>`` pieces)."""
+    if is_byte_level(tokens):
+        return [bytes(_BYTE_DECODER[ch] for ch in tok) for tok in tokens]
+    out = []
+    for tok in tokens:
+        match = _SP_BYTE.match(tok)
+        out.append(bytes([int(match.group(1), 16)]) if match else tok.replace("▁", " ").encode("utf-8"))
+    return out
 
 
 def clean_tokens(tokens: Sequence[str]) -> list[str]:
     """Readable text of each token, such that ``"".join(result)`` reads like the original text.
 
     Byte-level BPE strings are turned back into bytes and decoded incrementally (a character split over two
-    tokens is shown with the token that completes it); sentencepiece's ``▁`` becomes a space.
+    tokens is shown with the token that completes it, the earlier pieces are ""); sentencepiece's ``▁`` becomes a
+    space. Never a U+FFFD for a character that is whole over the tokens.
     """
     tokens = [str(t) for t in tokens]
-    if is_byte_level(tokens):
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        return [decoder.decode(bytes(_BYTE_DECODER[ch] for ch in tok)) for tok in tokens]
-    return [t.replace("▁", " ") for t in tokens]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return [decoder.decode(b) for b in _token_bytes(tokens)]
+
+
+def token_groups(tokens: Sequence[str]) -> list[tuple[int, int, str]]:
+    """Tokens merged into whole characters: (start, end, text) runs of consecutive tokens, each the shortest run
+    that ends on a character boundary. A character split over byte-level tokens (Cyrillic, CJK, emoji) is one
+    unit, so weights are summed over its pieces instead of drawing each piece as "\ufffd"."""
+    tokens = [str(t) for t in tokens]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    groups, start, text = [], 0, ""
+    for i, raw in enumerate(_token_bytes(tokens)):
+        text += decoder.decode(raw)
+        if not decoder.getstate()[0]:  # no bytes pending: the run ends on a character boundary
+            groups.append((start, i + 1, text))
+            start, text = i + 1, ""
+    if start < len(tokens):  # a truncated character at the very end
+        groups.append((start, len(tokens), text + decoder.decode(b"", final=True)))
+    return groups
+
+
+def _group_weights(groups: Sequence[tuple[int, int, str]], weights: Sequence[float]) -> list[float]:
+    return [sum(weights[start:end]) for start, end, _ in groups]
 
 
 # --------------------------------------------------------------------------------------------- context units
@@ -151,8 +193,8 @@ def context_units(context_tokens: Sequence[str], doc_spans: Sequence[Sequence[in
     for d, (start, end) in enumerate(doc_spans or []):
         for i in range(max(0, int(start)), min(n, int(end))):
             doc_of[i] = d
-    if not sentences:
-        return [Unit(i, i + 1, doc_of[i], texts[i]) for i in range(n)]
+    if not sentences:  # one unit per whole character run (a split multi-byte character is one column)
+        return [Unit(a, b, doc_of[a], text) for a, b, text in token_groups(context_tokens)]
     units: list[Unit] = []
     start = 0
     for i in range(n):
@@ -375,10 +417,13 @@ def attention_heatmap(answer: Answer | None, title: str = "Answer tokens × cont
     """
     attention = answer.trace.answer_attention if answer is not None else AnswerAttention()
     context = list(attention.context_tokens)
-    answer_tokens = clean_tokens(attention.answer_tokens)
     rows = [r for r in _matrix(attention.weights) if len(r) == len(context)]
-    if not context or not rows or len(rows) != len(answer_tokens):
+    if not context or not rows or len(rows) != len(attention.answer_tokens):
         return empty_figure("No attention trace for this answer.", title)
+    # Answer tokens merged into whole characters: a merged row is the mean attention of its pieces.
+    answer_groups = token_groups(attention.answer_tokens)
+    answer_tokens = [text for _, _, text in answer_groups]
+    rows = [[sum(col) / (b - a) for col in zip(*rows[a:b], strict=True)] for a, b, _ in answer_groups]
     spans = attention.doc_spans or infer_doc_spans(context, len(answer.docs) if answer else 0)
     sentences = len(context) > max_tokens
     units = context_units(context, spans, sentences)
@@ -426,8 +471,10 @@ def _alpha_bg(rgb: tuple[int, int, int], alpha: float) -> str:
 def highlight_tokens_html(tokens: Sequence[str], weights: Sequence[float], rgb: tuple[int, int, int] = (124, 58, 237),
                           top_k: int = 3) -> str:
     """Tokens shaded by weight (e.g. the retrieval heads' attention over the question); the top_k in bold."""
-    texts = clean_tokens(tokens)
-    w = [float(x) for x in weights][: len(texts)] + [0.0] * max(0, len(texts) - len(weights))
+    groups = token_groups(tokens)  # whole characters: a split multi-byte character weighs the sum of its pieces
+    texts = [text for _, _, text in groups]
+    flat = [float(x) for x in weights][: len(tokens)] + [0.0] * max(0, len(tokens) - len(weights))
+    w = _group_weights(groups, flat)
     peak = max(w, default=0.0) or 1.0
     top = set(sorted(range(len(w)), key=lambda i: -w[i])[:top_k]) if any(w) else set()
     parts = []
@@ -454,8 +501,11 @@ def documents_html(answer: Answer | None, gold_doc_id: str | None = None, rgb: t
     unit_mass = [sum(importance[u.start : u.end]) for u in units]
     peak_unit = max(unit_mass, default=0.0) or 1.0
     top_units = set(sorted(range(len(units)), key=lambda j: -unit_mass[j])[:top_sentences * len(answer.docs)])
-    ranked = sorted(range(len(importance)), key=lambda i: -importance[i])
-    top_tok = set(ranked[:top_tokens]) if any(importance) else set()
+    # Top tokens are whole characters (summed pieces), marked on the token that completes the character.
+    groups = token_groups(context)
+    group_mass = _group_weights(groups, importance)
+    ranked = sorted(range(len(groups)), key=lambda g: -group_mass[g])
+    top_tok = {groups[g][1] - 1: group_mass[g] for g in ranked[:top_tokens]} if any(importance) else {}
     cards = []
     for d, doc in enumerate(answer.docs):
         is_gold = bool(gold_doc_id) and doc.doc_id == gold_doc_id
@@ -472,7 +522,7 @@ def documents_html(answer: Answer | None, gold_doc_id: str | None = None, rgb: t
                 for i in range(u.start, u.end):
                     piece = html.escape(texts[i])
                     if i in top_tok and texts[i].strip():
-                        piece = f'<span class="ur-tok" title="attention {importance[i]:.3f}">{piece}</span>'
+                        piece = f'<span class="ur-tok" title="attention {top_tok[i]:.3f}">{piece}</span>'
                     pieces.append(piece)
                 style = _alpha_bg(rgb, 0.55 * unit_mass[j] / peak_unit)
                 cls = "ur-sent ur-top-sent" if j in top_units else "ur-sent"
