@@ -73,6 +73,8 @@ CSS = """
 .ur-ok {background:#dcfce7; color:#166534}
 .ur-bad {background:#fee2e2; color:#991b1b}
 .ur-gold {background:#dcfce7; color:#166534}
+.ur-near {background:#fef9c3; color:#854d0e}
+.ur-weak {background:transparent; color:#475569; border:1px dashed #94a3b8; font-weight:500}
 .ur-stats {display:flex; flex-wrap:wrap; gap:.3rem .9rem; font-size:.82rem; color:#334155}
 .ur-muted {color:#64748b; font-size:.85em}
 .ur-notice {font-size:.8rem; color:#92400e}
@@ -164,9 +166,11 @@ def render(comparison: Comparison, bundle) -> tuple:
     joint, rag = comparison.joint, comparison.rag
     reader = " · base LLM reads" if comparison.settings.joint_reader == "base" else ""
     joint_card = viz.answer_card_html(joint.answer, f"Joint model · retrieval as reasoning{reader}", viz.JOINT_COLOR,
-                                      joint.gold_found, joint.gold_rank, joint.correct, answers, joint.error)
+                                      joint.gold_found, joint.gold_rank, joint.correct, answers, joint.error,
+                                      exact=joint.exact, f1=joint.f1)
     rag_card = viz.answer_card_html(rag.answer, f"Dense RAG · top-{comparison.settings.rag_k}", viz.RAG_COLOR,
-                                    rag.gold_found, rag.gold_rank, rag.correct, answers, rag.error)
+                                    rag.gold_found, rag.gold_rank, rag.correct, answers, rag.error,
+                                    exact=rag.exact, f1=rag.f1)
     if joint.answer is not None:
         path_fig = viz.docid_path_figure(joint.answer, bundle.tree)
         beams = pd.DataFrame(viz.beam_rows(joint.answer, bundle.titles()), columns=viz.BEAM_HEADERS)

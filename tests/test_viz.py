@@ -183,7 +183,7 @@ def test_html_escapes_documents_questions_answers(tree):
     card = viz.answer_card_html(answer, "Joint <i>", viz.JOINT_COLOR, gold_found=True, gold_rank=1, correct=False,
                                 gold_answers=["<img src=x onerror=alert(1)>"])
     assert "<script>" not in card and "<img" not in card and "<i>" not in card
-    assert "✓ gold passage retrieved (#1)" in card and "✗ incorrect" in card and "920 ms" in card
+    assert "✓ gold passage retrieved (#1)" in card and "no gold in output" in card and "920 ms" in card
     error = viz.answer_card_html(None, "RAG", viz.RAG_COLOR, error=f"bad {SCRIPT}")
     assert "<script>" not in error
     assert "<script>" not in viz.message_html(f"run `make` {SCRIPT}")
@@ -322,3 +322,49 @@ def test_non_latin_documents_and_heatmaps_have_no_replacement_character():
     assert strings == tokens and "".join(viz.clean_tokens(strings)) == "Привет 🎸"
     ascii_tokens = byte_tokens("plain words")
     assert token_strings(ByteTokenizer(ascii_tokens), list(range(len(ascii_tokens)))) == ["pla", "in ", "wor", "ds"]
+
+
+# --------------------------------------------------------------------------------------------- answers users can trust
+
+
+@pytest.mark.parametrize(("raw", "shown"), [
+    ("The Ramones", "The Ramones"),
+    ("A: The Ramones\nQ: who else", "The Ramones"),
+    ("  answer: 1889 ", "1889"),
+    ("Q: who sang i wanna be sedated? A: The Ramones", "The Ramones"),
+    ("Q: who sang i wanna be sedated?\nThe Ramones", "The Ramones"),
+    ("Q: who sang i wanna be sedated?", ""),
+    ("", ""),
+    ("True", "True"),
+    ("Q: Who sang  I wanna be sedated? The Ramones", "The Ramones"),
+])
+def test_display_answer(raw, shown):
+    from unirag.answer import display_answer
+
+    assert display_answer(raw, "who sang i wanna be sedated") == shown
+
+
+def test_card_marks_exact_f1_and_contains_separately():
+    from unirag.pipeline import mark_gold
+    from unirag.data import Question
+
+    gold = Question("q", "who sang i wanna be sedated", ["the Ramones"], "d1")
+    junk = mark_gold(Answer("rag", gold.question, "Q: who sang i wanna be sedated? The Ramones were a band, True"),
+                     gold)
+    assert junk.correct is True and junk.exact is False and junk.f1 < 0.5  # a substring inside junk is not "correct"
+    card = viz.answer_card_html(junk.answer, "RAG", viz.RAG_COLOR, correct=junk.correct, gold_answers=gold.answers,
+                                exact=junk.exact, f1=junk.f1)
+    assert "✓" not in card.split("ur-badges")[1] and "contains gold" in card and "✗ not the answer" in card
+    assert card.split('class="ur-answer">')[1].startswith("The Ramones were a band, True<")  # no echoed "Q: …"
+    assert 'title="' in card and "Weaker" in card  # each mark says what it means
+    exact = mark_gold(Answer("joint", gold.question, "A: Ramones"), gold)
+    assert exact.exact and exact.f1 == 1.0 and exact.correct
+    card = viz.answer_card_html(exact.answer, "Joint", viz.JOINT_COLOR, correct=exact.correct,
+                                gold_answers=gold.answers, exact=exact.exact, f1=exact.f1)
+    assert "✓ exact" in card and ">Ramones<" in card and "contains gold" in card
+    near = mark_gold(Answer("joint", gold.question, "Ramones band"), gold)
+    assert not near.exact and 0.5 <= near.f1 < 1
+    assert "≈ F1 0.67" in viz.answer_card_html(near.answer, "J", viz.JOINT_COLOR, correct=near.correct,
+                                               gold_answers=gold.answers, exact=near.exact, f1=near.f1)
+    echo = viz.answer_card_html(Answer("rag", "q", "Q: q"), "RAG", viz.RAG_COLOR)
+    assert "only echoes the prompt" in echo

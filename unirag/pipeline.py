@@ -26,10 +26,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from unirag.answer import Answer
+from unirag.answer import Answer, display_answer
 from unirag.data import DATASETS, Corpus, Question, dataset_paths, load_corpus, load_questions, prepare_question
 from unirag.errors import UniragError
-from unirag.eval import contains_answer, normalize_answer
+from unirag.eval import contains_answer, exact_match, normalize_answer, token_f1
 from unirag.paths import REPO_ROOT, default_data_dir
 from unirag.settings import InferenceSettings, check_precision
 
@@ -142,7 +142,10 @@ class SideResult:
     error: str | None = None
     gold_found: bool | None = None  # None when the question is not from the dataset
     gold_rank: int | None = None  # 1-based rank of the gold passage among the selected documents
-    correct: bool | None = None  # contains_answer, None when not from the dataset
+    correct: bool | None = None  # contains_answer on the raw output, None when not from the dataset
+    # On the displayed answer span (`display_answer`), normalised: exact match and token F1 against the best gold.
+    exact: bool | None = None
+    f1: float | None = None
 
 
 @dataclass
@@ -465,6 +468,9 @@ def mark_gold(answer: Answer, gold: Question | None) -> SideResult:
         return result
     if gold.answers:
         result.correct = bool(contains_answer(answer.text, gold.answers))
+        shown = display_answer(answer.text, answer.question)
+        result.exact = bool(exact_match(shown, gold.answers))
+        result.f1 = float(token_f1(shown, gold.answers))
     if gold.doc_id:
         ids = answer.doc_ids
         result.gold_found = gold.doc_id in ids

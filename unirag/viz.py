@@ -16,7 +16,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from unirag.answer import Answer, AnswerAttention
+from unirag.answer import Answer, AnswerAttention, display_answer
 from unirag.results import format_p
 
 # --------------------------------------------------------------------------------------------- palette
@@ -557,21 +557,24 @@ def _ms(value: float) -> str:
 
 def answer_card_html(answer: Answer | None, system_label: str, color: str, gold_found: bool | None = None,
                      gold_rank: int | None = None, correct: bool | None = None, gold_answers: Sequence[str] = (),
-                     error: str | None = None) -> str:
-    """The answer, correctness and gold-passage badges, latency per stage and token counts."""
+                     error: str | None = None, exact: bool | None = None, f1: float | None = None) -> str:
+    """The answer span (`display_answer`: the same cleaning on both sides), correctness and gold-passage badges,
+    latency per stage and token counts. Correctness: `exact`/`f1` of the shown span (the strong marks) and
+    `correct` = a gold answer contained somewhere in the raw output (the weaker badge)."""
     head = f'<div class="ur-card-title" style="color:{color}">{html.escape(system_label)}</div>'
     if error:
         body = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(error))
         return f'<div class="ur-card ur-card-error">{head}<div class="ur-error">{body}</div></div>'
     if answer is None:
         return f'<div class="ur-card">{head}<div class="ur-muted">Ask a question to see this side.</div></div>'
-    text = answer.text.strip()
-    shown = html.escape(text) if text else '<span class="ur-muted">(empty answer)</span>'
-    badges = []
-    if correct is not None:
-        golds = ", ".join(html.escape(_short(g, 40)) for g in gold_answers[:3])
-        badges.append('<span class="ur-badge ur-ok">✓ correct</span>' if correct else
-                      f'<span class="ur-badge ur-bad">✗ incorrect</span> <span class="ur-muted">gold: {golds}</span>')
+    text = display_answer(answer.text, answer.question)
+    raw = answer.text.strip()
+    if text:
+        shown = html.escape(text)
+    else:  # e.g. the reader only echoed the prompt: say so, keep the raw output in the tooltip
+        shown = (f'<span class="ur-muted" title="raw output: {html.escape(_short(raw, 300))}">(no answer: '
+                 f'{"the output only echoes the prompt" if raw else "empty output"})</span>')
+    badges = _correctness_badges(correct, exact, f1, gold_answers)
     if gold_found is not None:
         badges.append(f'<span class="ur-badge ur-ok">✓ gold passage retrieved (#{gold_rank})</span>' if gold_found
                       else '<span class="ur-badge ur-bad">✗ gold passage missed</span>')
@@ -582,6 +585,35 @@ def answer_card_html(answer: Answer | None, system_label: str, color: str, gold_
     notices = "".join(f'<div class="ur-notice">{html.escape(n)}</div>' for n in answer.notices)
     return (f'<div class="ur-card" style="border-top-color:{color}">{head}<div class="ur-answer">{shown}</div>'
             f'<div class="ur-badges">{" ".join(badges)}</div>{stats}{notices}</div>')
+
+
+MARK_HELP = {
+    "exact": "Exact match: the shown answer, normalised (case, punctuation, articles), equals a gold answer.",
+    "f1": "Token F1 of the shown answer against the best gold answer (overlap of words); ≈ from 0.5 up.",
+    "miss": "The shown answer is neither an exact match nor close (token F1 below 0.5).",
+    "contains": "A gold answer occurs somewhere in the model's raw output (the accuracy metric). Weaker: it also "
+                "counts a match inside a wrong or rambling output.",
+}
+
+
+def _correctness_badges(correct: bool | None, exact: bool | None, f1: float | None,
+                        gold_answers: Sequence[str]) -> list[str]:
+    """Strong mark on the shown span (✓ exact, ≈ F1, ✗) plus the weaker "contains gold" badge; tooltips say why."""
+    badges = []
+    golds = ", ".join(html.escape(_short(g, 40)) for g in gold_answers[:3])
+    if exact:
+        badges.append(f'<span class="ur-badge ur-ok" title="{html.escape(MARK_HELP["exact"])}">✓ exact</span>')
+    elif f1 is not None and f1 >= 0.5:
+        badges.append(f'<span class="ur-badge ur-near" title="{html.escape(MARK_HELP["f1"])}">≈ F1 {f1:.2f}</span>')
+    elif exact is not None or f1 is not None:
+        badges.append(f'<span class="ur-badge ur-bad" title="{html.escape(MARK_HELP["miss"])}">✗ not the answer'
+                      f'{f" (F1 {f1:.2f})" if f1 else ""}</span>')
+    if correct is not None:
+        label = "contains gold" if correct else "no gold in output"
+        badges.append(f'<span class="ur-badge ur-weak" title="{html.escape(MARK_HELP["contains"])}">{label}</span>')
+    if (correct is not None or exact is not None) and not exact:
+        badges.append(f'<span class="ur-muted">gold: {golds}</span>')
+    return badges
 
 
 def message_html(text: str, kind: str = "warn") -> str:
