@@ -345,8 +345,8 @@ def test_display_answer(raw, shown):
 
 
 def test_card_marks_exact_f1_and_contains_separately():
-    from unirag.pipeline import mark_gold
     from unirag.data import Question
+    from unirag.pipeline import mark_gold
 
     gold = Question("q", "who sang i wanna be sedated", ["the Ramones"], "d1")
     junk = mark_gold(Answer("rag", gold.question, "Q: who sang i wanna be sedated? The Ramones were a band, True"),
