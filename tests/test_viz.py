@@ -111,6 +111,9 @@ def test_beam_rows(tree):
     assert rows[0][5] == 0.0 and rows[0][6] == rows[0][4]  # no document match recorded: score = log-prob
     assert rows[0][7:9] == ["", ""]  # no self-check
     assert all(len(r) == len(viz.BEAM_HEADERS) for r in rows)
+    # every column has a width, and no header is long enough to wrap one character a line
+    assert len(viz.BEAM_WIDTHS) == len(viz.BEAM_HEADERS) and all(len(h) <= 8 and " " not in h for h in viz.BEAM_HEADERS)
+    assert sum(float(w.rstrip("%")) for w in viz.BEAM_WIDTHS) == pytest.approx(100)
 
 
 def test_beam_rows_with_self_check(tree):
@@ -118,7 +121,7 @@ def test_beam_rows_with_self_check(tree):
     answer.trace.self_check = [SelfCheckRow("d2", search_rank=2, search_score=-1.0, question_logprob=-2.0, score=-9.0),
                                SelfCheckRow("d1", search_rank=1, search_score=-0.5, question_logprob=-3.0, score=-12.5)]
     rows = viz.beam_rows(answer)
-    ql, checked = viz.BEAM_HEADERS.index("question log-lik"), viz.BEAM_HEADERS.index("checked score")
+    ql, checked = viz.BEAM_HEADERS.index("q-lik"), viz.BEAM_HEADERS.index("checked")
     assert [(r[2], r[ql], r[checked]) for r in rows] == [("d1", -3.0, -12.5), ("d2", -2.0, -9.0), ("d0", "", "")]
 
 
@@ -219,6 +222,14 @@ def test_corpus_tree_sunburst(tree):
     lit = viz.corpus_tree_figure(tree, highlight=(0, 0, 1)).data[0]
     lit_ids = [i for i, c in zip(lit.ids, lit.marker.colors, strict=True) if c == viz.HIGHLIGHT_COLOR]
     assert lit_ids == ["c:0", "c:0-0", "d:0-0-1"]
+    # unmistakable: the path is outlined, everything else is pale; the document is within the visible rings
+    outlined = [i for i, w in zip(lit.ids, lit.marker.line.width, strict=True) if w > 1]
+    assert outlined == lit_ids and all(c.startswith("rgba") or c == "#f1f5f9" for i, c in
+                                       zip(lit.ids, lit.marker.colors, strict=True) if i not in lit_ids)
+    assert any(lb.startswith("★") for lb in lit.labels)
+    assert lit.level == "c:0" and lit.maxdepth == 3  # centre c:0, then c:0-0, then the document
+    deep = viz.corpus_tree_figure(tree, max_depth=2, highlight=(0, 0, 1)).data[0]
+    assert deep.level == "c:0-0"  # opened at the path so the document (depth 3) is in view within 2 rings
 
 
 def test_cluster_browser(tree):

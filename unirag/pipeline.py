@@ -39,6 +39,7 @@ PRECISION_LABELS = {"4bit": "4-bit NF4 (bitsandbytes)", "fp32": "fp32"}
 CORPUS_LABELS = {"nq": "Natural Questions", "squad": "SQuAD v1.1"}
 
 Progress = Callable[[str], None]
+LOAD_STAGES = 7  # about how many `_say` stages a first load goes through (corpus, encoder, embeddings, LLM, joint…)
 
 
 def _env(name: str) -> str | None:
@@ -211,6 +212,7 @@ class Pipeline:
         self._bundles: dict[str, CorpusBundle] = {}
         self._errors: dict[str, str] = {}
         self._stage: dict[str, str] = {}
+        self._stage_count: dict[str, int] = {}  # stages reached in the current load: the banner's percentage
         self._locks = {name: threading.Lock() for name in self.config.corpora}
         self._llm_lock = threading.Lock()
         # One forward pass per model at a time (the RAG reader is shared by all corpora).
@@ -223,20 +225,23 @@ class Pipeline:
 
     def _say(self, corpus: str, message: str) -> None:
         self._stage[corpus] = message
+        self._stage_count[corpus] = self._stage_count.get(corpus, 0) + 1
         print(f"[unirag] {corpus}: {message}", flush=True)
         if self._progress is not None:
             self._progress(f"{corpus}: {message}")
 
     def status(self) -> dict[str, Any]:
-        """Per corpus: "ready" / "loading: <stage>" / "error: <message>" / "not loaded"; plus page messages."""
+        """Per corpus: "ready" / "loading the model (n%): <stage>" / "error: <message>" / "not loaded"; plus page
+        messages."""
         corpora = {}
         for name in self.config.corpora:
             if name in self._bundles:
                 corpora[name] = "ready"
             elif name in self._errors:
                 corpora[name] = f"error: {self._errors[name]}"
-            elif name in self._stage:
-                corpora[name] = f"loading: {self._stage[name]}"
+            elif name in self._stage:  # a rough percentage: stages reached of the usual count, never 100 before ready
+                done = min(95, round(100 * (self._stage_count.get(name, 1) - 1) / LOAD_STAGES))
+                corpora[name] = f"loading the model ({done}%): {self._stage[name]}"
             else:
                 corpora[name] = "not loaded"
         return {
@@ -292,6 +297,7 @@ class Pipeline:
             if name in self._bundles:
                 return self._bundles[name]
             self._errors.pop(name, None)
+            self._stage_count[name] = 0
             try:
                 bundle = self._load(name)
             except UniragError as exc:

@@ -24,7 +24,10 @@ from unirag.results import format_p
 JOINT_COLOR = "#7c3aed"  # violet: the joint model everywhere
 RAG_COLOR = "#0284c7"  # sky blue: dense RAG everywhere
 GOLD_COLOR = "#16a34a"
-HIGHLIGHT_COLOR = "#facc15"  # the last question's path in the corpus tree
+HIGHLIGHT_COLOR = "#facc15"  # the last question's path in the corpus tree (everything else is dimmed then)
+HIGHLIGHT_LINE = "#111827"  # the path's outline: yellow alone can look like a palette colour
+TREE_COLORWAY = ("#7c3aed", "#0284c7", "#db2777", "#0f766e", "#ea580c", "#4f46e5", "#a16207", "#be123c", "#0891b2",
+                 "#65a30d")
 MISS_COLOR = "#dc2626"
 PATH_COLORS = ("#7c3aed", "#db2777", "#ea580c")  # one per selected document (1-3)
 CANDIDATE_SCALE = "Purples"
@@ -354,8 +357,12 @@ def docid_path_figure(answer: Answer | None, tree=None, height: int | None = Non
 # --------------------------------------------------------------------------------------------- tables
 
 
-BEAM_HEADERS = ["#", "docid", "doc id", "title", "path log-prob", "doc match", "score", "question log-lik",
-                "checked score", "used"]
+# Short headers (one word each, so no header wraps a character a line) and a width for every column.
+BEAM_HEADERS = ["#", "docid", "doc", "title", "log-p", "match", "score", "q-lik", "checked", "used"]
+BEAM_WIDTHS = ["5%", "11%", "8%", "26%", "9%", "9%", "9%", "8%", "8%", "7%"]
+BEAM_HELP = ("log-p = the path's log-probability, match = how well the document matches the question, "
+             "score = log-p + match; with the self-check on, q-lik = the question's log-likelihood after the "
+             "document and checked = the re-ranked score; used = read by the answer.")
 
 
 def beam_rows(answer: Answer | None, titles: Mapping[str, str] | None = None, limit: int = 10) -> list[list[Any]]:
@@ -616,6 +623,20 @@ def _correctness_badges(correct: bool | None, exact: bool | None, f1: float | No
     return badges
 
 
+def char_counter_html(n: int, limit: int) -> str:
+    """"n / limit characters" under the question box; at the limit it says the rest is cut (CHAR_COUNTER_JS
+    renders the same in the browser while typing)."""
+    full = " — the limit: longer input is cut" if n >= limit else ""
+    cls = "ur-counter ur-counter-full" if n >= limit else "ur-counter"
+    return f'<div class="{cls}">{n:,} / {limit:,} characters{full}</div>'
+
+
+# Same HTML as char_counter_html, computed in the browser on every change (LIMIT is replaced by the app).
+CHAR_COUNTER_JS = """(q) => { const n = (q || "").length, limit = LIMIT, full = n >= limit;
+  return `<div class="ur-counter${full ? " ur-counter-full" : ""}">${n.toLocaleString("en-US")} / `
+    + `${limit.toLocaleString("en-US")} characters${full ? " — the limit: longer input is cut" : ""}</div>`; }"""
+
+
 def message_html(text: str, kind: str = "warn") -> str:
     """A page-level message box; `text` is escaped, `code` spans written as `...` become <code>."""
     escaped = html.escape(text)
@@ -631,6 +652,8 @@ def corpus_tree_figure(tree, max_depth: int = 3, include_documents: bool = True,
     """Sunburst of the whole docid tree: clusters labelled with their keywords and sized by document count.
 
     ``ids`` are "root", "c:<docid prefix>" for clusters and "d:<docid>" for documents (plotly expands on click).
+    With `highlight` (a document's docid) its path is yellow with a dark outline, every other sector is a pale
+    version of its colour, and the figure opens at the ancestor from which the document is within `max_depth`.
     """
     if tree is None or len(tree) == 0:
         return empty_figure("No docid tree loaded.", "Corpus tree", 400)
@@ -643,6 +666,15 @@ def corpus_tree_figure(tree, max_depth: int = 3, include_documents: bool = True,
         return ("d:" if tree.is_complete(prefix) else "c:") + docid_str(prefix)
 
     on_path = {tuple(highlight[:i]) for i in range(1, len(highlight) + 1)} if highlight else set()
+    tops = [p for p in tree.nodes() if len(p) == 1]
+
+    def _dim(prefix: tuple[int, ...]) -> str | None:
+        """Pale palette colour of the prefix's top-level cluster when a path is highlighted (None: the colorway)."""
+        if not on_path or not prefix or prefix[:1] not in tops:
+            return "#f1f5f9" if on_path else None
+        color = TREE_COLORWAY[tops.index(prefix[:1]) % len(TREE_COLORWAY)]
+        r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+        return f"rgba({r},{g},{b},0.22)"
 
     def short_label(prefix: tuple[int, ...], label: str) -> str:
         words = [w.strip() for w in label.split(",") if w.strip()]
@@ -657,28 +689,35 @@ def corpus_tree_figure(tree, max_depth: int = 3, include_documents: bool = True,
         values.append(size)
         hovers.append(f"<b>{_p(docid_str(prefix) if prefix else 'root')}</b><br>"
                       f"{_p(_short(label, 90))}<br>{size} documents")
-        colors.append(HIGHLIGHT_COLOR if prefix in on_path else None)
+        colors.append(HIGHLIGHT_COLOR if prefix in on_path else _dim(prefix))
     if include_documents:
         for docid in tree.docids:
             ids.append(node_id(docid))
             label = tree.label(docid) or tree.doc_id(docid)
-            labels.append(_p(_short(label, 22)))
+            labels.append(("★ " if docid in on_path else "") + _p(_short(label, 22)))
             parents.append(node_id(docid[:-1]))
             values.append(1)
             hovers.append(f"<b>document {_p(docid_str(docid))}</b><br>{_p(_short(label, 90))}<br>"
                           f"{_p(tree.doc_id(docid))}")
-            colors.append(HIGHLIGHT_COLOR if docid in on_path else None)
-    # Colours: one per top-level cluster (deeper rings inherit them); a highlighted path is yellow.
+            colors.append(HIGHLIGHT_COLOR if docid in on_path else _dim(docid))
+    # Colours: one per top-level cluster (deeper rings inherit them). A highlighted path is yellow with a dark
+    # outline and every other sector is pale, so the path stands out from the palette.
     marker: dict[str, Any] = {"line": {"width": 0.5, "color": "white"}}
+    level = None
     if on_path:
-        marker["colors"] = [c or "" for c in colors]
+        marker["colors"] = colors
+        lit = [i in path_ids for i in ids] if (path_ids := {node_id(q) for q in on_path}) else []
+        marker["line"] = {"width": [3 if x else 0.5 for x in lit], "color": [HIGHLIGHT_LINE if x else "white"
+                                                                             for x in lit]}
+        # Open at the deepest ancestor that still shows the document within max_depth rings (the centre counts).
+        depth = max(0, len(highlight) - max_depth + 1)
+        level = node_id(tuple(highlight[:depth]))
     fig = go.Figure(
         go.Sunburst(ids=ids, labels=labels, parents=parents, values=values, branchvalues="total",
                     hovertext=hovers, hoverinfo="text", maxdepth=max_depth, insidetextorientation="radial",
-                    marker=marker, meta={"nodes": len(ids)})
+                    marker=marker, level=level, meta={"nodes": len(ids), "level": level})
     )
-    fig.update_layout(sunburstcolorway=["#7c3aed", "#0284c7", "#db2777", "#0f766e", "#ea580c", "#4f46e5", "#a16207",
-                                        "#be123c", "#0891b2", "#65a30d"], extendsunburstcolors=True)
+    fig.update_layout(sunburstcolorway=list(TREE_COLORWAY), extendsunburstcolors=True)
     shape = tree.shape()
     return _layout(fig, f"Docid tree: {shape['documents']} documents, {shape['clusters']} clusters, depth ≤ "
                         f"{shape['depth_max']} (click a cluster to zoom)", 640)
