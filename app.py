@@ -363,11 +363,13 @@ and reads them with the same LLM and prompt.
 ### References
 - **Retrieval as Reasoning**: one decoder-only LLM that generates docids down a semantic cluster tree and then answers
   from the documents it chose (the design this project implements).
-- **NCI**: Wang et al., *A Neural Corpus Indexer for Document Retrieval*, NeurIPS 2022 ([arXiv:2206.02743](https://arxiv.org/abs/2206.02743)) —
-  hierarchical k-means docids.
-- **DSI**: Tay et al., *Transformer Memory as a Differentiable Search Index*, NeurIPS 2022 ([arXiv:2202.06991](https://arxiv.org/abs/2202.06991)).
-- **GeAR**: Liu et al., *GeAR: Generation Augmented Retrieval*, 2025 ([arXiv:2501.02772](https://arxiv.org/abs/2501.02772)) — localising the relevant
-  sentences inside retrieved documents.
+- **NCI**: Wang et al., *A Neural Corpus Indexer for Document Retrieval*, NeurIPS 2022
+  ([arXiv:2206.02743](https://arxiv.org/abs/2206.02743)) — hierarchical k-means docids.
+- **DSI**: Tay et al., *Transformer Memory as a Differentiable Search Index*, NeurIPS 2022
+  ([arXiv:2202.06991](https://arxiv.org/abs/2202.06991)).
+- **GeAR**: Liu et al., *GeAR: Generation Augmented Retrieval*, 2025
+  ([arXiv:2501.02772](https://arxiv.org/abs/2501.02772)) — localising the relevant sentences inside retrieved
+  documents.
 - **RetroLLM**: Li et al., *RetroLLM: Empowering Large Language Models to Retrieve Fine-grained Evidence within
   Generation*, ACL 2025 ([arXiv:2412.11919](https://arxiv.org/abs/2412.11919)).
 - **UniGen**: Li, Zhou & Dou, *UniGen: A Unified Generative Framework for Retrieval and Question Answering with Large
