@@ -583,7 +583,7 @@ def live_app(tmp_path_factory):
 def _check_ask_result(result) -> None:
     gold_info, joint_card, path_fig, beams, joint_docs, joint_heat, rag_card, bars, rag_docs, rag_heat, banner = result
     assert "ur-answer" in joint_card and "ur-answer" in rag_card, (joint_card, rag_card)
-    assert "(empty answer)" not in joint_card and "(empty answer)" not in rag_card
+    assert "(no answer: empty output)" not in joint_card and "(no answer: empty output)" not in rag_card
     for fig in (path_fig, joint_heat, bars, rag_heat):
         blob = json.loads(fig["plot"]) if isinstance(fig, dict) and "plot" in fig else fig
         assert blob and blob.get("data"), fig
