@@ -259,7 +259,7 @@ def select_corpus(pipeline: Pipeline, corpus: str) -> tuple:
         empty = viz.empty_figure("Corpus not loaded (see the message above).", "Corpus tree", 300)
         return (gr.Dataset(samples=[]), empty, gr.Dropdown(choices=[], value=None),
                 '<div class="ur-empty">Corpus not loaded.</div>', banner_html(pipeline), gr.skip(), gr.skip(),
-                gr.skip(), gr.skip())
+                gr.skip(), gr.skip(), gr.skip(), gr.skip())
     choices = viz.cluster_choices(bundle.tree, max_depth=3)
     start = pipeline.start_settings(corpus)
     return (
@@ -268,6 +268,8 @@ def select_corpus(pipeline: Pipeline, corpus: str) -> tuple:
         gr.Dropdown(choices=choices, value=""),
         cluster_docs(pipeline, corpus, ""),
         banner_html(pipeline),
+        gr.Slider(value=start.rag_k),  # every setting the API's None stands for, so page and API agree
+        gr.Slider(value=start.max_new_tokens),
         gr.Slider(value=start.beam_width),
         gr.Slider(value=start.k_docs),
         gr.Slider(value=start.self_check),
@@ -406,7 +408,7 @@ def recommended_markdown(pipeline: Pipeline) -> str:
 def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
     corpora = list(pipeline.config.corpora)
     default_corpus = default_corpus if default_corpus in corpora else corpora[0]
-    start = pipeline.start_settings(default_corpus)  # the page and the API start from the same values
+    start = pipeline.start_settings(default_corpus)  # updated on load (select_corpus); the API's None = the same
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="ur-header")
         banner = gr.HTML(banner_html(pipeline), elem_id="ur-banner", label="status")
@@ -549,8 +551,8 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
         def on_example(sample):
             return sample[0] if isinstance(sample, (list, tuple)) else sample
 
-        corpus_outputs = [examples, tree_plot, cluster, cluster_html, banner, beam_width, k_docs, self_check,
-                          joint_reader]
+        corpus_outputs = [examples, tree_plot, cluster, cluster_html, banner, rag_k, max_new, beam_width, k_docs,
+                          self_check, joint_reader]
         on_ask_safe = _guard(on_ask)
         ask_btn.click(on_ask_safe, ask_inputs, ask_outputs, api_name=False, concurrency_id="models")
         api_ask.click(on_ask_safe, [corpus, question, *api_settings, api_reader, api_self_check], ask_outputs,
