@@ -156,7 +156,7 @@ def banner_html(pipeline: Pipeline) -> str:
     if loading:  # the page is up before it can answer: say so, with the stage reached
         name, state = loading[0]
         messages = viz.message_html(f"{CORPUS_LABELS.get(name, name)}: {state[0].upper()}{state[1:]} The Ask "
-                                    "button turns on when it is ready.", "info") + messages
+                                    "button turns on once it has loaded.", "info") + messages
     return f'<div class="ur-banner">{"".join(pills)}</div>{messages}'
 
 

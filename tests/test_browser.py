@@ -89,7 +89,8 @@ def test_page_answers_a_question_and_screenshot(browser, live_app, tmp_path):  #
         assert page.locator("#ur-ask").is_disabled()
     # the examples come from the dev split; the banner says which precision is loaded
     # A fresh machine's first start converts SmolLM2 and embeds both corpora (minutes on 2 shared cores).
-    page.wait_for_function("() => document.querySelector('#ur-banner').innerText.includes('ready')", timeout=900_000)
+    page.wait_for_function("() => { const t = document.querySelector('#ur-banner').innerText;"
+                           "return t.includes(': ready') && !t.includes('Loading the model'); }", timeout=900_000)
     assert "4-bit NF4" in page.inner_text("#ur-banner")
     page.wait_for_function("() => !document.querySelector('#ur-ask').disabled", timeout=30_000)
     assert "/ 2,000 characters" in page.inner_text("#ur-counter")
