@@ -68,10 +68,12 @@ def wait_for_answers(page, timeout_ms: int = 240_000) -> None:
 # The first beam row below the header: non-zero height and inside the table's visible (scrolled) box.
 VISIBLE_ROW_JS = """() => {
   const root = document.querySelector('#ur-beams');
-  const rows = [...root.querySelectorAll('tbody tr, [role="row"]')].filter(r => !r.querySelector('th'));
-  const box = (root.querySelector('.table-wrap') || root.querySelector('table').parentElement).getBoundingClientRect();
+  const rows = [...root.querySelectorAll('.virtual-row, tbody:not(.sizing-body) tr')]
+    .filter(r => !r.querySelector('th') && r.innerText.trim());
+  const view = root.querySelector('.virtual-table-viewport') || root.querySelector('.table-wrap') || root;
+  const box = view.getBoundingClientRect();
   return rows.some(r => { const b = r.getBoundingClientRect();
-    return b.height > 0 && b.top >= box.top - 1 && b.bottom <= box.bottom + 1 && b.top < box.bottom; });
+    return b.height > 0 && b.top >= box.top - 1 && b.bottom <= box.bottom + 1; });
 }"""
 # Every text on the page, the plots' SVG labels included.
 PAGE_TEXT_JS = """() => document.body.innerText

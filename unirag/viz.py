@@ -359,7 +359,7 @@ def docid_path_figure(answer: Answer | None, tree=None, height: int | None = Non
 
 # Short headers (one word each, so no header wraps a character a line) and a width for every column.
 BEAM_HEADERS = ["#", "docid", "doc", "title", "log-p", "match", "score", "q-lik", "checked", "used"]
-BEAM_WIDTHS = ["5%", "11%", "8%", "26%", "9%", "9%", "9%", "8%", "8%", "7%"]
+BEAM_WIDTHS = ["4.5%", "11%", "11%", "19.5%", "9%", "8.5%", "9%", "9%", "11%", "7.5%"]
 BEAM_HELP = ("log-p = the path's log-probability, match = how well the document matches the question, "
              "score = log-p + match; with the self-check on, q-lik = the question's log-likelihood after the "
              "document and checked = the re-ranked score; used = read by the answer.")
@@ -380,9 +380,9 @@ def beam_rows(answer: Answer | None, titles: Mapping[str, str] | None = None, li
         doc_id = str(beam.get("doc_id", ""))
         logprob = float(beam.get("logprob", float("nan")))
         match = float(beam.get("document_match", 0.0))
-        rows.append([rank, docid_str(beam.get("docid")), doc_id, titles.get(doc_id, ""), round(logprob, 3),
-                     round(match, 3), round(float(beam.get("score", logprob + match)), 3),
-                     *((round(checked[doc_id].question_logprob, 3), round(checked[doc_id].score, 3))
+        rows.append([rank, docid_str(beam.get("docid")), doc_id, titles.get(doc_id, ""), round(logprob, 2),
+                     round(match, 2), round(float(beam.get("score", logprob + match)), 2),  # 2 decimals: no wrap
+                     *((round(checked[doc_id].question_logprob, 2), round(checked[doc_id].score, 2))
                        if doc_id in checked else ("", "")),
                      "✓" if doc_id in selected else ""])
     return rows
