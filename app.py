@@ -105,7 +105,8 @@ CSS = """
 .ur-counter-full {color:#b45309; font-weight:600}
 .ur-beam-help {font-size:.78rem; margin:-.2rem 0 .4rem}
 #ur-beams table, #ur-beams .virtual-row {font-size:.78rem}
-#ur-beams td, #ur-beams .body-cell, #ur-beams .body-cell span {font-family:var(--font); font-variant-numeric:tabular-nums}
+#ur-beams td, #ur-beams .body-cell, #ur-beams .body-cell span {font-family:var(--font);
+  font-variant-numeric:tabular-nums}
 #ur-beams .cell-wrap {padding:3px 5px !important; min-height:0 !important}
 #ur-beams th .cell-wrap, #ur-beams th span {white-space:nowrap !important; word-break:normal !important}
 #ur-beams .cell-wrap, #ur-beams .cell-wrap span {word-break:normal !important; overflow-wrap:normal !important}
