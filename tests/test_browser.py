@@ -140,6 +140,7 @@ def test_page_answers_a_question_and_screenshot(browser, live_app, tmp_path):  #
     page.wait_for_timeout(500)
     text = page.evaluate(PAGE_TEXT_JS)
     assert "Война" in text and "\ufffd" not in text
+    page.screenshot(path=str(tmp_path / "non-latin.png"), full_page=True)
     assert not errors, errors
     assert proc.poll() is None
     print(f"browser question answered in {elapsed:.1f} s")
