@@ -500,9 +500,9 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
             with gr.Tab("Corpus tree", id="tree") as tree_tab:
                 gr.Markdown("The whole docid tree of the selected corpus. Hover for a cluster's keywords and size; "
                             "click to zoom in. Pick a cluster (or type a docid prefix such as `3-1`) to list its "
-                            "documents. After a question, the joint model's top document (★) and its path are yellow with "
-                            "a dark outline, everything else is dimmed, and the tree opens at the document's cluster "
-                            "(click the centre to go back up); its cluster is selected below.")
+                            "documents. After a question, the joint model's top document (★) and its path are yellow "
+                            "with a dark outline, everything else is dimmed, and the tree opens at the document's "
+                            "cluster (click the centre to go back up); its cluster is selected below.")
                 tree_plot = gr.Plot(label="Docid tree", elem_id="ur-tree")
                 with gr.Row():
                     cluster = gr.Dropdown(choices=[], value=None, label="Cluster", allow_custom_value=True, scale=3,
