@@ -715,7 +715,8 @@ def corpus_tree_figure(tree, max_depth: int = 3, include_documents: bool = True,
     fig = go.Figure(
         go.Sunburst(ids=ids, labels=labels, parents=parents, values=values, branchvalues="total",
                     hovertext=hovers, hoverinfo="text", maxdepth=max_depth, insidetextorientation="radial",
-                    marker=marker, level=level, meta={"nodes": len(ids), "level": level})
+                    marker=marker, level=level, meta={"nodes": len(ids), "level": level},
+                    leaf={"opacity": 1.0 if on_path else 0.7})  # plotly fades leaves: not the highlighted document
     )
     fig.update_layout(sunburstcolorway=list(TREE_COLORWAY), extendsunburstcolors=True)
     shape = tree.shape()
