@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from unirag.data import MAX_QUESTION_CHARS
 from unirag.settings import JOINT_READERS, LIMITS, PRECISIONS, InferenceSettings, RecommendedSettings
 
 try:
@@ -46,6 +47,7 @@ INTRO = (
     "and then answers from the documents it picked (left). The same LLM with a vanilla dense retriever "
     "(DPR-style bi-encoder, top-k by cosine similarity) answers on the right."
 )
+ASK_LABEL, LOADING_LABEL = "Ask both systems", "Loading the model…"
 READER_LABELS = {"trained": "its stage-2 reader (LoRA + bridge: terse answers)",
                  "base": "the base LLM (the RAG side's reader)"}
 JOINT_READER_CHOICES = [(READER_LABELS[reader], reader) for reader in JOINT_READERS]
@@ -73,6 +75,8 @@ CSS = """
 .ur-ok {background:#dcfce7; color:#166534}
 .ur-bad {background:#fee2e2; color:#991b1b}
 .ur-gold {background:#dcfce7; color:#166534}
+.ur-near {background:#fef9c3; color:#854d0e}
+.ur-weak {background:transparent; color:#475569; border:1px dashed #94a3b8; font-weight:500}
 .ur-stats {display:flex; flex-wrap:wrap; gap:.3rem .9rem; font-size:.82rem; color:#334155}
 .ur-muted {color:#64748b; font-size:.85em}
 .ur-notice {font-size:.8rem; color:#92400e}
@@ -97,14 +101,30 @@ CSS = """
                             vertical-align:top}
 .ur-sub {columns:2; font-size:.85rem; margin:.2rem 0 .6rem}
 .ur-empty {color:#64748b; font-style:italic; padding:.4rem}
+.ur-counter {font-size:.78rem; color:#64748b; text-align:right; margin-top:-.3rem}
+.ur-counter-full {color:#b45309; font-weight:600}
+.ur-beam-help {font-size:.78rem; margin:-.2rem 0 .4rem}
+#ur-beams table, #ur-beams .virtual-row {font-size:.78rem}
+#ur-beams td, #ur-beams .body-cell, #ur-beams .body-cell span {font-family:var(--font);
+  font-variant-numeric:tabular-nums}
+#ur-beams .cell-wrap {padding:3px 5px !important; min-height:0 !important}
+#ur-beams th .cell-wrap, #ur-beams th span {white-space:nowrap !important; word-break:normal !important}
+#ur-beams .cell-wrap, #ur-beams .cell-wrap span {word-break:normal !important; overflow-wrap:normal !important}
+#ur-beams td:not(:nth-child(2)):not(:nth-child(4)) .cell-wrap,
+#ur-beams .body-cell:not(:nth-child(2)):not(:nth-child(4)) span {white-space:nowrap !important}
 """
 
 
 # --------------------------------------------------------------------------------------------- helpers
 
 
+TOAST_SECONDS = 8  # how long a message toast stays up (an expected error is fixed by the user, not dismissed)
+
+
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """UniragError → gr.Error with its message; anything else → logged traceback + a short gr.Error."""
+    """UniragError (the user's input, e.g. an empty question) → one warning toast that expires, every output left as
+    it was (gr.skip: no "Error" pill on each of them), no traceback in the log. Anything else → logged traceback
+    + a short gr.Error that expires too."""
 
     @functools.wraps(fn)  # keeps the signature: the API shows the real parameter names
     def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -113,10 +133,13 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except gr.Error:
             raise
         except UniragError as exc:
-            raise gr.Error(str(exc), duration=None) from None
+            log.info("request refused: %s", exc)
+            gr.Warning(str(exc), duration=TOAST_SECONDS)
+            return gr.skip()
         except Exception as exc:  # the server must survive any request
             log.error("request failed:\n%s", traceback.format_exc())
-            raise gr.Error(f"Internal error ({type(exc).__name__}: {exc}). The server is still running.") from None
+            raise gr.Error(f"Internal error ({type(exc).__name__}: {exc}). The server is still running.",
+                           duration=TOAST_SECONDS) from None
 
     return wrapped
 
@@ -137,11 +160,18 @@ def banner_html(pipeline: Pipeline) -> str:
                      f'{html.escape(CORPUS_LABELS.get(name, name))}: '
                      f'{html.escape(short)}</span>')
     messages = "".join(viz.message_html(m, "warn") for m in status["messages"])
+    loading = [(name, state) for name, state in status["corpora"].items() if state.startswith("loading")]
+    if loading:  # the page is up before it can answer: say so, with the stage reached
+        name, state = loading[0]
+        messages = viz.message_html(f"{CORPUS_LABELS.get(name, name)}: {state[0].upper()}{state[1:]} The Ask "
+                                    "button turns on once it has loaded.", "info") + messages
     return f'<div class="ur-banner">{"".join(pills)}</div>{messages}'
 
 
-def _loading(pipeline: Pipeline) -> bool:
-    return any(s.startswith("loading") for s in pipeline.status()["corpora"].values())
+def _loading(pipeline: Pipeline, corpus: str | None = None) -> bool:
+    """Whether a corpus (any corpus when None) is still loading: the Ask button waits for the selected one."""
+    states = pipeline.status()["corpora"]
+    return any(s.startswith("loading") for name, s in states.items() if corpus in (None, name))
 
 
 def gold_info_html(comparison: Comparison, bundle) -> str:
@@ -164,9 +194,11 @@ def render(comparison: Comparison, bundle) -> tuple:
     joint, rag = comparison.joint, comparison.rag
     reader = " · base LLM reads" if comparison.settings.joint_reader == "base" else ""
     joint_card = viz.answer_card_html(joint.answer, f"Joint model · retrieval as reasoning{reader}", viz.JOINT_COLOR,
-                                      joint.gold_found, joint.gold_rank, joint.correct, answers, joint.error)
+                                      joint.gold_found, joint.gold_rank, joint.correct, answers, joint.error,
+                                      exact=joint.exact, f1=joint.f1)
     rag_card = viz.answer_card_html(rag.answer, f"Dense RAG · top-{comparison.settings.rag_k}", viz.RAG_COLOR,
-                                    rag.gold_found, rag.gold_rank, rag.correct, answers, rag.error)
+                                    rag.gold_found, rag.gold_rank, rag.correct, answers, rag.error,
+                                    exact=rag.exact, f1=rag.f1)
     if joint.answer is not None:
         path_fig = viz.docid_path_figure(joint.answer, bundle.tree)
         beams = pd.DataFrame(viz.beam_rows(joint.answer, bundle.titles()), columns=viz.BEAM_HEADERS)
@@ -235,7 +267,7 @@ def select_corpus(pipeline: Pipeline, corpus: str) -> tuple:
         empty = viz.empty_figure("Corpus not loaded (see the message above).", "Corpus tree", 300)
         return (gr.Dataset(samples=[]), empty, gr.Dropdown(choices=[], value=None),
                 '<div class="ur-empty">Corpus not loaded.</div>', banner_html(pipeline), gr.skip(), gr.skip(),
-                gr.skip(), gr.skip())
+                gr.skip(), gr.skip(), gr.skip(), gr.skip())
     choices = viz.cluster_choices(bundle.tree, max_depth=3)
     start = pipeline.start_settings(corpus)
     return (
@@ -244,6 +276,8 @@ def select_corpus(pipeline: Pipeline, corpus: str) -> tuple:
         gr.Dropdown(choices=choices, value=""),
         cluster_docs(pipeline, corpus, ""),
         banner_html(pipeline),
+        gr.Slider(value=start.rag_k),  # every setting the API's None stands for, so page and API agree
+        gr.Slider(value=start.max_new_tokens),
         gr.Slider(value=start.beam_width),
         gr.Slider(value=start.k_docs),
         gr.Slider(value=start.self_check),
@@ -339,15 +373,17 @@ and reads them with the same LLM and prompt.
 ### References
 - **Retrieval as Reasoning**: one decoder-only LLM that generates docids down a semantic cluster tree and then answers
   from the documents it chose (the design this project implements).
-- **NCI**: Wang et al., *A Neural Corpus Indexer for Document Retrieval*, NeurIPS 2022 (arXiv:2206.02743) —
-  hierarchical k-means docids.
-- **DSI**: Tay et al., *Transformer Memory as a Differentiable Search Index*, NeurIPS 2022 (arXiv:2202.06991).
-- **GeAR**: Liu et al., *GeAR: Generation Augmented Retrieval*, 2025 (arXiv:2501.02772) — localising the relevant
-  sentences inside retrieved documents.
+- **NCI**: Wang et al., *A Neural Corpus Indexer for Document Retrieval*, NeurIPS 2022
+  ([arXiv:2206.02743](https://arxiv.org/abs/2206.02743)) — hierarchical k-means docids.
+- **DSI**: Tay et al., *Transformer Memory as a Differentiable Search Index*, NeurIPS 2022
+  ([arXiv:2202.06991](https://arxiv.org/abs/2202.06991)).
+- **GeAR**: Liu et al., *GeAR: Generation Augmented Retrieval*, 2025
+  ([arXiv:2501.02772](https://arxiv.org/abs/2501.02772)) — localising the relevant sentences inside retrieved
+  documents.
 - **RetroLLM**: Li et al., *RetroLLM: Empowering Large Language Models to Retrieve Fine-grained Evidence within
-  Generation*, ACL 2025 (arXiv:2412.11919).
+  Generation*, ACL 2025 ([arXiv:2412.11919](https://arxiv.org/abs/2412.11919)).
 - **UniGen**: Li, Zhou & Dou, *UniGen: A Unified Generative Framework for Retrieval and Question Answering with Large
-  Language Models*, AAAI 2024 (arXiv:2312.11036).
+  Language Models*, AAAI 2024 ([arXiv:2312.11036](https://arxiv.org/abs/2312.11036)).
 """
 
 
@@ -380,22 +416,34 @@ def recommended_markdown(pipeline: Pipeline) -> str:
 def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
     corpora = list(pipeline.config.corpora)
     default_corpus = default_corpus if default_corpus in corpora else corpora[0]
-    start = pipeline.start_settings(default_corpus)  # the page and the API start from the same values
+    start = pipeline.start_settings(default_corpus)  # updated on load (select_corpus); the API's None = the same
     with gr.Blocks(title=TITLE) as demo:
         gr.Markdown(f"# {TITLE}\n{INTRO}", elem_id="ur-header")
-        banner = gr.HTML(banner_html(pipeline), elem_id="ur-banner")
+        banner = gr.HTML(banner_html(pipeline), elem_id="ur-banner", label="status")
         timer = gr.Timer(1.5, active=True)
         last = gr.State(None)
+        # The /ask API: settings default to None = the corpus's start setting, which is what the page shows once
+        # the corpus is loaded (the sliders' build-time values may still be the library defaults).
+        with gr.Row(visible=False):
+            api_settings = [gr.Number(None, label=name, visible=False) for name in
+                            ("beam_width", "docs_selected", "rag_k", "max_new_tokens")]
+            api_reader = gr.Dropdown(list(JOINT_READERS), value=None, label="joint_reader", visible=False)
+            api_self_check = gr.Number(None, label="self_check", visible=False)
+            api_ask = gr.Button("ask", visible=False)
 
         with gr.Tabs():
             with gr.Tab("Compare", id="compare"):
                 with gr.Row(equal_height=False):
                     corpus = gr.Radio([(CORPUS_LABELS[c], c) for c in corpora], value=default_corpus, label="Corpus",
                                       scale=1, min_width=220)
-                    question = gr.Textbox(label="Question", placeholder="Ask something the corpus can answer…",
-                                          scale=4, lines=1, max_length=2000, elem_id="ur-question")
-                    ask_btn = gr.Button("Ask both systems", variant="primary", scale=1, min_width=160,
-                                        elem_id="ur-ask")
+                    with gr.Column(scale=4, min_width=300):
+                        question = gr.Textbox(label="Question", placeholder="Ask something the corpus can answer…",
+                                              lines=1, max_length=MAX_QUESTION_CHARS, elem_id="ur-question",
+                                              info=f"Up to {MAX_QUESTION_CHARS:,} characters; longer input is cut.")
+                        counter = gr.HTML(viz.char_counter_html(0, MAX_QUESTION_CHARS), elem_id="ur-counter")
+                    ready = not _loading(pipeline, default_corpus)
+                    ask_btn = gr.Button(ASK_LABEL if ready else LOADING_LABEL, variant="primary", scale=1,
+                                        min_width=160, elem_id="ur-ask", interactive=ready)
                 examples = gr.Dataset(components=[question], samples=[], label="Examples from the dev split "
                                       "(click one: gold passage and answer are then checked)", samples_per_page=6,
                                       elem_id="ur-examples")
@@ -421,7 +469,7 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                            "quick only with a passage cache (`python -m unirag index "
                                            "--self-check-cache`), and is then the checkpoint's recommended "
                                            "setting.", elem_id="ur-self-check")
-                gold_info = gr.HTML("", elem_id="ur-gold")
+                gold_info = gr.HTML("", elem_id="ur-gold", label="gold check")
                 with gr.Row(equal_height=False):
                     with gr.Column(elem_classes=["ur-col-joint"]):
                         gr.HTML('<div class="ur-col-title">Retrieval as reasoning (joint model)</div><div '
@@ -430,29 +478,31 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                 'beam search keeps the best paths. A finished path scores its log-probability plus how '
                                 'well the document itself matches the question; the best documents are read.</div>')
                         joint_card = gr.HTML(viz.answer_card_html(None, "Joint model", viz.JOINT_COLOR),
-                                             elem_id="ur-joint-answer")
-                        joint_path = gr.Plot(show_label=False, elem_id="ur-joint-path")
+                                             elem_id="ur-joint-answer", label="joint answer")
+                        joint_path = gr.Plot(show_label=False, elem_id="ur-joint-path", label="joint docid path")
                         joint_beams = gr.Dataframe(pd.DataFrame([], columns=viz.BEAM_HEADERS),
                                                    label="Beams: every finished docid path, best first",
-                                                   interactive=False, max_height=260, elem_id="ur-beams", wrap=True,
-                                                   column_widths=["7%", "15%", "15%", "41%", "13%", "9%"])
-                        joint_docs = gr.HTML("", elem_id="ur-joint-docs")
-                        joint_heat = gr.Plot(show_label=False, elem_id="ur-joint-heat")
+                                                   interactive=False, max_height=320, elem_id="ur-beams", wrap=True,
+                                                   column_widths=viz.BEAM_WIDTHS)
+                        gr.HTML(f'<div class="ur-muted ur-beam-help">{viz.BEAM_HELP}</div>')
+                        joint_docs = gr.HTML("", elem_id="ur-joint-docs", label="joint documents")
+                        joint_heat = gr.Plot(show_label=False, elem_id="ur-joint-heat", label="joint attention")
                     with gr.Column(elem_classes=["ur-col-rag"]):
                         gr.HTML('<div class="ur-col-title">Vanilla DPR RAG</div><div class="ur-col-help">A '
                                 'bi-encoder embeds the question; the k passages with the highest cosine similarity '
                                 'are pasted into the prompt of the same LLM.</div>')
                         rag_card = gr.HTML(viz.answer_card_html(None, "Dense RAG", viz.RAG_COLOR),
-                                           elem_id="ur-rag-answer")
-                        rag_bars = gr.Plot(show_label=False, elem_id="ur-rag-bars")
-                        rag_docs = gr.HTML("", elem_id="ur-rag-docs")
-                        rag_heat = gr.Plot(show_label=False, elem_id="ur-rag-heat")
+                                           elem_id="ur-rag-answer", label="rag answer")
+                        rag_bars = gr.Plot(show_label=False, elem_id="ur-rag-bars", label="rag passage scores")
+                        rag_docs = gr.HTML("", elem_id="ur-rag-docs", label="rag documents")
+                        rag_heat = gr.Plot(show_label=False, elem_id="ur-rag-heat", label="rag attention")
 
             with gr.Tab("Corpus tree", id="tree") as tree_tab:
                 gr.Markdown("The whole docid tree of the selected corpus. Hover for a cluster's keywords and size; "
                             "click to zoom in. Pick a cluster (or type a docid prefix such as `3-1`) to list its "
-                            "documents. After a question, the joint model's top document is highlighted in yellow and "
-                            "its cluster is selected.")
+                            "documents. After a question, the joint model's top document (★) and its path are yellow "
+                            "with a dark outline, everything else is dimmed, and the tree opens at the document's "
+                            "cluster (click the centre to go back up); its cluster is selected below.")
                 tree_plot = gr.Plot(label="Docid tree", elem_id="ur-tree")
                 with gr.Row():
                     cluster = gr.Dropdown(choices=[], value=None, label="Cluster", allow_custom_value=True, scale=3,
@@ -482,8 +532,11 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                        rag_docs, rag_heat, banner, last]
         ask_inputs = [corpus, question, beam_width, k_docs, rag_k, max_new, joint_reader, self_check]
 
-        def on_ask(corpus, question, beam_width=None, docs_selected=None, rag_k=None, max_new_tokens=None,
-                   reader=None, self_check=None):
+        def on_ask(corpus: str, question: str, beam_width: float | None = None, docs_selected: float | None = None,
+                   rag_k: float | None = None, max_new_tokens: float | None = None, reader: str | None = None,
+                   self_check: float | None = None):
+            """Ask both systems one question. A setting left out (None) is the corpus's start setting: the
+            checkpoint's recommended value for the app's precision, the value the page starts from."""
             return ask(pipeline, corpus, question, beam_width, docs_selected, rag_k, max_new_tokens, reader,
                        self_check)
 
@@ -496,8 +549,10 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
         def on_cluster(corpus_name, value):
             return cluster_docs(pipeline, corpus_name, value)
 
-        def on_tick():
-            return banner_html(pipeline), gr.Timer(active=_loading(pipeline))
+        def on_tick(corpus_name):
+            ready = not _loading(pipeline, corpus_name)
+            return (banner_html(pipeline), gr.Timer(active=_loading(pipeline)),
+                    gr.Button(ASK_LABEL if ready else LOADING_LABEL, interactive=ready))
 
         def on_eval(corpus_name, precision, split):
             return (*evaluation(pipeline, corpus_name, precision, split), about_markdown(pipeline))
@@ -505,10 +560,15 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
         def on_example(sample):
             return sample[0] if isinstance(sample, (list, tuple)) else sample
 
-        corpus_outputs = [examples, tree_plot, cluster, cluster_html, banner, beam_width, k_docs, self_check,
-                          joint_reader]
+        corpus_outputs = [examples, tree_plot, cluster, cluster_html, banner, rag_k, max_new, beam_width, k_docs,
+                          self_check, joint_reader]
         on_ask_safe = _guard(on_ask)
-        ask_btn.click(on_ask_safe, ask_inputs, ask_outputs, api_name="ask", concurrency_id="models")
+        ask_btn.click(on_ask_safe, ask_inputs, ask_outputs, api_name=False, concurrency_id="models")
+        api_ask.click(on_ask_safe, [corpus, question, *api_settings, api_reader, api_self_check], ask_outputs,
+                      api_name="ask", concurrency_id="models")
+        # The character counter runs in the browser: no request per keystroke.
+        question.change(None, question, counter, js=viz.CHAR_COUNTER_JS.replace("LIMIT", str(MAX_QUESTION_CHARS)),
+                        api_name=False, queue=False, show_progress="hidden")
         question.submit(on_ask_safe, ask_inputs, ask_outputs, api_name=False, concurrency_id="models")
         examples.click(on_example, examples, question, api_name=False, queue=False)
         corpus.change(lambda: gr.Timer(active=True), None, timer, api_name=False, queue=False).then(
@@ -516,7 +576,7 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
         demo.load(_guard(on_corpus), corpus, corpus_outputs, api_name=False)
         eval_inputs, eval_outputs = [eval_corpus, eval_precision, eval_split], [eval_note, eval_table, eval_plot, about]
         demo.load(on_eval, eval_inputs, eval_outputs, api_name=False)
-        timer.tick(on_tick, None, [banner, timer], api_name=False, queue=False, show_progress="hidden")
+        timer.tick(on_tick, corpus, [banner, timer, ask_btn], api_name=False, queue=False, show_progress="hidden")
         cluster.change(_guard(on_cluster), [corpus, cluster], cluster_html, api_name=False)
         prefix_box.submit(_guard(on_cluster), [corpus, prefix_box], cluster_html, api_name=False)
         tree_tab.select(_guard(on_tree_tab), [corpus, last], [tree_plot, cluster], api_name=False)

@@ -342,19 +342,23 @@ def viz_green(fig) -> bool:
     return HIGHLIGHT_COLOR in list(fig.data[0].marker.colors)
 
 
-def test_ask_callback_errors_become_gr_error(pipeline):
+def test_ask_callback_errors_become_gr_error(pipeline, caplog):
     import gradio as gr
 
     import app
 
-    with pytest.raises(gr.Error, match="empty"):
-        app._guard(app.ask)(pipeline, "nq", "", 4, 2, 3, 4)
+    # An expected error (the user's input): one expiring warning toast, every output left as it was, no traceback.
+    with pytest.warns(UserWarning, match="empty"), caplog.at_level("INFO", logger="unirag.app"):
+        assert app._guard(app.ask)(pipeline, "nq", "", 4, 2, 3, 4) == gr.skip()
+    assert "Traceback" not in caplog.text
 
     def boom(*_):
         raise RuntimeError("kaput")
 
-    with pytest.raises(gr.Error, match="still running"):
+    with pytest.raises(gr.Error, match="still running") as raised:
         app._guard(boom)()
+    assert raised.value.duration == app.TOAST_SECONDS  # the toast goes away by itself
+    assert "Traceback" in caplog.text  # only the unexpected error is logged with its traceback
 
 
 def test_joint_reader_choice(pipeline):
@@ -430,14 +434,16 @@ def test_side_error_does_not_kill_the_other_side(pipeline, monkeypatch):
 def test_select_corpus_and_cluster_callbacks(pipeline):
     import app
 
-    dataset, tree_fig, dropdown, docs_html, banner, beam, k_docs, self_check, reader = app.select_corpus(pipeline, "nq")
+    dataset, tree_fig, dropdown, docs_html, banner, rag_k, max_new, beam, k_docs, self_check, reader = (
+        app.select_corpus(pipeline, "nq"))
     assert dataset.samples and tree_fig.data[0].type == "sunburst"
     # No recommended_settings.json in this checkpoint: the controls start from the library defaults.
     from unirag.settings import InferenceSettings
 
     default = InferenceSettings()
-    assert (beam.value, k_docs.value, self_check.value, reader.value) == (
-        default.beam_width, default.k_docs, default.self_check, default.joint_reader)
+    assert (beam.value, k_docs.value, self_check.value, reader.value, rag_k.value, max_new.value) == (
+        default.beam_width, default.k_docs, default.self_check, default.joint_reader, default.rag_k,
+        default.max_new_tokens)
     assert dropdown.choices
     assert "whole corpus" in docs_html and "&lt;script&gt;" in docs_html
     first = pipeline.bundle("nq").tree.allowed(())[0]
@@ -479,6 +485,33 @@ def test_build_demo_has_ask_api(pipeline):
     demo = app.build_demo(pipeline)
     api = [d for d in demo.fns.values() if getattr(d, "api_name", None) == "ask"]
     assert len(api) == 1
+    info = demo.get_api_info()["named_endpoints"]["/ask"]
+    names = [r["label"] for r in info["returns"]]
+    assert names and not any(re.fullmatch(r"value_\d+", n or "") for n in names), names
+    assert {"joint answer", "rag answer", "status"} <= set(names)
+    params = {p["parameter_name"]: p for p in info["parameters"]}
+    assert params["corpus"]["parameter_default"] == "nq"
+    for name in ("beam_width", "docs_selected", "rag_k", "max_new_tokens", "reader", "self_check"):
+        # None = the corpus's start setting (`app.ask`), i.e. what the page starts from
+        assert params[name]["parameter_has_default"] and params[name]["parameter_default"] is None, params[name]
+
+
+def test_banner_and_ask_button_while_loading(tiny):
+    import app
+    from unirag.pipeline import Pipeline
+
+    fresh = Pipeline(tiny[0])
+    assert not app._loading(fresh, "nq")
+    fresh._say("nq", "reading the corpus and dev questions…")
+    fresh._say("nq", "loading the LLM (tiny)…")
+    state = fresh.status()["corpora"]["nq"]
+    assert re.match(r"loading the model \(\d+%\): loading the LLM", state), state
+    assert app._loading(fresh, "nq") and app._loading(fresh) and not app._loading(fresh, "squad")
+    banner = app.banner_html(fresh)
+    assert "Loading the model (" in banner and "Ask button" in banner
+    demo = app.build_demo(fresh)
+    button = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "ur-ask")
+    assert button.interactive is False and button.value == app.LOADING_LABEL
 
 
 def test_cli_flags_and_env(monkeypatch):
@@ -552,7 +585,7 @@ def live_app(tmp_path_factory):
 def _check_ask_result(result) -> None:
     gold_info, joint_card, path_fig, beams, joint_docs, joint_heat, rag_card, bars, rag_docs, rag_heat, banner = result
     assert "ur-answer" in joint_card and "ur-answer" in rag_card, (joint_card, rag_card)
-    assert "(empty answer)" not in joint_card and "(empty answer)" not in rag_card
+    assert "(no answer: empty output)" not in joint_card and "(no answer: empty output)" not in rag_card
     for fig in (path_fig, joint_heat, bars, rag_heat):
         blob = json.loads(fig["plot"]) if isinstance(fig, dict) and "plot" in fig else fig
         assert blob and blob.get("data"), fig

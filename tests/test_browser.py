@@ -8,6 +8,7 @@ docs/screenshot.png instead, deliberately (a test run must not rewrite a tracked
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -64,6 +65,21 @@ def wait_for_answers(page, timeout_ms: int = 240_000) -> None:
     )
 
 
+# The first beam row below the header: non-zero height and inside the table's visible (scrolled) box.
+VISIBLE_ROW_JS = """() => {
+  const root = document.querySelector('#ur-beams');
+  const rows = [...root.querySelectorAll('.virtual-row, tbody:not(.sizing-body) tr')]
+    .filter(r => !r.querySelector('th') && r.innerText.trim());
+  const view = root.querySelector('.virtual-table-viewport') || root.querySelector('.table-wrap') || root;
+  const box = view.getBoundingClientRect();
+  return rows.some(r => { const b = r.getBoundingClientRect();
+    return b.height > 0 && b.top >= box.top - 1 && b.bottom <= box.bottom + 1; });
+}"""
+# Every text on the page, the plots' SVG labels included.
+PAGE_TEXT_JS = """() => document.body.innerText
+  + [...document.querySelectorAll('svg text')].map(t => t.textContent).join(' ')"""
+
+
 def test_page_answers_a_question_and_screenshot(browser, live_app, tmp_path):  # noqa: F811
     url, log_path, proc = live_app
     page = browser.new_page(viewport={"width": 1480, "height": 1000}, device_scale_factor=1)
@@ -71,24 +87,60 @@ def test_page_answers_a_question_and_screenshot(browser, live_app, tmp_path):  #
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     page.goto(url, wait_until="domcontentloaded")
     page.wait_for_selector("#ur-banner .ur-pill", timeout=60_000)
+    if "Loading the model" in page.inner_text("#ur-banner"):  # the page is up before it can answer
+        assert page.locator("#ur-ask").is_disabled()
     # the examples come from the dev split; the banner says which precision is loaded
     # A fresh machine's first start converts SmolLM2 and embeds both corpora (minutes on 2 shared cores).
-    page.wait_for_function("() => document.querySelector('#ur-banner').innerText.includes('ready')", timeout=900_000)
+    page.wait_for_function("() => { const t = document.querySelector('#ur-banner').innerText;"
+                           "return t.includes(': ready') && !t.includes('Loading the model'); }", timeout=900_000)
     assert "4-bit NF4" in page.inner_text("#ur-banner")
+    page.wait_for_function("() => !document.querySelector('#ur-ask').disabled", timeout=30_000)
+    assert "/ 2,000 characters" in page.inner_text("#ur-counter")
+
+    # An empty question: one toast that goes away by itself; the other outputs stay as they were (no error pills).
+    import app
+
+    page.locator("#ur-ask").click()
+    toast = page.locator(".toast-body")
+    toast.first.wait_for(timeout=30_000)
+    assert "empty" in toast.first.inner_text().lower()
+    toast.first.wait_for(state="detached", timeout=(app.TOAST_SECONDS + 6) * 1000)
+    assert "Ask a question to see this side" in page.inner_text("#ur-joint-answer")
+    assert "Error" not in page.inner_text("#ur-joint-answer") + page.inner_text("#ur-rag-answer")
+
+    # The API names its outputs by label, and its settings default to the page's start settings (None).
+    from gradio_client import Client
+
+    api = Client(url, verbose=False).view_api(return_format="dict", print_info=False)["named_endpoints"]["/ask"]
+    names = [r["label"] for r in api["returns"]]
+    assert names and not any(re.fullmatch(r"value_\d+", n or "") for n in names), names
+
     start = time.perf_counter()
     _ask(page, "who sang the song i wanna be sedated")
     elapsed = time.perf_counter() - start
+    page.wait_for_timeout(300)
+    assert page.evaluate(VISIBLE_ROW_JS), "no beam row visible inside the table's box"
     joint, rag = page.inner_text("#ur-joint-answer .ur-answer"), page.inner_text("#ur-rag-answer .ur-answer")
     assert joint.strip() and rag.strip()
     assert "gold answer" in page.inner_text("#ur-gold")  # a dev question: gold marks are shown
     assert page.locator("#ur-rag-answer .ur-badge").count() >= 2
-    assert page.locator('#ur-beams [role="row"]').count() >= 3  # header + at least 2 beams
+    assert page.locator('#ur-beams [role="row"], #ur-beams tbody tr').count() >= 2  # at least 2 beams
     page.wait_for_timeout(500)  # let plotly finish its transitions
     refresh = os.environ.get("UNIRAG_REFRESH_SCREENSHOT") == "1"
     screenshot = DOCS_SCREENSHOT if refresh else tmp_path / "screenshot.png"
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 50_000
+    # A non-Latin question: whole characters everywhere (highlights, documents, heatmaps), never U+FFFD.
+    page.locator("#ur-question textarea, #ur-question input").first.fill("Кто написал роман «Война и мир»?")
+    page.locator("#ur-ask").click()
+    page.wait_for_function("() => (document.querySelector('#ur-joint-docs .ur-question') || {}).innerText"
+                           "?.includes('Война')", timeout=240_000)
+    wait_for_answers(page)
+    page.wait_for_timeout(500)
+    text = page.evaluate(PAGE_TEXT_JS)
+    assert "Война" in text and "\ufffd" not in text
+    page.screenshot(path=str(tmp_path / "non-latin.png"), full_page=True)
     assert not errors, errors
     assert proc.poll() is None
     print(f"browser question answered in {elapsed:.1f} s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -106,10 +107,13 @@ def test_beam_rows(tree):
     assert [r[1] for r in rows] == ["0-0-1", "0-1-0", "0-0-0"]
     used = viz.BEAM_HEADERS.index("used")
     assert [r[used] for r in rows] == ["✓", "✓", ""] and rows[0][3] == "Title 1"
-    assert rows[0][4] == pytest.approx(math.log(0.7 * 0.6 * 0.45), abs=1e-3)
+    assert rows[0][4] == pytest.approx(math.log(0.7 * 0.6 * 0.45), abs=1e-2)
     assert rows[0][5] == 0.0 and rows[0][6] == rows[0][4]  # no document match recorded: score = log-prob
     assert rows[0][7:9] == ["", ""]  # no self-check
     assert all(len(r) == len(viz.BEAM_HEADERS) for r in rows)
+    # every column has a width, and no header is long enough to wrap one character a line
+    assert len(viz.BEAM_WIDTHS) == len(viz.BEAM_HEADERS) and all(len(h) <= 8 and " " not in h for h in viz.BEAM_HEADERS)
+    assert sum(float(w.rstrip("%")) for w in viz.BEAM_WIDTHS) == pytest.approx(100)
 
 
 def test_beam_rows_with_self_check(tree):
@@ -117,7 +121,7 @@ def test_beam_rows_with_self_check(tree):
     answer.trace.self_check = [SelfCheckRow("d2", search_rank=2, search_score=-1.0, question_logprob=-2.0, score=-9.0),
                                SelfCheckRow("d1", search_rank=1, search_score=-0.5, question_logprob=-3.0, score=-12.5)]
     rows = viz.beam_rows(answer)
-    ql, checked = viz.BEAM_HEADERS.index("question log-lik"), viz.BEAM_HEADERS.index("checked score")
+    ql, checked = viz.BEAM_HEADERS.index("q-lik"), viz.BEAM_HEADERS.index("checked")
     assert [(r[2], r[ql], r[checked]) for r in rows] == [("d1", -3.0, -12.5), ("d2", -2.0, -9.0), ("d0", "", "")]
 
 
@@ -182,7 +186,7 @@ def test_html_escapes_documents_questions_answers(tree):
     card = viz.answer_card_html(answer, "Joint <i>", viz.JOINT_COLOR, gold_found=True, gold_rank=1, correct=False,
                                 gold_answers=["<img src=x onerror=alert(1)>"])
     assert "<script>" not in card and "<img" not in card and "<i>" not in card
-    assert "✓ gold passage retrieved (#1)" in card and "✗ incorrect" in card and "920 ms" in card
+    assert "✓ gold passage retrieved (#1)" in card and "no gold in output" in card and "920 ms" in card
     error = viz.answer_card_html(None, "RAG", viz.RAG_COLOR, error=f"bad {SCRIPT}")
     assert "<script>" not in error
     assert "<script>" not in viz.message_html(f"run `make` {SCRIPT}")
@@ -218,6 +222,14 @@ def test_corpus_tree_sunburst(tree):
     lit = viz.corpus_tree_figure(tree, highlight=(0, 0, 1)).data[0]
     lit_ids = [i for i, c in zip(lit.ids, lit.marker.colors, strict=True) if c == viz.HIGHLIGHT_COLOR]
     assert lit_ids == ["c:0", "c:0-0", "d:0-0-1"]
+    # unmistakable: the path is outlined, everything else is pale; the document is within the visible rings
+    outlined = [i for i, w in zip(lit.ids, lit.marker.line.width, strict=True) if w > 1]
+    assert outlined == lit_ids and all(c.startswith("rgba") or c == "#f1f5f9" for i, c in
+                                       zip(lit.ids, lit.marker.colors, strict=True) if i not in lit_ids)
+    assert any(lb.startswith("★") for lb in lit.labels)
+    assert lit.level == "c:0" and lit.maxdepth == 3  # centre c:0, then c:0-0, then the document
+    deep = viz.corpus_tree_figure(tree, max_depth=2, highlight=(0, 0, 1)).data[0]
+    assert deep.level == "c:0-0"  # opened at the path so the document (depth 3) is in view within 2 rings
 
 
 def test_cluster_browser(tree):
@@ -253,3 +265,117 @@ def test_eval_rows_and_figure():
     many = [dict(rows[1], run=f"run {i}") for i in range(80)]
     assert fig.layout.height < viz.eval_figure(many).layout.height == viz.EVAL_MAX_HEIGHT
     assert not viz.eval_figure([]).data
+
+
+# --------------------------------------------------------------------------------------------- non-Latin text
+
+NON_LATIN = ["Кто написал «Войну и мир»?", "東京タワーの高さは？", "Is 🎸 a guitar? Ελληνικά"]
+
+
+def byte_tokens(text: str, every: int = 3) -> list[str]:
+    """SmolLM2-style byte-level token strings: the UTF-8 bytes cut every `every` bytes (mid-character on purpose)
+    and mapped through GPT-2's byte table, as `convert_ids_to_tokens` gives them."""
+    table = viz._bytes_to_unicode()
+    raw = text.encode("utf-8")
+    return ["".join(table[b] for b in raw[i : i + every]) for i in range(0, len(raw), every)]
+
+
+@pytest.mark.parametrize("text", NON_LATIN)
+def test_byte_level_tokens_merge_into_whole_characters(text):
+    tokens = byte_tokens(text)
+    assert viz.is_byte_level(tokens)
+    assert "".join(viz.clean_tokens(tokens)) == text
+    groups = viz.token_groups(tokens)
+    assert "".join(g[2] for g in groups) == text and all("\ufffd" not in g[2] for g in groups)
+    assert [g[0] for g in groups][0] == 0 and groups[-1][1] == len(tokens)
+    # Highlighting: a character split over tokens is one span weighing the sum of its pieces.
+    weights = [1.0 / len(tokens)] * len(tokens)
+    shaded = viz.highlight_tokens_html(tokens, weights)
+    assert "\ufffd" not in shaded and len(re.findall("<span", shaded)) == len(groups)
+    question = viz.question_html(Answer("joint", text, "x", trace=Trace(
+        retrieval_attention=TokenWeights(tokens, weights))))
+    assert "\ufffd" not in question
+
+
+def test_non_latin_documents_and_heatmaps_have_no_replacement_character():
+    title = "東京タワー"
+    passages = [f"{title}: 東京タワーは333メートルです。", "Москва — столица России. 🎸"]
+    context = byte_tokens(passages[0]) + ["Ċ"] + byte_tokens(passages[1], every=2)
+    answer_tokens = byte_tokens("333メートル🎸", every=2)
+    weights = [[(j % 7) / 10 for j in range(len(context))] for _ in answer_tokens]
+    docs = [RetrievedDoc("j", title, passages[0], 0.9), RetrievedDoc("r", "Москва", passages[1], 0.8)]
+    answer = Answer("rag", "高さは？", "333メートル", docs, trace=Trace(answer_attention=AnswerAttention(
+        answer_tokens, context, weights)))
+    out = viz.documents_html(answer)
+    assert "\ufffd" not in out and "東京タワー" in re.sub(r"<[^>]+>", "", out) and "ur-tok" in out
+    for long in (False, True):
+        fig = viz.attention_heatmap(answer, max_tokens=10 if long else 1000)
+        dumped = fig.to_json()
+        assert "\\ufffd" not in dumped.lower() and "\ufffd" not in dumped
+        heat = fig.data[0]
+        assert len(heat.z) == len(viz.token_groups(answer_tokens))  # one row per whole answer character
+    # The raw fallback of the joint side: token strings that do not decode alone become raw byte-level strings.
+    from unirag.joint.prompts import token_strings
+
+    class ByteTokenizer:
+        def __init__(self, tokens):
+            self.tokens = tokens
+
+        def decode(self, ids):
+            raw = bytes(viz._BYTE_DECODER[ch] for i in ids for ch in self.tokens[i])
+            return raw.decode("utf-8", errors="replace")
+
+        def convert_ids_to_tokens(self, i):
+            return self.tokens[i]
+
+    tokens = byte_tokens("Привет 🎸")
+    strings = token_strings(ByteTokenizer(tokens), list(range(len(tokens))))
+    assert strings == tokens and "".join(viz.clean_tokens(strings)) == "Привет 🎸"
+    ascii_tokens = byte_tokens("plain words")
+    assert token_strings(ByteTokenizer(ascii_tokens), list(range(len(ascii_tokens)))) == ["pla", "in ", "wor", "ds"]
+
+
+# --------------------------------------------------------------------------------------------- answers users can trust
+
+
+@pytest.mark.parametrize(("raw", "shown"), [
+    ("The Ramones", "The Ramones"),
+    ("A: The Ramones\nQ: who else", "The Ramones"),
+    ("  answer: 1889 ", "1889"),
+    ("Q: who sang i wanna be sedated? A: The Ramones", "The Ramones"),
+    ("Q: who sang i wanna be sedated?\nThe Ramones", "The Ramones"),
+    ("Q: who sang i wanna be sedated?", ""),
+    ("", ""),
+    ("True", "True"),
+    ("Q: Who sang  I wanna be sedated? The Ramones", "The Ramones"),
+])
+def test_display_answer(raw, shown):
+    from unirag.answer import display_answer
+
+    assert display_answer(raw, "who sang i wanna be sedated") == shown
+
+
+def test_card_marks_exact_f1_and_contains_separately():
+    from unirag.data import Question
+    from unirag.pipeline import mark_gold
+
+    gold = Question("q", "who sang i wanna be sedated", ["the Ramones"], "d1")
+    junk = mark_gold(Answer("rag", gold.question, "Q: who sang i wanna be sedated? The Ramones were a band, True"),
+                     gold)
+    assert junk.correct is True and junk.exact is False and junk.f1 < 0.5  # a substring inside junk is not "correct"
+    card = viz.answer_card_html(junk.answer, "RAG", viz.RAG_COLOR, correct=junk.correct, gold_answers=gold.answers,
+                                exact=junk.exact, f1=junk.f1)
+    assert "✓" not in card.split("ur-badges")[1] and "contains gold" in card and "✗ not the answer" in card
+    assert card.split('class="ur-answer">')[1].startswith("The Ramones were a band, True<")  # no echoed "Q: …"
+    assert 'title="' in card and "Weaker" in card  # each mark says what it means
+    exact = mark_gold(Answer("joint", gold.question, "A: Ramones"), gold)
+    assert exact.exact and exact.f1 == 1.0 and exact.correct
+    card = viz.answer_card_html(exact.answer, "Joint", viz.JOINT_COLOR, correct=exact.correct,
+                                gold_answers=gold.answers, exact=exact.exact, f1=exact.f1)
+    assert "✓ exact" in card and ">Ramones<" in card and "contains gold" in card
+    near = mark_gold(Answer("joint", gold.question, "Ramones band"), gold)
+    assert not near.exact and 0.5 <= near.f1 < 1
+    assert "≈ F1 0.67" in viz.answer_card_html(near.answer, "J", viz.JOINT_COLOR, correct=near.correct,
+                                               gold_answers=gold.answers, exact=near.exact, f1=near.f1)
+    echo = viz.answer_card_html(Answer("rag", "q", "Q: q"), "RAG", viz.RAG_COLOR)
+    assert "only echoes the prompt" in echo

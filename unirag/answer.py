@@ -2,8 +2,37 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+_ECHO = re.compile(r"^\s*(?:Q|Question)\s*:", re.IGNORECASE)  # the prompt's "Q: question" echoed back
+_PREFIX = re.compile(r"^\s*(?:A|Answer)\s*:\s*", re.IGNORECASE)  # the prompt's "A:" repeated before the answer
+_INLINE_ANSWER = re.compile(r"\s(?:A|Answer)\s*:\s*", re.IGNORECASE)
+
+
+def display_answer(text: str, question: str | None = None) -> str:
+    """The answer span both cards show (and are marked on): the first line that is not an echo of the prompt,
+    without a leading "A:". An echoed "Q: … A: span" (or "Q: <the question> span") line keeps the span after it;
+    a line that only echoes the question gives "" (no answer). Eval metrics score the raw `Answer.text`."""
+    asked = " ".join(str(question or "").split()).lower()
+    for line in str(text or "").splitlines():
+        line = " ".join(line.split())
+        if not line:
+            continue
+        if _ECHO.match(line):
+            parts = _INLINE_ANSWER.split(line, maxsplit=1)
+            rest = _ECHO.sub("", line, count=1).strip()
+            if len(parts) == 2:
+                line = parts[1]
+            elif asked and rest.lower().startswith(asked):
+                line = rest[len(asked):].lstrip(" ?.:")
+            else:
+                continue  # only the question echoed: look at the next line
+        line = _PREFIX.sub("", line).strip()
+        if line:
+            return line
+    return ""
 
 
 @dataclass
@@ -102,4 +131,4 @@ class Answer:
         return record
 
 
-__all__ = ["Answer", "AnswerAttention", "RetrievedDoc", "SelfCheckRow", "TokenWeights", "Trace"]
+__all__ = ["Answer", "AnswerAttention", "RetrievedDoc", "SelfCheckRow", "TokenWeights", "Trace", "display_answer"]

@@ -26,10 +26,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from unirag.answer import Answer
+from unirag.answer import Answer, display_answer
 from unirag.data import DATASETS, Corpus, Question, dataset_paths, load_corpus, load_questions, prepare_question
 from unirag.errors import UniragError
-from unirag.eval import contains_answer, normalize_answer
+from unirag.eval import contains_answer, exact_match, normalize_answer, token_f1
 from unirag.paths import REPO_ROOT, default_data_dir
 from unirag.settings import InferenceSettings, check_precision
 
@@ -39,6 +39,7 @@ PRECISION_LABELS = {"4bit": "4-bit NF4 (bitsandbytes)", "fp32": "fp32"}
 CORPUS_LABELS = {"nq": "Natural Questions", "squad": "SQuAD v1.1"}
 
 Progress = Callable[[str], None]
+LOAD_STAGES = 7  # about how many `_say` stages a first load goes through (corpus, encoder, embeddings, LLM, joint…)
 
 
 def _env(name: str) -> str | None:
@@ -142,7 +143,10 @@ class SideResult:
     error: str | None = None
     gold_found: bool | None = None  # None when the question is not from the dataset
     gold_rank: int | None = None  # 1-based rank of the gold passage among the selected documents
-    correct: bool | None = None  # contains_answer, None when not from the dataset
+    correct: bool | None = None  # contains_answer on the raw output, None when not from the dataset
+    # On the displayed answer span (`display_answer`), normalised: exact match and token F1 against the best gold.
+    exact: bool | None = None
+    f1: float | None = None
 
 
 @dataclass
@@ -208,6 +212,7 @@ class Pipeline:
         self._bundles: dict[str, CorpusBundle] = {}
         self._errors: dict[str, str] = {}
         self._stage: dict[str, str] = {}
+        self._stage_count: dict[str, int] = {}  # stages reached in the current load: the banner's percentage
         self._locks = {name: threading.Lock() for name in self.config.corpora}
         self._llm_lock = threading.Lock()
         # One forward pass per model at a time (the RAG reader is shared by all corpora).
@@ -220,20 +225,23 @@ class Pipeline:
 
     def _say(self, corpus: str, message: str) -> None:
         self._stage[corpus] = message
+        self._stage_count[corpus] = self._stage_count.get(corpus, 0) + 1
         print(f"[unirag] {corpus}: {message}", flush=True)
         if self._progress is not None:
             self._progress(f"{corpus}: {message}")
 
     def status(self) -> dict[str, Any]:
-        """Per corpus: "ready" / "loading: <stage>" / "error: <message>" / "not loaded"; plus page messages."""
+        """Per corpus: "ready" / "loading the model (n%): <stage>" / "error: <message>" / "not loaded"; plus page
+        messages."""
         corpora = {}
         for name in self.config.corpora:
             if name in self._bundles:
                 corpora[name] = "ready"
             elif name in self._errors:
                 corpora[name] = f"error: {self._errors[name]}"
-            elif name in self._stage:
-                corpora[name] = f"loading: {self._stage[name]}"
+            elif name in self._stage:  # a rough percentage: stages reached of the usual count, never 100 before ready
+                done = min(95, round(100 * (self._stage_count.get(name, 1) - 1) / LOAD_STAGES))
+                corpora[name] = f"loading the model ({done}%): {self._stage[name]}"
             else:
                 corpora[name] = "not loaded"
         return {
@@ -289,6 +297,7 @@ class Pipeline:
             if name in self._bundles:
                 return self._bundles[name]
             self._errors.pop(name, None)
+            self._stage_count[name] = 0
             try:
                 bundle = self._load(name)
             except UniragError as exc:
@@ -465,6 +474,9 @@ def mark_gold(answer: Answer, gold: Question | None) -> SideResult:
         return result
     if gold.answers:
         result.correct = bool(contains_answer(answer.text, gold.answers))
+        shown = display_answer(answer.text, answer.question)
+        result.exact = bool(exact_match(shown, gold.answers))
+        result.f1 = float(token_f1(shown, gold.answers))
     if gold.doc_id:
         ids = answer.doc_ids
         result.gold_found = gold.doc_id in ids

@@ -16,7 +16,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from unirag.answer import Answer, AnswerAttention
+from unirag.answer import Answer, AnswerAttention, display_answer
 from unirag.results import format_p
 
 # --------------------------------------------------------------------------------------------- palette
@@ -24,7 +24,10 @@ from unirag.results import format_p
 JOINT_COLOR = "#7c3aed"  # violet: the joint model everywhere
 RAG_COLOR = "#0284c7"  # sky blue: dense RAG everywhere
 GOLD_COLOR = "#16a34a"
-HIGHLIGHT_COLOR = "#facc15"  # the last question's path in the corpus tree
+HIGHLIGHT_COLOR = "#facc15"  # the last question's path in the corpus tree (everything else is dimmed then)
+HIGHLIGHT_LINE = "#111827"  # the path's outline: yellow alone can look like a palette colour
+TREE_COLORWAY = ("#7c3aed", "#0284c7", "#db2777", "#0f766e", "#ea580c", "#4f46e5", "#a16207", "#be123c", "#0891b2",
+                 "#65a30d")
 MISS_COLOR = "#dc2626"
 PATH_COLORS = ("#7c3aed", "#db2777", "#ea580c")  # one per selected document (1-3)
 CANDIDATE_SCALE = "Purples"
@@ -89,24 +92,66 @@ _BYTE_DECODER = {c: b for b, c in _bytes_to_unicode().items()}
 
 
 def is_byte_level(tokens: Sequence[str]) -> bool:
-    """Raw byte-level BPE token strings (``Ġword``, ``Ċ``) rather than decoded text."""
+    """Raw byte-level BPE token strings (``Ġword``, ``Ċ``, ``ÐļÑĤÐ¾``) rather than decoded text.
+
+    Every character must be in the byte map and the joined bytes must be valid UTF-8; then either a mapped space or
+    newline (``Ġ``/``Ċ``) or a non-ASCII byte shows it is not plain text (a question without spaces, e.g. Japanese)."""
     joined = "".join(tokens)
-    if not joined or " " in joined or "\n" in joined:
+    if not joined or " " in joined or "\n" in joined or not all(ch in _BYTE_DECODER for ch in joined):
         return False
-    return ("Ġ" in joined or "Ċ" in joined) and all(ch in _BYTE_DECODER for ch in joined)
+    raw = bytes(_BYTE_DECODER[ch] for ch in joined)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:  # e.g. decoded Latin-1 text such as "café": not byte-level strings
+        return False
+    return "Ġ" in joined or "Ċ" in joined or any(b >= 0x80 for b in raw)
+
+
+_SP_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")  # sentencepiece byte-fallback pieces (Llama 2, Mistral)
+
+
+def _token_bytes(tokens: Sequence[str]) -> list[bytes]:
+    """The UTF-8 bytes each token stands for (byte-level map, sentencepiece ``▁`` and ``<0xNN>`` pieces)."""
+    if is_byte_level(tokens):
+        return [bytes(_BYTE_DECODER[ch] for ch in tok) for tok in tokens]
+    out = []
+    for tok in tokens:
+        match = _SP_BYTE.match(tok)
+        out.append(bytes([int(match.group(1), 16)]) if match else tok.replace("▁", " ").encode("utf-8"))
+    return out
 
 
 def clean_tokens(tokens: Sequence[str]) -> list[str]:
     """Readable text of each token, such that ``"".join(result)`` reads like the original text.
 
     Byte-level BPE strings are turned back into bytes and decoded incrementally (a character split over two
-    tokens is shown with the token that completes it); sentencepiece's ``▁`` becomes a space.
+    tokens is shown with the token that completes it, the earlier pieces are ""); sentencepiece's ``▁`` becomes a
+    space. Never a U+FFFD for a character that is whole over the tokens.
     """
     tokens = [str(t) for t in tokens]
-    if is_byte_level(tokens):
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        return [decoder.decode(bytes(_BYTE_DECODER[ch] for ch in tok)) for tok in tokens]
-    return [t.replace("▁", " ") for t in tokens]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return [decoder.decode(b) for b in _token_bytes(tokens)]
+
+
+def token_groups(tokens: Sequence[str]) -> list[tuple[int, int, str]]:
+    """Tokens merged into whole characters: (start, end, text) runs of consecutive tokens, each the shortest run
+    that ends on a character boundary. A character split over byte-level tokens (Cyrillic, CJK, emoji) is one
+    unit, so weights are summed over its pieces instead of drawing each piece as "\ufffd"."""
+    tokens = [str(t) for t in tokens]
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    groups, start, text = [], 0, ""
+    for i, raw in enumerate(_token_bytes(tokens)):
+        text += decoder.decode(raw)
+        if not decoder.getstate()[0]:  # no bytes pending: the run ends on a character boundary
+            groups.append((start, i + 1, text))
+            start, text = i + 1, ""
+    if start < len(tokens):  # a truncated character at the very end
+        groups.append((start, len(tokens), text + decoder.decode(b"", final=True)))
+    return groups
+
+
+def _group_weights(groups: Sequence[tuple[int, int, str]], weights: Sequence[float]) -> list[float]:
+    return [sum(weights[start:end]) for start, end, _ in groups]
 
 
 # --------------------------------------------------------------------------------------------- context units
@@ -151,8 +196,8 @@ def context_units(context_tokens: Sequence[str], doc_spans: Sequence[Sequence[in
     for d, (start, end) in enumerate(doc_spans or []):
         for i in range(max(0, int(start)), min(n, int(end))):
             doc_of[i] = d
-    if not sentences:
-        return [Unit(i, i + 1, doc_of[i], texts[i]) for i in range(n)]
+    if not sentences:  # one unit per whole character run (a split multi-byte character is one column)
+        return [Unit(a, b, doc_of[a], text) for a, b, text in token_groups(context_tokens)]
     units: list[Unit] = []
     start = 0
     for i in range(n):
@@ -312,8 +357,12 @@ def docid_path_figure(answer: Answer | None, tree=None, height: int | None = Non
 # --------------------------------------------------------------------------------------------- tables
 
 
-BEAM_HEADERS = ["#", "docid", "doc id", "title", "path log-prob", "doc match", "score", "question log-lik",
-                "checked score", "used"]
+# Short headers (one word each, so no header wraps a character a line) and a width for every column.
+BEAM_HEADERS = ["#", "docid", "doc", "title", "log-p", "match", "score", "q-lik", "checked", "used"]
+BEAM_WIDTHS = ["4.5%", "11%", "11%", "19.5%", "9%", "8.5%", "9%", "9%", "11%", "7.5%"]
+BEAM_HELP = ("log-p = the path's log-probability, match = how well the document matches the question, "
+             "score = log-p + match; with the self-check on, q-lik = the question's log-likelihood after the "
+             "document and checked = the re-ranked score; used = read by the answer.")
 
 
 def beam_rows(answer: Answer | None, titles: Mapping[str, str] | None = None, limit: int = 10) -> list[list[Any]]:
@@ -331,9 +380,9 @@ def beam_rows(answer: Answer | None, titles: Mapping[str, str] | None = None, li
         doc_id = str(beam.get("doc_id", ""))
         logprob = float(beam.get("logprob", float("nan")))
         match = float(beam.get("document_match", 0.0))
-        rows.append([rank, docid_str(beam.get("docid")), doc_id, titles.get(doc_id, ""), round(logprob, 3),
-                     round(match, 3), round(float(beam.get("score", logprob + match)), 3),
-                     *((round(checked[doc_id].question_logprob, 3), round(checked[doc_id].score, 3))
+        rows.append([rank, docid_str(beam.get("docid")), doc_id, titles.get(doc_id, ""), round(logprob, 2),
+                     round(match, 2), round(float(beam.get("score", logprob + match)), 2),  # 2 decimals: no wrap
+                     *((round(checked[doc_id].question_logprob, 2), round(checked[doc_id].score, 2))
                        if doc_id in checked else ("", "")),
                      "✓" if doc_id in selected else ""])
     return rows
@@ -375,10 +424,13 @@ def attention_heatmap(answer: Answer | None, title: str = "Answer tokens × cont
     """
     attention = answer.trace.answer_attention if answer is not None else AnswerAttention()
     context = list(attention.context_tokens)
-    answer_tokens = clean_tokens(attention.answer_tokens)
     rows = [r for r in _matrix(attention.weights) if len(r) == len(context)]
-    if not context or not rows or len(rows) != len(answer_tokens):
+    if not context or not rows or len(rows) != len(attention.answer_tokens):
         return empty_figure("No attention trace for this answer.", title)
+    # Answer tokens merged into whole characters: a merged row is the mean attention of its pieces.
+    answer_groups = token_groups(attention.answer_tokens)
+    answer_tokens = [text for _, _, text in answer_groups]
+    rows = [[sum(col) / (b - a) for col in zip(*rows[a:b], strict=True)] for a, b, _ in answer_groups]
     spans = attention.doc_spans or infer_doc_spans(context, len(answer.docs) if answer else 0)
     sentences = len(context) > max_tokens
     units = context_units(context, spans, sentences)
@@ -426,8 +478,10 @@ def _alpha_bg(rgb: tuple[int, int, int], alpha: float) -> str:
 def highlight_tokens_html(tokens: Sequence[str], weights: Sequence[float], rgb: tuple[int, int, int] = (124, 58, 237),
                           top_k: int = 3) -> str:
     """Tokens shaded by weight (e.g. the retrieval heads' attention over the question); the top_k in bold."""
-    texts = clean_tokens(tokens)
-    w = [float(x) for x in weights][: len(texts)] + [0.0] * max(0, len(texts) - len(weights))
+    groups = token_groups(tokens)  # whole characters: a split multi-byte character weighs the sum of its pieces
+    texts = [text for _, _, text in groups]
+    flat = [float(x) for x in weights][: len(tokens)] + [0.0] * max(0, len(tokens) - len(weights))
+    w = _group_weights(groups, flat)
     peak = max(w, default=0.0) or 1.0
     top = set(sorted(range(len(w)), key=lambda i: -w[i])[:top_k]) if any(w) else set()
     parts = []
@@ -454,8 +508,11 @@ def documents_html(answer: Answer | None, gold_doc_id: str | None = None, rgb: t
     unit_mass = [sum(importance[u.start : u.end]) for u in units]
     peak_unit = max(unit_mass, default=0.0) or 1.0
     top_units = set(sorted(range(len(units)), key=lambda j: -unit_mass[j])[:top_sentences * len(answer.docs)])
-    ranked = sorted(range(len(importance)), key=lambda i: -importance[i])
-    top_tok = set(ranked[:top_tokens]) if any(importance) else set()
+    # Top tokens are whole characters (summed pieces), marked on the token that completes the character.
+    groups = token_groups(context)
+    group_mass = _group_weights(groups, importance)
+    ranked = sorted(range(len(groups)), key=lambda g: -group_mass[g])
+    top_tok = {groups[g][1] - 1: group_mass[g] for g in ranked[:top_tokens]} if any(importance) else {}
     cards = []
     for d, doc in enumerate(answer.docs):
         is_gold = bool(gold_doc_id) and doc.doc_id == gold_doc_id
@@ -472,7 +529,7 @@ def documents_html(answer: Answer | None, gold_doc_id: str | None = None, rgb: t
                 for i in range(u.start, u.end):
                     piece = html.escape(texts[i])
                     if i in top_tok and texts[i].strip():
-                        piece = f'<span class="ur-tok" title="attention {importance[i]:.3f}">{piece}</span>'
+                        piece = f'<span class="ur-tok" title="attention {top_tok[i]:.3f}">{piece}</span>'
                     pieces.append(piece)
                 style = _alpha_bg(rgb, 0.55 * unit_mass[j] / peak_unit)
                 cls = "ur-sent ur-top-sent" if j in top_units else "ur-sent"
@@ -507,21 +564,24 @@ def _ms(value: float) -> str:
 
 def answer_card_html(answer: Answer | None, system_label: str, color: str, gold_found: bool | None = None,
                      gold_rank: int | None = None, correct: bool | None = None, gold_answers: Sequence[str] = (),
-                     error: str | None = None) -> str:
-    """The answer, correctness and gold-passage badges, latency per stage and token counts."""
+                     error: str | None = None, exact: bool | None = None, f1: float | None = None) -> str:
+    """The answer span (`display_answer`: the same cleaning on both sides), correctness and gold-passage badges,
+    latency per stage and token counts. Correctness: `exact`/`f1` of the shown span (the strong marks) and
+    `correct` = a gold answer contained somewhere in the raw output (the weaker badge)."""
     head = f'<div class="ur-card-title" style="color:{color}">{html.escape(system_label)}</div>'
     if error:
         body = re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(error))
         return f'<div class="ur-card ur-card-error">{head}<div class="ur-error">{body}</div></div>'
     if answer is None:
         return f'<div class="ur-card">{head}<div class="ur-muted">Ask a question to see this side.</div></div>'
-    text = answer.text.strip()
-    shown = html.escape(text) if text else '<span class="ur-muted">(empty answer)</span>'
-    badges = []
-    if correct is not None:
-        golds = ", ".join(html.escape(_short(g, 40)) for g in gold_answers[:3])
-        badges.append('<span class="ur-badge ur-ok">✓ correct</span>' if correct else
-                      f'<span class="ur-badge ur-bad">✗ incorrect</span> <span class="ur-muted">gold: {golds}</span>')
+    text = display_answer(answer.text, answer.question)
+    raw = answer.text.strip()
+    if text:
+        shown = html.escape(text)
+    else:  # e.g. the reader only echoed the prompt: say so, keep the raw output in the tooltip
+        shown = (f'<span class="ur-muted" title="raw output: {html.escape(_short(raw, 300))}">(no answer: '
+                 f'{"the output only echoes the prompt" if raw else "empty output"})</span>')
+    badges = _correctness_badges(correct, exact, f1, gold_answers)
     if gold_found is not None:
         badges.append(f'<span class="ur-badge ur-ok">✓ gold passage retrieved (#{gold_rank})</span>' if gold_found
                       else '<span class="ur-badge ur-bad">✗ gold passage missed</span>')
@@ -532,6 +592,49 @@ def answer_card_html(answer: Answer | None, system_label: str, color: str, gold_
     notices = "".join(f'<div class="ur-notice">{html.escape(n)}</div>' for n in answer.notices)
     return (f'<div class="ur-card" style="border-top-color:{color}">{head}<div class="ur-answer">{shown}</div>'
             f'<div class="ur-badges">{" ".join(badges)}</div>{stats}{notices}</div>')
+
+
+MARK_HELP = {
+    "exact": "Exact match: the shown answer, normalised (case, punctuation, articles), equals a gold answer.",
+    "f1": "Token F1 of the shown answer against the best gold answer (overlap of words); ≈ from 0.5 up.",
+    "miss": "The shown answer is neither an exact match nor close (token F1 below 0.5).",
+    "contains": "A gold answer occurs somewhere in the model's raw output (the accuracy metric). Weaker: it also "
+                "counts a match inside a wrong or rambling output.",
+}
+
+
+def _correctness_badges(correct: bool | None, exact: bool | None, f1: float | None,
+                        gold_answers: Sequence[str]) -> list[str]:
+    """Strong mark on the shown span (✓ exact, ≈ F1, ✗) plus the weaker "contains gold" badge; tooltips say why."""
+    badges = []
+    golds = ", ".join(html.escape(_short(g, 40)) for g in gold_answers[:3])
+    if exact:
+        badges.append(f'<span class="ur-badge ur-ok" title="{html.escape(MARK_HELP["exact"])}">✓ exact</span>')
+    elif f1 is not None and f1 >= 0.5:
+        badges.append(f'<span class="ur-badge ur-near" title="{html.escape(MARK_HELP["f1"])}">≈ F1 {f1:.2f}</span>')
+    elif exact is not None or f1 is not None:
+        badges.append(f'<span class="ur-badge ur-bad" title="{html.escape(MARK_HELP["miss"])}">✗ not the answer'
+                      f'{f" (F1 {f1:.2f})" if f1 else ""}</span>')
+    if correct is not None:
+        label = "contains gold" if correct else "no gold in output"
+        badges.append(f'<span class="ur-badge ur-weak" title="{html.escape(MARK_HELP["contains"])}">{label}</span>')
+    if (correct is not None or exact is not None) and not exact:
+        badges.append(f'<span class="ur-muted">gold: {golds}</span>')
+    return badges
+
+
+def char_counter_html(n: int, limit: int) -> str:
+    """"n / limit characters" under the question box; at the limit it says the rest is cut (CHAR_COUNTER_JS
+    renders the same in the browser while typing)."""
+    full = " — the limit: longer input is cut" if n >= limit else ""
+    cls = "ur-counter ur-counter-full" if n >= limit else "ur-counter"
+    return f'<div class="{cls}">{n:,} / {limit:,} characters{full}</div>'
+
+
+# Same HTML as char_counter_html, computed in the browser on every change (LIMIT is replaced by the app).
+CHAR_COUNTER_JS = """(q) => { const n = (q || "").length, limit = LIMIT, full = n >= limit;
+  return `<div class="ur-counter${full ? " ur-counter-full" : ""}">${n.toLocaleString("en-US")} / `
+    + `${limit.toLocaleString("en-US")} characters${full ? " — the limit: longer input is cut" : ""}</div>`; }"""
 
 
 def message_html(text: str, kind: str = "warn") -> str:
@@ -549,6 +652,8 @@ def corpus_tree_figure(tree, max_depth: int = 3, include_documents: bool = True,
     """Sunburst of the whole docid tree: clusters labelled with their keywords and sized by document count.
 
     ``ids`` are "root", "c:<docid prefix>" for clusters and "d:<docid>" for documents (plotly expands on click).
+    With `highlight` (a document's docid) its path is yellow with a dark outline, every other sector is a pale
+    version of its colour, and the figure opens at the ancestor from which the document is within `max_depth`.
     """
     if tree is None or len(tree) == 0:
         return empty_figure("No docid tree loaded.", "Corpus tree", 400)
@@ -561,6 +666,15 @@ def corpus_tree_figure(tree, max_depth: int = 3, include_documents: bool = True,
         return ("d:" if tree.is_complete(prefix) else "c:") + docid_str(prefix)
 
     on_path = {tuple(highlight[:i]) for i in range(1, len(highlight) + 1)} if highlight else set()
+    tops = [p for p in tree.nodes() if len(p) == 1]
+
+    def _dim(prefix: tuple[int, ...]) -> str | None:
+        """Pale palette colour of the prefix's top-level cluster when a path is highlighted (None: the colorway)."""
+        if not on_path or not prefix or prefix[:1] not in tops:
+            return "#f1f5f9" if on_path else None
+        color = TREE_COLORWAY[tops.index(prefix[:1]) % len(TREE_COLORWAY)]
+        r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+        return f"rgba({r},{g},{b},0.22)"
 
     def short_label(prefix: tuple[int, ...], label: str) -> str:
         words = [w.strip() for w in label.split(",") if w.strip()]
@@ -575,28 +689,36 @@ def corpus_tree_figure(tree, max_depth: int = 3, include_documents: bool = True,
         values.append(size)
         hovers.append(f"<b>{_p(docid_str(prefix) if prefix else 'root')}</b><br>"
                       f"{_p(_short(label, 90))}<br>{size} documents")
-        colors.append(HIGHLIGHT_COLOR if prefix in on_path else None)
+        colors.append(HIGHLIGHT_COLOR if prefix in on_path else _dim(prefix))
     if include_documents:
         for docid in tree.docids:
             ids.append(node_id(docid))
             label = tree.label(docid) or tree.doc_id(docid)
-            labels.append(_p(_short(label, 22)))
+            labels.append(("★ " if docid in on_path else "") + _p(_short(label, 22)))
             parents.append(node_id(docid[:-1]))
             values.append(1)
             hovers.append(f"<b>document {_p(docid_str(docid))}</b><br>{_p(_short(label, 90))}<br>"
                           f"{_p(tree.doc_id(docid))}")
-            colors.append(HIGHLIGHT_COLOR if docid in on_path else None)
-    # Colours: one per top-level cluster (deeper rings inherit them); a highlighted path is yellow.
+            colors.append(HIGHLIGHT_COLOR if docid in on_path else _dim(docid))
+    # Colours: one per top-level cluster (deeper rings inherit them). A highlighted path is yellow with a dark
+    # outline and every other sector is pale, so the path stands out from the palette.
     marker: dict[str, Any] = {"line": {"width": 0.5, "color": "white"}}
+    level = None
     if on_path:
-        marker["colors"] = [c or "" for c in colors]
+        marker["colors"] = colors
+        lit = [i in path_ids for i in ids] if (path_ids := {node_id(q) for q in on_path}) else []
+        marker["line"] = {"width": [3 if x else 0.5 for x in lit], "color": [HIGHLIGHT_LINE if x else "white"
+                                                                             for x in lit]}
+        # Open at the deepest ancestor that still shows the document within max_depth rings (the centre counts).
+        depth = max(0, len(highlight) - max_depth + 1)
+        level = node_id(tuple(highlight[:depth]))
     fig = go.Figure(
         go.Sunburst(ids=ids, labels=labels, parents=parents, values=values, branchvalues="total",
                     hovertext=hovers, hoverinfo="text", maxdepth=max_depth, insidetextorientation="radial",
-                    marker=marker, meta={"nodes": len(ids)})
+                    marker=marker, level=level, meta={"nodes": len(ids), "level": level},
+                    leaf={"opacity": 1.0 if on_path else 0.7})  # plotly fades leaves: not the highlighted document
     )
-    fig.update_layout(sunburstcolorway=["#7c3aed", "#0284c7", "#db2777", "#0f766e", "#ea580c", "#4f46e5", "#a16207",
-                                        "#be123c", "#0891b2", "#65a30d"], extendsunburstcolors=True)
+    fig.update_layout(sunburstcolorway=list(TREE_COLORWAY), extendsunburstcolors=True)
     shape = tree.shape()
     return _layout(fig, f"Docid tree: {shape['documents']} documents, {shape['clusters']} clusters, depth ≤ "
                         f"{shape['depth_max']} (click a cluster to zoom)", 640)

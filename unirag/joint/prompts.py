@@ -11,7 +11,7 @@ Training builds its examples with `retrieval_prompt` / `answer_prompt` so both s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from unirag.errors import UniragError
@@ -99,12 +99,15 @@ def answer_prompt(
 
 
 def token_strings(tokenizer, ids: Sequence[int], model: JointModel | None = None) -> list[str]:
-    out = []
-    for i in ids:
-        if model is not None and i >= model.extra_vocab_offset:
-            out.append(model.extra_token_name(i))
-        else:
-            out.append(tokenizer.decode([i]))
+    """One display string per token. When a token alone does not decode (a multi-byte character split over
+    byte-level tokens gives U+FFFD), the raw token strings are returned instead, which `unirag.viz` merges back
+    into whole characters."""
+    def piece(i: int, decode: Callable[[int], str]) -> str:
+        return model.extra_token_name(i) if model is not None and i >= model.extra_vocab_offset else decode(i)
+
+    out = [piece(i, lambda t: tokenizer.decode([t])) for i in ids]
+    if any("\ufffd" in s for s in out) and hasattr(tokenizer, "convert_ids_to_tokens"):
+        out = [piece(i, lambda t: str(tokenizer.convert_ids_to_tokens(t))) for i in ids]
     return out
 
 
