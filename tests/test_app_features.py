@@ -100,3 +100,105 @@ def test_cli_compare_per_question(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--per-question",
                  str(tmp_path / "a.json")]) == 2
     assert "would overwrite" in capsys.readouterr().err
+
+
+def test_compare_runs_callback(tmp_path):
+    import gradio as gr
+
+    import app
+
+    paths = []
+    for name, records in (("a.json", A), ("b.json", B)):
+        (tmp_path / name).write_text(json.dumps({"summary": {}, "records": records}))
+        paths.append(str(tmp_path / name))
+    note, table, files = app.compare_runs(*paths)
+    assert "only A <b>2</b>" in note and "only B <b>1</b>" in note and "p =" in note
+    assert list(table["outcome"]) == ["both", "only A", "only B", "neither", "only A"]
+    assert [f.rsplit(".", 1)[1] for f in files] == ["csv", "json"]
+    assert json.loads(open(files[1]).read())["counts"]["neither"] == 1
+    with pytest.raises(gr.Error, match="Upload two"):
+        app._guard(app.compare_runs)(paths[0], None)
+    (tmp_path / "summary.json").write_text(json.dumps({"accuracy": 0.5}))
+    with pytest.raises(gr.Error, match="no per-question records"):
+        app._guard(app.compare_runs)(paths[0], str(tmp_path / "summary.json"))
+
+
+# --------------------------------------------------------------------------------------------- 2-4. explain
+
+
+def _answer(system: str, weights, spans, timings):
+    from unirag.answer import Answer, AnswerAttention, RetrievedDoc, Trace
+
+    docs = [RetrievedDoc(f"d{i}", f"Title {i}", "text", 0.5) for i in range(len(spans))]
+    n = max(b for _, b in spans)
+    attention = AnswerAttention(["Ġan", "Ġanswer"][: len(weights)], [f"Ġt{i}" for i in range(n)], weights, spans)
+    return Answer(system, "q?", "an answer", docs, timings_ms=timings, trace=Trace(answer_attention=attention))
+
+
+def test_document_attention_citation_latency_and_token_view():
+    from unirag import viz
+
+    joint = _answer("joint", [[0.1, 0.1, 0.6, 0.2], [0.0, 0.2, 0.7, 0.1]], [[0, 2], [2, 4]],
+                    {"retrieve": 30.0, "self_check": 20.0, "generate": 50.0})
+    assert viz.document_attention(joint) == pytest.approx([0.2, 0.8])
+    assert viz.citation(joint) == 1
+    cite = viz.citations_html(joint)
+    assert 'href="#ur-doc-joint-2"' in cite and "[2]" in cite and "Title 1" in cite
+    assert 'id="ur-doc-joint-2"' in viz.documents_html(joint)  # the card the citation links to
+    assert viz.citations_html(_answer("rag", [], [[0, 1]], {})) == ""  # no trace: no citation
+    rag = _answer("rag", [[0.5, 0.5]], [[0, 1], [1, 2]], {"retrieve": 5.0, "generate": 40.0})
+    fig = viz.document_attention_figure({"joint": joint, "rag": rag})
+    assert [t.meta["side"] for t in fig.data] == ["joint", "rag"] and list(fig.data[0].x) == pytest.approx([0.2, 0.8])
+    fig = viz.latency_figure({"joint": joint, "rag": rag})
+    assert [t.meta["stage"] for t in fig.data] == ["retrieve", "self_check", "generate"]
+    assert list(fig.data[1].x) == [20.0, 0.0] and fig.layout.barmode == "stack"
+    assert viz.latency_figure({"joint": None, "rag": None}).layout.annotations  # the empty message
+    choices = viz.answer_token_choices({"joint": joint, "rag": rag})
+    assert [v for _, v in choices] == ["joint:0", "joint:1", "rag:0"] and choices[1][0].endswith("answer")
+    view = viz.token_attention_html({"joint": joint, "rag": rag}, "joint:1")
+    assert "answer token 2" in view and 'title="0.700"' in view
+    assert "No attention row" in viz.token_attention_html({"joint": joint}, "joint:7")
+
+
+def test_explain_and_reask_callbacks(pipeline):  # noqa: F811
+    import gradio as gr
+
+    import app
+
+    out = app.ask(pipeline, "nq", QUESTION, 4, 2, 3, 4)
+    comparison = out[-1]
+    assert len(out) == 13 and comparison.joint.answer is not None
+    docs, joint_cite, rag_cite, attn_fig, latency_fig, tokens, token_view = app.explain(comparison)
+    joint_ids = comparison.joint.answer.doc_ids
+    assert [v for _, v in docs.choices][: len(joint_ids)] == joint_ids and docs.value == joint_ids[0]
+    index = app.viz.citation(comparison.joint.answer)
+    assert f'href="#ur-doc-joint-{index + 1}"' in joint_cite and f'id="ur-doc-joint-{index + 1}"' in out[4]
+    assert {t.meta["side"] for t in attn_fig.data} == {"joint", "rag"}
+    assert {t.meta["stage"] for t in latency_fig.data} >= {"retrieve", "generate"}
+    assert tokens.value == "joint:0" and "answer token 1" in token_view
+    assert "answer token 1" in app.pick_token(comparison, [v for _, v in tokens.choices if v.startswith("rag")][0])
+    assert app.explain(None)[0].choices == []
+
+    top = joint_ids[0]
+    again = app.reask(pipeline, comparison, remove=top)
+    assert len(again) == 14 and "Re-read without" in again[-1] and top in again[-1]
+    new = again[-2]
+    assert new.joint.answer.doc_ids == joint_ids[1:] and top not in new.rag.answer.doc_ids
+    assert isinstance(again[2], dict) and again[2].get("__type__") == "update"  # path and beams kept (gr.skip)
+    assert "re-read without" in again[1]  # the note is on the re-read card
+    forced = app.reask(pipeline, new, force="Jupiter")[-2]
+    assert forced.joint.answer.doc_ids[0] == "d15" and forced.rag.answer.doc_ids[0] == "d15"
+    with pytest.raises(gr.Error, match="Ask a question first"):
+        app._guard(app.reask)(pipeline, None, remove="d00")
+    with pytest.raises(gr.Error, match="No document"):
+        app._guard(app.reask)(pipeline, comparison, force="Atlantis")
+
+
+def test_build_demo_wires_the_features(pipeline):  # noqa: F811
+    import app
+
+    demo = app.build_demo(pipeline)
+    ids = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    assert {"ur-reask-doc", "ur-joint-cite", "ur-rag-cite", "ur-doc-attention", "ur-latency", "ur-token-pick",
+            "ur-run-a", "ur-run-b"} <= ids
+    assert len([d for d in demo.fns.values() if getattr(d, "api_name", None) == "ask"]) == 1
