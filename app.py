@@ -246,7 +246,7 @@ def reask(pipeline: Pipeline, comparison: Comparison | None, remove: str | None 
     lists = {side: [(d.doc_id, d.score) for d in a.docs] if a is not None else [] for side, a in answers.items()}
     if force:
         doc_id = pipeline.find_document(comparison.corpus, force)
-        lists = {side: [(doc_id, 0.0)] + [p for p in pairs if p[0] != doc_id] for side, pairs in lists.items()}
+        lists = {side: [doc_id] + [p for p in pairs if p[0] != doc_id] for side, pairs in lists.items()}
         note = f"re-read with {doc_id} added (no new retrieval)"
     elif remove:
         doc_id = remove

@@ -37,6 +37,9 @@ def test_reask_with_a_forced_document(pipeline):  # noqa: F811
     again = pipeline.reask("nq", QUESTION, joint_docs=[forced], rag_docs=[(forced, 0.5), "d00"], **SETTINGS)
     assert again.joint.answer.doc_ids == [forced] and again.rag.answer.doc_ids == [forced, "d00"]
     assert again.rag.answer.docs[0].score == 0.5
+    # A passage given without a score gets its cosine similarity, as if the dense retriever had found it.
+    cosine = dict(pipeline.bundle("nq").rag.retriever.search(QUESTION, 24))["d00"]
+    assert again.rag.answer.docs[1].score == pytest.approx(cosine, abs=1e-5)
     assert again.rag.answer.context_tokens > 0 and "Jupiter" in again.rag.answer.docs[0].text
     assert again.joint.answer.docs[0].docid == tuple(pipeline.bundle("nq").tree.docid(forced))
 

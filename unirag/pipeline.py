@@ -493,7 +493,7 @@ class Pipeline:
             if joint_pairs is None:
                 run = partial(joint.answer, text, settings)
             else:
-                ids, scores = [d for d, _ in joint_pairs], [s for _, s in joint_pairs]
+                ids, scores = [d for d, _ in joint_pairs], [0.0 if s is None else s for _, s in joint_pairs]
                 run = noted(lambda: joint.read(text, joint.documents(ids, scores), settings))
             run_joint = partial(self._side, "joint", run, gold)
             if self.config.parallel_sides:
@@ -530,19 +530,25 @@ class Pipeline:
         return mark_gold(answer, gold)
 
 
-def _doc_pairs(corpus: Corpus, docs: Sequence[str | tuple[str, float]]) -> list[tuple[str, float]]:
-    """(doc id, score) pairs, every id checked against the corpus (a bare id scores 0)."""
-    pairs = [(d, 0.0) if isinstance(d, str) else (str(d[0]), float(d[1])) for d in docs]
+def _doc_pairs(corpus: Corpus, docs: Sequence[str | tuple[str, float]]) -> list[tuple[str, float | None]]:
+    """(doc id, score) pairs, every id checked against the corpus (a bare id's score is None: not known)."""
+    pairs = [(d, None) if isinstance(d, str) else (str(d[0]), float(d[1])) for d in docs]
     missing = [d for d, _ in pairs if d not in corpus]
     if missing:
         raise UniragError(f"Document {missing[0]!r} is not in the corpus; use an id shown on a document card.")
     return pairs
 
 
-def _rag_read(rag, question: str, settings: InferenceSettings, pairs: list[tuple[str, float]]) -> Answer:
-    """The dense-RAG reader on given passages (no retrieval), as that system's `Answer`."""
+def _rag_read(rag, question: str, settings: InferenceSettings, pairs: list[tuple[str, float | None]]) -> Answer:
+    """The dense-RAG reader on given passages (no retrieval), as that system's `Answer`; a passage without a score
+    gets its cosine similarity to the question, as if the retriever had found it."""
     from unirag.rag import _read_ranked
 
+    retriever = rag.retriever
+    if any(score is None for _, score in pairs):
+        query = retriever.encoder.encode_queries([question])[0]
+        pairs = [(d, float(query @ retriever.index.reconstruct(retriever.corpus.position(d))) if s is None else s)
+                 for d, s in pairs]
     return _read_ranked(rag.name, rag.reader, rag.retriever.corpus, [question], settings, [pairs], len(pairs), 0.0,
                         with_attention=True)[0]
 

@@ -795,7 +795,7 @@ def latency_figure(answers: Mapping[str, Answer | None], title: str = "Latency p
     fig.update_xaxes(title_text="ms", gridcolor="#e2e8f0")
     fig.update_yaxes(autorange="reversed")
     return _layout(fig, title, 150 + 40 * len(sides), barmode="stack",
-                   legend={"orientation": "h", "y": -0.3, "yanchor": "top"})
+                   legend={"orientation": "h", "y": -0.3, "yanchor": "top", "traceorder": "normal"})
 
 
 def answer_token_choices(answers: Mapping[str, Answer | None]) -> list[tuple[str, str]]:
