@@ -256,7 +256,7 @@ def reask(pipeline: Pipeline, comparison: Comparison | None, remove: str | None 
         raise UniragError("Pick a document to remove, or type one to add.")
     again = pipeline.reask(comparison.corpus, comparison.question, comparison.settings,
                            joint_docs=lists["joint"] if answers["joint"] is not None else None,
-                           rag_docs=lists["rag"], note=note)
+                           rag_docs=lists["rag"] if answers["rag"] is not None else None, note=note)
     outputs = list(render(again, pipeline.bundle(again.corpus)))
     outputs[2:4] = [gr.skip(), gr.skip()]  # the retrieval did not change: keep its path and beams
     title = html.escape(pipeline.bundle(again.corpus).corpus[doc_id].title)
