@@ -205,3 +205,65 @@ def test_build_demo_wires_the_features(pipeline):  # noqa: F811
     assert {"ur-reask-doc", "ur-joint-cite", "ur-rag-cite", "ur-doc-attention", "ur-latency", "ur-token-pick",
             "ur-run-a", "ur-run-b"} <= ids
     assert len([d for d in demo.fns.values() if getattr(d, "api_name", None) == "ask"]) == 1
+
+
+# --------------------------------------------------------------------------------------------- slow: in a browser
+
+
+@pytest.mark.slow
+def test_features_in_a_browser(pipeline, tmp_path):  # noqa: F811
+    """The tiny pipeline served in-process, driven by Debian's chromium: citation link, explain panel, re-ask without
+    and with a document, and the two-run comparison upload."""
+    from test_browser import ARGS, CHROMIUM, _missing
+
+    from benchmarks.app_performance import free_port
+
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    import app
+
+    demo = app.build_demo(pipeline)
+    demo.queue()
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=app.CSS)
+    for name, records in (("a.json", A), ("b.json", B)):
+        (tmp_path / name).write_text(json.dumps({"summary": {}, "records": records}))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("#ur-question textarea, #ur-question input").first.fill(QUESTION)
+            page.locator("#ur-ask").click()
+            page.wait_for_selector("#ur-joint-cite a", timeout=120_000)
+            href = page.get_attribute("#ur-joint-cite a", "href")
+            assert href.startswith("#ur-doc-joint-") and page.locator(href).count() == 1
+            page.wait_for_selector("#ur-latency .trace", timeout=30_000)
+            assert "answer token 1" in page.inner_text("#ur-token-view")
+            page.locator("#ur-reask button").first.click()  # open the accordion
+            page.locator("#ur-reask-without").click()
+            page.wait_for_function("() => document.querySelector('#ur-reask-note').innerText.includes('Re-read')",
+                                   timeout=120_000)
+            assert "re-read without" in page.inner_text("#ur-joint-answer")
+            page.locator("#ur-reask-force textarea, #ur-reask-force input").first.fill("Jupiter")
+            page.locator("#ur-reask-with").click()
+            page.wait_for_function("() => document.querySelector('#ur-reask-note').innerText.includes('d15 added')",
+                                   timeout=120_000)
+            assert "Jupiter" in page.inner_text("#ur-joint-docs")
+            page.get_by_role("tab", name="Evaluation").click()
+            page.locator("#ur-run-compare button").first.click()
+            page.locator("#ur-run-a input[type=file]").set_input_files(str(tmp_path / "a.json"))
+            page.locator("#ur-run-b input[type=file]").set_input_files(str(tmp_path / "b.json"))
+            page.wait_for_timeout(1500)  # the uploads finish
+            page.get_by_role("button", name="Compare", exact=True).click()
+            page.wait_for_function("() => document.querySelector('#ur-run-compare').innerText.includes('only A')",
+                                   timeout=60_000)
+            assert errors == []
+            browser.close()
+    finally:
+        demo.close()
