@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from unirag import runtime
 from unirag.answer import Answer
 from unirag.data import DATASETS, Corpus, Question, dataset_paths, load_corpus, load_questions, prepare_question
 from unirag.errors import UniragError
@@ -474,6 +475,12 @@ class Pipeline:
         settings = (settings or bundle.settings).replace(**changes)
         joint_pairs = None if joint_docs is None else _doc_pairs(bundle.corpus, joint_docs)
         rag_pairs = None if rag_docs is None else _doc_pairs(bundle.corpus, rag_docs)
+        return reread_on_device(self, bundle, text, settings, joint_pairs, rag_pairs, note)
+
+    def _reread(self, bundle: CorpusBundle, text: str, settings: InferenceSettings,
+                joint_pairs: DocPairs | None, rag_pairs: DocPairs | None,
+                note: str | None) -> Comparison:
+        name = bundle.name
         gold = bundle.match(text)
         comparison = Comparison(name, text, gold, SideResult(), SideResult(), settings)
 
@@ -530,29 +537,6 @@ class Pipeline:
         return mark_gold(answer, gold)
 
 
-def _doc_pairs(corpus: Corpus, docs: Sequence[str | tuple[str, float]]) -> list[tuple[str, float | None]]:
-    """(doc id, score) pairs, every id checked against the corpus (a bare id's score is None: not known)."""
-    pairs = [(d, None) if isinstance(d, str) else (str(d[0]), float(d[1])) for d in docs]
-    missing = [d for d, _ in pairs if d not in corpus]
-    if missing:
-        raise UniragError(f"Document {missing[0]!r} is not in the corpus; use an id shown on a document card.")
-    return pairs
-
-
-def _rag_read(rag, question: str, settings: InferenceSettings, pairs: list[tuple[str, float | None]]) -> Answer:
-    """The dense-RAG reader on given passages (no retrieval), as that system's `Answer`; a passage without a score
-    gets its cosine similarity to the question, as if the retriever had found it."""
-    from unirag.rag import _read_ranked
-
-    retriever = rag.retriever
-    if any(score is None for _, score in pairs):
-        query = retriever.encoder.encode_queries([question])[0]
-        pairs = [(d, float(query @ retriever.index.reconstruct(retriever.corpus.position(d))) if s is None else s)
-                 for d, s in pairs]
-    return _read_ranked(rag.name, rag.reader, rag.retriever.corpus, [question], settings, [pairs], len(pairs), 0.0,
-                        with_attention=True)[0]
-
-
 def mark_gold(answer: Answer, gold: Question | None) -> SideResult:
     """Whether the side found the gold passage (and at which rank) and whether its answer is correct."""
     result = SideResult(answer=answer)
@@ -565,3 +549,39 @@ def mark_gold(answer: Answer, gold: Question | None) -> SideResult:
         result.gold_found = gold.doc_id in ids
         result.gold_rank = ids.index(gold.doc_id) + 1 if result.gold_found else None
     return result
+
+
+DocPairs = list[tuple[str, float | None]]  # documents to re-read: (id, score), None = score unknown
+# ZeroGPU's upper bound for one re-read of both sides (no retrieval); shorter reservations are scheduled sooner.
+REREAD_GPU_SECONDS = 60
+
+
+@runtime.gpu_function(duration=REREAD_GPU_SECONDS)
+def reread_on_device(pipeline: Pipeline, bundle: CorpusBundle, text: str, settings: InferenceSettings,
+                     joint_pairs: DocPairs | None, rag_pairs: DocPairs | None,
+                     note: str | None) -> Comparison:
+    """Both sides' re-reading in one call: on ZeroGPU the GPU is attached only inside `@spaces.GPU` functions."""
+    return pipeline._reread(bundle, text, settings, joint_pairs, rag_pairs, note)
+
+
+def _doc_pairs(corpus: Corpus, docs: Sequence[str | tuple[str, float]]) -> DocPairs:
+    """(doc id, score) pairs, every id checked against the corpus (a bare id's score is None: not known)."""
+    pairs = [(d, None) if isinstance(d, str) else (str(d[0]), float(d[1])) for d in docs]
+    missing = [d for d, _ in pairs if d not in corpus]
+    if missing:
+        raise UniragError(f"Document {missing[0]!r} is not in the corpus; use an id shown on a document card.")
+    return pairs
+
+
+def _rag_read(rag, question: str, settings: InferenceSettings, pairs: DocPairs) -> Answer:
+    """The dense-RAG reader on given passages (no retrieval), as that system's `Answer`; a passage without a score
+    gets its cosine similarity to the question, as if the retriever had found it."""
+    from unirag.rag import _read_ranked
+
+    retriever = rag.retriever
+    if any(score is None for _, score in pairs):
+        query = retriever.encoder.encode_queries([question])[0]
+        pairs = [(d, float(query @ retriever.index.reconstruct(retriever.corpus.position(d))) if s is None else s)
+                 for d, s in pairs]
+    return _read_ranked(rag.name, rag.reader, rag.retriever.corpus, [question], settings, [pairs], len(pairs), 0.0,
+                        with_attention=True)[0]
