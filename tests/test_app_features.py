@@ -106,9 +106,8 @@ def test_cli_compare_per_question(tmp_path, capsys):
 
 
 def test_compare_runs_callback(tmp_path):
-    import gradio as gr
-
     import app
+    from unirag.errors import UniragError
 
     paths = []
     for name, records in (("a.json", A), ("b.json", B)):
@@ -119,11 +118,12 @@ def test_compare_runs_callback(tmp_path):
     assert list(table["outcome"]) == ["both", "only A", "only B", "neither", "only A"]
     assert [f.rsplit(".", 1)[1] for f in files] == ["csv", "json"]
     assert json.loads(open(files[1]).read())["counts"]["neither"] == 1
-    with pytest.raises(gr.Error, match="Upload two"):
-        app._guard(app.compare_runs)(paths[0], None)
+    # User errors are UniragErrors (what `_guard` shows on the page).
+    with pytest.raises(UniragError, match="Upload two"):
+        app.compare_runs(paths[0], None)
     (tmp_path / "summary.json").write_text(json.dumps({"accuracy": 0.5}))
-    with pytest.raises(gr.Error, match="no per-question records"):
-        app._guard(app.compare_runs)(paths[0], str(tmp_path / "summary.json"))
+    with pytest.raises(UniragError, match="no per-question records"):
+        app.compare_runs(paths[0], str(tmp_path / "summary.json"))
 
 
 # --------------------------------------------------------------------------------------------- 2-4. explain
@@ -164,9 +164,8 @@ def test_document_attention_citation_latency_and_token_view():
 
 
 def test_explain_and_reask_callbacks(pipeline):  # noqa: F811
-    import gradio as gr
-
     import app
+    from unirag.errors import UniragError
 
     out = app.ask(pipeline, "nq", QUESTION, 4, 2, 3, 4)
     comparison = out[-1]
@@ -191,10 +190,10 @@ def test_explain_and_reask_callbacks(pipeline):  # noqa: F811
     assert "re-read without" in again[1]  # the note is on the re-read card
     forced = app.reask(pipeline, new, force="Jupiter")[-2]
     assert forced.joint.answer.doc_ids[0] == "d15" and forced.rag.answer.doc_ids[0] == "d15"
-    with pytest.raises(gr.Error, match="Ask a question first"):
-        app._guard(app.reask)(pipeline, None, remove="d00")
-    with pytest.raises(gr.Error, match="No document"):
-        app._guard(app.reask)(pipeline, comparison, force="Atlantis")
+    with pytest.raises(UniragError, match="Ask a question first"):
+        app.reask(pipeline, None, remove="d00")
+    with pytest.raises(UniragError, match="No document"):
+        app.reask(pipeline, comparison, force="Atlantis")
 
 
 def test_build_demo_wires_the_features(pipeline):  # noqa: F811
