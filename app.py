@@ -17,6 +17,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from unirag.data import MAX_QUESTION_CHARS
@@ -235,7 +236,90 @@ def ask(pipeline: Pipeline, corpus: str, question: str, beam_width: float | None
     comparison = pipeline.ask(corpus, question or "", beam_width=beam_width, k_docs=k_docs, rag_k=rag_k,
                               max_new_tokens=max_new_tokens, joint_reader=joint_reader or None,
                               self_check=self_check)
-    return (*render(comparison, pipeline.bundle(corpus)), banner_html(pipeline), last_docid(comparison))
+    return (*render(comparison, pipeline.bundle(corpus)), banner_html(pipeline), last_docid(comparison), comparison)
+
+
+def _answers(comparison: Comparison | None) -> dict:
+    """{"joint": Answer | None, "rag": Answer | None} of a comparison (both None before the first question)."""
+    if comparison is None:
+        return {"joint": None, "rag": None}
+    return {"joint": comparison.joint.answer, "rag": comparison.rag.answer}
+
+
+def explain(comparison: Comparison | None) -> tuple:
+    """What follows an answer: the documents to remove (re-ask), citations, attention per document, latency per
+    stage, and the answer-token picker with its view (in the order of `explain_outputs` in `build_demo`)."""
+    answers = _answers(comparison)
+    choices = []
+    if comparison is not None:
+        seen = set()
+        for side, answer in answers.items():
+            for i, doc in enumerate(answer.docs if answer is not None else []):
+                if doc.doc_id not in seen:
+                    seen.add(doc.doc_id)
+                    choices.append((f"{viz.SIDE_LABELS[side]} [{i + 1}] {doc.title or doc.doc_id} ({doc.doc_id})",
+                                    doc.doc_id))
+    tokens = viz.answer_token_choices(answers)
+    first = tokens[0][1] if tokens else None
+    return (gr.Dropdown(choices=choices, value=choices[0][1] if choices else None),
+            viz.citations_html(answers["joint"], viz.JOINT_COLOR), viz.citations_html(answers["rag"], viz.RAG_COLOR),
+            viz.document_attention_figure(answers), viz.latency_figure(answers),
+            gr.Dropdown(choices=tokens, value=first), viz.token_attention_html(answers, first))
+
+
+def reask(pipeline: Pipeline, comparison: Comparison | None, remove: str | None = None,
+          force: str | None = None) -> tuple:
+    """Re-read the last question with one document removed from (or `force`d into) both sides' documents, without
+    a new retrieval. Returns the ask outputs (retrieval path, beams and tree highlight left as they were) and a
+    note."""
+    if comparison is None:
+        raise UniragError("Ask a question first; then remove or add one of its documents.")
+    answers = _answers(comparison)
+    lists = {side: [(d.doc_id, d.score) for d in a.docs] if a is not None else [] for side, a in answers.items()}
+    if force:
+        doc_id = pipeline.find_document(comparison.corpus, force)
+        lists = {side: [doc_id] + [p for p in pairs if p[0] != doc_id] for side, pairs in lists.items()}
+        note = f"re-read with {doc_id} added (no new retrieval)"
+    elif remove:
+        doc_id = remove
+        lists = {side: [p for p in pairs if p[0] != doc_id] for side, pairs in lists.items()}
+        note = f"re-read without {doc_id} (no new retrieval)"
+    else:
+        raise UniragError("Pick a document to remove, or type one to add.")
+    again = pipeline.reask(comparison.corpus, comparison.question, comparison.settings,
+                           joint_docs=lists["joint"] if answers["joint"] is not None else None,
+                           rag_docs=lists["rag"] if answers["rag"] is not None else None, note=note)
+    outputs = list(render(again, pipeline.bundle(again.corpus)))
+    outputs[2:4] = [gr.skip(), gr.skip()]  # the retrieval did not change: keep its path and beams
+    title = html.escape(pipeline.bundle(again.corpus).corpus[doc_id].title)
+    return (*outputs, banner_html(pipeline), gr.skip(), again,
+            viz.message_html(f"{note[0].upper()}{note[1:]}: {title}. The cards, documents and heatmaps below show "
+                             "the new answers; ask again for a fresh retrieval.", "info"))
+
+
+def pick_token(comparison: Comparison | None, choice: str | None) -> str:
+    return viz.token_attention_html(_answers(comparison), choice)
+
+
+def compare_runs(path_a: str | None, path_b: str | None, metric: str = "accuracy") -> tuple:
+    """Two uploaded `eval --out` files → (summary HTML, per-question table, [CSV, JSON] downloads)."""
+    import tempfile
+
+    from unirag import eval as ev
+
+    if not path_a or not path_b:
+        raise UniragError("Upload two `eval --out` files (run A and run B).")
+    records = [ev.load_eval_file(path, name) for path, name in ((path_a, "run A"), (path_b, "run B"))]
+    rows = ev.compare_records(*records, metric=metric)
+    paired = ev.paired_comparison(*records, metric=metric)
+    counts = ev.outcome_counts(rows)
+    folder = Path(tempfile.mkdtemp(prefix="unirag-compare-"))
+    files = [str(ev.write_comparison(rows, folder / f"per_question.{ext}")) for ext in ("csv", "json")]
+    note = (f"{paired['n']} questions, {html.escape(metric)}: A {paired['mean_a']:.3f}, B {paired['mean_b']:.3f} · "
+            + " · ".join(f"{html.escape(k)} <b>{v}</b>" for k, v in counts.items())
+            + f" · sign test on the discordant questions p = {results_store.format_p(paired['sign_test_p'])}")
+    table = pd.DataFrame(rows, columns=list(ev.COMPARE_FIELDS))
+    return f'<div class="ur-gold-info">{note}</div>', table, files
 
 
 def last_docid(comparison: Comparison) -> dict | None:
@@ -430,6 +514,7 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
             api_reader = gr.Dropdown(list(JOINT_READERS), value=None, label="joint_reader", visible=False)
             api_self_check = gr.Number(None, label="self_check", visible=False)
             api_ask = gr.Button("ask", visible=False)
+        view = gr.State(None)  # the last Comparison shown: re-ask and the explain panel read it
 
         with gr.Tabs():
             with gr.Tab("Compare", id="compare"):
@@ -470,6 +555,18 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                            "--self-check-cache`), and is then the checkpoint's recommended "
                                            "setting.", elem_id="ur-self-check")
                 gold_info = gr.HTML("", elem_id="ur-gold", label="gold check")
+                with gr.Accordion("What if? Re-ask without one of the documents, or with another one", open=False,
+                                  elem_id="ur-reask"):
+                    with gr.Row(equal_height=True):
+                        reask_doc = gr.Dropdown(choices=[], value=None, label="A selected document", scale=3,
+                                                elem_id="ur-reask-doc")
+                        reask_without = gr.Button("Re-ask without it", scale=1, elem_id="ur-reask-without")
+                        reask_force = gr.Textbox(label="…or a document to add (id or title)", scale=2,
+                                                 placeholder="e.g. d12 or a title", elem_id="ur-reask-force")
+                        reask_with = gr.Button("Re-ask with this document", scale=1, elem_id="ur-reask-with")
+                    reask_note = gr.HTML('<div class="ur-muted">Both sides re-read the question from their changed '
+                                         'documents, without a new retrieval: how much does the answer depend on '
+                                         'one document?</div>', elem_id="ur-reask-note")
                 with gr.Row(equal_height=False):
                     with gr.Column(elem_classes=["ur-col-joint"]):
                         gr.HTML('<div class="ur-col-title">Retrieval as reasoning (joint model)</div><div '
@@ -479,6 +576,7 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                 'well the document itself matches the question; the best documents are read.</div>')
                         joint_card = gr.HTML(viz.answer_card_html(None, "Joint model", viz.JOINT_COLOR),
                                              elem_id="ur-joint-answer", label="joint answer")
+                        joint_cite = gr.HTML("", elem_id="ur-joint-cite", label="joint citation")
                         joint_path = gr.Plot(show_label=False, elem_id="ur-joint-path", label="joint docid path")
                         joint_beams = gr.Dataframe(pd.DataFrame([], columns=viz.BEAM_HEADERS),
                                                    label="Beams: every finished docid path, best first",
@@ -493,9 +591,19 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                 'are pasted into the prompt of the same LLM.</div>')
                         rag_card = gr.HTML(viz.answer_card_html(None, "Dense RAG", viz.RAG_COLOR),
                                            elem_id="ur-rag-answer", label="rag answer")
+                        rag_cite = gr.HTML("", elem_id="ur-rag-cite", label="rag citation")
                         rag_bars = gr.Plot(show_label=False, elem_id="ur-rag-bars", label="rag passage scores")
                         rag_docs = gr.HTML("", elem_id="ur-rag-docs", label="rag documents")
                         rag_heat = gr.Plot(show_label=False, elem_id="ur-rag-heat", label="rag attention")
+
+                with gr.Accordion("Explain the answers: attention per document and per answer token, latency "
+                                  "per stage", open=True, elem_id="ur-explain"):
+                    with gr.Row(equal_height=False):
+                        doc_attention = gr.Plot(show_label=False, elem_id="ur-doc-attention")
+                        latency = gr.Plot(show_label=False, elem_id="ur-latency")
+                    token_pick = gr.Dropdown(choices=[], value=None, label="Answer token: what did it attend to?",
+                                             elem_id="ur-token-pick")
+                    token_view = gr.HTML("", elem_id="ur-token-view")
 
             with gr.Tab("Corpus tree", id="tree") as tree_tab:
                 gr.Markdown("The whole docid tree of the selected corpus. Hover for a cluster's keywords and size; "
@@ -524,12 +632,29 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                           label="Runs (results store)", wrap=True)
                 gr.Markdown(results_store.METRIC_DEFINITIONS, elem_id="ur-eval-metrics")
                 eval_plot = gr.Plot(label="Accuracy and R@1")
+                with gr.Accordion("Compare two runs question by question", open=False, elem_id="ur-run-compare"):
+                    gr.Markdown("Upload two `python -m unirag eval --out` files on the same questions: which "
+                                "questions each run got right (the same as `python -m unirag compare A.json B.json "
+                                "--per-question out.csv`).")
+                    with gr.Row():
+                        run_a = gr.File(label="Run A (eval --out JSON)", file_types=[".json"], type="filepath",
+                                        elem_id="ur-run-a")
+                        run_b = gr.File(label="Run B (eval --out JSON)", file_types=[".json"], type="filepath",
+                                        elem_id="ur-run-b")
+                        with gr.Column():
+                            run_metric = gr.Dropdown(["accuracy", "em", "recall@1", "recall@k"], value="accuracy",
+                                                     label="Right/wrong by")
+                            run_compare = gr.Button("Compare", variant="primary")
+                    run_note = gr.HTML("")
+                    run_table = gr.Dataframe(interactive=False, wrap=True, max_height=420, label="Per question")
+                    run_files = gr.File(label="Download (CSV, JSON)", file_count="multiple", interactive=False)
 
             with gr.Tab("About", id="about"):
                 about = gr.Markdown(about_markdown(pipeline))
 
         ask_outputs = [gold_info, joint_card, joint_path, joint_beams, joint_docs, joint_heat, rag_card, rag_bars,
                        rag_docs, rag_heat, banner, last]
+        ask_outputs += [view]
         ask_inputs = [corpus, question, beam_width, k_docs, rag_k, max_new, joint_reader, self_check]
 
         def on_ask(corpus: str, question: str, beam_width: float | None = None, docs_selected: float | None = None,
@@ -583,6 +708,25 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
         refresh.click(on_eval, eval_inputs, eval_outputs, api_name=False)
         for control in eval_inputs:
             control.change(on_eval, eval_inputs, eval_outputs, api_name=False, queue=False)
+        explain_outputs = [reask_doc, joint_cite, rag_cite, doc_attention, latency, token_pick, token_view]
+        view.change(explain, view, explain_outputs, api_name=False, queue=False)
+        token_pick.change(pick_token, [view, token_pick], token_view, api_name=False, queue=False)
+
+        def on_reask_without(comparison, doc_id):
+            return reask(pipeline, comparison, remove=doc_id)
+
+        def on_reask_with(comparison, text):
+            return reask(pipeline, comparison, force=text)
+
+        reask_outputs = [*ask_outputs, reask_note]
+        reask_without.click(_guard(on_reask_without), [view, reask_doc], reask_outputs, api_name=False,
+                            concurrency_id="models")
+        reask_with.click(_guard(on_reask_with), [view, reask_force], reask_outputs, api_name=False,
+                         concurrency_id="models")
+        reask_force.submit(_guard(on_reask_with), [view, reask_force], reask_outputs, api_name=False,
+                           concurrency_id="models")
+        run_compare.click(_guard(compare_runs), [run_a, run_b, run_metric], [run_note, run_table, run_files],
+                          api_name=False)
     return demo
 
 

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("a", help="eval --out file (records) of system A")
     compare.add_argument("b", help="eval --out file (records) of system B")
     compare.add_argument("--metric", default="accuracy", choices=["accuracy", "em", "recall@1", "recall@k"])
+    compare.add_argument("--per-question", default=None, metavar="OUT",
+                         help="also write which questions each run got right: OUT.csv (a table) or OUT.json")
 
     # `train` owns its flags (TrainConfig); main() hands them over untouched.
     sub.add_parser("train", help="train the joint model (stage 1 then 2); see `python -m unirag train --help`",
@@ -267,10 +269,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from unirag.eval import paired_comparison
+    from unirag.eval import check_output_paths, compare_records, paired_comparison, write_comparison
 
+    out = getattr(args, "per_question", None)
+    check_output_paths({"--per-question": out}, [args.a, args.b], what="runs")
     records = [_read_records_file(path)["records"] for path in (args.a, args.b)]
-    print(json.dumps({"run_a": str(args.a), "run_b": str(args.b), **paired_comparison(*records, metric=args.metric)}))
+    result = {"run_a": str(args.a), "run_b": str(args.b), **paired_comparison(*records, metric=args.metric)}
+    if out:
+        result["per_question"] = str(write_comparison(compare_records(*records, metric=args.metric), out))
+    print(json.dumps(result))
     return 0
 
 

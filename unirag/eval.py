@@ -392,6 +392,73 @@ def paired_comparison(records_a: list[dict], records_b: list[dict], metric: str 
             "only_a": only_a, "only_b": only_b, "sign_test_p": round(sign_test_p(only_a, only_b), 4)}
 
 
+OUTCOMES = ("both", "only A", "only B", "neither")  # per question of two runs: who got it right
+COMPARE_FIELDS = ("id", "question", "gold", "answer_a", "answer_b", "right_a", "right_b", "outcome")
+
+
+def compare_records(records_a: list[dict], records_b: list[dict], metric: str = "accuracy") -> list[dict]:
+    """Per question of two runs on the same questions (checked as in `paired_comparison`), in A's order: id,
+    question, gold answers ("; "-joined), both answers, whether each is right under `metric` (0/1) and the
+    outcome ("both", "only A", "only B", "neither"). The counts of "only A"/"only B" are the sign test's."""
+    paired_comparison(records_a, records_b, metric)  # same questions, 0/1 metric, no duplicates: or UniragError
+    by_id = {r["id"]: r for r in records_b}
+    rows = []
+    for a in records_a:
+        b = by_id[a["id"]]
+        right_a, right_b = float(a[metric]) == 1.0, float(b[metric]) == 1.0
+        outcome = OUTCOMES[2 * (not right_a) + (not right_b)]
+        rows.append({
+            "id": a["id"],
+            "question": a.get("question") or b.get("question") or "",
+            "gold": "; ".join(str(g) for g in (a.get("gold_answers") or b.get("gold_answers") or [])),
+            "answer_a": a.get("text", ""),
+            "answer_b": b.get("text", ""),
+            "right_a": right_a,
+            "right_b": right_b,
+            "outcome": outcome,
+        })
+    return rows
+
+
+def outcome_counts(rows: Sequence[Mapping]) -> dict[str, int]:
+    """How many questions of `compare_records` rows fall in each outcome."""
+    counts = Counter(row["outcome"] for row in rows)
+    return {outcome: counts.get(outcome, 0) for outcome in OUTCOMES}
+
+
+def load_eval_file(path: str | Path, name: str | None = None) -> list[dict]:
+    """The per-question records of an `eval --out` file (UniragError when it is not one); `name` for messages."""
+    name = name or str(path)
+    try:
+        blob = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UniragError(f"{name} is not a readable JSON file ({exc}).") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("records"), list):
+        raise UniragError(f"{name} has no per-question records: pass an `eval --out` file, not a summary.")
+    check_record_ids(blob["records"], name)
+    return blob["records"]
+
+
+def write_comparison(rows: Sequence[Mapping], path: str | Path) -> Path:
+    """`compare_records` rows to CSV (by the suffix `.csv`) or JSON (anything else: {"counts", "questions"})."""
+    import csv
+
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        try:
+            with tmp.open("w", encoding="utf-8", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(COMPARE_FIELDS))
+                writer.writeheader()
+                writer.writerows({k: row[k] for k in COMPARE_FIELDS} for row in rows)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    else:
+        write_json_atomic(path, {"counts": outcome_counts(rows), "questions": [dict(row) for row in rows]})
+    return path
+
+
 def sign_test_p(wins: int, losses: int) -> float:
     """Exact two-sided sign test of `wins` against `losses` (ties left out): 1.0 when there is neither."""
     n, low = wins + losses, min(wins, losses)

@@ -19,13 +19,14 @@ import re
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from unirag import runtime
 from unirag.answer import Answer, display_answer
 from unirag.data import DATASETS, Corpus, Question, dataset_paths, load_corpus, load_questions, prepare_question
 from unirag.errors import UniragError
@@ -449,6 +450,84 @@ class Pipeline:
         release_memory(collect=False)  # attention traces and KV caches leave freed heap pages behind
         return comparison
 
+    def find_document(self, name: str, text: str) -> str:
+        """The corpus id a user typed: an id ("d12"), else a title (exact, else the one title containing it)."""
+        corpus = self.bundle(name).corpus
+        query = (text or "").strip()
+        if not query:
+            raise UniragError("Give a document id (e.g. one shown on a card) or a title.")
+        if query in corpus:
+            return query
+        folded = query.casefold()
+        exact = [p.id for p in corpus if p.title.casefold() == folded]
+        if exact:
+            return exact[0]
+        partial = [p for p in corpus if folded in p.title.casefold()]
+        if len(partial) == 1:
+            return partial[0].id
+        if partial:
+            shown = "; ".join(f"{p.id} ({p.title})" for p in partial[:5])
+            raise UniragError(f"{len(partial)} titles contain {query!r} (e.g. {shown}): give the document id.")
+        raise UniragError(f"No document {query!r} in the {CORPUS_LABELS.get(name, name)} corpus (neither an id nor "
+                          "a title).")
+
+    def reask(self, name: str, question: str, settings: InferenceSettings | None = None,
+              joint_docs: Sequence[str | tuple[str, float]] | None = None,
+              rag_docs: Sequence[str | tuple[str, float]] | None = None, note: str | None = None,
+              **changes: Any) -> Comparison:
+        """Both sides re-read `question` from the given documents (ids, or (id, score) pairs), without a new
+        retrieval: how the answer depends on a document removed or forced. A side given None answers as in `ask`.
+        `note` (e.g. "re-read without d12") is added to each re-read answer's notices. Ids not in the corpus are a
+        UniragError."""
+        text, _ = prepare_question(question)
+        bundle = self.bundle(name)
+        settings = (settings or bundle.settings).replace(**changes)
+        joint_pairs = None if joint_docs is None else _doc_pairs(bundle.corpus, joint_docs)
+        rag_pairs = None if rag_docs is None else _doc_pairs(bundle.corpus, rag_docs)
+        return reread_on_device(self, bundle, text, settings, joint_pairs, rag_pairs, note)
+
+    def _reread(self, bundle: CorpusBundle, text: str, settings: InferenceSettings,
+                joint_pairs: DocPairs | None, rag_pairs: DocPairs | None,
+                note: str | None) -> Comparison:
+        name = bundle.name
+        gold = bundle.match(text)
+        comparison = Comparison(name, text, gold, SideResult(), SideResult(), settings)
+
+        def noted(run: Callable[[], Answer]) -> Callable[[], Answer]:
+            def wrapped() -> Answer:
+                answer = run()
+                if note:
+                    answer.notices.insert(0, note)
+                return answer
+            return wrapped
+
+        joint_side: Future[SideResult] | None = None
+        if bundle.joint is None:
+            comparison.joint.error = bundle.joint_message or "The joint model is not loaded."
+        else:
+            joint = bundle.joint
+            if joint_pairs is None:
+                run = partial(joint.answer, text, settings)
+            else:
+                ids, scores = [d for d, _ in joint_pairs], [0.0 if s is None else s for _, s in joint_pairs]
+                run = noted(lambda: joint.read(text, joint.documents(ids, scores), settings))
+            run_joint = partial(self._side, "joint", run, gold)
+            if self.config.parallel_sides:
+                joint_side = self._joint_worker().submit(run_joint)
+            else:
+                comparison.joint = run_joint()
+        if rag_pairs is None:
+            rag_run = partial(bundle.rag.answer, text, settings, with_attention=True)
+        else:
+            rag_run = noted(lambda: _rag_read(bundle.rag, text, settings, rag_pairs))
+        comparison.rag = self._side("rag", rag_run, gold)
+        if joint_side is not None:
+            comparison.joint = joint_side.result()
+        from unirag.backbones import release_memory
+
+        release_memory(collect=False)
+        return comparison
+
     def _joint_worker(self) -> ThreadPoolExecutor:
         with self._llm_lock:
             if self._worker is None:
@@ -482,3 +561,39 @@ def mark_gold(answer: Answer, gold: Question | None) -> SideResult:
         result.gold_found = gold.doc_id in ids
         result.gold_rank = ids.index(gold.doc_id) + 1 if result.gold_found else None
     return result
+
+
+DocPairs = list[tuple[str, float | None]]  # documents to re-read: (id, score), None = score unknown
+# ZeroGPU's upper bound for one re-read of both sides (no retrieval); shorter reservations are scheduled sooner.
+REREAD_GPU_SECONDS = 60
+
+
+@runtime.gpu_function(duration=REREAD_GPU_SECONDS)
+def reread_on_device(pipeline: Pipeline, bundle: CorpusBundle, text: str, settings: InferenceSettings,
+                     joint_pairs: DocPairs | None, rag_pairs: DocPairs | None,
+                     note: str | None) -> Comparison:
+    """Both sides' re-reading in one call: on ZeroGPU the GPU is attached only inside `@spaces.GPU` functions."""
+    return pipeline._reread(bundle, text, settings, joint_pairs, rag_pairs, note)
+
+
+def _doc_pairs(corpus: Corpus, docs: Sequence[str | tuple[str, float]]) -> DocPairs:
+    """(doc id, score) pairs, every id checked against the corpus (a bare id's score is None: not known)."""
+    pairs = [(d, None) if isinstance(d, str) else (str(d[0]), float(d[1])) for d in docs]
+    missing = [d for d, _ in pairs if d not in corpus]
+    if missing:
+        raise UniragError(f"Document {missing[0]!r} is not in the corpus; use an id shown on a document card.")
+    return pairs
+
+
+def _rag_read(rag, question: str, settings: InferenceSettings, pairs: DocPairs) -> Answer:
+    """The dense-RAG reader on given passages (no retrieval), as that system's `Answer`; a passage without a score
+    gets its cosine similarity to the question, as if the retriever had found it."""
+    from unirag.rag import _read_ranked
+
+    retriever = rag.retriever
+    if any(score is None for _, score in pairs):
+        query = retriever.encoder.encode_queries([question])[0]
+        pairs = [(d, float(query @ retriever.index.reconstruct(retriever.corpus.position(d))) if s is None else s)
+                 for d, s in pairs]
+    return _read_ranked(rag.name, rag.reader, rag.retriever.corpus, [question], settings, [pairs], len(pairs), 0.0,
+                        with_attention=True)[0]

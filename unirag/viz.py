@@ -540,7 +540,8 @@ def documents_html(answer: Answer | None, gold_doc_id: str | None = None, rgb: t
             text = doc.text if len(doc.text) <= max_chars else doc.text[:max_chars] + "…"
             body = html.escape(text)
         cls = "ur-doc ur-doc-gold" if is_gold else "ur-doc"
-        cards.append(f'<div class="{cls}">{head}<div class="ur-doc-body">{body}</div></div>')
+        cards.append(f'<div class="{cls}" id="{doc_anchor(answer.system, d)}">{head}'  # citations link here
+                     f'<div class="ur-doc-body">{body}</div></div>')
     legend = ('<div class="ur-muted ur-legend">Shading: share of the answer\'s attention per sentence; '
               '<span class="ur-tok">underlined</span> = most-attended tokens.</div>') if units else ""
     return legend + "".join(cards)
@@ -817,3 +818,136 @@ def eval_figure(rows: Sequence[Mapping[str, Any]], title: str = "Accuracy and R@
     fig.update_yaxes(autorange="reversed", automargin=True)
     return _layout(fig, title, min(EVAL_MAX_HEIGHT, 120 + 34 * len(rows)), barmode="group",
                    legend={"orientation": "h", "y": 1.02, "yanchor": "bottom"})
+
+
+# --------------------------------------------------------------------------------------------- explain an answer
+
+
+SIDE_LABELS = {"joint": "Joint", "rag": "Dense RAG"}
+STAGE_LABELS = {"retrieve": "retrieve", "self_check": "self-check", "generate": "read / generate"}
+STAGE_COLORS = {"retrieve": "#a78bfa", "self_check": "#f59e0b", "generate": "#38bdf8"}
+
+
+def doc_anchor(system: str, index: int) -> str:
+    """The HTML id of a document card (0-based `index`): what a citation links to."""
+    return f"ur-doc-{re.sub(r'[^a-z0-9_-]+', '-', system.lower())}-{index + 1}"
+
+
+def document_attention(answer: Answer | None) -> list[float]:
+    """Per selected document, the answer's mean attention mass inside its span of the context (its share of what
+    the answer tokens attended to); [] when there is no trace or the passages cannot be located in it."""
+    if answer is None or not answer.docs:
+        return []
+    attention = answer.trace.answer_attention
+    context = list(attention.context_tokens)
+    rows = [r for r in _matrix(attention.weights) if len(r) == len(context)]
+    spans = attention.doc_spans or infer_doc_spans(context, len(answer.docs))
+    if not rows or len(spans) != len(answer.docs):
+        return []
+    return [sum(sum(row[int(a) : int(b)]) for row in rows) / len(rows) for a, b in spans]
+
+
+def citation(answer: Answer | None) -> int | None:
+    """0-based index of the document the answer attended to most, or None without a usable trace."""
+    mass = document_attention(answer)
+    return max(range(len(mass)), key=mass.__getitem__) if mass and any(mass) else None
+
+
+def citations_html(answer: Answer | None, color: str = JOINT_COLOR) -> str:
+    """ "[n]" after the answer: the document that received most of its attention, linked to its card."""
+    index = citation(answer)
+    if answer is None or index is None:
+        return ""
+    mass = document_attention(answer)
+    doc = answer.docs[index]
+    share = mass[index] / (sum(mass) or 1.0)
+    name = html.escape(_short(doc.title or doc.doc_id, 60))
+    return ('<div class="ur-cite" style="font-size:.9rem; margin:.25rem 0 .4rem">Answer drawn mostly from '
+            f'<a href="#{doc_anchor(answer.system, index)}" '
+            f'style="color:{color}; font-weight:700">[{index + 1}]</a> {name}'
+            f' <span class="ur-muted">({html.escape(doc.doc_id)}; {share:.0%} of the answer\'s attention on the '
+            'documents)</span></div>')
+
+
+def document_attention_figure(answers: Mapping[str, Answer | None], title: str = "Answer attention per document"
+                              ) -> go.Figure:
+    """Horizontal bars, one per selected document of each side ("joint", "rag"): the answer's mean attention mass
+    on it. ``meta`` of each bar trace = {"side", "doc_ids"}."""
+    colors = {"joint": JOINT_COLOR, "rag": RAG_COLOR}
+    fig = go.Figure()
+    count = 0
+    for side, answer in answers.items():
+        mass = document_attention(answer)
+        if not mass or answer is None:
+            continue
+        labels = [_p(f"{SIDE_LABELS.get(side, side)} [{i + 1}] {_short(d.title or d.doc_id, 32)}")
+                  for i, d in enumerate(answer.docs)]
+        fig.add_trace(go.Bar(x=mass, y=labels, orientation="h", name=SIDE_LABELS.get(side, side),
+                             marker={"color": colors.get(side, "#64748b")}, text=[f"{m:.2f}" for m in mass],
+                             textposition="auto", meta={"side": side, "doc_ids": answer.doc_ids},
+                             hovertemplate="%{y}<br>attention %{x:.3f}<extra></extra>"))
+        count += len(mass)
+    if not count:
+        return empty_figure("No attention trace to split by document.", title)
+    fig.update_xaxes(title_text="mean attention mass per answer token", gridcolor="#e2e8f0", rangemode="tozero")
+    fig.update_yaxes(autorange="reversed", automargin=True)
+    return _layout(fig, title, 110 + 30 * count, showlegend=False)
+
+
+def latency_figure(answers: Mapping[str, Answer | None], title: str = "Latency per stage") -> go.Figure:
+    """Stacked horizontal bars, one per side, one segment per stage of `Answer.timings_ms` (retrieve, self-check,
+    read/generate, in that order; other stages after). ``meta`` of each segment trace = {"stage"}."""
+    sides = [(side, a) for side, a in answers.items() if a is not None and a.timings_ms]
+    if not sides:
+        return empty_figure("No timings yet.", title)
+    stages = list(STAGE_LABELS)
+    for _, answer in sides:
+        stages += [s for s in answer.timings_ms if s not in stages]
+    labels = [SIDE_LABELS.get(side, side) for side, _ in sides]
+    fig = go.Figure()
+    for stage in stages:
+        values = [float(a.timings_ms.get(stage, 0.0)) for _, a in sides]
+        if not any(values):
+            continue
+        fig.add_trace(go.Bar(y=labels, x=values, orientation="h", name=STAGE_LABELS.get(stage, stage),
+                             marker={"color": STAGE_COLORS.get(stage, "#94a3b8")}, meta={"stage": stage},
+                             text=[_ms(v) if v else "" for v in values], textposition="inside",
+                             hovertemplate="%{y} · " + _p(STAGE_LABELS.get(stage, stage)) + ": %{x:.0f} ms"
+                             "<extra></extra>"))
+    fig.update_xaxes(title_text="ms", gridcolor="#e2e8f0")
+    fig.update_yaxes(autorange="reversed")
+    return _layout(fig, title, 150 + 40 * len(sides), barmode="stack",
+                   legend={"orientation": "h", "y": -0.3, "yanchor": "top", "traceorder": "normal"})
+
+
+def answer_token_choices(answers: Mapping[str, Answer | None]) -> list[tuple[str, str]]:
+    """(label, "side:i") of every answer token with an attention row, for a token picker."""
+    out = []
+    for side, answer in answers.items():
+        if answer is None:
+            continue
+        attention = answer.trace.answer_attention
+        tokens = clean_tokens(attention.answer_tokens)
+        for i, token in enumerate(tokens[: len(attention.weights)]):
+            shown = token.replace("\n", "⏎").strip() or "·"
+            out.append((f"{SIDE_LABELS.get(side, side)} · {i + 1}: {shown}", f"{side}:{i}"))
+    return out
+
+
+def token_attention_html(answers: Mapping[str, Answer | None], choice: str | None) -> str:
+    """The context shaded by one answer token's attention row (`choice` = "side:i" from `answer_token_choices`)."""
+    if not choice or ":" not in choice:
+        return '<div class="ur-empty">Pick an answer token to see what it attended to.</div>'
+    side, _, index = choice.rpartition(":")
+    answer = answers.get(side)
+    attention = answer.trace.answer_attention if answer is not None else AnswerAttention()
+    rows = _matrix(attention.weights)
+    if not index.isdigit() or int(index) >= len(rows) or len(rows[int(index)]) != len(attention.context_tokens):
+        return '<div class="ur-empty">No attention row for this token.</div>'
+    i = int(index)
+    token = clean_tokens(attention.answer_tokens)[i] if i < len(attention.answer_tokens) else "?"
+    rgb = (124, 58, 237) if side == "joint" else (2, 132, 199)
+    body = highlight_tokens_html(attention.context_tokens, rows[i], rgb=rgb, top_k=5)
+    return (f'<div class="ur-muted">{html.escape(SIDE_LABELS.get(side, side))}: answer token {i + 1} '
+            f'<b>{html.escape(token.strip() or "·")}</b> attended to (darker = more; the top 5 underlined):</div>'
+            f'<div class="ur-doc-body" style="white-space:pre-wrap">{body}</div>')
