@@ -1,7 +1,7 @@
 # Two entry points: `make app` (start the app on the embedded models) and `make test` (all tests).
 # `make space-rehearsal` runs the Space start rehearsal alone (it is part of `make test`).
 # `make screenshot` refreshes the committed docs/screenshot.png (the browser test, writing there on purpose).
-# Both create or reuse .venv and install the pinned requirements first.
+# Every target creates or reuses .venv and installs the pinned requirements first.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
