@@ -133,6 +133,17 @@ def test_gpu_function_uses_spaces_gpu_on_zero_gpu(monkeypatch):
     assert wrapped(1) == ("on gpu", 2)
 
 
+def test_device_is_cuda_on_zero_gpu_even_before_a_gpu_is_attached(monkeypatch):
+    import torch
+
+    _fake_spaces(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # ZeroGPU outside a decorated call
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert runtime.device() == "cuda"
+    monkeypatch.delenv("SPACES_ZERO_GPU")
+    assert runtime.device() == "cpu"
+
+
 def test_gpu_function_without_spaces_installed_is_a_no_op(monkeypatch):
     monkeypatch.setenv("SPACES_ZERO_GPU", "1")
     monkeypatch.setitem(sys.modules, "spaces", None)  # `import spaces` raises ImportError
