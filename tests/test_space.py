@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from unirag import paths
+from unirag import paths, runtime
 from unirag.data import DATASETS, dataset_paths, load_corpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -104,8 +104,10 @@ sys.addaudithook(_hook)
 
 def _space_env(root: Path, port: int, audit_dir: Path) -> dict[str, str]:
     """The environment of a fresh Space container: new HOME and caches, no UNIRAG_* settings, Space variables."""
+    # No OMP_NUM_THREADS either: the app picks its threads from the cgroup quota, as on a Space.
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("UNIRAG_", "HF_", "GRADIO_", "VIRTUAL_ENV", "PYTHON", "CONDA")) and k != "CI"}
+           if not k.startswith(("UNIRAG_", "HF_", "GRADIO_", "VIRTUAL_ENV", "PYTHON", "CONDA", "OMP_", "MKL_"))
+           and k != "CI"}
     home = root / "home"
     env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), HF_HOME=str(home / ".cache" / "huggingface"),
                UNIRAG_CACHE=str(home / ".cache" / "unirag"), PYTHONUNBUFFERED="1", SPACE_ID="test/unirag",
@@ -223,3 +225,4 @@ def test_space_rehearsal_fresh_venv_bundled_data_both_corpora_answer(tmp_path):
     read = audit_log.read_text().splitlines() if audit_log.exists() else []
     assert not read, f"the app read outside its copy: {read[:10]}"
     assert f"data in {app_dir / 'data'}" in app_log, app_log[:3000]
+    assert f"; {runtime.torch_threads(True)} torch thread(s)" in app_log, app_log[:3000]  # the quota, not the host
