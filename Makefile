@@ -1,12 +1,13 @@
 # Two entry points: `make app` (start the app on the embedded models) and `make test` (all tests).
+# `make space-rehearsal` runs the Space start rehearsal alone (it is part of `make test`).
 # `make screenshot` refreshes the committed docs/screenshot.png (the browser test, writing there on purpose).
-# Both create or reuse .venv and install the pinned requirements first.
+# Every target creates or reuses .venv and installs the pinned requirements first.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: app test test-fast lint install screenshot
+.PHONY: app test test-fast lint install screenshot space-rehearsal
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# A Hugging Face Space start rehearsed here (fresh venv, bundled data, `python app.py`; docs/space.md).
+space-rehearsal: $(STAMP)
+	$(BIN)/python -m pytest -q -s -rs tests/test_space.py
 
 screenshot: $(STAMP)
 	UNIRAG_REFRESH_SCREENSHOT=1 $(BIN)/python -m pytest -q -rs tests/test_browser.py -k screenshot

@@ -747,18 +747,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="hub id or folder of the base LLM (default: UNIRAG_LLM or the embedded SmolLM2)")
     parser.add_argument("--encoder", default=None, help="bi-encoder: hub id, 'dpr' or empty for the embedded MiniLM")
     parser.add_argument("--checkpoint-dir", default=None, help="folder holding <corpus>-<llm>/ joint checkpoints")
-    parser.add_argument("--data", default=None, help="shared QA data folder (default: UNIRAG_DATA or ../shared/data)")
+    parser.add_argument("--data", default=None, help="QA data folder (default: UNIRAG_DATA, else ../shared/data when "
+                        "it exists, else the repo's bundled data/)")
     parser.add_argument("--corpus", default="nq", choices=list(CORPUS_LABELS), help="corpus shown (and loaded) first")
     parser.add_argument("--concurrency", type=int, default=int(os.environ.get("UNIRAG_CONCURRENCY", "1")),
                         help="questions answered at once (CPU: 1)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("UNIRAG_THREADS", "0")) or None,
-                        help="torch CPU threads (default: cores - 1, leaving one for the web server, split between "
-                        "the two sides when they run at once; OMP_NUM_THREADS is respected)")
+                        help="torch CPU threads (default: usable cores from the cgroup CPU quota - 1, leaving one for "
+                        "the web server, split between the two sides when they run at once; OMP_NUM_THREADS is "
+                        "respected)")
     parser.add_argument("--no-preload", action="store_true", help="load the first corpus on the first request only")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
+    from unirag.runtime import on_zero_gpu, torch_threads
+
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     args = parse_args(argv)
     try:
@@ -767,16 +771,17 @@ def main(argv: list[str] | None = None) -> None:
     except UniragError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    # Leave a core for the web server; the two sides answer at once (parallel_sides), so they split the rest.
-    spare = max(1, (os.cpu_count() or 1) - 1) // (2 if config.parallel_sides else 1)
-    threads = args.threads or (None if "OMP_NUM_THREADS" in os.environ else max(1, spare))
+    # The cgroup quota, not os.cpu_count() (a 2-vCPU Space reports the host's cores): one core for the web server,
+    # the rest split between the two sides when they answer at once.
+    threads = args.threads or (None if "OMP_NUM_THREADS" in os.environ else torch_threads(config.parallel_sides))
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     pipeline = Pipeline(config)
-    print(f"[unirag] {TITLE}: precision {config.precision_label}; checkpoints in {config.checkpoint_dir}; "
-          f"{threads or 'default'} torch thread(s)", flush=True)
+    print(f"[unirag] {TITLE}: precision {config.precision_label} on {config.device}"
+          f"{' (ZeroGPU)' if on_zero_gpu() else ''}; checkpoints in {config.checkpoint_dir}; data in "
+          f"{config.data_root()}; {threads or 'default'} torch thread(s)", flush=True)
     if not args.no_preload:
         pipeline.preload([args.corpus])
     demo = build_demo(pipeline, args.corpus)

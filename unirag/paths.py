@@ -16,6 +16,19 @@ def cache_dir() -> Path:
     return path
 
 
+def shared_data_dir() -> Path:
+    """The shared QA data beside the repo (with train.jsonl): present on dev machines and in CI, not on a Space."""
+    return REPO_ROOT.parent / "shared" / "data"
+
+
+def bundled_data_dir() -> Path:
+    """The corpora and dev questions shipped in the repo (data/SOURCES.md): what a Space or a fresh clone has."""
+    return REPO_ROOT / "data"
+
+
 def default_data_dir() -> Path:
-    """Shared QA data (UNIRAG_DATA, else ../shared/data beside the repo)."""
-    return Path(os.environ.get("UNIRAG_DATA") or REPO_ROOT.parent / "shared" / "data")
+    """UNIRAG_DATA, else ../shared/data when it exists (it has the training questions too), else the repo's data/."""
+    if env := os.environ.get("UNIRAG_DATA"):
+        return Path(env)
+    shared = shared_data_dir()
+    return shared if shared.is_dir() else bundled_data_dir()

@@ -36,6 +36,9 @@ from unirag.settings import InferenceSettings, check_precision
 
 log = logging.getLogger("unirag.app")
 
+# Upper bound ZeroGPU reserves for one question (both sides); shorter reservations are scheduled sooner.
+GPU_SECONDS = 120
+REREAD_GPU_SECONDS = 60  # one re-read of both sides (no retrieval)
 PRECISION_LABELS = {"4bit": "4-bit NF4 (bitsandbytes)", "fp32": "fp32"}
 CORPUS_LABELS = {"nq": "Natural Questions", "squad": "SQuAD v1.1"}
 
@@ -65,12 +68,14 @@ class AppConfig:
     encoder: str | None = None  # UNIRAG_ENCODER: hub id, "dpr", or None = embedded all-MiniLM-L6-v2
     precision: str = "4bit"  # UNIRAG_PRECISION: "4bit" (bitsandbytes NF4) or "fp32"
     checkpoint_dir: Path = field(default_factory=lambda: REPO_ROOT / "checkpoints")  # UNIRAG_CHECKPOINT_DIR
-    data_dir: Path | None = None  # UNIRAG_DATA (else ../shared/data)
+    data_dir: Path | None = None  # UNIRAG_DATA (else ../shared/data when it exists, else the repo's data/)
     corpora: tuple[str, ...] = DATASETS
     n_examples: int = 12
     # UNIRAG_PARALLEL_SIDES=0 answers the two sides one after the other. Together (the default) each side
     # runs on its own thread and core: the two models are separate, so a round trip costs the slower side.
     parallel_sides: bool = True
+    # "cuda" on a GPU Space (and on ZeroGPU, where `spaces` emulates CUDA at load time), else "cpu".
+    device: str = field(default_factory=runtime.device)
 
     def __post_init__(self) -> None:
         self.precision = check_precision(self.precision)
@@ -275,7 +280,8 @@ class Pipeline:
                 from unirag.rag import Reader
 
                 self._say(corpus, f"loading the LLM ({self.status()['llm']}, {self.config.precision_label})…")
-                model, tokenizer = load_llm(self.config.llm, load_in_4bit=self.config.load_in_4bit)
+                model, tokenizer = load_llm(self.config.llm, load_in_4bit=self.config.load_in_4bit,
+                                            device=self.config.device)
                 self._reader = Reader(model, tokenizer)
             return self._reader
 
@@ -322,7 +328,8 @@ class Pipeline:
         try:
             corpus_path, dev_path = dataset_paths(name, "dev", self.config.data_root())
         except UniragError as exc:
-            raise UniragError(f"{exc} The app needs the shared QA data (set `UNIRAG_DATA`).") from None
+            raise UniragError(f"{exc} The app needs the corpora: the repo's `data/` folder, `../shared/data` "
+                              "or `UNIRAG_DATA`.") from None
         corpus = load_corpus(corpus_path)
         for notice in corpus.notices:  # e.g. passages truncated at load
             self._say(name, notice)
@@ -367,7 +374,7 @@ class Pipeline:
         try:
             self._say(name, f"loading the joint checkpoint {_rel(ckpt)} ({self.config.precision_label})…")
             bundle.joint = JointSystem.from_checkpoint(ckpt, bundle.corpus, load_in_4bit=self.config.load_in_4bit,
-                                                       base_model=self.config.llm)
+                                                       base_model=self.config.llm, device=self.config.device)
             bundle.tree, bundle.tree_source, bundle.checkpoint = bundle.joint.trie, f"checkpoint {_rel(ckpt)}", ckpt
             self._attach_passage_cache(bundle)
             self._apply_recommended(bundle, ckpt)
@@ -428,8 +435,12 @@ class Pipeline:
         """Both systems on one question, with `settings` (default: the corpus's start settings) and `changes` to
         them (validated). Bad input raises UniragError; a failing side is reported in its result."""
         text, _ = prepare_question(question)
-        bundle = self.bundle(name)
+        bundle = self.bundle(name)  # loading stays outside the GPU call: ZeroGPU wants models placed at load time
         settings = (settings or bundle.settings).replace(**changes)
+        return answer_on_device(self, bundle, text, settings)
+
+    def _answer(self, bundle: CorpusBundle, text: str, settings: InferenceSettings) -> Comparison:
+        name = bundle.name
         gold = bundle.match(text)
         comparison = Comparison(name, text, gold, SideResult(), SideResult(), settings)
         joint_side: Future[SideResult] | None = None
@@ -546,6 +557,13 @@ class Pipeline:
         return mark_gold(answer, gold)
 
 
+@runtime.gpu_function(duration=GPU_SECONDS)
+def answer_on_device(pipeline: Pipeline, bundle: CorpusBundle, text: str, settings: InferenceSettings) -> Comparison:
+    """Both sides' answering in one call: on ZeroGPU the GPU is attached only inside `@spaces.GPU` functions, and
+    one call per question (not one per side) waits for a GPU once. A plain call everywhere else."""
+    return pipeline._answer(bundle, text, settings)
+
+
 def mark_gold(answer: Answer, gold: Question | None) -> SideResult:
     """Whether the side found the gold passage (and at which rank) and whether its answer is correct."""
     result = SideResult(answer=answer)
@@ -564,8 +582,6 @@ def mark_gold(answer: Answer, gold: Question | None) -> SideResult:
 
 
 DocPairs = list[tuple[str, float | None]]  # documents to re-read: (id, score), None = score unknown
-# ZeroGPU's upper bound for one re-read of both sides (no retrieval); shorter reservations are scheduled sooner.
-REREAD_GPU_SECONDS = 60
 
 
 @runtime.gpu_function(duration=REREAD_GPU_SECONDS)

@@ -155,12 +155,12 @@ class Reader:
         start = time.perf_counter()
         try:
             output = self.model.generate(
-                **batch,
+                **{k: v.to(self.model.device) for k, v in batch.items()},
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.tokenizer.pad_token_id,
-            )
+            ).cpu()  # token ids back from a GPU; a no-op on the CPU
         finally:
             if recorder is not None:
                 recorder.remove()

@@ -53,26 +53,39 @@ def torch_threads(parallel_sides: bool, root: Path = CGROUP) -> int:
 
 
 def device() -> str:
-    """"cuda" when a GPU is visible (a GPU Space, ZeroGPU inside its decorated call), else "cpu"."""
+    """"cuda" on a GPU Space and on ZeroGPU (models go to cuda at load time there; `spaces` emulates it until a
+    decorated call holds a real GPU), else "cpu"."""
+    if zero_gpu_spaces() is not None:
+        return "cuda"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def on_zero_gpu() -> bool:
+    """ZeroGPU Spaces set SPACES_ZERO_GPU."""
     return os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
 
 
+def zero_gpu_spaces() -> Any:
+    """The `spaces` package on a ZeroGPU Space (preinstalled there), else None (not on ZeroGPU, or not installed)."""
+    if not on_zero_gpu():
+        return None
+    try:
+        import spaces
+    except ImportError:
+        return None
+    return spaces
+
+
 def gpu_function(duration: int = 60) -> Callable[[F], F]:
-    """`spaces.GPU(duration=...)` on a ZeroGPU Space (the GPU is attached only inside the call), a no-op elsewhere."""
-    if on_zero_gpu():
-        try:
-            import spaces
-        except ImportError:
-            spaces = None
-        if spaces is not None:
-            return spaces.GPU(duration=duration)
+    """`spaces.GPU(duration=...)` on a ZeroGPU Space (the GPU is attached only inside the call), a no-op elsewhere.
+    Applied at import time, as ZeroGPU requires, which also imports `spaces` before any model is loaded."""
+    spaces = zero_gpu_spaces()
+    if spaces is not None:
+        return spaces.GPU(duration=duration)
     return lambda fn: fn
 
 
-__all__ = ["cgroup_cpu_limit", "device", "gpu_function", "on_zero_gpu", "torch_threads", "usable_cpus"]
+__all__ = ["cgroup_cpu_limit", "device", "gpu_function", "on_zero_gpu", "torch_threads", "usable_cpus",
+           "zero_gpu_spaces"]

@@ -70,7 +70,8 @@ class JointSystem:
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, corpus, *, load_in_4bit: bool = False,
                         base_model: str | None = None, attn_implementation: str = "eager", traces: bool = True,
-                        document_match: bool = True, passage_cache: bool | str | Path = False) -> JointSystem:
+                        document_match: bool = True, passage_cache: bool | str | Path = False,
+                        device: str | None = None) -> JointSystem:
         """Load model, tokenizer and the checkpoint's docid tree (checked against `corpus`).
 
         Evaluation passes attn_implementation="sdpa", traces=False: faster, and no heatmaps are drawn.
@@ -81,7 +82,8 @@ class JointSystem:
         if not tree_path.is_file():
             raise UniragError(f"{tree_path} is missing: a joint checkpoint must ship its docid tree.")
         tree = DocidTree.load(tree_path, corpus)  # before the model: a corpus mismatch fails fast
-        model = JointModel.from_pretrained(ckpt, load_in_4bit=load_in_4bit, base_model=base_model,
+        # The joint modules follow the base's device (JointModel puts its new modules beside the embeddings).
+        model = JointModel.from_pretrained(ckpt, load_in_4bit=load_in_4bit, base_model=base_model, device=device,
                                            attn_implementation=attn_implementation)
         cache = None
         if passage_cache:
