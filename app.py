@@ -750,8 +750,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", default=None, help="QA data folder (default: UNIRAG_DATA, else ../shared/data when "
                         "it exists, else the repo's bundled data/)")
     parser.add_argument("--corpus", default="nq", choices=list(CORPUS_LABELS), help="corpus shown (and loaded) first")
-    parser.add_argument("--concurrency", type=int, default=int(os.environ.get("UNIRAG_CONCURRENCY", "1")),
-                        help="questions answered at once (CPU: 1)")
+    parser.add_argument("--concurrency", type=int, default=int(os.environ.get("UNIRAG_CONCURRENCY", "0")) or None,
+                        help="questions answered at once (default: 1 below 4 usable cores, else 2; see docs/space.md)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("UNIRAG_THREADS", "0")) or None,
                         help="torch CPU threads (default: usable cores from the cgroup CPU quota - 1, leaving one for "
                         "the web server, split between the two sides when they run at once; OMP_NUM_THREADS is "
@@ -761,7 +761,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from unirag.runtime import on_zero_gpu, torch_threads
+    from unirag.runtime import on_zero_gpu, question_workers, torch_threads
 
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     args = parse_args(argv)
@@ -785,7 +785,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_preload:
         pipeline.preload([args.corpus])
     demo = build_demo(pipeline, args.corpus)
-    demo.queue(default_concurrency_limit=max(1, args.concurrency), max_size=64)
+    demo.queue(default_concurrency_limit=max(1, args.concurrency or question_workers()), max_size=64)
     demo.launch(server_name=args.host, server_port=args.port, show_error=True, css=CSS,
                 theme=gr.themes.Soft(primary_hue="violet", secondary_hue="sky"), footer_links=["api"])
 

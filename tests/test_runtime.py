@@ -71,6 +71,12 @@ def test_torch_threads_leave_a_core_for_the_server_and_split_between_sides(tmp_p
     assert runtime.torch_threads(parallel, root) == threads
 
 
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 1), (2, 1), (3, 1), (4, 2), (16, 2)])
+def test_a_second_question_worker_only_where_the_cores_are(tmp_path, monkeypatch, cpus, workers):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert runtime.question_workers(_v2(tmp_path, f"{cpus * 100000} 100000")) == workers
+
+
 def test_device_follows_cuda_availability(monkeypatch):
     import torch
 

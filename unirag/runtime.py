@@ -52,6 +52,13 @@ def torch_threads(parallel_sides: bool, root: Path = CGROUP) -> int:
     return max(1, spare // (2 if parallel_sides else 1))
 
 
+def question_workers(root: Path = CGROUP) -> int:
+    """Questions the app answers at once. Each model runs one forward pass at a time (its retrieval side channel
+    is per call) and one question already keeps both sides busy, so on 2 cores a second worker only queues behind
+    the first; from 4 cores on, a second question's one side can run while the first's other side finishes."""
+    return 2 if usable_cpus(root) >= 4 else 1
+
+
 def device() -> str:
     """"cuda" on a GPU Space and on ZeroGPU (models go to cuda at load time there; `spaces` emulates it until a
     decorated call holds a real GPU), else "cpu"."""
@@ -87,5 +94,5 @@ def gpu_function(duration: int = 60) -> Callable[[F], F]:
     return lambda fn: fn
 
 
-__all__ = ["cgroup_cpu_limit", "device", "gpu_function", "on_zero_gpu", "torch_threads", "usable_cpus",
-           "zero_gpu_spaces"]
+__all__ = ["cgroup_cpu_limit", "device", "gpu_function", "on_zero_gpu", "question_workers", "torch_threads",
+           "usable_cpus", "zero_gpu_spaces"]
