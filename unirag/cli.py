@@ -252,12 +252,13 @@ def _read_records_file(path: str) -> dict:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from unirag.eval import check_output_paths, merge_runs, write_json_atomic
+    from unirag.eval import check_output_paths, merge_runs
+    from unirag.paths import write_json_atomic
 
     # Before reading anything: OUT == a shard would lose that shard's records.
     check_output_paths({"OUT": args.out}, args.shards, what="shards")
     merged = merge_runs([_read_records_file(path) for path in args.shards], names=args.shards)
-    write_json_atomic(args.out, merged)
+    write_json_atomic(args.out, merged, indent=1)
     if args.record:
         summary = merged["summary"]
         if "system" not in summary or "corpus" not in summary:

@@ -20,7 +20,7 @@ import numpy as np
 
 from unirag.data import Corpus
 from unirag.errors import FingerprintMismatchError, UniragError
-from unirag.paths import cache_dir
+from unirag.paths import cache_dir, file_sha256, write_json_atomic
 
 TREE_FORMAT = 1
 
@@ -54,24 +54,6 @@ def embeddings_path(corpus: Corpus, encoder_name: str) -> Path:
     return cache_dir() / "embeddings" / f"{key}.npy"
 
 
-def _write_json_atomic(path: Path, blob: dict) -> None:
-    """Through a temporary sibling and os.replace, as the arrays: a killed run never leaves half a JSON file."""
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(blob))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _cached_embeddings(path: Path, meta_path: Path, corpus: Corpus, name: str) -> tuple[np.ndarray | None, str]:
     """(embeddings, "") from a sound cache, else (None, why it cannot be used: "" when there is none)."""
     if not path.is_file():
@@ -86,7 +68,7 @@ def _cached_embeddings(path: Path, meta_path: Path, corpus: Corpus, name: str) -
         return None, f"its metadata is unreadable ({exc})"
     if meta.get("corpus_fingerprint") != corpus.fingerprint or meta.get("encoder") != name:
         return None, "its metadata names another corpus or encoder"
-    if meta.get("sha256") is not None and meta["sha256"] != _sha256(path):
+    if meta.get("sha256") is not None and meta["sha256"] != file_sha256(path):
         return None, "checksum mismatch: the file was truncated or altered"
     try:
         emb = np.load(path, allow_pickle=False)
@@ -101,7 +83,7 @@ def _cached_embeddings(path: Path, meta_path: Path, corpus: Corpus, name: str) -
     if not np.isfinite(emb).all():
         return None, f"{int((~np.isfinite(emb)).any(axis=1).sum())} rows hold NaN or inf values"
     if meta.get("sha256") is None:  # a cache from before checksums: sound, so record its checksum now
-        _write_json_atomic(meta_path, {**meta, "sha256": _sha256(path)})
+        write_json_atomic(meta_path, {**meta, "sha256": file_sha256(path)})
     return emb, ""
 
 
@@ -130,10 +112,10 @@ def corpus_embeddings(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npy")
     np.save(tmp, emb)
-    checksum = _sha256(tmp)
+    checksum = file_sha256(tmp)
     os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
     # Written after the array: a kill in between leaves an old checksum, so the next run rebuilds.
-    _write_json_atomic(meta_path, {"corpus_fingerprint": corpus.fingerprint, "encoder": name, "n": len(corpus),
+    write_json_atomic(meta_path, {"corpus_fingerprint": corpus.fingerprint, "encoder": name, "n": len(corpus),
                                    "dim": int(emb.shape[1]), "dtype": str(emb.dtype), "sha256": checksum})
     return emb
 
@@ -275,7 +257,7 @@ class DocidTree:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(path, self.to_dict())
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path, corpus: Corpus | None = None) -> DocidTree:

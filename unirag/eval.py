@@ -20,6 +20,7 @@ from statistics import mean, median
 from unirag.answer import Answer
 from unirag.data import Question
 from unirag.errors import UniragError
+from unirag.paths import write_json_atomic
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -230,7 +231,7 @@ def run_eval(
     summary["wall_time_s"] = round(wall, 1)
     summary.update(labels or {})
     if out_path is not None:
-        write_json_atomic(out_path, {"summary": summary, "records": records})
+        write_json_atomic(out_path, {"summary": summary, "records": records}, indent=1)
         partial_path(out_path).unlink(missing_ok=True)
     return summary
 
@@ -455,7 +456,7 @@ def write_comparison(rows: Sequence[Mapping], path: str | Path) -> Path:
         finally:
             tmp.unlink(missing_ok=True)
     else:
-        write_json_atomic(path, {"counts": outcome_counts(rows), "questions": [dict(row) for row in rows]})
+        write_json_atomic(path, {"counts": outcome_counts(rows), "questions": [dict(row) for row in rows]}, indent=1)
     return path
 
 
@@ -465,12 +466,3 @@ def sign_test_p(wins: int, losses: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(low + 1)) / 2**n) if n else 1.0
 
 
-def write_json_atomic(path: str | Path, blob: dict) -> None:
-    """Write JSON through a temporary sibling, so a crash never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(blob, ensure_ascii=False, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -1,7 +1,10 @@
-"""Where caches and data live. Caches are outside the repo; override with environment variables."""
+"""Where caches and data live, and how files are written: atomically (a killed run never leaves half a file) and
+checked by checksum. Caches are outside the repo; override with environment variables."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -32,3 +35,22 @@ def default_data_dir() -> Path:
         return Path(env)
     shared = shared_data_dir()
     return shared if shared.is_dir() else bundled_data_dir()
+
+
+def write_json_atomic(path: str | Path, blob: object, indent: int | None = None) -> None:
+    """JSON through a temporary sibling and os.replace: a crash leaves the old file or the new one, never half."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(blob, ensure_ascii=False, indent=indent), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -7,7 +7,6 @@ docid_tree.json and any extra files (e.g. recommended_settings.json). No pickle 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from torch import nn
 
 from unirag.errors import FingerprintMismatchError, UniragError
 from unirag.joint.config import JointConfig
+from unirag.paths import file_sha256
 
 if TYPE_CHECKING:  # modeling imports this module to delegate save/load: no runtime import back
     from unirag.joint.modeling import JointModel
@@ -66,7 +66,7 @@ def save_pretrained(
     tmp = save_dir / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", "unirag_format_version": str(FORMAT_VERSION)})
     tmp.replace(save_dir / WEIGHTS_FILE)
-    files = {WEIGHTS_FILE: _file_sha256(save_dir / WEIGHTS_FILE)}
+    files = {WEIGHTS_FILE: file_sha256(save_dir / WEIGHTS_FILE)}
 
     if model._lora_enabled:
         model.base.save_pretrained(str(save_dir / LORA_DIR), safe_serialization=True)
@@ -154,7 +154,7 @@ def from_pretrained(
 
     weights_path = ckpt / WEIGHTS_FILE
     expected_sha = meta.get("files", {}).get(WEIGHTS_FILE)
-    if expected_sha and _file_sha256(weights_path) != expected_sha:
+    if expected_sha and file_sha256(weights_path) != expected_sha:
         raise UniragError(
             f"{weights_path} is corrupt or truncated (checksum mismatch with {CONFIG_FILE}); re-copy or re-save it."
         )
@@ -211,14 +211,6 @@ def _load_lora_weights(model: JointModel, lora_dir: Path) -> None:
             f"The LoRA adapter in {lora_dir} does not match this model "
             f"(unexpected {unexpected[:3]}, missing {missing_lora[:3]})."
         )
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

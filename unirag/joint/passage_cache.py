@@ -28,6 +28,7 @@ import torch
 from unirag.errors import UniragError
 from unirag.joint.modeling import JointModel, _is_kbit
 from unirag.joint.prompts import SELF_CHECK_PROMPT, question_ids, self_check_prompt_ids
+from unirag.paths import write_json_atomic
 
 FORMAT_VERSION = 1
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -176,7 +177,7 @@ class PassageCache:
             np.memmap(path / "last_hidden.bin", dtype=np.float32, mode="w+",
                       shape=(max(len(lengths), 1), meta["hidden"])).flush()
             np.save(path / "done.npy", np.zeros(len(lengths), dtype=bool))
-            _write_json(meta_path, meta)
+            write_json_atomic(meta_path, meta)
         cache = cls(path, meta)
         done = np.load(path / "done.npy")
         todo = [i for i in np.argsort(cache.lengths, kind="stable") if not done[i]]
@@ -212,7 +213,7 @@ class PassageCache:
             bar.update(len(rows))
         bar.close()
         meta["complete"] = True
-        _write_json(meta_path, meta)
+        write_json_atomic(meta_path, meta)
         del cache
         return cls.open(model, corpus, path)
 
@@ -304,12 +305,6 @@ def _check_sizes(path: Path, meta: dict[str, Any]) -> None:
         if not file.is_file() or file.stat().st_size != size:
             raise UniragError(f"{file} is missing or has the wrong size (truncated?); delete {path} and rebuild the "
                               "self-check cache.")
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
