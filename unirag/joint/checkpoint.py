@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,8 +20,9 @@ from unirag.errors import FingerprintMismatchError, UniragError
 from unirag.joint.config import JointConfig
 from unirag.paths import file_sha256
 
-if TYPE_CHECKING:  # modeling imports this module to delegate save/load: no runtime import back
-    from unirag.joint.modeling import JointModel
+# modeling imports this module to delegate save/load, so this one never imports modeling (not even for types):
+# a JointModel is passed in as `model`, its class as `cls`.
+JointModel = nn.Module  # the annotation's meaning: a unirag.joint.modeling.JointModel
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "joint_config.json"
