@@ -440,20 +440,27 @@ class Pipeline:
         return answer_on_device(self, bundle, text, settings)
 
     def _answer(self, bundle: CorpusBundle, text: str, settings: InferenceSettings) -> Comparison:
-        name = bundle.name
+        joint, rag = bundle.joint, bundle.rag
+        return self._both_sides(bundle, text, settings,
+                                None if joint is None else partial(joint.answer, text, settings),
+                                partial(rag.answer, text, settings, with_attention=True))
+
+    def _both_sides(self, bundle: CorpusBundle, text: str, settings: InferenceSettings,
+                    joint_run: Callable[[], Answer] | None, rag_run: Callable[[], Answer]) -> Comparison:
+        """Both sides on one question, at once on two threads (parallel_sides); a failing side is reported on its
+        card, never raised (the other side still answers)."""
         gold = bundle.match(text)
-        comparison = Comparison(name, text, gold, SideResult(), SideResult(), settings)
+        comparison = Comparison(bundle.name, text, gold, SideResult(), SideResult(), settings)
         joint_side: Future[SideResult] | None = None
-        if bundle.joint is None:
+        if joint_run is None:
             comparison.joint.error = bundle.joint_message or "The joint model is not loaded."
         else:
-            joint = bundle.joint
-            run_joint = partial(self._side, "joint", lambda: joint.answer(text, settings), gold)
+            run_joint = partial(self._side, "joint", joint_run, gold)
             if self.config.parallel_sides:
                 joint_side = self._joint_worker().submit(run_joint)
             else:
                 comparison.joint = run_joint()
-        comparison.rag = self._side("rag", lambda: bundle.rag.answer(text, settings, with_attention=True), gold)
+        comparison.rag = self._side("rag", rag_run, gold)
         if joint_side is not None:
             comparison.joint = joint_side.result()
         from unirag.backbones import release_memory
@@ -500,9 +507,7 @@ class Pipeline:
     def _reread(self, bundle: CorpusBundle, text: str, settings: InferenceSettings,
                 joint_pairs: DocPairs | None, rag_pairs: DocPairs | None,
                 note: str | None) -> Comparison:
-        name = bundle.name
-        gold = bundle.match(text)
-        comparison = Comparison(name, text, gold, SideResult(), SideResult(), settings)
+        joint, rag = bundle.joint, bundle.rag
 
         def noted(run: Callable[[], Answer]) -> Callable[[], Answer]:
             def wrapped() -> Answer:
@@ -512,32 +517,16 @@ class Pipeline:
                 return answer
             return wrapped
 
-        joint_side: Future[SideResult] | None = None
-        if bundle.joint is None:
-            comparison.joint.error = bundle.joint_message or "The joint model is not loaded."
-        else:
-            joint = bundle.joint
+        joint_run = None
+        if joint is not None:
             if joint_pairs is None:
-                run = partial(joint.answer, text, settings)
+                joint_run = partial(joint.answer, text, settings)
             else:
                 ids, scores = [d for d, _ in joint_pairs], [0.0 if s is None else s for _, s in joint_pairs]
-                run = noted(lambda: joint.read(text, joint.documents(ids, scores), settings))
-            run_joint = partial(self._side, "joint", run, gold)
-            if self.config.parallel_sides:
-                joint_side = self._joint_worker().submit(run_joint)
-            else:
-                comparison.joint = run_joint()
-        if rag_pairs is None:
-            rag_run = partial(bundle.rag.answer, text, settings, with_attention=True)
-        else:
-            rag_run = noted(lambda: _rag_read(bundle.rag, text, settings, rag_pairs))
-        comparison.rag = self._side("rag", rag_run, gold)
-        if joint_side is not None:
-            comparison.joint = joint_side.result()
-        from unirag.backbones import release_memory
-
-        release_memory(collect=False)
-        return comparison
+                joint_run = noted(lambda: joint.read(text, joint.documents(ids, scores), settings))
+        rag_run = (partial(rag.answer, text, settings, with_attention=True) if rag_pairs is None
+                   else noted(lambda: rag.read(text, rag_pairs, settings, with_attention=True)))
+        return self._both_sides(bundle, text, settings, joint_run, rag_run)
 
     def _joint_worker(self) -> ThreadPoolExecutor:
         with self._llm_lock:
@@ -599,17 +588,3 @@ def _doc_pairs(corpus: Corpus, docs: Sequence[str | tuple[str, float]]) -> DocPa
     if missing:
         raise UniragError(f"Document {missing[0]!r} is not in the corpus; use an id shown on a document card.")
     return pairs
-
-
-def _rag_read(rag, question: str, settings: InferenceSettings, pairs: DocPairs) -> Answer:
-    """The dense-RAG reader on given passages (no retrieval), as that system's `Answer`; a passage without a score
-    gets its cosine similarity to the question, as if the retriever had found it."""
-    from unirag.rag import _read_ranked
-
-    retriever = rag.retriever
-    if any(score is None for _, score in pairs):
-        query = retriever.encoder.encode_queries([question])[0]
-        pairs = [(d, float(query @ retriever.index.reconstruct(retriever.corpus.position(d))) if s is None else s)
-                 for d, s in pairs]
-    return _read_ranked(rag.name, rag.reader, rag.retriever.corpus, [question], settings, [pairs], len(pairs), 0.0,
-                        with_attention=True)[0]

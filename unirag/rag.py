@@ -224,6 +224,11 @@ class DenseRetriever:
     def search(self, question: str, k: int) -> list[tuple[str, float]]:
         return self.search_many([question], k)[0]
 
+    def similarity(self, question: str, doc_ids: list[str]) -> list[float]:
+        """The question's cosine with these passages (the score `search` would give them)."""
+        query = self.encoder.encode_queries([question])[0]
+        return [float(query @ self.index.reconstruct(self.corpus.position(d))) for d in doc_ids]
+
 
 def _answers(
     name: str,
@@ -316,6 +321,16 @@ class DenseRagSystem:
 
     def answer(self, question: str, settings: InferenceSettings | None = None, with_attention: bool = False) -> Answer:
         return self.answer_many([question], settings, with_attention)[0]
+
+    def read(self, question: str, hits: list[tuple[str, float | None]], settings: InferenceSettings | None = None,
+             with_attention: bool = False) -> Answer:
+        """Read given passages, no retrieval (a document removed or forced); a passage without a score gets its
+        cosine similarity to the question, as if the retriever had found it."""
+        missing = [doc_id for doc_id, score in hits if score is None]
+        cosine = dict(zip(missing, self.retriever.similarity(prepare_question(question)[0], missing), strict=True))
+        ranked = [(doc_id, cosine[doc_id] if score is None else score) for doc_id, score in hits]
+        return _read_ranked(self.name, self.reader, self.retriever.corpus, [question], settings or InferenceSettings(),
+                            [ranked], len(ranked), 0.0, with_attention)[0]
 
 
 class GoldPassageSystem:
