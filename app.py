@@ -309,7 +309,7 @@ def compare_runs(path_a: str | None, path_b: str | None, metric: str = "accuracy
 
     if not path_a or not path_b:
         raise UniragError("Upload two `eval --out` files (run A and run B).")
-    records = [ev.load_eval_file(path, name) for path, name in ((path_a, "run A"), (path_b, "run B"))]
+    records = [ev.load_eval_file(path, name)["records"] for path, name in ((path_a, "run A"), (path_b, "run B"))]
     rows = ev.compare_records(*records, metric=metric)
     paired = ev.paired_comparison(*records, metric=metric)
     counts = ev.outcome_counts(rows)

@@ -238,26 +238,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_records_file(path: str) -> dict:
-    from unirag.eval import check_record_ids
-
-    try:
-        blob = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise UniragError(f"{path} is not a readable JSON file ({exc}).") from None
-    if not isinstance(blob, dict) or not isinstance(blob.get("records"), list):
-        raise UniragError(f"{path} has no per-question records: pass an `eval --out` file, not a summary.")
-    check_record_ids(blob["records"], path)
-    return blob
-
-
 def cmd_merge(args: argparse.Namespace) -> int:
-    from unirag.eval import check_output_paths, merge_runs
+    from unirag.eval import check_output_paths, load_eval_file, merge_runs
     from unirag.paths import write_json_atomic
 
     # Before reading anything: OUT == a shard would lose that shard's records.
     check_output_paths({"OUT": args.out}, args.shards, what="shards")
-    merged = merge_runs([_read_records_file(path) for path in args.shards], names=args.shards)
+    merged = merge_runs([load_eval_file(path) for path in args.shards], names=args.shards)
     write_json_atomic(args.out, merged, indent=1)
     if args.record:
         summary = merged["summary"]
@@ -270,11 +257,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from unirag.eval import check_output_paths, compare_records, paired_comparison, write_comparison
+    from unirag.eval import check_output_paths, compare_records, load_eval_file, paired_comparison, write_comparison
 
     out = getattr(args, "per_question", None)
     check_output_paths({"--per-question": out}, [args.a, args.b], what="runs")
-    records = [_read_records_file(path)["records"] for path in (args.a, args.b)]
+    records = [load_eval_file(path)["records"] for path in (args.a, args.b)]
     result = {"run_a": str(args.a), "run_b": str(args.b), **paired_comparison(*records, metric=args.metric)}
     if out:
         result["per_question"] = str(write_comparison(compare_records(*records, metric=args.metric), out))

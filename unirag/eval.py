@@ -427,8 +427,8 @@ def outcome_counts(rows: Sequence[Mapping]) -> dict[str, int]:
     return {outcome: counts.get(outcome, 0) for outcome in OUTCOMES}
 
 
-def load_eval_file(path: str | Path, name: str | None = None) -> list[dict]:
-    """The per-question records of an `eval --out` file (UniragError when it is not one); `name` for messages."""
+def load_eval_file(path: str | Path, name: str | None = None) -> dict:
+    """An `eval --out` file: {"summary", "records"} (UniragError when it is not one); `name` for messages."""
     name = name or str(path)
     try:
         blob = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -437,7 +437,7 @@ def load_eval_file(path: str | Path, name: str | None = None) -> list[dict]:
     if not isinstance(blob, dict) or not isinstance(blob.get("records"), list):
         raise UniragError(f"{name} has no per-question records: pass an `eval --out` file, not a summary.")
     check_record_ids(blob["records"], name)
-    return blob["records"]
+    return blob
 
 
 def write_comparison(rows: Sequence[Mapping], path: str | Path) -> Path:
