@@ -26,9 +26,10 @@ def _row(**over):
 def test_the_shipped_store_is_valid_and_complete():
     rows = results.load_store()
     assert {r["corpus"] for r in rows} == {"nq", "squad"}
-    # Every migrated summary file is one row (88), plus the notebook's figures whose records were lost.
+    # Every migrated summary file is one row (88), plus the notebook's figures whose records were lost, plus runs
+    # recorded by `eval`/`merge --record` since.
     assert sum(r["source"].startswith("eval_") for r in rows) == 88
-    assert all(r["source"].startswith(("eval_", "docs/RESULTS.md")) for r in rows)
+    assert all(r["source"].startswith(("eval_", "docs/RESULTS.md", "python -m unirag eval")) for r in rows)
     recommended = [(r["corpus"], r["precision"]) for r in rows if r["settings"].get("recommended")]
     assert sorted(recommended) == [("nq", "4bit"), ("nq", "fp32"), ("squad", "4bit"), ("squad", "fp32")]
 
@@ -151,4 +152,12 @@ def test_recommended_settings_name_their_results_row():
             assert run, rec.reason
             (row,) = [r for r in rows if (r["run"], r["corpus"], r["precision"], r["split"]) == (
                 run[1], corpus, precision, "dev")]
-            assert {k: row["settings"][k] for k in rec.values} == rec.values
+            assert {k: row["settings"][k] for k in rec.values} == rec.values and row["settings"]["recommended"]
+            # What a fresh machine serves (no passage cache) is measured too, on all dev questions.
+            fresh = re.match(r"results row '([^']+)'", rec.without_cache.reason)
+            (row,) = [r for r in rows if (r["run"], r["corpus"], r["precision"], r["split"]) == (
+                fresh[1], corpus, precision, "dev")]
+            values = {**rec.values, **rec.without_cache.values}
+            if not values["self_check"]:
+                values.pop("self_check_weight")  # no self-check: its weight has no effect (null in the row)
+            assert {k: row["settings"][k] for k in values} == values and row["settings"]["fresh_machine"]
