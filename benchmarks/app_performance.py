@@ -55,6 +55,15 @@ def wait_for_server(url: str, proc: subprocess.Popen, log: Path, timeout: float 
     raise RuntimeError(f"app not up after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 
 
+def stop_server(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """Terminate the app, killing it if it does not exit within `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def memory_mb(pid: int) -> dict[str, float]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -113,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"question {q.id} got an incomplete answer; see {log}")
             memory = memory_mb(proc.pid)
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop_server(proc)
     latencies.sort()
     summary = {
         "precision": args.precision,

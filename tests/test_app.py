@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.app_performance import free_port, wait_for_server
+from benchmarks.app_performance import free_port, stop_server, wait_for_server
 
 REPO = Path(__file__).resolve().parent.parent  # on sys.path via conftest.py
 
@@ -555,11 +555,7 @@ def running_app(args: list[str], log_path: Path, env: dict[str, str] | None = No
         wait_for_server(url, proc, log_path)
         yield url, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc, timeout=20)
 
 
 @pytest.fixture(scope="module")

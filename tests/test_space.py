@@ -149,7 +149,7 @@ def _card(cards: list[str], title: str) -> str:
 def test_space_rehearsal_fresh_venv_bundled_data_both_corpora_answer(tmp_path):
     from gradio_client import Client
 
-    from benchmarks.app_performance import free_port, wait_for_server
+    from benchmarks.app_performance import free_port, stop_server, wait_for_server
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -210,11 +210,7 @@ def test_space_rehearsal_fresh_venv_bundled_data_both_corpora_answer(tmp_path):
                 assert "ur-card-error" not in card, f"{name}: the {title} side failed: {card}\n{tail}"
                 assert "ur-answer" in card and "latency" in card, f"{name}: {title} did not answer: {card}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
     timings["total"] = time.perf_counter() - start
     app_log = log.read_text()
     print("\nSpace rehearsal timings:")
