@@ -1,6 +1,7 @@
 """UniRAG Explorer: the joint "retrieval as reasoning" model next to vanilla dense RAG, in one page.
 
-    python app.py [--host 127.0.0.1] [--port 7860] [--precision 4bit|fp32] [--checkpoint-dir checkpoints]
+    python app.py [--host 127.0.0.1] [--port 7860] [--precision 4bit|nf4|fp32] [--no-recovery]
+                  [--checkpoint-dir checkpoints]
 
 UI only: loading and answering live in `unirag.pipeline`, figures and HTML in `unirag.viz`.
 Environment (for Hugging Face Spaces): UNIRAG_HOST, UNIRAG_PORT, UNIRAG_LLM, UNIRAG_ENCODER, UNIRAG_PRECISION,
@@ -405,11 +406,11 @@ def evaluation(pipeline: Pipeline, corpus: str | None = None, precision: str | N
 
 def about_markdown(pipeline: Pipeline) -> str:
     try:
-        cost = results_store.quantization_cost(results_store.load_store())
+        cost = results_store.quantization_cost(results_store.load_store(), recovered_only=True)
     except UniragError:
         cost = []
     cost_text = "\n".join(f"  - {line}" for line in cost) if cost else (
-        "  - not measured yet (no run of the results store in both 4-bit and fp32)")
+        "  - not measured yet (no run of the results store in both the recovered 4-bit and fp32)")
     sides = ("The two sides answer at the same time, each on its own thread: the latency on each card was measured "
              "while the other side was running." if pipeline.config.parallel_sides else
              "The two sides answer one after the other (`UNIRAG_PARALLEL_SIDES=0`).")
@@ -426,7 +427,7 @@ def about_markdown(pipeline: Pipeline) -> str:
    which starts at the cluster centroid (training also pulls the query vector towards the bi-encoder's embedding of
    the question, so the LLM learns to walk the tree the encoder built).
 3. **Answering.** The 1–3 selected documents go into the prompt; a *bridge* lets the answer attend to what the
-   retrieval pathway computed. Stage 2 trained a LoRA adapter (QLoRA on the 4-bit base the app loads) and the bridge
+   retrieval pathway computed. Stage 2 trained a LoRA adapter (QLoRA on a bitsandbytes NF4 base) and the bridge
    on the model's own retrievals, with short gold answers as targets, so the reader answers tersely (higher EM and
    F1, but a gold answer appears in its output less often than in the base LLM's). *Advanced settings → Joint
    reader → the base LLM* has the joint model's documents read by the base LLM instead, the RAG side's reader:
@@ -446,12 +447,14 @@ The dense RAG baseline embeds the question with the same bi-encoder, takes the t
 and reads them with the same LLM and prompt.
 
 ### This deployment
-- Precision: **{pipeline.config.precision_label}** (`--precision fp32` for full precision).
+- Precision: **{pipeline.config.precision_label}** (`--precision fp32` for full precision, `--no-recovery` for
+  bitsandbytes NF4 without the recovery).
 - LLM: **{pipeline.status()["llm"]}**, encoder: **{pipeline.status()["encoder"]}**.
 - {sides}
 - Settings the page starts from:
 {recommended_markdown(pipeline)}
-- Measured accuracy cost of 4-bit:
+- Measured accuracy cost of 4-bit after the recovery (HQQ; NF4 without it, for comparison; docs/RESULTS.md,
+  "4-bit recovery"):
 {cost_text}
 
 ### References
@@ -742,7 +745,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(env("UNIRAG_PORT") or env("GRADIO_SERVER_PORT") or "7860"),
                         help="default: UNIRAG_PORT, else 7860")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
-                        help="base LLM precision (default: UNIRAG_PRECISION or 4bit NF4 via bitsandbytes)")
+                        help="base LLM precision (default: UNIRAG_PRECISION or 4bit: HQQ 4-bit, the recovered one)")
+    parser.add_argument("--no-recovery", action="store_true",
+                        help="4-bit without the recovery: bitsandbytes NF4 (the same as --precision nf4)")
     parser.add_argument("--llm", default=None,
                         help="hub id or folder of the base LLM (default: UNIRAG_LLM or the embedded SmolLM2)")
     parser.add_argument("--encoder", default=None, help="bi-encoder: hub id, 'dpr' or empty for the embedded MiniLM")
@@ -766,7 +771,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     args = parse_args(argv)
     try:
-        config = AppConfig.from_env(precision=args.precision, llm=args.llm, encoder=args.encoder,
+        if args.no_recovery and args.precision not in (None, "4bit", "nf4"):
+            raise UniragError(f"--no-recovery applies to 4-bit weights, not --precision {args.precision}.")
+        precision = "nf4" if args.no_recovery else args.precision
+        config = AppConfig.from_env(precision=precision, llm=args.llm, encoder=args.encoder,
                                     checkpoint_dir=args.checkpoint_dir, data_dir=args.data)
     except UniragError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from unirag.joint.selfcheck import rerank
+from unirag.settings import precision_from_flags
 
 SWEEP_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 1e6)  # 0: the search's order; 1e6: the likelihood alone
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the first N questions: shards of a long run (e.g. one per core)")
     parser.add_argument("--beam-width", type=int, default=10)
     parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base, as the app loads it")
+    parser.add_argument("--no-recovery", action="store_true", help="with --load-in-4bit: NF4, no recovery")
     parser.add_argument("--path-logprob-only", action="store_true",
                         help="rank by the path's log-probability alone (no document-level rescoring)")
     parser.add_argument("--self-check", type=int, default=0, metavar="N",
@@ -111,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", default=None, metavar="FILE",
                         help="with --self-check: write each question's candidates and scores to this JSON file")
     args = parser.parse_args(argv)
+    args.precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
     if (args.sweep or args.records) and not args.self_check:
         parser.error("--sweep and --records need --self-check N")
     if args.offset < 0 or (args.limit is not None and args.limit < 1):
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     # k_docs 1: the recall counts the whole self-checked ranking (Retrieval.ranking), not the documents read.
     weight = {} if args.self_check_weight is None else {"self_check_weight": args.self_check_weight}
     settings = InferenceSettings(k_docs=1, beam_width=args.beam_width, self_check=args.self_check, **weight)
-    system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
+    system = JointSystem.from_checkpoint(args.checkpoint, corpus, precision=args.precision,
                                          document_match=not args.path_logprob_only,
                                          passage_cache=args.self_check_cache)  # checks the tree
     start = time.perf_counter()
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = (time.perf_counter() - start) / max(len(questions), 1)
     print(json.dumps({"checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split,
                       "offset": args.offset,
-                      "precision": "4bit" if args.load_in_4bit else "fp32",
+                      "precision": args.precision,
                       "ranking": ranking_name(not args.path_logprob_only),
                       "self_check": args.self_check,
                       **({"self_check_weight": settings.self_check_weight} if args.self_check else {}),

@@ -20,6 +20,7 @@ import statistics
 import time
 
 from unirag.eval import sign_test_p
+from unirag.settings import precision_from_flags
 
 
 def parse_joint_setting(text: str) -> tuple[int, int, float | None]:
@@ -50,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--joint-reader", choices=["base", "trained"], default="base",
                         help="who reads the joint side's documents: the base LLM or the stage-2 reader")
     parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--no-recovery", action="store_true", help="with --load-in-4bit: NF4, no recovery")
     parser.add_argument("--self-check-cache", action="store_true",
                         help="self-check from the passage cache (it must exist for this precision)")
     args = parser.parse_args(argv)
+    args.precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
 
     from unirag.backbones import load_llm
     from unirag.data import dataset_paths, load_corpus, load_questions
@@ -64,11 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     corpus_path, questions_path = dataset_paths(args.dataset, "dev")
     corpus = load_corpus(corpus_path)
     questions = load_questions(questions_path, corpus)[: args.questions + 1]
-    joint = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
+    joint = JointSystem.from_checkpoint(args.checkpoint, corpus, precision=args.precision,
                                         attn_implementation="sdpa", traces=False)
     if args.self_check_cache:
         joint.passage_cache = PassageCache.open(joint.model, corpus)  # never builds: a missing cache is an error
-    model, tokenizer = load_llm(joint.model.config.base_model, load_in_4bit=args.load_in_4bit,
+    model, tokenizer = load_llm(joint.model.config.base_model, precision=args.precision,
                                 attn_implementation="sdpa")
     rag = DenseRagSystem(DenseRetriever.from_corpus(corpus), Reader(model, tokenizer))
 
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.setdefault("total_s", []).append(total)
                 row.setdefault("answer_tokens", []).append(answer.answer_tokens)
                 row.setdefault("context_tokens", []).append(answer.context_tokens)
-    precision = "4bit" if args.load_in_4bit else "fp32"
+    precision = args.precision
     for name, row in times.items():
         print(json.dumps({"setting": name, "dataset": args.dataset, "n": len(questions) - 1,
                           "joint_reader": args.joint_reader if name.startswith("joint") else "base",

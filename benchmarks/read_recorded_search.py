@@ -20,6 +20,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from unirag.settings import precision_from_flags
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -33,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=1, help="documents read")
     parser.add_argument("--base-reader", action="store_true", help="the base LLM reads (adapter, pathway off)")
     parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--no-recovery", action="store_true", help="with --load-in-4bit: NF4, no recovery")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--out", default=None, help="per-question records, as `eval --out`")
     args = parser.parse_args(argv)
+    args.precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
     if args.k < 1 or any(args.k > n for n in args.n):
         parser.error("need 1 <= --k <= every --n")
     if len(set(args.n)) != len(args.n):
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     questions = [q for q in questions if q.id in records]
     if not questions:
         parser.error("no question of the split is in the records")
-    system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit,
+    system = JointSystem.from_checkpoint(args.checkpoint, corpus, precision=args.precision,
                                          attn_implementation="sdpa", traces=False)
     settings = InferenceSettings(max_new_tokens=args.max_new_tokens,
                                  joint_reader="base" if args.base_reader else "trained")
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             out = str(Path(out).with_name(f"{Path(out).stem}-n{n}{Path(out).suffix}"))
         summary = run_eval(lambda batch, n=n: answer_batch(batch, n), "joint", questions, args.k, batch_size=1,
                            out=out, labels={
-            "corpus": args.dataset, "precision": "4bit" if args.load_in_4bit else "fp32",
+            "corpus": args.dataset, "precision": args.precision,
             "reader": "base LLM" if args.base_reader else "stage-2", "self_check": n,
             "self_check_weight": args.weight, "retrieval": f"recorded search ({args.records})"})
         print(json.dumps(summary), flush=True)

@@ -16,6 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
+from unirag.settings import precision_from_flags
+
 
 def recorded_top(record: dict, n: int) -> list[str]:
     return [c["doc_id"] for c in sorted(record["candidates"], key=lambda c: c["search_rank"])[:n]]
@@ -44,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the live search's beam (default: the recorded search's); raised to N as `retrieve` does")
     parser.add_argument("--limit", type=int, default=None, help="the first N recorded questions only")
     parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--no-recovery", action="store_true", help="with --load-in-4bit: NF4, no recovery")
     args = parser.parse_args(argv)
+    args.precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
 
     from tqdm.auto import tqdm
 
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [r["id"] for r in records if r["id"] not in by_id]
     if missing:
         parser.error(f"{len(missing)} recorded questions are not in the {args.split} split (first: {missing[0]})")
-    system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit)
+    system = JointSystem.from_checkpoint(args.checkpoint, corpus, precision=args.precision)
     live: dict[int, list[list[str]]] = {n: [] for n in args.n}
     for record in tqdm(records, desc="live searches", unit="q"):
         for n in args.n:
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             live[n].append([b.doc_id for b in search.beams])
     recorded = {n: [recorded_top(r, n) for r in records] for n in args.n}
     print(json.dumps({"records": args.records, "recorded_n": recorded_n, "beam_width": beam,
-                      "precision": "4bit" if args.load_in_4bit else "fp32",
+                      "precision": args.precision,
                       "agreement": agreement(live, recorded)}))
     return 0
 

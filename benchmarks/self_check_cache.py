@@ -15,6 +15,8 @@ import json
 import statistics
 import time
 
+from unirag.settings import precision_from_flags
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -24,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=20, help="the first N questions of the split")
     parser.add_argument("--n", type=int, default=10, help="documents the self-check reads")
     parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--no-recovery", action="store_true", help="with --load-in-4bit: NF4, no recovery")
     args = parser.parse_args(argv)
+    args.precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
 
     from unirag.data import dataset_paths, load_corpus, load_questions
     from unirag.joint import JointSystem
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus_path, questions_path = dataset_paths(args.dataset, args.split)
     corpus = load_corpus(corpus_path)
     questions = load_questions(questions_path, corpus)[: args.questions]
-    system = JointSystem.from_checkpoint(args.checkpoint, corpus, load_in_4bit=args.load_in_4bit)
+    system = JointSystem.from_checkpoint(args.checkpoint, corpus, precision=args.precision)
     cache = PassageCache.open(system.model, corpus)
     settings = InferenceSettings(k_docs=1, self_check=args.n)  # the search a self-check of N runs (not the check)
     full_s, cached_s, diffs, same_top = [], [], [], 0
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         same_top += max(range(len(docs)), key=full.__getitem__) == max(range(len(docs)), key=cached.__getitem__)
     print(json.dumps({
         "checkpoint": args.checkpoint, "dataset": args.dataset, "questions": len(questions), "n": args.n,
-        "precision": "4bit" if args.load_in_4bit else "fp32", "cache_gb": round(cache.nbytes / 2**30, 2),
+        "precision": args.precision, "cache_gb": round(cache.nbytes / 2**30, 2),
         "full_read_s_median": round(statistics.median(full_s), 3),
         "cached_s_median": round(statistics.median(cached_s), 3),
         "max_abs_logprob_diff": round(max(diffs), 5), "same_top_document": same_top / len(questions),

@@ -148,7 +148,8 @@ def test_app_config_from_env(monkeypatch, tmp_path):
     assert (s.llm, s.encoder, s.precision, s.checkpoint_dir) == ("Qwen/Qwen3-4B-Instruct-2507", "dpr", "fp32", tmp_path)
     assert s.checkpoint_candidates("nq")[0] == tmp_path / "nq-qwen3-4b-instruct-2507"
     assert "--base-model Qwen/Qwen3-4B-Instruct-2507" in s.train_command("nq")
-    assert AppConfig.from_env(precision="4bit").load_in_4bit
+    assert AppConfig.from_env(precision="nf4").precision_label.startswith("4-bit NF4")
+    assert AppConfig().precision == "4bit"  # the recovered 4-bit by default
     assert llm_tag(None) == "smollm2"
     with pytest.raises(UniragError):
         AppConfig(precision="int3")
@@ -299,10 +300,10 @@ def test_quantization_cost_from_the_store():
     rows = results.load_store()
     cost = results.quantization_cost(rows)
     # One sentence a run measured in both precisions, paired by corpus, split and run name (k=2 and k=3 apart).
-    assert any(c.startswith("nq/dev · RAG top-5: accuracy 0.139 in 4-bit vs 0.297 in fp32 (-15.8 points")
-               for c in cost)
+    assert any(c.startswith("nq/dev · RAG top-5: accuracy 0.139 NF4 (no recovery) (-15.8 points) against 0.297 "
+                            "in fp32") for c in cost)
     assert sum("joint, 2 docs, beam 10, stage-2 reader" in c for c in cost) == 2  # nq dev and squad dev[:300]
-    assert results.quantization_cost([r for r in rows if r["precision"] == "4bit"]) == []
+    assert results.quantization_cost([r for r in rows if r["precision"] != "fp32"]) == []
 
 
 # --------------------------------------------------------------------------------------------- fast: callbacks
@@ -460,9 +461,10 @@ def test_evaluation_and_about(pipeline, tmp_path, monkeypatch):
     import app
     from unirag import results, viz
 
-    note, table, fig = app.evaluation(pipeline, "nq", "4bit")
+    note, table, fig = app.evaluation(pipeline, "nq", "nf4")
     # The store's nq NF4 runs, in plain words, No RAG first; the chart has one bar pair a run.
-    assert len(table) == sum(r["corpus"] == "nq" and r["precision"] == "4bit" for r in results.load_store())
+    assert len(table) == sum(r["corpus"] == "nq" and r["precision"] == "nf4" and r["split"] == "dev"
+                             for r in results.load_store())
     assert list(table["run"][:4]) == ["No RAG", "RAG top-1", "RAG top-3", "RAG top-5"]
     assert table.iloc[4]["run"].endswith("(recommended)")
     assert len(fig.data) == 2 and len(fig.data[0].y) == len(table) and fig.layout.height <= viz.EVAL_MAX_HEIGHT

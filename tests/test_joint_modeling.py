@@ -610,7 +610,7 @@ def test_real_smollm2_exact_float32():
 @pytest.mark.slow
 def test_real_smollm2_4bit_lora_forward():
     pytest.importorskip("bitsandbytes")
-    base, tok = load_llm(None, load_in_4bit=True)
+    base, tok = load_llm(None, precision="nf4")
     question = torch.tensor([tok("Q: what is the capital of France?\n")["input_ids"]])
     with torch.no_grad():
         expected = base(question).logits

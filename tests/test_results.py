@@ -29,9 +29,10 @@ def test_the_shipped_store_is_valid_and_complete():
     # Every migrated summary file is one row (88), plus the notebook's figures whose records were lost, plus runs
     # recorded by `eval`/`merge --record` since.
     assert sum(r["source"].startswith("eval_") for r in rows) == 88
-    assert all(r["source"].startswith(("eval_", "docs/RESULTS.md", "python -m unirag eval")) for r in rows)
+    assert all(r["source"].startswith(("eval_", "docs/RESULTS.md", "python -m unirag eval", "python -m benchmarks."))
+               for r in rows)
     recommended = [(r["corpus"], r["precision"]) for r in rows if r["settings"].get("recommended")]
-    assert sorted(recommended) == [("nq", "4bit"), ("nq", "fp32"), ("squad", "4bit"), ("squad", "fp32")]
+    assert sorted(recommended) == [("nq", "fp32"), ("nq", "nf4"), ("squad", "fp32"), ("squad", "nf4")]
 
 
 def test_report_tables_are_generated_from_the_store():
@@ -57,7 +58,7 @@ def test_load_names_file_and_line_of_a_bad_row(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"precision": "nf4"}, "precision 'nf4'"),
+    ({"precision": "int3"}, "precision 'int3'"),
     ({"split": "dev;rm"}, "split 'dev;rm'"),
     ({"n": "266"}, "`n` must be int"),
     ({"extra": 1}, "unknown field"),
@@ -116,7 +117,11 @@ def test_table_order_render_and_quantization_cost():
     assert results.table([*rows, older], "nq", "4bit", shipped=None)[-1]["run"] == "4-layer model: joint"
     assert "4-layer" not in results.render_table([*rows, older], "nq", "4bit")
     assert results.quantization_cost(rows) == [
-        "nq/dev · RAG top-5: accuracy 0.139 in 4-bit vs 0.297 in fp32 (-15.8 points, n=266)."]
+        "nq/dev · RAG top-5: accuracy 0.139 4-bit (recovered, HQQ) (-15.8 points) against 0.297 in fp32 (n=266)."]
+    nf4 = _row(precision="nf4", metrics={**_row()["metrics"], "accuracy": 0.1})
+    assert results.quantization_cost([*rows, nf4]) == [
+        "nq/dev · RAG top-5: accuracy 0.139 4-bit (recovered, HQQ) (-15.8 points) and 0.100 NF4 (no recovery) "
+        "(-19.7 points) against 0.297 in fp32 (n=266)."]
 
 
 def test_generator_rewrites_and_checks(tmp_path):
@@ -136,7 +141,8 @@ def test_generator_rewrites_and_checks(tmp_path):
 
 
 def test_recommended_settings_name_their_results_row():
-    """Each shipped recommended setting's reason names a store row measured with exactly those values."""
+    """Each shipped recommended setting's reason names a store row measured with exactly those values: its own
+    precision's, or (the recovered 4-bit, which keeps fp32's setting) the row it was chosen on."""
     import re
 
     from unirag.paths import REPO_ROOT
@@ -148,15 +154,17 @@ def test_recommended_settings_name_their_results_row():
         for precision in PRECISIONS:
             rec = RecommendedSettings.load(ckpt, precision)
             assert rec is not None and "\n" not in rec.reason
-            run = re.match(r"results row '([^']+)'", rec.reason)
-            assert run, rec.reason
+            named = re.compile(r"results row '([^']+)' \((\w+) (dev(?:\[:\d+\])?), (\w+)\)")
+            run = named.match(rec.reason)
+            assert run and run[2] == corpus and run[4] in (precision, "fp32"), rec.reason
             (row,) = [r for r in rows if (r["run"], r["corpus"], r["precision"], r["split"]) == (
-                run[1], corpus, precision, "dev")]
+                run[1], corpus, run[4], run[3])]
             assert {k: row["settings"][k] for k in rec.values} == rec.values and row["settings"]["recommended"]
-            # What a fresh machine serves (no passage cache) is measured too, on all dev questions.
-            fresh = re.match(r"results row '([^']+)'", rec.without_cache.reason)
+            # What a fresh machine serves (no passage cache) is measured too, in this precision.
+            fresh = named.match(rec.without_cache.reason)
+            assert fresh and fresh[4] == precision, rec.without_cache.reason
             (row,) = [r for r in rows if (r["run"], r["corpus"], r["precision"], r["split"]) == (
-                fresh[1], corpus, precision, "dev")]
+                fresh[1], corpus, precision, fresh[3])]
             values = {**rec.values, **rec.without_cache.values}
             if not values["self_check"]:
                 values.pop("self_check_weight")  # no self-check: its weight has no effect (null in the row)

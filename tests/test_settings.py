@@ -49,7 +49,8 @@ def test_whole_number_knobs_are_checked_against_their_limits(name):
 
 
 def test_reader_precision_and_unknown_names():
-    assert InferenceSettings(precision="NF4").precision == "4bit"
+    assert InferenceSettings(precision="NF4").precision == "nf4"  # bitsandbytes, no recovery
+    assert InferenceSettings(precision="int4").precision == "4bit"  # the recovered 4-bit
     assert InferenceSettings(precision="float32").precision == "fp32"
     with pytest.raises(UniragError, match="Unknown precision"):
         InferenceSettings(precision="int8")

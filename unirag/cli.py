@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from unirag.errors import UniragError
-from unirag.settings import HELP, InferenceSettings
+from unirag.settings import HELP, InferenceSettings, precision_from_flags
 from unirag.systems import SYSTEM_NAMES
 
 
@@ -27,7 +27,7 @@ def _add_system(parser: argparse.ArgumentParser, default: str | None = None) -> 
                         help="the compared system:\n" + describe())
     parser.add_argument("--checkpoint", default=None, help="joint checkpoint folder (the joint-* systems)")
     parser.add_argument("--llm", default=None, help="LLM hub id or local folder; empty = embedded SmolLM2-135M")
-    parser.add_argument("--load-in-4bit", action="store_true", help="load the LLM in bitsandbytes NF4 (else fp32)")
+    _add_precision(parser)
     settings = parser.add_argument_group("inference settings (unset: the checkpoint's recommended setting for the "
                                          "precision, else the library default)")
     for name in InferenceSettings.names():
@@ -38,6 +38,13 @@ def _add_system(parser: argparse.ArgumentParser, default: str | None = None) -> 
     settings.add_argument("--self-check-cache", action="store_true",
                           help="build the self-check passage cache first when it is missing (a resumable pass over "
                                "every passage; see `index --self-check-cache`); an existing one is always used")
+
+
+def _add_precision(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="load the LLM in 4 bits, with the recovery (HQQ, groups of 32); else fp32")
+    parser.add_argument("--no-recovery", action="store_true",
+                        help="with --load-in-4bit: bitsandbytes NF4 without the recovery (the comparison)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--seed", type=int, default=0)
     index.add_argument("--out", default=None, help="also write the tree JSON here")
     index.add_argument("--self-check-cache", action="store_true",
-                       help="also build the self-check passage cache for --checkpoint's base LLM (in NF4 with "
+                       help="also build the self-check passage cache for --checkpoint's base LLM (in 4 bits with "
                             "--load-in-4bit): a one-off pass over every passage, with progress, resumable")
     index.add_argument("--checkpoint", default=None, help="with --self-check-cache: a joint checkpoint folder")
-    index.add_argument("--load-in-4bit", action="store_true", help="with --self-check-cache: the NF4 base")
+    _add_precision(index)
 
     ev = sub.add_parser("eval", help="evaluate a system; stdout is one JSON summary",
                         formatter_class=argparse.RawTextHelpFormatter)
@@ -107,6 +114,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     corpus = load_corpus(args.corpus)
     config = TreeConfig(k=args.k, c=args.c, seed=args.seed, encoder=args.encoder or TreeConfig.encoder)
+    precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
     if (args.checkpoint or args.load_in_4bit) and not args.self_check_cache:
         raise UniragError("--checkpoint and --load-in-4bit go with --self-check-cache.")
     if args.self_check_cache and not args.checkpoint:
@@ -122,7 +130,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         from unirag.joint.modeling import JointModel
         from unirag.joint.passage_cache import PassageCache
 
-        model = JointModel.from_pretrained(args.checkpoint, load_in_4bit=args.load_in_4bit)
+        model = JointModel.from_pretrained(args.checkpoint, precision=precision)
         cache_start = time.perf_counter()
         cache = PassageCache.build(model, corpus)
         extra = {"self_check_cache": str(cache.path), "self_check_cache_mb": round(cache.nbytes / 2**20, 1),
@@ -159,7 +167,7 @@ def _resolve(args: argparse.Namespace, corpus, *, attn_implementation: str, trac
                           f"{', '.join(s.settings_used)}.")
     if args.self_check_cache and "self_check" not in s.settings_used:
         raise UniragError(f"--self-check-cache applies to the joint search systems, not {args.system}.")
-    precision = "4bit" if args.load_in_4bit else "fp32"
+    precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
     InferenceSettings(precision=precision, **explicit)  # bad values fail here, before any model loads
     system, joint = load_system(args.system, corpus, checkpoint=args.checkpoint, llm=args.llm, encoder=args.encoder,
                                 precision=precision, passage_cache=args.self_check_cache,

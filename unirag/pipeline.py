@@ -39,7 +39,7 @@ log = logging.getLogger("unirag.app")
 # Upper bound ZeroGPU reserves for one question (both sides); shorter reservations are scheduled sooner.
 GPU_SECONDS = 120
 REREAD_GPU_SECONDS = 60  # one re-read of both sides (no retrieval)
-PRECISION_LABELS = {"4bit": "4-bit NF4 (bitsandbytes)", "fp32": "fp32"}
+PRECISION_LABELS = {"4bit": "4-bit (HQQ, recovered)", "nf4": "4-bit NF4 (bitsandbytes, no recovery)", "fp32": "fp32"}
 CORPUS_LABELS = {"nq": "Natural Questions", "squad": "SQuAD v1.1"}
 
 Progress = Callable[[str], None]
@@ -66,7 +66,7 @@ class AppConfig:
 
     llm: str | None = None  # UNIRAG_LLM: hub id or folder; None = embedded SmolLM2-135M
     encoder: str | None = None  # UNIRAG_ENCODER: hub id, "dpr", or None = embedded all-MiniLM-L6-v2
-    precision: str = "4bit"  # UNIRAG_PRECISION: "4bit" (bitsandbytes NF4) or "fp32"
+    precision: str = "4bit"  # UNIRAG_PRECISION: "4bit" (recovered, HQQ), "nf4" (no recovery) or "fp32"
     checkpoint_dir: Path = field(default_factory=lambda: REPO_ROOT / "checkpoints")  # UNIRAG_CHECKPOINT_DIR
     data_dir: Path | None = None  # UNIRAG_DATA (else ../shared/data when it exists, else the repo's data/)
     corpora: tuple[str, ...] = DATASETS
@@ -96,10 +96,6 @@ class AppConfig:
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-    @property
-    def load_in_4bit(self) -> bool:
-        return self.precision == "4bit"
 
     @property
     def precision_label(self) -> str:
@@ -280,7 +276,7 @@ class Pipeline:
                 from unirag.rag import Reader
 
                 self._say(corpus, f"loading the LLM ({self.status()['llm']}, {self.config.precision_label})…")
-                model, tokenizer = load_llm(self.config.llm, load_in_4bit=self.config.load_in_4bit,
+                model, tokenizer = load_llm(self.config.llm, precision=self.config.precision,
                                             device=self.config.device)
                 self._reader = Reader(model, tokenizer)
             return self._reader
@@ -373,7 +369,7 @@ class Pipeline:
             return
         try:
             self._say(name, f"loading the joint checkpoint {_rel(ckpt)} ({self.config.precision_label})…")
-            bundle.joint = JointSystem.from_checkpoint(ckpt, bundle.corpus, load_in_4bit=self.config.load_in_4bit,
+            bundle.joint = JointSystem.from_checkpoint(ckpt, bundle.corpus, precision=self.config.precision,
                                                        base_model=self.config.llm, device=self.config.device)
             bundle.tree, bundle.tree_source, bundle.checkpoint = bundle.joint.trie, f"checkpoint {_rel(ckpt)}", ckpt
             self._attach_passage_cache(bundle)

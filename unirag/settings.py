@@ -23,11 +23,13 @@ from typing import Any
 from unirag.errors import UniragError
 
 # Shared vocabulary of the library, the eval files and the UI.
-PRECISIONS = ("4bit", "fp32")  # bitsandbytes NF4, or float32
+# "4bit": the recovered 4-bit weights (HQQ, unirag.quantization); "nf4": bitsandbytes NF4 without the recovery
+# (what "4bit" meant before, `--no-recovery`); "fp32": float32.
+PRECISIONS = ("4bit", "nf4", "fp32")
 # Who reads the joint model's documents: its stage-2 reader (LoRA adapter, pathway and bridge), or the base LLM,
 # the weights the RAG side reads with (then the two sides differ only in what they retrieved).
 JOINT_READERS = ("trained", "base")
-_PRECISION_ALIASES = {"nf4": "4bit", "4-bit": "4bit", "int4": "4bit", "float32": "fp32"}
+_PRECISION_ALIASES = {"4-bit": "4bit", "int4": "4bit", "hqq": "4bit", "float32": "fp32"}
 
 RECOMMENDED_FILE = "recommended_settings.json"
 NO_CACHE_BEAM = 10  # the beam the page used before self-check existed; wider beams only feed the self-check
@@ -53,12 +55,12 @@ HELP = {
                          "likelihood alone)",
     "joint_reader": "who reads the joint model's documents: 'trained' (its stage-2 reader) or 'base' (the base LLM, "
                     "the RAG side's reader)",
-    "precision": "'4bit' (bitsandbytes NF4) or 'fp32'",
+    "precision": "'4bit' (the recovered 4-bit: HQQ, groups of 32), 'nf4' (bitsandbytes NF4, no recovery) or 'fp32'",
 }
 
 
 def normalize_precision(value: str) -> str:
-    """"4bit" or "fp32" from the spellings users write (nf4, 4-bit, int4, float32); other values unchanged."""
+    """"4bit", "nf4" or "fp32" from the spellings users write (4-bit, int4, hqq, float32); others unchanged."""
     value = str(value).strip().lower()
     return _PRECISION_ALIASES.get(value, value)
 
@@ -68,6 +70,13 @@ def check_precision(value: str) -> str:
     if precision not in PRECISIONS:
         raise UniragError(f"Unknown precision {value!r}: use one of {', '.join(PRECISIONS)}.")
     return precision
+
+
+def precision_from_flags(load_in_4bit: bool, no_recovery: bool = False) -> str:
+    """The precision the command-line flags `--load-in-4bit [--no-recovery]` ask for."""
+    if no_recovery and not load_in_4bit:
+        raise UniragError("--no-recovery applies to 4-bit weights: use it with --load-in-4bit.")
+    return ("nf4" if no_recovery else "4bit") if load_in_4bit else "fp32"
 
 
 def _whole(name: str, value: Any) -> int:
@@ -251,4 +260,4 @@ class RecommendedSettings:
 
 
 __all__ = ["HELP", "InferenceSettings", "JOINT_READERS", "LIMITS", "PRECISIONS", "RECOMMENDED_FILE",
-           "RecommendedSettings", "check_precision", "normalize_precision"]
+           "RecommendedSettings", "check_precision", "normalize_precision", "precision_from_flags"]

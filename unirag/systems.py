@@ -178,7 +178,6 @@ def load_system(name: str, corpus: Corpus, *, checkpoint: str | Path | None = No
     if checkpoint and not s.needs_checkpoint:
         raise UniragError(f"--system {name} reads with the base LLM and takes no --checkpoint; the ablation "
                           "'rag-joint-reader' reads dense documents with the checkpoint's reader.")
-    load_in_4bit = precision == "4bit"
     retriever = None
     if name in ("rag", "rag-joint-reader"):
         from unirag.rag import DenseRetriever
@@ -187,7 +186,7 @@ def load_system(name: str, corpus: Corpus, *, checkpoint: str | Path | None = No
     if s.reader == "joint":
         from unirag.joint import JointSystem
 
-        joint = JointSystem.from_checkpoint(checkpoint, corpus, load_in_4bit=load_in_4bit, base_model=llm,
+        joint = JointSystem.from_checkpoint(checkpoint, corpus, precision=precision, base_model=llm,
                                             attn_implementation=attn_implementation, traces=traces,
                                             document_match=name != "joint-no-match", passage_cache=passage_cache)
         if joint.passage_cache is None and not passage_cache:
@@ -198,7 +197,7 @@ def load_system(name: str, corpus: Corpus, *, checkpoint: str | Path | None = No
     from unirag.backbones import load_llm
     from unirag.rag import Reader
 
-    model, tokenizer = load_llm(llm, load_in_4bit=load_in_4bit, attn_implementation=attn_implementation)
+    model, tokenizer = load_llm(llm, precision=precision, attn_implementation=attn_implementation)
     return build_system(name, corpus, reader=Reader(model, tokenizer), retriever=retriever), None
 
 

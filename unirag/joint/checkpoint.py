@@ -122,7 +122,7 @@ def _check_fingerprint_describes_base(model: JointModel, fingerprint: str) -> No
 
 
 def from_pretrained(
-    cls: type[JointModel], checkpoint_dir: str | Path, load_in_4bit: bool = False, base_model: str | None = None,
+    cls: type[JointModel], checkpoint_dir: str | Path, precision: str = "fp32", base_model: str | None = None,
     dtype: torch.dtype = torch.float32, device: str | None = None, attn_implementation: str = "eager",
 ) -> JointModel:
     """Load a checkpoint written by save_pretrained; the base comes from `base_model` or the saved config.
@@ -161,7 +161,7 @@ def from_pretrained(
         )
     tensors = _load_safetensors(weights_path)
 
-    base, tokenizer = load_llm(name, load_in_4bit=load_in_4bit, dtype=dtype, device=device,
+    base, tokenizer = load_llm(name, precision=precision, dtype=dtype, device=device,
                                attn_implementation=attn_implementation)
     lora = config.lora
     config.lora = None

@@ -51,6 +51,7 @@ from torch import nn
 from unirag.errors import UniragError
 from unirag.joint import checkpoint
 from unirag.joint.config import JointConfig
+from unirag.quantization import dense_weight
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -373,17 +374,6 @@ class JointAttention(nn.Module):
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _dense_weight(linear: nn.Module) -> torch.Tensor:
-    """The float weight of a Linear, also when it is peft-wrapped or a bitsandbytes 4-bit layer."""
-    linear = getattr(linear, "base_layer", linear)
-    weight = linear.weight
-    if type(weight).__name__ == "Params4bit":
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).detach()
-    return weight.detach()
-
-
 def _is_kbit(model: nn.Module) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
@@ -604,8 +594,8 @@ class JointModel(nn.Module):
         n_heads = self.base_config.num_attention_heads
         kv = pw.num_kv_heads
         base_rep, r_rep, d = n_heads // kv, pw.num_heads // kv, pw.head_dim
-        q_w = _dense_weight(attn.q_proj).to(pw.r_q_proj.weight.dtype)
-        o_w = _dense_weight(attn.o_proj).to(pw.r_o_proj.weight.dtype)
+        q_w = dense_weight(attn.q_proj).to(pw.r_q_proj.weight.dtype)
+        o_w = dense_weight(attn.o_proj).to(pw.r_o_proj.weight.dtype)
         q_b = getattr(_unwrap(attn.q_proj), "bias", None)
         for j in range(pw.num_heads):
             group, within = divmod(j, r_rep)
@@ -1148,11 +1138,11 @@ class JointModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, checkpoint_dir: str | Path, load_in_4bit: bool = False, base_model: str | None = None,
+        cls, checkpoint_dir: str | Path, precision: str = "fp32", base_model: str | None = None,
         dtype: torch.dtype = torch.float32, device: str | None = None, attn_implementation: str = "eager",
     ) -> JointModel:
         """Load a checkpoint written by save_pretrained; see `unirag.joint.checkpoint.from_pretrained`."""
-        return checkpoint.from_pretrained(cls, checkpoint_dir, load_in_4bit, base_model, dtype, device,
+        return checkpoint.from_pretrained(cls, checkpoint_dir, precision, base_model, dtype, device,
                                           attn_implementation)
 
 

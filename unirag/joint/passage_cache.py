@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from unirag.errors import UniragError
-from unirag.joint.modeling import JointModel, _is_kbit
+from unirag.joint.modeling import JointModel
 from unirag.joint.prompts import SELF_CHECK_PROMPT, question_ids, self_check_prompt_ids
 from unirag.paths import write_json_atomic
 
@@ -35,7 +35,9 @@ STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 def _precision(model: JointModel) -> str:
-    return "nf4" if _is_kbit(model.causal_lm) else str(model.dtype).replace("torch.", "")
+    from unirag.quantization import weight_format
+
+    return weight_format(model.causal_lm)
 
 
 def cache_fingerprint(model: JointModel, corpus) -> dict[str, Any]:

@@ -68,7 +68,7 @@ class JointSystem:
         self.document_match = document_match
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path, corpus, *, load_in_4bit: bool = False,
+    def from_checkpoint(cls, checkpoint_dir: str | Path, corpus, *, precision: str = "fp32",
                         base_model: str | None = None, attn_implementation: str = "eager", traces: bool = True,
                         document_match: bool = True, passage_cache: bool | str | Path = False,
                         device: str | None = None) -> JointSystem:
@@ -83,7 +83,7 @@ class JointSystem:
             raise UniragError(f"{tree_path} is missing: a joint checkpoint must ship its docid tree.")
         tree = DocidTree.load(tree_path, corpus)  # before the model: a corpus mismatch fails fast
         # The joint modules follow the base's device (JointModel puts its new modules beside the embeddings).
-        model = JointModel.from_pretrained(ckpt, load_in_4bit=load_in_4bit, base_model=base_model, device=device,
+        model = JointModel.from_pretrained(ckpt, precision=precision, base_model=base_model, device=device,
                                            attn_implementation=attn_implementation)
         cache = None
         if passage_cache:

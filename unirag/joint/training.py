@@ -471,6 +471,11 @@ def retrieval_recall(model: JointModel, tokenizer, tree: DocidTree, questions: l
 # ------------------------------------------------------------------------------------------ training
 
 
+def _precision(config: TrainConfig) -> str:
+    """Stage 2 trains QLoRA-style on bitsandbytes NF4 (peft's k-bit training path), else in float."""
+    return "nf4" if config.load_in_4bit else "fp32"
+
+
 def build_or_resume(config: TrainConfig, corpus: Corpus, tree: DocidTree, resume: bool, accelerator):
     out = Path(config.out)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype)
@@ -478,13 +483,13 @@ def build_or_resume(config: TrainConfig, corpus: Corpus, tree: DocidTree, resume
         raise UniragError(f"--dtype {config.dtype!r}: use float32, bfloat16 or float16.")
     device = str(accelerator.device) if accelerator.device.type != "cpu" else None
     if resume and (out / STATE_FILE).is_file():
-        model = JointModel.from_pretrained(out, load_in_4bit=config.load_in_4bit, base_model=config.base_model,
+        model = JointModel.from_pretrained(out, precision=_precision(config), base_model=config.base_model,
                                            dtype=dtype, device=device)
         state = json.loads((out / STATE_FILE).read_text())
         return model, model.tokenizer, state
     if out.exists() and any(out.iterdir()) and not resume:
         raise UniragError(f"{out} already holds files; pass --resume to continue it or choose another --out.")
-    base, tokenizer = load_llm(config.base_model, load_in_4bit=config.load_in_4bit, dtype=dtype, device=device)
+    base, tokenizer = load_llm(config.base_model, precision=_precision(config), dtype=dtype, device=device)
     doc_vectors = docids.corpus_embeddings(corpus, encoder_name=tree.config.encoder) if config.semantic_docids \
         else None
     joint_config = JointConfig(
