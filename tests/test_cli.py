@@ -118,6 +118,8 @@ def test_ask_with_empty_question_and_eval_contract(files, capsys, tiny_llm_dirs,
         llm,
         "--max-new-tokens",
         3,
+        "--limit",
+        1,
         "--out",
         out_file,
         "--record",
@@ -146,6 +148,7 @@ def test_ask_with_empty_question_and_eval_contract(files, capsys, tiny_llm_dirs,
                                                                            "fp32")
     assert row["metrics"]["accuracy"] == summary["accuracy"] and row["n"] == 1
     assert row["settings"]["max_new_tokens"] == 3 and "--record" in row["command"]
+    assert row["split"].endswith("[:1]")  # --limit: the slice, in the store's notation (dev[:300])
 
 
 def _joint_checkpoint(root, llm_dir, corpus_path):

@@ -213,7 +213,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     summary = run_eval(lambda qs: system.answer_many(qs, settings), args.system, questions, k, batch_size=batch,
                        out=args.out, labels=labels, resume=args.resume, overwrite=args.overwrite)
     if args.record:
-        split = labels["split"] + (f"[{args.offset}:{args.offset + len(questions)}]" if args.offset or args.limit
+        # Python's slice notation, as the store writes it: dev[:300] for the first 300, dev[300:600] after them.
+        split = labels["split"] + (f"[{args.offset or ''}:{args.offset + len(questions)}]" if args.offset or args.limit
                                    else "")
         _record(summary, args.record, split, args.command_line)
     print(json.dumps(summary), flush=True)
