@@ -165,16 +165,18 @@ def gold_prompt(tokenizer, question: Question, corpus) -> str:
 
 
 def footprint_mb(model) -> float:
+    """Bytes of every tensor the model holds, each counted once (tied or shared storage too)."""
     tensors = list(model.parameters()) + list(model.buffers())
-    for module in model.modules():  # HQQ keeps its packed weights and scales outside parameters/buffers
+    for module in model.modules():  # HQQ keeps its scales and zero points in a dict, outside parameters/buffers
         if type(module).__name__ == "HQQLinear":
             tensors += [module.W_q] + [v for v in module.meta.values() if torch.is_tensor(v)]
-    return round(sum(t.numel() * t.element_size() for t in tensors) / 2**20, 1)
+    unique = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return round(sum(unique.values()) / 2**20, 1)
 
 
-def _mean(records: list[dict], key: str) -> float:
+def _mean(records: list[dict], key: str, digits: int = 4) -> float:
     values = [r[key] for r in records if key in r]
-    return round(sum(values) / max(1, len(values)), 4)
+    return round(sum(values) / max(1, len(values)), digits)
 
 
 @torch.no_grad()
@@ -250,7 +252,7 @@ def measure(args) -> None:
         result["corpora"][name] = {
             "n": len(records), "n_generated": sum("answer" in r for r in records),
             **{key: _mean(records, key) for key in ("accuracy", "em", "f1")},
-            "kl_to_fp32": _mean(records, "kl") if reference else 0.0,
+            "kl_to_fp32": _mean(records, "kl", digits=7) if reference else 0.0,
             "agreement_with_fp32": _mean(records, "agrees") if reference else 1.0,
             "seconds_per_question": round(seconds / max(1, sum("answer" in r for r in records)), 3),
             "records": records}

@@ -13,7 +13,7 @@ import json
 import statistics
 import time
 
-from unirag.settings import JOINT_READERS
+from unirag.settings import JOINT_READERS, PRECISIONS
 
 
 def median_of(values: list[float]) -> float | None:
@@ -22,7 +22,7 @@ def median_of(values: list[float]) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--precision", choices=["4bit", "fp32"], default="4bit")
+    parser.add_argument("--precision", choices=PRECISIONS, default="4bit")
     parser.add_argument("--corpus", default="nq")
     parser.add_argument("--questions", type=int, default=20, help="nq/dev questions timed after one warm-up")
     parser.add_argument("--k-docs", type=int, default=2)

@@ -328,9 +328,12 @@ def render_recovery(rows: Sequence[Mapping[str, Any]]) -> str:
         def pair(key: str, digits: int = 3, by=by) -> str:
             return " / ".join(_cell(by[c]["metrics"].get(key), digits) if c in by else "–" for c in ("nq", "squad"))
 
+        def kl(by=by) -> str:  # spans 1e-5 to 1: two significant digits
+            return " / ".join(f"{by[c]['metrics']['kl_to_fp32']:.2g}" if c in by else "–" for c in ("nq", "squad"))
+
         n = first["metrics"].get("n_generated")
         lines.append(f"| {name} | {first['precision']} | {_cell(first['metrics'].get('memory_mb'), 0)} | "
-                     f"{pair('kl_to_fp32', 4)} | {pair('agreement_with_fp32', 2)} | {pair('accuracy', 2)} "
+                     f"{kl()} | {pair('agreement_with_fp32', 2)} | {pair('accuracy', 2)} "
                      f"(n={n}) | {pair('seconds_per_question', 1)} |")
     dev = ["| corpus, split | run | fp32 | NF4, no recovery | 4-bit recovered | recovered − fp32 | target |",
            "|" + "---|" * 7]
