@@ -217,7 +217,9 @@ def render(comparison: Comparison, bundle) -> tuple:
         joint_docs = ""
         joint_heat = viz.empty_figure("No joint answer.", "Joint: answer tokens × selected documents")
     if rag.answer is not None:
-        bars = viz.retrieval_bars_figure(rag.answer, gold_doc)
+        scored = BASELINE_SCORES[comparison.baseline]
+        bars = viz.retrieval_bars_figure(rag.answer, gold_doc, None if comparison.baseline == "rag" else (
+            f"Top-k passages by {scored}" + (" (green = gold)" if gold_doc else "")))
         rag_docs = viz.documents_html(rag.answer, gold_doc, rgb=(2, 132, 199),
                                       scores_label=BASELINE_SCORES[comparison.baseline])
         rag_heat = viz.attention_heatmap(rag.answer, "RAG: answer tokens × retrieved passages", colorscale="Blues")

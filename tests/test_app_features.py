@@ -88,6 +88,7 @@ def test_the_baseline_choice_reaches_the_right_hand_side(pipeline):  # noqa: F81
     # The page: the dropdown's value goes through `app.ask`, and the card names the baseline.
     outputs = app.ask(pipeline, "nq", QUESTION, 4, 2, 3, 4, None, None, "bm25")
     assert "BM25 · top-3" in outputs[6] and outputs[-1].baseline == "bm25"
+    assert "by BM25" in outputs[7].layout.title.text  # the score bars name the baseline's score
     assert "Dense RAG · top-3" in app.ask(pipeline, "nq", QUESTION, 4, 2, 3, 4)[6]
     redo = app.reask(pipeline, outputs[-1], remove=outputs[-1].rag.answer.doc_ids[0])
     assert redo[-2].baseline == "bm25" and redo[-2].rag.answer.system == "bm25"
