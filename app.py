@@ -32,6 +32,8 @@ try:
     from unirag import viz
     from unirag.errors import UniragError
     from unirag.pipeline import (
+        BASELINE_SCORES,
+        BASELINES,
         CORPUS_LABELS,
         AppConfig,
         Comparison,
@@ -198,7 +200,7 @@ def render(comparison: Comparison, bundle) -> tuple:
     joint_card = viz.answer_card_html(joint.answer, f"Joint model · retrieval as reasoning{reader}", viz.JOINT_COLOR,
                                       joint.gold_found, joint.gold_rank, joint.correct, answers, joint.error,
                                       exact=joint.exact, f1=joint.f1)
-    rag_card = viz.answer_card_html(rag.answer, f"Dense RAG · top-{comparison.settings.rag_k}", viz.RAG_COLOR,
+    rag_card = viz.answer_card_html(rag.answer, comparison.baseline_title, viz.RAG_COLOR,
                                     rag.gold_found, rag.gold_rank, rag.correct, answers, rag.error,
                                     exact=rag.exact, f1=rag.f1)
     if joint.answer is not None:
@@ -215,11 +217,14 @@ def render(comparison: Comparison, bundle) -> tuple:
         joint_docs = ""
         joint_heat = viz.empty_figure("No joint answer.", "Joint: answer tokens × selected documents")
     if rag.answer is not None:
-        bars = viz.retrieval_bars_figure(rag.answer, gold_doc)
-        rag_docs = viz.documents_html(rag.answer, gold_doc, rgb=(2, 132, 199), scores_label="cosine")
+        scored = BASELINE_SCORES[comparison.baseline]
+        bars = viz.retrieval_bars_figure(rag.answer, gold_doc, None if comparison.baseline == "rag" else (
+            f"Top-k passages by {scored}" + (" (green = gold)" if gold_doc else "")))
+        rag_docs = viz.documents_html(rag.answer, gold_doc, rgb=(2, 132, 199),
+                                      scores_label=BASELINE_SCORES[comparison.baseline])
         rag_heat = viz.attention_heatmap(rag.answer, "RAG: answer tokens × retrieved passages", colorscale="Blues")
     else:
-        bars = viz.empty_figure("The dense RAG side failed on this question (see its card).", "Top-k passages")
+        bars = viz.empty_figure("The baseline failed on this question (see its card).", "Top-k passages")
         rag_docs = ""
         rag_heat = viz.empty_figure("No RAG answer.", "RAG: answer tokens × retrieved passages")
     return (gold_info_html(comparison, bundle), joint_card, path_fig, beams, joint_docs, joint_heat,
@@ -231,12 +236,12 @@ def render(comparison: Comparison, bundle) -> tuple:
 
 def ask(pipeline: Pipeline, corpus: str, question: str, beam_width: float | None = None, k_docs: float | None = None,
         rag_k: float | None = None, max_new_tokens: float | None = None, joint_reader: str | None = None,
-        self_check: float | None = None) -> tuple:
+        self_check: float | None = None, baseline: str | None = None) -> tuple:
     """Answer with both systems; returns the outputs in `render` order, the banner and the path for the tree tab.
-    A setting left out (None) is the corpus's start setting, as on the page."""
+    A setting left out (None) is the corpus's start setting, as on the page; the baseline defaults to dense RAG."""
     comparison = pipeline.ask(corpus, question or "", beam_width=beam_width, k_docs=k_docs, rag_k=rag_k,
                               max_new_tokens=max_new_tokens, joint_reader=joint_reader or None,
-                              self_check=self_check)
+                              self_check=self_check, baseline=baseline or "rag")
     return (*render(comparison, pipeline.bundle(corpus)), banner_html(pipeline), last_docid(comparison), comparison)
 
 
@@ -289,7 +294,8 @@ def reask(pipeline: Pipeline, comparison: Comparison | None, remove: str | None 
         raise UniragError("Pick a document to remove, or type one to add.")
     again = pipeline.reask(comparison.corpus, comparison.question, comparison.settings,
                            joint_docs=lists["joint"] if answers["joint"] is not None else None,
-                           rag_docs=lists["rag"] if answers["rag"] is not None else None, note=note)
+                           rag_docs=lists["rag"] if answers["rag"] is not None else None, note=note,
+                           baseline=comparison.baseline)
     outputs = list(render(again, pipeline.bundle(again.corpus)))
     outputs[2:4] = [gr.skip(), gr.skip()]  # the retrieval did not change: keep its path and beams
     title = html.escape(pipeline.bundle(again.corpus).corpus[doc_id].title)
@@ -444,7 +450,9 @@ def about_markdown(pipeline: Pipeline) -> str:
    and the highlighted sentences in the documents are the ones the answer used (GeAR-style localisation).
 
 The dense RAG baseline embeds the question with the same bi-encoder, takes the top-k passages by cosine similarity
-and reads them with the same LLM and prompt.
+and reads them with the same LLM and prompt. The *Baseline* menu swaps it for BM25, for dense and BM25 fused by
+reciprocal rank, or for dense + self-check: the dense top N re-ranked by the joint model's own self-check (same N,
+weight, passage cache and reader as the joint side), which isolates what the docid search adds.
 
 ### This deployment
 - Precision: **{pipeline.config.precision_label}** (`--precision fp32` for full precision, `--no-recovery` for
@@ -516,6 +524,7 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                             ("beam_width", "docs_selected", "rag_k", "max_new_tokens")]
             api_reader = gr.Dropdown(list(JOINT_READERS), value=None, label="joint_reader", visible=False)
             api_self_check = gr.Number(None, label="self_check", visible=False)
+            api_baseline = gr.Dropdown(list(BASELINES), value=None, label="baseline", visible=False)
             api_ask = gr.Button("ask", visible=False)
         view = gr.State(None)  # the last Comparison shown: re-ask and the explain panel read it
 
@@ -589,9 +598,13 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                         joint_docs = gr.HTML("", elem_id="ur-joint-docs", label="joint documents")
                         joint_heat = gr.Plot(show_label=False, elem_id="ur-joint-heat", label="joint attention")
                     with gr.Column(elem_classes=["ur-col-rag"]):
-                        gr.HTML('<div class="ur-col-title">Vanilla DPR RAG</div><div class="ur-col-help">A '
+                        gr.HTML('<div class="ur-col-title">Baseline RAG</div><div class="ur-col-help">Dense RAG: a '
                                 'bi-encoder embeds the question; the k passages with the highest cosine similarity '
-                                'are pasted into the prompt of the same LLM.</div>')
+                                'are pasted into the prompt of the same LLM. BM25 and hybrid (dense and BM25 fused by '
+                                'reciprocal rank) read the same way; dense + self-check re-ranks the dense top N with '
+                                'the joint model\'s self-check and reads as the joint model does.</div>')
+                        baseline = gr.Dropdown([(label, name) for name, label in BASELINES.items()], value="rag",
+                                               label="Baseline", elem_id="ur-baseline")
                         rag_card = gr.HTML(viz.answer_card_html(None, "Dense RAG", viz.RAG_COLOR),
                                            elem_id="ur-rag-answer", label="rag answer")
                         rag_cite = gr.HTML("", elem_id="ur-rag-cite", label="rag citation")
@@ -658,15 +671,16 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
         ask_outputs = [gold_info, joint_card, joint_path, joint_beams, joint_docs, joint_heat, rag_card, rag_bars,
                        rag_docs, rag_heat, banner, last]
         ask_outputs += [view]
-        ask_inputs = [corpus, question, beam_width, k_docs, rag_k, max_new, joint_reader, self_check]
+        ask_inputs = [corpus, question, beam_width, k_docs, rag_k, max_new, joint_reader, self_check, baseline]
 
         def on_ask(corpus: str, question: str, beam_width: float | None = None, docs_selected: float | None = None,
                    rag_k: float | None = None, max_new_tokens: float | None = None, reader: str | None = None,
-                   self_check: float | None = None):
+                   self_check: float | None = None, baseline: str | None = None):
             """Ask both systems one question. A setting left out (None) is the corpus's start setting: the
-            checkpoint's recommended value for the app's precision, the value the page starts from."""
+            checkpoint's recommended value for the app's precision, the value the page starts from. baseline: the
+            right-hand system (rag, bm25, hybrid or rag-selfcheck; None = rag)."""
             return ask(pipeline, corpus, question, beam_width, docs_selected, rag_k, max_new_tokens, reader,
-                       self_check)
+                       self_check, baseline)
 
         def on_tree_tab(corpus_name, last_path):
             return tree_view(pipeline, corpus_name, last_path)
@@ -692,7 +706,8 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                           self_check, joint_reader]
         on_ask_safe = _guard(on_ask)
         ask_btn.click(on_ask_safe, ask_inputs, ask_outputs, api_name=False, concurrency_id="models")
-        api_ask.click(on_ask_safe, [corpus, question, *api_settings, api_reader, api_self_check], ask_outputs,
+        api_ask.click(on_ask_safe, [corpus, question, *api_settings, api_reader, api_self_check, api_baseline],
+                      ask_outputs,
                       api_name="ask", concurrency_id="models")
         # The character counter runs in the browser: no request per keystroke.
         question.change(None, question, counter, js=viz.CHAR_COUNTER_JS.replace("LIMIT", str(MAX_QUESTION_CHARS)),

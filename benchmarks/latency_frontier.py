@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from unirag.data import dataset_paths, load_corpus, load_questions
     from unirag.joint import JointSystem
     from unirag.joint.passage_cache import PassageCache
-    from unirag.rag import DenseRagSystem, DenseRetriever, Reader
+    from unirag.rag import DenseRetriever, RagSystem, Reader
     from unirag.settings import InferenceSettings
 
     corpus_path, questions_path = dataset_paths(args.dataset, "dev")
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         joint.passage_cache = PassageCache.open(joint.model, corpus)  # never builds: a missing cache is an error
     model, tokenizer = load_llm(joint.model.config.base_model, precision=args.precision,
                                 attn_implementation="sdpa")
-    rag = DenseRagSystem(DenseRetriever.from_corpus(corpus), Reader(model, tokenizer))
+    rag = RagSystem(DenseRetriever.from_corpus(corpus), Reader(model, tokenizer))
 
     settings = {(beam, n, weight): InferenceSettings(k_docs=args.k_docs, beam_width=beam, self_check=n,
                                                      max_new_tokens=args.max_new_tokens, joint_reader=args.joint_reader,

@@ -493,7 +493,7 @@ def test_build_demo_has_ask_api(pipeline):
     assert {"joint answer", "rag answer", "status"} <= set(names)
     params = {p["parameter_name"]: p for p in info["parameters"]}
     assert params["corpus"]["parameter_default"] == "nq"
-    for name in ("beam_width", "docs_selected", "rag_k", "max_new_tokens", "reader", "self_check"):
+    for name in ("beam_width", "docs_selected", "rag_k", "max_new_tokens", "reader", "self_check", "baseline"):
         # None = the corpus's start setting (`app.ask`), i.e. what the page starts from
         assert params[name]["parameter_has_default"] and params[name]["parameter_default"] is None, params[name]
 

@@ -55,6 +55,45 @@ def test_reask_unknown_document_is_a_clear_error(pipeline):  # noqa: F811
         pipeline.find_document("nq", "t")  # many titles contain a "t"
 
 
+# --------------------------------------------------------------------------------------------- 2. baselines
+
+
+def test_the_baseline_choice_reaches_the_right_hand_side(pipeline):  # noqa: F811
+    import app
+    from unirag.errors import UniragError
+
+    bundle = pipeline.bundle("nq")
+    for name in ("bm25", "hybrid"):
+        result = pipeline.ask("nq", QUESTION, baseline=name, **SETTINGS)
+        assert result.baseline == name and result.rag.error is None, result.rag.error
+        assert result.rag.answer.system == name and len(result.rag.answer.docs) == 3
+        assert result.joint.answer is not None  # the joint side answers as ever
+    bm25 = pipeline.ask("nq", QUESTION, baseline="bm25", **SETTINGS).rag.answer
+    assert bm25.doc_ids == [d for d, _ in bundle.baselines["bm25"].retriever.search(QUESTION, 3)]
+    assert bm25.doc_ids[0] == "d00"  # "Eiffel Tower" and "completed" are in that passage only
+    # rag-selfcheck re-ranks with the joint model already loaded (no second LLM) and its settings.
+    selfcheck = bundle.baselines["rag-selfcheck"]
+    assert selfcheck.joint is bundle.joint and selfcheck.retriever is bundle.rag.retriever
+    checked = pipeline.ask("nq", QUESTION, baseline="rag-selfcheck", self_check=3, **SETTINGS)
+    answer = checked.rag.answer
+    assert answer.system == "rag-selfcheck" and len(answer.trace.self_check) == 3 and len(answer.docs) == 2
+    assert answer.ranked_doc_ids == [row.doc_id for row in answer.trace.self_check]
+    assert checked.baseline_title == "Dense + self-check · top-2 of 3"
+    off = pipeline.ask("nq", QUESTION, baseline="rag-selfcheck", self_check=0, **SETTINGS)
+    assert "self_check 0" in off.rag.error and off.joint.answer is not None  # reported on its card
+    again = pipeline.reask("nq", QUESTION, checked.settings, rag_docs=["d15"], baseline="rag-selfcheck")
+    assert again.baseline == "rag-selfcheck" and again.rag.answer.doc_ids == ["d15"]
+    with pytest.raises(UniragError, match="Unknown baseline"):
+        pipeline.ask("nq", QUESTION, baseline="splade")
+    # The page: the dropdown's value goes through `app.ask`, and the card names the baseline.
+    outputs = app.ask(pipeline, "nq", QUESTION, 4, 2, 3, 4, None, None, "bm25")
+    assert "BM25 · top-3" in outputs[6] and outputs[-1].baseline == "bm25"
+    assert "by BM25" in outputs[7].layout.title.text  # the score bars name the baseline's score
+    assert "Dense RAG · top-3" in app.ask(pipeline, "nq", QUESTION, 4, 2, 3, 4)[6]
+    redo = app.reask(pipeline, outputs[-1], remove=outputs[-1].rag.answer.doc_ids[0])
+    assert redo[-2].baseline == "bm25" and redo[-2].rag.answer.system == "bm25"
+
+
 # --------------------------------------------------------------------------------------------- 5. run comparison
 
 

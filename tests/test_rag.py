@@ -6,10 +6,10 @@ from unirag.backbones import load_llm
 from unirag.data import Corpus, Passage
 from unirag.errors import UniragError
 from unirag.rag import (
-    DenseRagSystem,
     DenseRetriever,
     GoldPassageSystem,
     NoRagSystem,
+    RagSystem,
     Reader,
     build_prompt,
     clean_generation,
@@ -61,7 +61,7 @@ def test_rag_and_norag_answers_record_everything(tiny_llm_dirs, retriever):
     model, tok = load_llm(str(tiny_llm_dirs["llama"]))
     reader = Reader(model, tok)
     reader.stop_ids = [199]  # a random model may emit EOS at once; only a never-sampled id stops it
-    rag = DenseRagSystem(retriever, reader)
+    rag = RagSystem(retriever, reader)
     k2 = InferenceSettings(rag_k=2, max_new_tokens=5)
     answer = rag.answer("capital of Italy?", k2, with_attention=True)
     assert answer.doc_ids[0] == "p1" and len(answer.docs) == 2
@@ -89,7 +89,7 @@ def test_rag_and_norag_answers_record_everything(tiny_llm_dirs, retriever):
 
 def test_bad_questions_are_handled(tiny_llm_dirs, retriever):
     model, tok = load_llm(str(tiny_llm_dirs["llama"]))
-    rag = DenseRagSystem(retriever, Reader(model, tok))
+    rag = RagSystem(retriever, Reader(model, tok))
     one = InferenceSettings(rag_k=1, max_new_tokens=3)
     with pytest.raises(UniragError, match="empty"):
         rag.answer("   ", one)

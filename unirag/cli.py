@@ -25,7 +25,8 @@ def _add_system(parser: argparse.ArgumentParser, default: str | None = None) -> 
 
     parser.add_argument("--system", required=default is None, default=default, choices=SYSTEM_NAMES,
                         help="the compared system:\n" + describe())
-    parser.add_argument("--checkpoint", default=None, help="joint checkpoint folder (the joint-* systems)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="joint checkpoint folder (the joint* systems, rag-joint-reader and rag-selfcheck)")
     parser.add_argument("--llm", default=None, help="LLM hub id or local folder; empty = embedded SmolLM2-135M")
     _add_precision(parser)
     settings = parser.add_argument_group("inference settings (unset: the checkpoint's recommended setting for the "
@@ -175,6 +176,7 @@ def _resolve(args: argparse.Namespace, corpus, *, attn_implementation: str, trac
     settings = InferenceSettings.from_existing(
         args.checkpoint if s.needs_checkpoint else None, precision,
         passage_cache=joint is not None and joint.passage_cache is not None, **explicit)
+    s.check(settings)  # e.g. rag-selfcheck with the self-check off: refused before any question
     for notice in settings.notices:
         print(f"note: {notice}", file=sys.stderr)
     return s, system, settings

@@ -3,7 +3,10 @@
     Pipeline(AppConfig.from_env())
       .bundle("nq")            corpus + dev questions, dense retriever, joint checkpoint (model + its docid tree),
                                and the settings it starts from (`InferenceSettings.from_existing`)
-      .ask("nq", question, settings)  → Comparison(joint SideResult, rag SideResult, gold question if from the dataset)
+      .ask("nq", question, settings, baseline="bm25")  → Comparison(joint SideResult, the baseline's SideResult,
+                                                                    gold question if from the dataset)
+
+The right-hand side is one of the `BASELINES` (dense RAG by default): each a named system of `unirag.systems`.
 
 The RAG side never depends on the joint side: a missing checkpoint, an unimportable `unirag.joint` or an
 error while decoding docids is reported in `Comparison.joint.error` / `CorpusBundle.joint_message` and the
@@ -41,6 +44,10 @@ GPU_SECONDS = 120
 REREAD_GPU_SECONDS = 60  # one re-read of both sides (no retrieval)
 PRECISION_LABELS = {"4bit": "4-bit (HQQ, recovered)", "nf4": "4-bit NF4 (bitsandbytes, no recovery)", "fp32": "fp32"}
 CORPUS_LABELS = {"nq": "Natural Questions", "squad": "SQuAD v1.1"}
+# The right-hand side's choices (named systems, unirag.systems): label, and what its document scores are.
+BASELINES = {"rag": "Dense RAG", "bm25": "BM25", "hybrid": "Hybrid (dense + BM25, RRF)",
+             "rag-selfcheck": "Dense + self-check"}
+BASELINE_SCORES = {"rag": "cosine", "bm25": "BM25", "hybrid": "RRF", "rag-selfcheck": "score"}
 
 Progress = Callable[[str], None]
 LOAD_STAGES = 7  # about how many `_say` stages a first load goes through (corpus, encoder, embeddings, LLM, joint…)
@@ -157,8 +164,17 @@ class Comparison:
     question: str
     gold: Question | None
     joint: SideResult
-    rag: SideResult
+    rag: SideResult  # the baseline's answer (`baseline` names it)
     settings: InferenceSettings = field(default_factory=InferenceSettings)
+    baseline: str = "rag"
+
+    @property
+    def baseline_title(self) -> str:
+        """The right-hand card's title: the baseline and how many documents it read."""
+        s = self.settings
+        if self.baseline == "rag-selfcheck":
+            return f"{BASELINES[self.baseline]} · top-{s.k_docs} of {s.documents_searched}"
+        return f"{BASELINES[self.baseline]} · top-{s.rag_k}"
 
 
 @dataclass
@@ -168,7 +184,7 @@ class CorpusBundle:
     name: str
     corpus: Corpus
     questions: list[Question]
-    rag: Any  # DenseRagSystem
+    rag: Any  # RagSystem: dense RAG, the default baseline
     tree: Any = None  # DocidTree: the checkpoint's, else the cached one (for the tree tab)
     tree_source: str = ""
     joint: Any = None  # JointSystem or None
@@ -177,11 +193,22 @@ class CorpusBundle:
     settings: InferenceSettings = field(default_factory=InferenceSettings)
     checkpoint: Path | None = None
     load_seconds: float = 0.0
+    # BASELINES name → system answering like `rag` (answer / read); rag-selfcheck only with the joint model.
+    baselines: dict[str, Any] = field(default_factory=dict)
     _by_text: dict[str, Question] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         for q in self.questions:
             self._by_text.setdefault(normalize_answer(q.question), q)
+        self.baselines.setdefault("rag", self.rag)
+
+    def baseline(self, name: str) -> Any:
+        """The loaded baseline `name`; a UniragError says why one is missing."""
+        _check_baseline(name)
+        if name not in self.baselines:
+            why = self.joint_message or "The joint model is not loaded."
+            raise UniragError(f"{BASELINES[name]} re-ranks with the joint model's self-check: {why}")
+        return self.baselines[name]
 
     def match(self, question: str) -> Question | None:
         """The dataset question with this text (case and punctuation insensitive), if any."""
@@ -317,7 +344,8 @@ class Pipeline:
 
     def _load(self, name: str) -> CorpusBundle:
         from unirag.docids import corpus_embeddings
-        from unirag.rag import DenseRagSystem, DenseRetriever
+        from unirag.rag import DenseRetriever, RagSystem
+        from unirag.sparse import BM25Retriever, HybridRetriever
 
         start = time.perf_counter()
         self._say(name, "reading the corpus and dev questions…")
@@ -335,9 +363,17 @@ class Pipeline:
         embeddings = corpus_embeddings(corpus, encoder, progress=True)
         retriever = DenseRetriever(corpus, encoder, embeddings)
         reader = self._shared_reader(name)
-        rag = DenseRagSystem(retriever, reader)
+        rag = RagSystem(retriever, reader)
         bundle = CorpusBundle(name, corpus, questions, rag, settings=InferenceSettings(precision=self.config.precision))
+        self._say(name, "indexing the corpus for BM25…")
+        bm25 = BM25Retriever(corpus)  # in memory: well under a second for the shipped corpora
+        bundle.baselines.update(bm25=RagSystem(bm25, reader, "bm25"),
+                                hybrid=RagSystem(HybridRetriever(retriever, bm25), reader, "hybrid"))
         self._load_joint(bundle)
+        if bundle.joint is not None:  # the joint model's own base LLM and passage cache re-rank: no second LLM
+            from unirag.joint.dense_selfcheck import DenseSelfCheckSystem
+
+            bundle.baselines["rag-selfcheck"] = DenseSelfCheckSystem(retriever, bundle.joint)
         if bundle.tree is None:
             from unirag.docids import TreeConfig, load_or_build_tree
 
@@ -427,26 +463,34 @@ class Pipeline:
 
     # ------------------------------------------------------------------------- answering
 
-    def ask(self, name: str, question: str, settings: InferenceSettings | None = None, **changes: Any) -> Comparison:
-        """Both systems on one question, with `settings` (default: the corpus's start settings) and `changes` to
-        them (validated). Bad input raises UniragError; a failing side is reported in its result."""
+    def ask(self, name: str, question: str, settings: InferenceSettings | None = None, baseline: str = "rag",
+            **changes: Any) -> Comparison:
+        """The joint model and the `baseline` (one of BASELINES) on one question, with `settings` (default: the
+        corpus's start settings) and `changes` to them (validated). Bad input raises UniragError; a failing side is
+        reported in its result."""
         text, _ = prepare_question(question)
+        _check_baseline(baseline)
         bundle = self.bundle(name)  # loading stays outside the GPU call: ZeroGPU wants models placed at load time
         settings = (settings or bundle.settings).replace(**changes)
-        return answer_on_device(self, bundle, text, settings)
+        return answer_on_device(self, bundle, text, settings, baseline)
 
-    def _answer(self, bundle: CorpusBundle, text: str, settings: InferenceSettings) -> Comparison:
-        joint, rag = bundle.joint, bundle.rag
+    def _answer(self, bundle: CorpusBundle, text: str, settings: InferenceSettings,
+                baseline: str = "rag") -> Comparison:
+        joint = bundle.joint
+
+        def rag_run() -> Answer:  # inside the side: a missing baseline is reported on its card
+            return bundle.baseline(baseline).answer(text, settings, with_attention=True)
+
         return self._both_sides(bundle, text, settings,
-                                None if joint is None else partial(joint.answer, text, settings),
-                                partial(rag.answer, text, settings, with_attention=True))
+                                None if joint is None else partial(joint.answer, text, settings), rag_run, baseline)
 
     def _both_sides(self, bundle: CorpusBundle, text: str, settings: InferenceSettings,
-                    joint_run: Callable[[], Answer] | None, rag_run: Callable[[], Answer]) -> Comparison:
+                    joint_run: Callable[[], Answer] | None, rag_run: Callable[[], Answer],
+                    baseline: str = "rag") -> Comparison:
         """Both sides on one question, at once on two threads (parallel_sides); a failing side is reported on its
         card, never raised (the other side still answers)."""
         gold = bundle.match(text)
-        comparison = Comparison(bundle.name, text, gold, SideResult(), SideResult(), settings)
+        comparison = Comparison(bundle.name, text, gold, SideResult(), SideResult(), settings, baseline)
         joint_side: Future[SideResult] | None = None
         if joint_run is None:
             comparison.joint.error = bundle.joint_message or "The joint model is not loaded."
@@ -456,7 +500,9 @@ class Pipeline:
                 joint_side = self._joint_worker().submit(run_joint)
             else:
                 comparison.joint = run_joint()
-        comparison.rag = self._side("rag", rag_run, gold)
+        # A baseline on the joint model (rag-selfcheck) waits for the joint side: one forward pass per model.
+        uses_joint = getattr(bundle.baselines.get(baseline), "joint", None) is not None
+        comparison.rag = self._side("joint" if uses_joint else "rag", rag_run, gold)
         if joint_side is not None:
             comparison.joint = joint_side.result()
         from unirag.backbones import release_memory
@@ -488,22 +534,23 @@ class Pipeline:
     def reask(self, name: str, question: str, settings: InferenceSettings | None = None,
               joint_docs: Sequence[str | tuple[str, float]] | None = None,
               rag_docs: Sequence[str | tuple[str, float]] | None = None, note: str | None = None,
-              **changes: Any) -> Comparison:
+              baseline: str = "rag", **changes: Any) -> Comparison:
         """Both sides re-read `question` from the given documents (ids, or (id, score) pairs), without a new
         retrieval: how the answer depends on a document removed or forced. A side given None answers as in `ask`.
         `note` (e.g. "re-read without d12") is added to each re-read answer's notices. Ids not in the corpus are a
         UniragError."""
         text, _ = prepare_question(question)
+        _check_baseline(baseline)
         bundle = self.bundle(name)
         settings = (settings or bundle.settings).replace(**changes)
         joint_pairs = None if joint_docs is None else _doc_pairs(bundle.corpus, joint_docs)
         rag_pairs = None if rag_docs is None else _doc_pairs(bundle.corpus, rag_docs)
-        return reread_on_device(self, bundle, text, settings, joint_pairs, rag_pairs, note)
+        return reread_on_device(self, bundle, text, settings, joint_pairs, rag_pairs, note, baseline)
 
     def _reread(self, bundle: CorpusBundle, text: str, settings: InferenceSettings,
                 joint_pairs: DocPairs | None, rag_pairs: DocPairs | None,
-                note: str | None) -> Comparison:
-        joint, rag = bundle.joint, bundle.rag
+                note: str | None, baseline: str = "rag") -> Comparison:
+        joint = bundle.joint
 
         def noted(run: Callable[[], Answer]) -> Callable[[], Answer]:
             def wrapped() -> Answer:
@@ -520,9 +567,13 @@ class Pipeline:
             else:
                 ids, scores = [d for d, _ in joint_pairs], [0.0 if s is None else s for _, s in joint_pairs]
                 joint_run = noted(lambda: joint.read(text, joint.documents(ids, scores), settings))
-        rag_run = (partial(rag.answer, text, settings, with_attention=True) if rag_pairs is None
-                   else noted(lambda: rag.read(text, rag_pairs, settings, with_attention=True)))
-        return self._both_sides(bundle, text, settings, joint_run, rag_run)
+        def rag_run() -> Answer:
+            rag = bundle.baseline(baseline)
+            if rag_pairs is None:
+                return rag.answer(text, settings, with_attention=True)
+            return noted(lambda: rag.read(text, rag_pairs, settings, with_attention=True))()
+
+        return self._both_sides(bundle, text, settings, joint_run, rag_run, baseline)
 
     def _joint_worker(self) -> ThreadPoolExecutor:
         with self._llm_lock:
@@ -542,11 +593,17 @@ class Pipeline:
         return mark_gold(answer, gold)
 
 
+def _check_baseline(name: str) -> None:
+    if name not in BASELINES:
+        raise UniragError(f"Unknown baseline {name!r}: choose from {', '.join(BASELINES)}.")
+
+
 @runtime.gpu_function(duration=GPU_SECONDS)
-def answer_on_device(pipeline: Pipeline, bundle: CorpusBundle, text: str, settings: InferenceSettings) -> Comparison:
+def answer_on_device(pipeline: Pipeline, bundle: CorpusBundle, text: str, settings: InferenceSettings,
+                     baseline: str = "rag") -> Comparison:
     """Both sides' answering in one call: on ZeroGPU the GPU is attached only inside `@spaces.GPU` functions, and
     one call per question (not one per side) waits for a GPU once. A plain call everywhere else."""
-    return pipeline._answer(bundle, text, settings)
+    return pipeline._answer(bundle, text, settings, baseline)
 
 
 def mark_gold(answer: Answer, gold: Question | None) -> SideResult:
@@ -572,9 +629,9 @@ DocPairs = list[tuple[str, float | None]]  # documents to re-read: (id, score), 
 @runtime.gpu_function(duration=REREAD_GPU_SECONDS)
 def reread_on_device(pipeline: Pipeline, bundle: CorpusBundle, text: str, settings: InferenceSettings,
                      joint_pairs: DocPairs | None, rag_pairs: DocPairs | None,
-                     note: str | None) -> Comparison:
+                     note: str | None, baseline: str = "rag") -> Comparison:
     """Both sides' re-reading in one call: on ZeroGPU the GPU is attached only inside `@spaces.GPU` functions."""
-    return pipeline._reread(bundle, text, settings, joint_pairs, rag_pairs, note)
+    return pipeline._reread(bundle, text, settings, joint_pairs, rag_pairs, note, baseline)
 
 
 def _doc_pairs(corpus: Corpus, docs: Sequence[str | tuple[str, float]]) -> DocPairs:

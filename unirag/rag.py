@@ -1,6 +1,7 @@
-"""Baselines on the same LLM: No RAG, and vanilla dense (DPR-style) RAG with a faiss index.
+"""Baselines on the same LLM: No RAG, and RAG: vanilla dense (DPR-style, a faiss index), or any other ranker
+(`unirag.sparse`: BM25, hybrid) read the same way.
 
-Both read with `Reader`, which owns the prompt `Q: {query}\\n{context}\\nA:` (wrapped in the
+All read with `Reader`, which owns the prompt `Q: {query}\\n{context}\\nA:` (wrapped in the
 model's chat template when it has one) and greedy decoding with a short answer budget.
 """
 
@@ -299,21 +300,22 @@ def _read_ranked(name: str, reader: Reader, corpus: Corpus, questions: list[str]
     return answers
 
 
-class DenseRagSystem:
-    """Vanilla dense RAG: the top `settings.rag_k` bi-encoder passages concatenated into the prompt."""
+class RagSystem:
+    """RAG: the retriever's top `settings.rag_k` passages concatenated into the prompt. Vanilla dense RAG ("rag")
+    with a `DenseRetriever`; any ranker with the same `search_many` / `similarity` / `corpus` reads the same way
+    (`unirag.sparse`: "bm25", "hybrid")."""
 
-    name = "rag"
-
-    def __init__(self, retriever: DenseRetriever, reader: Reader):
+    def __init__(self, retriever: DenseRetriever, reader: Reader, name: str = "rag"):
         self.retriever = retriever
         self.reader = reader
+        self.name = name
 
     def answer_many(self, questions: list[str], settings: InferenceSettings | None = None,
                     with_attention: bool = False) -> list[Answer]:
         settings = settings or InferenceSettings()
         texts = [prepare_question(q)[0] for q in questions]
         start = time.perf_counter()
-        # At least 3 ranked (R@3 is reported for every k); the top k of a dense ranking do not depend on that.
+        # At least 3 ranked (R@3 is reported for every k); the top k of a ranking do not depend on that.
         ranked = self.retriever.search_many(texts, max(settings.rag_k, RANKED_AT_LEAST))
         retrieve_ms = (time.perf_counter() - start) * 1000 / len(texts)
         return _read_ranked(self.name, self.reader, self.retriever.corpus, questions, settings, ranked,
@@ -324,8 +326,8 @@ class DenseRagSystem:
 
     def read(self, question: str, hits: list[tuple[str, float | None]], settings: InferenceSettings | None = None,
              with_attention: bool = False) -> Answer:
-        """Read given passages, no retrieval (a document removed or forced); a passage without a score gets its
-        cosine similarity to the question, as if the retriever had found it."""
+        """Read given passages, no retrieval (a document removed or forced); a passage without a score gets the
+        retriever's score for it (cosine for dense), as if the retriever had found it."""
         missing = [doc_id for doc_id, score in hits if score is None]
         cosine = dict(zip(missing, self.retriever.similarity(prepare_question(question)[0], missing), strict=True))
         ranked = [(doc_id, cosine[doc_id] if score is None else score) for doc_id, score in hits]

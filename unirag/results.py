@@ -33,11 +33,15 @@ MACHINE = "2-core CPU, 24 GB"
 LLM = "embedded SmolLM2-135M-Instruct"
 
 # The project's named systems (unirag.systems), in the order the report lists them.
-SYSTEMS = ("norag", "rag", "joint", "joint-no-match", "rag-joint-reader", "joint-gold", "gold")
+SYSTEMS = ("norag", "rag", "bm25", "hybrid", "rag-selfcheck", "joint", "joint-no-match", "rag-joint-reader",
+           "joint-gold", "gold")
 assert set(SYSTEMS) == set(SYSTEM_NAMES), "the report orders every named system"
 SYSTEM_WORDS = {
     "norag": "the LLM alone, no context",
     "rag": "dense MiniLM top-k read by the base LLM",
+    "bm25": "BM25 top-k read by the base LLM",
+    "hybrid": "dense MiniLM and BM25 fused by reciprocal rank, top-k read by the base LLM",
+    "rag-selfcheck": "dense MiniLM top N re-ranked by the joint model's self-check, its top documents read",
     "joint": "the joint model's docid search (path log-prob + document match), its top documents read",
     "joint-no-match": "the docid search ranked by path log-prob alone (no document match)",
     "rag-joint-reader": "dense MiniLM top-k read by the joint model's stage-2 reader",
@@ -214,17 +218,18 @@ def _shipped(row: Mapping[str, Any]) -> bool:
 
 def _order(row: Mapping[str, Any]) -> tuple:
     s = row["settings"]
-    # The recommended joint setting right after the RAG rows it is measured against; older models last.
+    # The recommended joint setting right after the baseline rows it is measured against; older models last.
     return (not _shipped(row), "" if _shipped(row) else str(s.get("checkpoint")),
-            SYSTEMS.index(row["system"]) if not s.get("recommended") else SYSTEMS.index("rag") + 0.5,
+            SYSTEMS.index(row["system"]) if not s.get("recommended") else SYSTEMS.index("joint") - 0.5,
             s.get("pathway_layers") or 0, s.get("rag_k") or 0, s.get("k_docs") or 0, s.get("joint_reader") != "base",
             s.get("beam_width") or 0, s.get("self_check") or 0, s.get("self_check_weight") or 0, row["run"])
 
 
 def table(rows: Iterable[Mapping[str, Any]], corpus: str, precision: str, split: str = "dev",
           shipped: bool | None = True) -> list[dict]:
-    """The report's rows for one corpus, precision and split, in reading order: No RAG, RAG k=1/3/5, the joint
-    model's recommended setting, the other joint rows, then the ablation systems and the gold-passage ceilings.
+    """The report's rows for one corpus, precision and split, in reading order: No RAG, RAG k=1/3/5 and the other
+    baselines, the joint model's recommended setting, the other joint rows, then the ablation systems and the
+    gold-passage ceilings.
 
     `shipped`: True keeps the baselines and the shipped checkpoints' rows, False the older models' rows, None all
     (older models last).

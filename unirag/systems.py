@@ -6,7 +6,9 @@ Every system answers a batch of `Question`s with one `InferenceSettings` and ret
     answers = system.answer_many(questions, settings)
 
 Ablations are systems too (a name, not a combination of flags): the gold passage read by either reader, dense
-documents read by the joint reader, the docid search without its document match.
+documents read by the joint reader, the docid search without its document match. So are the other baselines:
+BM25, dense + BM25 fused, and dense top N re-ranked by the joint model's own self-check (`rag-selfcheck`: the
+joint system with the docid search swapped for dense retrieval, every other setting and rule the same).
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ class SystemSpec:
     needs_gold: bool = False  # reads each question's gold passage: every question needs a doc_id
     retrieves: bool = True  # False: no ranking, so no R@k
     settings_used: tuple[str, ...] = ("max_new_tokens",)  # the InferenceSettings fields this system reads
+    needs_self_check: bool = False  # refuses settings with the self-check off (it would not be what it names)
+
+    def check(self, settings: InferenceSettings) -> None:
+        """Settings this system cannot honour are a UniragError (after the layering, before any question)."""
+        if self.needs_self_check:
+            from unirag.joint.dense_selfcheck import check_settings
+
+            check_settings(settings)
 
     def documents_read(self, settings: InferenceSettings) -> int:
         """How many documents it reads (the k of R@k)."""
@@ -44,6 +54,14 @@ SPECS: dict[str, SystemSpec] = {s.name: s for s in (
     SystemSpec("norag", "the base LLM answers from the question alone", "base", retrieves=False),
     SystemSpec("rag", "dense retrieval (bi-encoder, cosine top rag_k) read by the base LLM", "base",
                settings_used=("rag_k", "max_new_tokens")),
+    SystemSpec("bm25", "sparse retrieval (BM25 top rag_k, English stopwords) read by the base LLM like rag", "base",
+               settings_used=("rag_k", "max_new_tokens")),
+    SystemSpec("hybrid", "dense and BM25 rankings fused (reciprocal rank), top rag_k read by the base LLM like rag",
+               "base", settings_used=("rag_k", "max_new_tokens")),
+    SystemSpec("rag-selfcheck", "dense top N (N = self_check) re-ranked by the joint model's self-check, its "
+                                "k_docs documents read as joint reads them (`joint_reader`): joint without the "
+                                "docid search", "joint", needs_checkpoint=True, needs_self_check=True,
+               settings_used=("k_docs", "self_check", "self_check_weight", "joint_reader", "max_new_tokens")),
     SystemSpec("gold", "the gold passage alone read by the base LLM: the reader's upper bound", "base",
                needs_gold=True),
     SystemSpec("joint", "the joint model: trie-constrained docid search (+ self-check), its k_docs documents read "
@@ -127,16 +145,17 @@ class _JointSearch:
 
 
 class _BaseReading:
-    """norag / rag / gold: the base LLM's `Reader` on no documents, dense top-k, or the gold passage."""
+    """norag / rag / bm25 / hybrid / gold: the base LLM's `Reader` on no documents, a retriever's top k, or the
+    gold passage."""
 
     def __init__(self, name: str, reader: Any, retriever: Any = None, corpus: Corpus | None = None) -> None:
-        from unirag.rag import DenseRagSystem, GoldPassageSystem, NoRagSystem
+        from unirag.rag import GoldPassageSystem, NoRagSystem, RagSystem
 
         self.name, self.corpus = name, corpus
         if name == "gold":
             self._inner = GoldPassageSystem(reader, corpus)
         else:
-            self._inner = NoRagSystem(reader) if retriever is None else DenseRagSystem(retriever, reader)
+            self._inner = NoRagSystem(reader) if retriever is None else RagSystem(retriever, reader, name)
 
     def answer_many(self, questions: Sequence[Question], settings: InferenceSettings) -> list[Answer]:
         texts = [q.question for q in questions]
@@ -150,18 +169,51 @@ class _BaseReading:
         return answers
 
 
+class _DenseSelfCheck:
+    """rag-selfcheck on `Question`s (unirag.joint.dense_selfcheck)."""
+
+    def __init__(self, name: str, joint: Any, retriever: Any) -> None:
+        from unirag.joint.dense_selfcheck import DenseSelfCheckSystem
+
+        self.name, self.joint = name, joint
+        self._inner = DenseSelfCheckSystem(retriever, joint)
+
+    def answer_many(self, questions: Sequence[Question], settings: InferenceSettings) -> list[Answer]:
+        return self._inner.answer_many([q.question for q in questions], settings)
+
+
+RETRIEVER_OF = {"rag": "dense", "rag-joint-reader": "dense", "rag-selfcheck": "dense", "bm25": "bm25",
+                "hybrid": "hybrid"}  # the ranker of each system that retrieves without the docid search
+
+
 def build_system(name: str, corpus: Corpus, *, reader: Any = None, retriever: Any = None, joint: Any = None) -> System:
-    """A named system from loaded parts: `reader` (rag.Reader on the base LLM), `retriever` (rag.DenseRetriever),
-    `joint` (joint.JointSystem). `load_system` loads them."""
+    """A named system from loaded parts: `reader` (rag.Reader on the base LLM), `retriever` (the ranker
+    `RETRIEVER_OF[name]` names: rag.DenseRetriever or a unirag.sparse one), `joint` (joint.JointSystem).
+    `load_system` loads them."""
     s = spec(name)
+    if name in RETRIEVER_OF and retriever is None:
+        raise UniragError(f"System {name!r} needs its {RETRIEVER_OF[name]} retriever.")
     if s.reader == "joint":
         if joint is None:
             raise UniragError(f"System {name!r} needs a joint checkpoint (--checkpoint DIR, e.g. "
                               "checkpoints/nq-smollm2).")
         if name in ("joint", "joint-no-match"):
             return _JointSearch(name, joint)
+        if name == "rag-selfcheck":
+            return _DenseSelfCheck(name, joint, retriever)
         return _JointReading(name, joint, retriever if name == "rag-joint-reader" else None)
-    return _BaseReading(name, reader, retriever if name == "rag" else None, corpus)
+    return _BaseReading(name, reader, retriever if name in RETRIEVER_OF else None, corpus)
+
+
+def load_retriever(kind: str, corpus: Corpus, encoder: str | None = None) -> Any:
+    """The ranker `kind` ("dense", "bm25", "hybrid") over `corpus`."""
+    from unirag.rag import DenseRetriever
+    from unirag.sparse import BM25Retriever, HybridRetriever
+
+    if kind == "bm25":
+        return BM25Retriever.from_corpus(corpus)
+    dense = DenseRetriever.from_corpus(corpus, encoder)
+    return HybridRetriever(dense, BM25Retriever.from_corpus(corpus)) if kind == "hybrid" else dense
 
 
 def load_system(name: str, corpus: Corpus, *, checkpoint: str | Path | None = None, llm: str | None = None,
@@ -177,12 +229,9 @@ def load_system(name: str, corpus: Corpus, *, checkpoint: str | Path | None = No
         raise UniragError(f"--system {name} needs --checkpoint DIR (e.g. checkpoints/nq-smollm2).")
     if checkpoint and not s.needs_checkpoint:
         raise UniragError(f"--system {name} reads with the base LLM and takes no --checkpoint; the ablation "
-                          "'rag-joint-reader' reads dense documents with the checkpoint's reader.")
-    retriever = None
-    if name in ("rag", "rag-joint-reader"):
-        from unirag.rag import DenseRetriever
-
-        retriever = DenseRetriever.from_corpus(corpus, encoder)
+                          "'rag-joint-reader' reads dense documents with the checkpoint's reader, and "
+                          "'rag-selfcheck' re-ranks them by its self-check first.")
+    retriever = load_retriever(RETRIEVER_OF[name], corpus, encoder) if name in RETRIEVER_OF else None
     if s.reader == "joint":
         from unirag.joint import JointSystem
 
@@ -201,4 +250,5 @@ def load_system(name: str, corpus: Corpus, *, checkpoint: str | Path | None = No
     return build_system(name, corpus, reader=Reader(model, tokenizer), retriever=retriever), None
 
 
-__all__ = ["SPECS", "SYSTEM_NAMES", "System", "SystemSpec", "build_system", "describe", "load_system", "spec"]
+__all__ = ["RETRIEVER_OF", "SPECS", "SYSTEM_NAMES", "System", "SystemSpec", "build_system", "describe",
+           "load_retriever", "load_system", "spec"]

@@ -393,7 +393,8 @@ def beam_rows(answer: Answer | None, titles: Mapping[str, str] | None = None, li
 
 def retrieval_bars_figure(answer: Answer | None, gold_doc_id: str | None = None, title: str | None = None,
                           color: str = RAG_COLOR) -> go.Figure:
-    """Horizontal bars of the retrieved passages' scores (cosine similarity for dense RAG), best on top."""
+    """Horizontal bars of the retrieved passages' scores (cosine similarity for dense RAG; `title` names another
+    score), best on top."""
     if answer is None or not answer.docs:
         return empty_figure("No passages retrieved.", title or "Top-k passages")
     labels = [f"#{i + 1} {_short(d.title or d.doc_id, 40)}" for i, d in enumerate(answer.docs)]
@@ -405,7 +406,8 @@ def retrieval_bars_figure(answer: Answer | None, gold_doc_id: str | None = None,
                            text=[f"{s:.3f}" for s in scores], textposition="auto", hovertext=hovers, hoverinfo="text",
                            meta={"doc_ids": answer.doc_ids}))
     low = min(scores)
-    fig.update_xaxes(range=[min(0.0, low - 0.05), max(scores) * 1.08 + 1e-6], title_text="similarity",
+    # From 0 either way: re-ranked scores (rag-selfcheck: cosine + weight × log-probability) are negative.
+    fig.update_xaxes(range=[min(0.0, low - 0.05), max(0.0, max(scores) * 1.08) + 1e-6], title_text="similarity",
                      gridcolor="#e2e8f0")
     fig.update_yaxes(autorange="reversed")
     return _layout(fig, title or "Top-k passages by dense similarity" + (" (green = gold)" if gold_doc_id else ""),

@@ -30,7 +30,7 @@ class Retrieval:
     """What `JointSystem.retrieve` found for one question."""
 
     docs: list[RetrievedDoc]  # the documents to read, best first (score: search score, or self-check score)
-    search: DocidSearch
+    search: DocidSearch | None  # None: the candidates came from another retriever (rag-selfcheck)
     ranking: list[str]  # every ranked document id, best first (the self-check's order when it ran)
     self_check: list[SelfCheckRow] = field(default_factory=list)  # best first; empty: no self-check
     timings: dict[str, float] = field(default_factory=dict)  # ms: "retrieve", and "self_check" when it ran
@@ -38,7 +38,9 @@ class Retrieval:
 
     @property
     def beams(self) -> list[DocidBeam]:
-        """The search beam of each chosen document, in `docs`' order."""
+        """The search beam of each chosen document, in `docs`' order (none without a docid search)."""
+        if self.search is None:
+            return []
         by_id = {beam.doc_id: beam for beam in self.search.beams}
         return [by_id[doc.doc_id] for doc in self.docs]
 
@@ -95,14 +97,26 @@ class JointSystem:
     def retrieve(self, question: str, settings: InferenceSettings) -> Retrieval:
         """The top `settings.k_docs` documents, best first, re-ranked by the self-check when it is on.
         `question` is used as is."""
-        timings: dict[str, float] = {}
-        notices: list[str] = []
         start = time.perf_counter()
         # The one place the beam is sized: wide enough for every document read or self-checked.
         search = search_docids(self.model, self.tokenizer, question, self.trie, settings.search_width,
                                settings.documents_searched, rescore=self.document_match)
-        timings["retrieve"] = (time.perf_counter() - start) * 1000
-        ranked = [(beam.doc_id, beam.score) for beam in search.beams]
+        retrieve_ms = (time.perf_counter() - start) * 1000
+        retrieval = self.rank(question, [(beam.doc_id, beam.score) for beam in search.beams], settings,
+                              retrieve_ms, search=search)
+        if not retrieval.docs:
+            retrieval.notices.append("No document was retrieved (empty docid tree).")
+        return retrieval
+
+    def rank(self, question: str, candidates: Sequence[tuple[str, float]], settings: InferenceSettings,
+             retrieve_ms: float, search: DocidSearch | None = None, scored_by: str = "search score") -> Retrieval:
+        """The documents to read from ranked (doc_id, score) candidates, best first: the docid search's (`search`),
+        or another retriever's top N (rag-selfcheck). With the self-check on, every candidate is re-ranked by
+        score + weight × the question's mean log-probability after it (the base LLM, the passage cache when
+        attached); then the top `settings.k_docs` are read. `scored_by` names the score in the notice."""
+        timings = {"retrieve": retrieve_ms}
+        notices: list[str] = []
+        ranked = list(candidates)
         rows: list[SelfCheckRow] = []
         if settings.self_check and ranked:
             start = time.perf_counter()
@@ -111,16 +125,15 @@ class JointSystem:
             timings["self_check"] = (time.perf_counter() - start) * 1000
             ranked = [(row.doc_id, row.score) for row in rows]
             how = "read the question after its cached reading of" if self.passage_cache is not None else "re-read"
-            notices.append(f"Self-check: the base LLM {how} the top {len(search.beams)} documents; they are "
-                           f"ranked by search score + {settings.self_check_weight:g} × the question's mean "
-                           "log-probability after each.")
-        docids = {beam.doc_id: beam.docid for beam in search.beams}
-        docs = []
-        for doc_id, score in ranked[: settings.k_docs]:
-            passage = self.corpus[doc_id]
-            docs.append(RetrievedDoc(passage.id, passage.title, passage.text, score, docids[doc_id]))
-        if not docs:
-            notices.append("No document was retrieved (empty docid tree).")
+            notices.append(f"Self-check: the base LLM {how} the top {len(rows)} documents; they are ranked by "
+                           f"{scored_by} + {settings.self_check_weight:g} × the question's mean log-probability "
+                           "after each.")
+        top = ranked[: settings.k_docs]
+        docs = self.documents([doc_id for doc_id, _ in top], [score for _, score in top])
+        if search is not None:  # the search's own docids (the tree's lookup gives the same, more slowly)
+            docids = {beam.doc_id: beam.docid for beam in search.beams}
+            for doc in docs:
+                doc.docid = docids[doc.doc_id]
         return Retrieval(docs, search, [doc_id for doc_id, _ in ranked], rows, timings, notices)
 
     def _question_likelihood(self, question: str, doc_ids: Sequence[str]) -> list[float]:
@@ -170,10 +183,11 @@ class JointSystem:
         trace = Trace(answer_attention=generation.attention, stop_reason=generation.stop_reason)
         ranking: list[str] = []
         if retrieval is not None:
-            trace.beams = [beam.to_dict() for beam in retrieval.search.finished]
-            trace.paths = retrieval.paths
-            trace.retrieval_attention = retrieval.search.attention
-            trace.retrieval_prompt_tokens = retrieval.search.prompt_tokens
+            if retrieval.search is not None:
+                trace.beams = [beam.to_dict() for beam in retrieval.search.finished]
+                trace.paths = retrieval.paths
+                trace.retrieval_attention = retrieval.search.attention
+                trace.retrieval_prompt_tokens = retrieval.search.prompt_tokens
             trace.self_check = list(retrieval.self_check)
             ranking = retrieval.ranking
         return Answer(
