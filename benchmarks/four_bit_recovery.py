@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     m = sub.add_parser("measure")
     m.add_argument("--lever", choices=sorted(LEVERS), required=True)
     m.add_argument("--n", type=int, default=60, help="held-out train questions per corpus (KL on all of them)")
-    m.add_argument("--generate", type=int, default=16,
+    m.add_argument("--generate", type=int, default=8,
                    help="of those, how many are also answered greedily (accuracy, agreement; the fp32 reference "
                         "answers all)")
     m.add_argument("--overwrite", action="store_true")
