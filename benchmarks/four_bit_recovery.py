@@ -266,12 +266,17 @@ def record_rows(result: dict, command: str) -> None:
     from unirag.results import append_run, row_from_summary
 
     lever = result["lever"]
+    reference = json.loads((OUT / "fp32.json").read_text())["corpora"]
     for name, figures in result["corpora"].items():
+        # fp32's accuracy on the questions this lever answered: the like-for-like comparison.
+        answered = {r["id"] for r in figures["records"] if "answer" in r}
+        same = [r["accuracy"] for r in reference[name]["records"] if r["id"] in answered]
         summary = {"n": figures["n"], "accuracy": figures["accuracy"], "em": figures["em"], "f1": figures["f1"],
                    "recall@1": 1.0, "recall@3": None, "recall@k": 1.0, "k": 1, "context_tokens_mean": None,
                    "latency_ms_median": None, "wall_time_s": None, "kl_to_fp32": figures["kl_to_fp32"],
                    "agreement_with_fp32": figures["agreement_with_fp32"], "memory_mb": result["memory_mb"],
-                   "seconds_per_question": figures["seconds_per_question"], "n_generated": figures["n_generated"]}
+                   "seconds_per_question": figures["seconds_per_question"], "n_generated": figures["n_generated"],
+                   "fp32_accuracy_same_questions": round(sum(same) / max(1, len(same)), 4)}
         row = row_from_summary(
             summary, run=f"4-bit recovery lever: {lever}", system="gold", corpus=name, split="train-held-out",
             precision=PRECISION_OF.get(lever, "nf4"),
@@ -279,7 +284,8 @@ def record_rows(result: dict, command: str) -> None:
                       "questions": "the checkpoint's held-out train questions (trainer_state.json)",
                       "max_new_tokens": 32},
             command=command)
-        extra = ("kl_to_fp32", "agreement_with_fp32", "memory_mb", "seconds_per_question", "n_generated")
+        extra = ("kl_to_fp32", "agreement_with_fp32", "memory_mb", "seconds_per_question", "n_generated",
+                 "fp32_accuracy_same_questions")
         row["metrics"].update({key: summary[key] for key in extra})
         row["labels"] = {k: v for k, v in row.get("labels", {}).items() if k not in extra}
         row["source"] = "python -m benchmarks.four_bit_recovery"
