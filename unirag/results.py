@@ -322,9 +322,9 @@ def render_recovery(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         if r["run"].startswith(LEVER_PREFIX):
             levers.setdefault(r["run"][len(LEVER_PREFIX):], {})[r["corpus"]] = r
-    head = ("| lever | stored as | memory MB | KL to fp32 nq / squad (questions a corpus) | same answer as fp32 nq / "
+    head = ("| lever | memory MB | KL to fp32 nq / squad (questions a corpus) | same answer as fp32 nq / "
             "squad | accuracy nq / squad (answers a corpus) | fp32 on those questions | s an answer |")
-    lines = [head, "|" + "---|" * 8]
+    lines = [head, "|" + "---|" * 7]
     order = sorted(levers, key=lambda name: min(r["metrics"]["kl_to_fp32"] for r in levers[name].values()))
     for name in order:
         by = levers[name]
@@ -337,7 +337,7 @@ def render_recovery(rows: Sequence[Mapping[str, Any]]) -> str:
             return " / ".join(f"{by[c]['metrics']['kl_to_fp32']:.2g}" if c in by else "–" for c in ("nq", "squad"))
 
         n = first["metrics"].get("n_generated")
-        lines.append(f"| {name} | {first['precision']} | {_cell(first['metrics'].get('memory_mb'), 0)} | "
+        lines.append(f"| {name} | {_cell(first['metrics'].get('memory_mb'), 0)} | "
                      f"{kl()} (n={first['n']}) | {pair('agreement_with_fp32', 2)} | {pair('accuracy', 2)} "
                      f"(n={n}) | {pair('fp32_accuracy_same_questions', 2)} | {pair('seconds_per_question', 1)} |")
     dev = ["| corpus, split | run | fp32 | NF4, no recovery | 4-bit recovered | recovered − fp32 | target |",
