@@ -103,6 +103,30 @@ def measure_memory() -> Iterator[Memory]:
         memory.retained_mb = round(rss_mb() - start, 1)
 
 
+def python_mb(*objects: Any) -> float:
+    return round(python_bytes(*objects) / 1e6, 1)
+
+
+def python_bytes(*objects: Any) -> int:
+    """Bytes held by Python objects and everything they contain (dict, list, tuple and set members; each object once).
+    The trie and the node index are pure Python: RSS growth would miss what they take over from freed memory."""
+    seen: set[int] = set()
+    total = 0
+    stack = list(objects)
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, list | tuple | set | frozenset):
+            stack.extend(obj)
+    return total
+
+
 # --------------------------------------------------------------------------------------------- synthetic corpus
 
 
@@ -182,17 +206,24 @@ def synthetic_labels(tree: DocidTree, text: RealText, seed: int) -> dict[tuple[i
 
 
 @contextmanager
-def timed_calls(module: Any, name: str, totals: dict[str, float]) -> Iterator[None]:
-    """Sum the seconds spent in module.name (e.g. the faiss splits of the tree build) into totals[name]."""
+def timed_calls(module: Any, name: str, totals: dict[str, float], report_every: int = 0) -> Iterator[None]:
+    """Sum the seconds spent in module.name (e.g. the faiss splits of the tree build) into totals[name]; with
+    report_every, log the call count that often (a 1M-passage tree makes hundreds of thousands of splits)."""
     original = getattr(module, name)
     totals.setdefault(name, 0.0)
+    calls = 0
+    began = time.perf_counter()
 
     def wrapper(*args, **kwargs):
+        nonlocal calls
         start = time.perf_counter()
         try:
             return original(*args, **kwargs)
         finally:
             totals[name] += time.perf_counter() - start
+            calls += 1
+            if report_every and calls % report_every == 0:
+                log(f"  {calls:,} k-means splits, {time.perf_counter() - began:,.0f} s")
 
     setattr(module, name, wrapper)
     try:
@@ -205,16 +236,16 @@ def build_tree(embeddings: np.ndarray, config: TreeConfig, doc_ids: list[str], f
                fingerprint: str) -> tuple[DocidTree, dict[str, Any]]:
     """The docid tree of `embeddings` as the library builds it (recursive_kmeans, then the DocidTree trie), timed."""
     totals: dict[str, float] = {}
-    with measure_memory() as kmeans_memory, timed_calls(docids_module, "_kmeans", totals), \
+    with measure_memory() as kmeans_memory, timed_calls(docids_module, "_kmeans", totals, 20_000), \
             timed_calls(docids_module, "_faiss_kmeans", totals):
         start = time.perf_counter()
         docids = recursive_kmeans(embeddings, config.k, config.c, config.seed, faiss_min_points)
         kmeans_s = time.perf_counter() - start
-    with measure_memory() as trie_memory:
-        start = time.perf_counter()
-        tree = DocidTree(doc_ids, docids, config, fingerprint)
-        trie_s = time.perf_counter() - start
+    start = time.perf_counter()
+    tree = DocidTree(doc_ids, docids, config, fingerprint)
+    trie_s = time.perf_counter() - start
     del docids
+    trie_mb = python_mb(*(value for name, value in vars(tree).items() if name != "labels"))
     nodes = sum(len(tree.allowed(p)) for p in tree.nodes())
     shape = tree.shape()
     return tree, {
@@ -231,8 +262,7 @@ def build_tree(embeddings: np.ndarray, config: TreeConfig, doc_ids: list[str], f
         "leaf_size_mean": shape["leaf_size_mean"],
         "nodes": nodes,
         "trie_build_s": round(trie_s, 1),
-        "trie_mb": trie_memory.retained_mb,
-        "trie_peak_mb": trie_memory.peak_mb,
+        "trie_mb": trie_mb,
         "exact_peaks": kmeans_memory.exact_peak,
     }
 
@@ -299,11 +329,11 @@ def search_latency(model: Any, tokenizer: Any, tree: DocidTree, questions: Seque
     """ms per question of search_docids at each (beam width, documents returned), after one warm-up search."""
     from unirag.joint.search import search_docids
 
-    with measure_memory() as index_memory:  # the node → table-row index, built once per tree on first use
-        start = time.perf_counter()
-        if model.semantic is not None:
-            model.node_rows(tree, [])
-        index_s = time.perf_counter() - start
+    start = time.perf_counter()
+    if model.semantic is not None:  # the node → table-row index, built once per tree on first use
+        model.node_rows(tree, [])
+    index_s = time.perf_counter() - start
+    index_mb = python_mb(model._node_rows) if model.semantic is not None else 0.0
     rows = []
     with measure_memory() as search_memory:
         search_docids(model, tokenizer, questions[0], tree, beams[0][0], beams[0][1])
@@ -318,7 +348,7 @@ def search_latency(model: Any, tokenizer: Any, tree: DocidTree, questions: Seque
                          "ms_p90": round(float(np.percentile(times, 90)), 1)})
             log(f"  beam {width}: {rows[-1]['ms_mean']} ms/question over {len(times)} questions")
     return {"questions": len(questions), "by_beam": rows, "node_index_s": round(index_s, 1),
-            "node_index_mb": index_memory.retained_mb, "search_peak_mb": search_memory.peak_mb}
+            "node_index_mb": index_mb, "search_peak_mb": search_memory.peak_mb}
 
 
 # --------------------------------------------------------------------------------------------- one size
@@ -415,32 +445,41 @@ def _seconds(value: float) -> str:
     return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
 
 
+def _table(head: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body]
+
+
 def render_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The Markdown tables of docs/scaling.md, from the rows of results/scaling.json."""
+    """The Markdown tables of docs/scaling.md (tree; search and checkpoint), from results/scaling.json's rows."""
     rows = sorted(rows, key=lambda r: r["passages"])
     if not rows:
         return "_No rows yet: run `python -m benchmarks.scaling`._\n"
+    tree = _table(
+        ["passages", "corpus", "build s (faiss part)", "build peak MB", "depth max (mean)", "nodes",
+         "docs per leaf cluster", "trie MB"],
+        [[f"{r['passages']:,}", "real nq" if r["size"] in REAL_CORPORA else "synthetic",
+          f"{_seconds(r['tree']['build_s'])} ({_seconds(r['tree']['faiss_kmeans_s'])})",
+          _mb(r["tree"]["build_peak_mb"]), f"{r['tree']['depth_max']} ({r['tree']['depth_mean']})",
+          f"{r['tree']['nodes']:,}", f"{r['tree']['leaf_size_mean']}", _mb(r["tree"]["trie_mb"])] for r in rows])
     beams = [(b["beam_width"], b["num_return"]) for b in rows[0]["search"]["by_beam"]]
-    head = ("| passages | corpus | tree build s (faiss s) | build peak MB | depth (mean) | nodes | leaf size mean "
-            "| trie MB | ")
-    head += " | ".join(f"search ms, beam {w} (top {n})" for w, n in beams)
-    head += " | semantic table MB (RAM fp32) | checkpoint MB (table) | within 50 MB |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    body = []
     for r in rows:
-        t, s, c = r["tree"], r["search"], r["checkpoint"]
+        s, c = r["search"], r["checkpoint"]
         by = {(b["beam_width"], b["num_return"]): b for b in s["by_beam"]}
-        cells = [
-            f"{r['passages']:,}", "real" if r["size"] in REAL_CORPORA else "synthetic",
-            f"{_seconds(t['build_s'])} ({_seconds(t['faiss_kmeans_s'])})", _mb(t["build_peak_mb"]),
-            f"{t['depth_max']} ({t['depth_mean']})", f"{t['nodes']:,}", f"{t['leaf_size_mean']}", _mb(t["trie_mb"]),
-            *(f"{by[b]['ms_mean']:,.0f}" if b in by else "–" for b in beams),
-            _mb(c["semantic_table_ram_mb"]), f"{_mb(c['total_mb'])} ({_mb(c['semantic_table_mb'])})",
-            "yes" if c["within_budget"] else "**no**",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"{r['passages']:,}: {r['search']['questions']} questions, load average {r['load_average_1m']} "
-             f"({r['date']})" for r in rows]
-    return "\n".join(lines) + "\n\nSearch timed on " + "; ".join(notes) + ".\n"
+        body.append([
+            f"{r['passages']:,}", str(s["docid_levels"]), str(s["questions"]),
+            *(f"{by[b]['ms_mean']:,.0f} ({by[b]['ms_p90']:,.0f})" if b in by else "–" for b in beams),
+            _mb(c["semantic_table_ram_mb"]), _mb(s["node_index_mb"]),
+            f"{_mb(c['joint_mb'])} ({_mb(c['semantic_table_mb'])})", _mb(c["lora_mb"]), _mb(c["tree_json_mb"]),
+            _mb(c["total_mb"]), "yes" if c["within_budget"] else "**no**"])
+    search = _table(
+        ["passages", "docid levels", "questions",
+         *(f"search ms, beam {w} / top {n} (p90)" for w, n in beams), "semantic table RAM MB (fp32)",
+         "node index MB", "joint weights MB (of it table)", "LoRA MB", "docid_tree.json MB", "checkpoint MB",
+         f"within {rows[0]['checkpoint']['budget_mb']:g} MB"], body)
+    loads = ", ".join(f"{r['passages']:,}: {r['load_average_1m']}" for r in rows)
+    return ("\n".join(tree) + "\n\n" + "\n".join(search) + f"\n\nLoad average (1 min) when each row finished: {loads}; "
+            f"measured {rows[0]['date'][:10]} to {rows[-1]['date'][:10]}.\n")
 
 
 MARKER = re.compile(r"(<!-- scaling:table -->\n)(?P<body>.*?)(?P<end><!-- /scaling -->)", re.S)

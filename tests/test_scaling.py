@@ -77,6 +77,13 @@ def test_measure_memory_sees_a_block_peak():
     assert memory.retained_mb < 40
 
 
+def test_python_mb_counts_each_object_once():
+    shared = tuple(range(1000, 2000))
+    once = scaling.python_bytes(shared)
+    assert once > 30_000  # a 1,000-tuple of distinct ints: 8 kB of pointers + 28 kB of ints
+    assert scaling.python_bytes({"a": shared, "b": shared}) < 1.1 * once
+
+
 def test_tree_search_and_checkpoint_rows_on_a_tiny_model(tiny_llm_dirs):
     x = _points(200)
     tree, row = scaling.build_tree(x, TreeConfig(k=4, c=5), [f"d{i}" for i in range(len(x))], 0, "fp")
@@ -103,9 +110,10 @@ def _row(passages: int, size: str) -> dict:
         "size": size, "passages": passages, "load_average_1m": 1.0, "date": "2025-01-01 00:00 UTC",
         "tree": {"build_s": 1.0, "faiss_kmeans_s": 0.0, "build_peak_mb": 10.0, "depth_max": 5, "depth_mean": 4.1,
                  "nodes": 3720, "leaf_size_mean": 4.2, "trie_mb": 3.0},
-        "search": {"questions": 20, "by_beam": [{"beam_width": 10, "num_return": 5, "ms_mean": 300.0}]},
-        "checkpoint": {"semantic_table_ram_mb": 5.7, "total_mb": 33.0, "semantic_table_mb": 2.9,
-                       "within_budget": True},
+        "search": {"questions": 20, "docid_levels": 5, "node_index_mb": 0.5,
+                   "by_beam": [{"beam_width": 10, "num_return": 5, "ms_mean": 300.0, "ms_p90": 400.0}]},
+        "checkpoint": {"semantic_table_ram_mb": 5.7, "total_mb": 33.0, "semantic_table_mb": 2.9, "joint_mb": 27.8,
+                       "lora_mb": 5.2, "tree_json_mb": 0.2, "budget_mb": 50.0, "within_budget": True},
     }
 
 
@@ -119,7 +127,7 @@ def test_render_rewrites_only_the_marked_block(tmp_path):
     assert scaling.main(["--render", str(page), "--out", str(out)]) == 0
     text = page.read_text()
     assert text.startswith("# Scaling\nbefore\n<!-- scaling:table -->\n| passages |") and text.endswith("after\n")
-    assert "| 2,600 | real |" in text and "| 100,000 | synthetic |" in text and "old" not in text
+    assert "| 2,600 | real nq |" in text and "| 100,000 | synthetic |" in text and "old" not in text
     assert scaling.main(["--render", str(page), "--out", str(out), "--check"]) == 0
 
 
