@@ -235,6 +235,10 @@ def timed_calls(module: Any, name: str, totals: dict[str, float], report_every: 
 def build_tree(embeddings: np.ndarray, config: TreeConfig, doc_ids: list[str], faiss_min_points: int,
                fingerprint: str) -> tuple[DocidTree, dict[str, Any]]:
     """The docid tree of `embeddings` as the library builds it (recursive_kmeans, then the DocidTree trie), timed."""
+    # First calls import sklearn and faiss and start their thread pools: do that before measuring.
+    warm = np.random.default_rng(0).standard_normal((50, embeddings.shape[1])).astype(np.float32)
+    docids_module._kmeans(warm, 2, 0, faiss_min_points=10**9)
+    docids_module._faiss_kmeans(warm, 2, 0)
     totals: dict[str, float] = {}
     with measure_memory() as kmeans_memory, timed_calls(docids_module, "_kmeans", totals, 20_000), \
             timed_calls(docids_module, "_faiss_kmeans", totals):
@@ -283,12 +287,9 @@ def build_joint(tree: DocidTree, seed: int, base_name: str | None = None) -> tup
 
     preset = shipped_joint_config()
     lora = preset.pop("lora", None)
-    preset.update(docid_levels=tree.depth, docid_branching=tree.branching, semantic_nodes=0, semantic_dim=0,
-                  base_model=base_name)
-    nodes = sum(len(tree.allowed(p)) for p in tree.nodes())
-    semantic_dim = shipped_joint_config()["semantic_dim"]
-    if semantic_dim:
-        preset.update(semantic_dim=semantic_dim, semantic_nodes=nodes)
+    preset.update(docid_levels=tree.depth, docid_branching=tree.branching, base_model=base_name)
+    if preset.get("semantic_dim"):  # one row per node: every non-empty docid prefix
+        preset["semantic_nodes"] = sum(len(tree.allowed(p)) for p in tree.nodes())
     torch.manual_seed(seed)
     with measure_memory() as memory:
         base, tokenizer = load_llm(base_name, precision="fp32")
@@ -478,8 +479,27 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
          "node index MB", "joint weights MB (of it table)", "LoRA MB", "docid_tree.json MB", "checkpoint MB",
          f"within {rows[0]['checkpoint']['budget_mb']:g} MB"], body)
     loads = ", ".join(f"{r['passages']:,}: {r['load_average_1m']}" for r in rows)
-    return ("\n".join(tree) + "\n\n" + "\n".join(search) + f"\n\nLoad average (1 min) when each row finished: {loads}; "
-            f"measured {rows[0]['date'][:10]} to {rows[-1]['date'][:10]}.\n")
+    return ("\n".join(tree) + "\n\n" + "\n".join(search) + "\n\n" + budget_sentence(rows)
+            + f"Load average (1 min) when each row finished: {loads}; measured {rows[0]['date'][:10]}"
+            + (f" to {rows[-1]['date'][:10]}" if rows[-1]["date"][:10] != rows[0]["date"][:10] else "") + ".\n")
+
+
+def budget_sentence(rows: Sequence[dict[str, Any]]) -> str:
+    """Where the checkpoint crosses its budget (linear between the rows around it) and its growth per passage."""
+    largest = rows[-1]
+    c = largest["checkpoint"]
+    text = (f"At {largest['passages']:,} passages the tree has {largest['tree']['nodes'] / largest['passages']:.2f} "
+            f"nodes per passage and the checkpoint grows by "
+            f"{(c['semantic_table_mb'] + c['tree_json_mb']) * 1e3 / largest['passages']:.2f} kB per passage "
+            f"(semantic table and docid_tree.json). ")
+    for low, high in zip(rows, rows[1:], strict=False):
+        if low["checkpoint"]["within_budget"] and not high["checkpoint"]["within_budget"]:
+            budget = low["checkpoint"]["budget_mb"]
+            t0, t1 = low["checkpoint"]["total_mb"], high["checkpoint"]["total_mb"]
+            at = low["passages"] + (budget - t0) * (high["passages"] - low["passages"]) / (t1 - t0)
+            text += (f"The checkpoint reaches the {budget:g} MB budget at about {round(at, -3):,.0f} passages "
+                     f"(linear between the {low['passages']:,} and {high['passages']:,} rows). ")
+    return text.rstrip() + "\n\n"
 
 
 MARKER = re.compile(r"(<!-- scaling:table -->\n)(?P<body>.*?)(?P<end><!-- /scaling -->)", re.S)
