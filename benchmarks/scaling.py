@@ -271,6 +271,23 @@ def build_tree(embeddings: np.ndarray, config: TreeConfig, doc_ids: list[str], f
     }
 
 
+def split_costs(embeddings: np.ndarray, k: int, seed: int, sizes: Sequence[int]) -> list[dict[str, Any]]:
+    """Seconds of one k-way split of the first n points by sklearn and by faiss (the two paths of _kmeans): what
+    the faiss threshold trades."""
+    rows = []
+    for n in sizes:
+        if n > len(embeddings):
+            continue
+        cost: dict[str, Any] = {"points": n}
+        for path, threshold in (("sklearn_s", 10**12), ("faiss_s", 0)):
+            start = time.perf_counter()
+            docids_module._kmeans(embeddings[:n], k, seed, faiss_min_points=threshold)
+            cost[path] = round(time.perf_counter() - start, 2)
+        log(f"  one split of {n:,} points: sklearn {cost['sklearn_s']} s, faiss {cost['faiss_s']} s")
+        rows.append(cost)
+    return rows
+
+
 def shipped_joint_config() -> dict[str, Any]:
     """The shipped nq checkpoint's joint preset (pathway, bridge, semantic width, LoRA)."""
     return json.loads((SHIPPED_CHECKPOINT / "joint_config.json").read_text(encoding="utf-8"))["config"]
@@ -382,6 +399,7 @@ def measure_size(size: str, args: argparse.Namespace, text: RealText, command: s
     n = len(doc_ids)
     log(f"{n:,}: building the docid tree (k={config.k}, c={config.c}, faiss from {args.faiss_min_points:,} points)")
     tree, tree_row = build_tree(embeddings, config, doc_ids, args.faiss_min_points, fingerprint)
+    tree_row["split_costs"] = split_costs(embeddings, config.k, config.seed, args.split_costs)
     del embeddings
     log(f"{n:,}: tree in {tree_row['build_s']} s, depth {tree_row['depth_max']}, {tree_row['nodes']:,} nodes")
     if size in REAL_CORPORA:  # the shipped labels (same corpus, same tree): the real docid_tree.json's size
@@ -456,9 +474,10 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "_No rows yet: run `python -m benchmarks.scaling`._\n"
     tree = _table(
-        ["passages", "corpus", "build s (faiss part)", "build peak MB", "depth max (mean)", "nodes",
-         "docs per leaf cluster", "trie MB"],
+        ["passages", "corpus", "faiss from (points)", "build s (faiss part)", "build peak MB", "depth max (mean)",
+         "nodes", "docs per leaf cluster", "trie MB"],
         [[f"{r['passages']:,}", "real nq" if r["size"] in REAL_CORPORA else "synthetic",
+          f"{r['settings']['faiss_min_points']:,}",
           f"{_seconds(r['tree']['build_s'])} ({_seconds(r['tree']['faiss_kmeans_s'])})",
           _mb(r["tree"]["build_peak_mb"]), f"{r['tree']['depth_max']} ({r['tree']['depth_mean']})",
           f"{r['tree']['nodes']:,}", f"{r['tree']['leaf_size_mean']}", _mb(r["tree"]["trie_mb"])] for r in rows])
@@ -479,7 +498,10 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
          "node index MB", "joint weights MB (of it table)", "LoRA MB", "docid_tree.json MB", "checkpoint MB",
          f"within {rows[0]['checkpoint']['budget_mb']:g} MB"], body)
     loads = ", ".join(f"{r['passages']:,}: {r['load_average_1m']}" for r in rows)
-    return ("\n".join(tree) + "\n\n" + "\n".join(search) + "\n\n" + budget_sentence(rows)
+    costs = [f"{c['points']:,} points: sklearn {c['sklearn_s']:g} s, faiss {c['faiss_s']:g} s ({r['passages']:,} row)"
+             for r in rows for c in r["tree"].get("split_costs", [])]
+    costs_text = f"One k-means split timed on both paths: {'; '.join(costs)}.\n\n" if costs else ""
+    return ("\n".join(tree) + "\n\n" + costs_text + "\n".join(search) + "\n\n" + budget_sentence(rows)
             + f"Load average (1 min) when each row finished: {loads}; measured {rows[0]['date'][:10]}"
             + (f" to {rows[-1]['date'][:10]}" if rows[-1]["date"][:10] != rows[0]["date"][:10] else "") + ".\n")
 
@@ -530,7 +552,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=TreeConfig.k)
     parser.add_argument("--c", type=int, default=TreeConfig.c)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--faiss-min-points", type=int, default=FAISS_KMEANS_MIN_POINTS)
+    parser.add_argument("--faiss-min-points", type=int, default=FAISS_KMEANS_MIN_POINTS,
+                        help="splits of at least this many points run faiss (default: the library's threshold)")
+    parser.add_argument("--split-costs", type=int, nargs="*", default=[], metavar="N",
+                        help="also time one split of N points by sklearn and by faiss")
     parser.add_argument("--render", type=Path, default=None, metavar="PAGE",
                         help="rewrite the <!-- scaling:table --> block of PAGE from --out; measure nothing")
     parser.add_argument("--check", action="store_true", help="with --render: exit 1 if PAGE is stale")

@@ -100,6 +100,8 @@ def test_tree_search_and_checkpoint_rows_on_a_tiny_model(tiny_llm_dirs):
     size = scaling.checkpoint_size(model, tree)
     assert size["semantic_table_mb"] == round(row["nodes"] * 8 * 2 / 1e6, 1)
     assert size["tree_json_bytes"] > 0 and size["within_budget"]
+    costs = scaling.split_costs(x, k=4, seed=0, sizes=[100, 10**6])  # sizes beyond the input are skipped
+    assert [c["points"] for c in costs] == [100] and costs[0]["sklearn_s"] >= 0 and costs[0]["faiss_s"] >= 0
     search = scaling.search_latency(model, tok, tree, text.questions, beams=[(3, 2)])
     assert search["questions"] == 2 and search["by_beam"][0]["beam_width"] == 3
     assert search["by_beam"][0]["ms_mean"] > 0
@@ -108,6 +110,7 @@ def test_tree_search_and_checkpoint_rows_on_a_tiny_model(tiny_llm_dirs):
 def _row(passages: int, size: str) -> dict:
     return {
         "size": size, "passages": passages, "load_average_1m": 1.0, "date": "2025-01-01 00:00 UTC",
+        "settings": {"faiss_min_points": 50_000},
         "tree": {"build_s": 1.0, "faiss_kmeans_s": 0.0, "build_peak_mb": 10.0, "depth_max": 5, "depth_mean": 4.1,
                  "nodes": 3720, "leaf_size_mean": 4.2, "trie_mb": 3.0},
         "search": {"questions": 20, "docid_levels": 5, "node_index_mb": 0.5,
