@@ -498,8 +498,11 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
          "node index MB", "joint weights MB (of it table)", "LoRA MB", "docid_tree.json MB", "checkpoint MB",
          f"within {rows[0]['checkpoint']['budget_mb']:g} MB"], body)
     loads = ", ".join(f"{r['passages']:,}: {r['load_average_1m']}" for r in rows)
-    costs = [f"{c['points']:,} points: sklearn {c['sklearn_s']:g} s, faiss {c['faiss_s']:g} s ({r['passages']:,} row)"
-             for r in rows for c in r["tree"].get("split_costs", [])]
+    def secs(value: float) -> str:
+        return f"{value:g} s" if value else "< 0.01 s"
+
+    costs = [f"{c['points']:,} points: sklearn {secs(c['sklearn_s'])}, faiss {secs(c['faiss_s'])} "
+             f"({r['passages']:,} row)" for r in rows for c in r["tree"].get("split_costs", [])]
     costs_text = f"One k-means split timed on both paths: {'; '.join(costs)}.\n\n" if costs else ""
     return ("\n".join(tree) + "\n\n" + costs_text + "\n".join(search) + "\n\n" + budget_sentence(rows)
             + f"Load average (1 min) when each row finished: {loads}; measured {rows[0]['date'][:10]}"
