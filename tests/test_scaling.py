@@ -148,3 +148,4 @@ def test_scaling_page_is_generated_from_the_store():
     assert "<!-- scaling:table -->" in text
     # If this fails, run `python -m benchmarks.scaling --render docs/scaling.md` and commit the page.
     assert scaling.update_page(text, scaling.load_rows(scaling.DEFAULT_OUT)) == text
+    assert scaling.main(["--render", str(page), "--check"]) == 0
