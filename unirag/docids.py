@@ -120,7 +120,26 @@ def corpus_embeddings(
     return emb
 
 
-def _kmeans(vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
+# A split of at least this many points runs faiss k-means instead of sklearn's: faiss trains on a subsample
+# (max_points_per_centroid) and assigns in C++, where sklearn's full Lloyd iterations over 100k+ vectors take
+# minutes a split. The shipped corpora are far below it, so their trees (and checkpoints) are unchanged.
+FAISS_KMEANS_MIN_POINTS = 50_000
+
+
+def _faiss_kmeans(vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
+    import faiss
+
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    # min_points_per_centroid=1: small inputs (tests) would otherwise print a warning on every split.
+    km = faiss.Kmeans(x.shape[1], k, niter=20, nredo=3, seed=seed, min_points_per_centroid=1, verbose=False)
+    km.train(x)
+    _, labels = km.index.search(x, 1)
+    return labels.ravel().astype(np.int64)
+
+
+def _kmeans(vectors: np.ndarray, k: int, seed: int, faiss_min_points: int = FAISS_KMEANS_MIN_POINTS) -> np.ndarray:
+    if len(vectors) >= faiss_min_points:
+        return _faiss_kmeans(vectors, k, seed)
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
 
@@ -130,8 +149,10 @@ def _kmeans(vectors: np.ndarray, k: int, seed: int) -> np.ndarray:
     return np.asarray(labels)
 
 
-def recursive_kmeans(embeddings: np.ndarray, k: int, c: int, seed: int = 0) -> list[tuple[int, ...]]:
-    """Docid (path of cluster indices + leaf position) for each row; deterministic for a seed."""
+def recursive_kmeans(embeddings: np.ndarray, k: int, c: int, seed: int = 0,
+                     faiss_min_points: int = FAISS_KMEANS_MIN_POINTS) -> list[tuple[int, ...]]:
+    """Docid (path of cluster indices + leaf position) for each row; deterministic for a seed. Splits of at least
+    `faiss_min_points` points use faiss k-means, smaller ones sklearn's."""
     docids: list[tuple[int, ...] | None] = [None] * len(embeddings)
 
     def split(indices: np.ndarray, prefix: tuple[int, ...]) -> None:
@@ -140,7 +161,7 @@ def recursive_kmeans(embeddings: np.ndarray, k: int, c: int, seed: int = 0) -> l
                 docids[row] = prefix + (position,)
             return
         n_clusters = min(k, len(indices))
-        labels = _kmeans(embeddings[indices], n_clusters, seed + len(prefix))
+        labels = _kmeans(embeddings[indices], n_clusters, seed + len(prefix), faiss_min_points)
         if len(np.unique(labels)) < 2:  # identical vectors: k-means cannot split, so chunk evenly
             labels = np.arange(len(indices)) * n_clusters // len(indices)
         # Order clusters by their first member, so numbering does not depend on k-means' label order.
