@@ -604,7 +604,9 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                 'reciprocal rank) read the same way; dense + self-check re-ranks the dense top N with '
                                 'the joint model\'s self-check and reads as the joint model does.</div>')
                         baseline = gr.Dropdown([(label, name) for name, label in BASELINES.items()], value="rag",
-                                               label="Baseline", elem_id="ur-baseline")
+                                               label="Baseline", elem_id="ur-baseline",
+                                               info="Dense + self-check needs Self-check ≥ 2 (Advanced settings); "
+                                                    "both sides then re-rank the same way.")
                         rag_card = gr.HTML(viz.answer_card_html(None, "Dense RAG", viz.RAG_COLOR),
                                            elem_id="ur-rag-answer", label="rag answer")
                         rag_cite = gr.HTML("", elem_id="ur-rag-cite", label="rag citation")
