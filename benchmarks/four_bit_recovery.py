@@ -143,11 +143,13 @@ def load_lever(lever: str, train_prompts: list[str]):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                  quantization_config=BitsAndBytesConfig(**bnb)).eval()
     if lever in ("nf4-loftq", "nf4-distilled"):
-        from peft import LoraConfig, PeftModel, get_peft_model, replace_lora_weights_loftq
+        from peft import LoraConfig, PeftModel, get_peft_model
 
         if lever == "nf4-loftq":
             model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_R, target_modules=LORA_TARGETS))
-            replace_lora_weights_loftq(model, model_path=str(Path(path) / "model.safetensors"))
+            loftq_on_cpu(model, Path(path) / "model.safetensors")
+            notes["loftq"] = ("one LoftQ step (peft's own low-rank decomposition of fp32 - NF4), done on the CPU: "
+                              "peft's replace_lora_weights_loftq moves the weights to CUDA")
         else:
             adapter = OUT / "distilled-adapter"
             if not (adapter / "adapter_config.json").is_file():
@@ -156,6 +158,28 @@ def load_lever(lever: str, train_prompts: list[str]):
             notes["adapter"] = json.loads((adapter / "training.json").read_text())
         model.eval()
     return model, tokenizer, notes
+
+
+@torch.no_grad()
+def loftq_on_cpu(model, safetensors_path: Path) -> None:
+    """peft's `replace_lora_weights_loftq` (one LoftQ step), but on the CPU: its helper hard-codes a CUDA device.
+    Each LoRA pair becomes the rank-r decomposition of (fp32 weight - its NF4 rounding), with peft's own
+    `_low_rank_decomposition`, so that NF4 + adapter is the best rank-r approximation of the fp32 weight."""
+    import bitsandbytes.functional as bnbf
+    from peft.utils.loftq_utils import _low_rank_decomposition
+    from safetensors import safe_open
+
+    with safe_open(str(safetensors_path), framework="pt") as weights:
+        for name, module in model.named_modules():
+            if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+                continue
+            key = name.split("base_model.model.", 1)[-1] + ".weight"
+            base = module.base_layer.weight
+            residual = weights.get_tensor(key).float() - bnbf.dequantize_4bit(base.data, base.quant_state)
+            parts = _low_rank_decomposition(residual, reduced_rank=module.r["default"])
+            scaling = module.scaling["default"]
+            module.lora_A["default"].weight.copy_(parts["R"])
+            module.lora_B["default"].weight.copy_(parts["L"] / scaling)
 
 
 def gold_prompt(tokenizer, question: Question, corpus) -> str:
