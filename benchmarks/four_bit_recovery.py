@@ -373,6 +373,36 @@ def distill(args) -> None:
     print(f"[distill] adapter in {out}", file=sys.stderr)
 
 
+def speed(args) -> None:
+    """Milliseconds of one SmolLM2 MLP projection (576 -> 1536) in each format, for 1 token (a decoding step) and
+    200 (a prompt), one thread, median of `--repeats`: the formats' own kernels, apart from answer lengths."""
+    import statistics
+
+    import bitsandbytes as bnb
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(576, 1536, bias=False)
+    hqq = HQQLinear(torch.nn.Linear(576, 1536, bias=False), BaseQuantizeConfig(nbits=4, group_size=32, axis=1),
+                    compute_dtype=torch.float32, device="cpu")
+    nf4 = bnb.nn.Linear4bit(576, 1536, bias=False, quant_type="nf4", compute_dtype=torch.float32)
+    nf4.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    nf4 = nf4.to("cpu")  # quantises
+    out = {}
+    for tokens in (1, 200):
+        x = torch.randn(1, tokens, 576)
+        for name, layer in (("fp32", dense), ("nf4", nf4), ("4bit (hqq-g32)", hqq)):
+            times = []
+            with torch.no_grad():
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    layer(x)
+                    times.append((time.perf_counter() - start) * 1000)
+            out[f"{name}, {tokens} token(s)"] = round(statistics.median(times), 3)
+    print(json.dumps(out))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -386,6 +416,8 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--record", action="store_true", help="append one row per corpus to the results store")
     r = sub.add_parser("record", help="append the rows of levers already measured (runs/four_bit_recovery/L.json)")
     r.add_argument("levers", nargs="+", choices=sorted(LEVERS))
+    t = sub.add_parser("speed", help="ms of one projection in each format (kernels alone)")
+    t.add_argument("--repeats", type=int, default=300)
     d = sub.add_parser("distill")
     d.add_argument("--steps", type=int, default=60)
     d.add_argument("--lr", type=float, default=2e-4)
@@ -396,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
             record_rows(json.loads((OUT / f"{lever}.json").read_text()),
                         f"python -m benchmarks.four_bit_recovery measure --lever {lever}")
         return
-    (measure if args.command == "measure" else distill)(args)
+    {"measure": measure, "distill": distill, "speed": speed}[args.command](args)
 
 
 if __name__ == "__main__":
