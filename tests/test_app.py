@@ -588,7 +588,7 @@ def _check_ask_result(result) -> None:
         blob = json.loads(fig["plot"]) if isinstance(fig, dict) and "plot" in fig else fig
         assert blob and blob.get("data"), fig
     assert beams["data"], beams
-    assert "4-bit NF4" in banner
+    assert "4-bit (HQQ, recovered)" in banner  # the default precision
 
 
 @pytest.mark.slow

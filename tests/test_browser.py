@@ -93,7 +93,7 @@ def test_page_answers_a_question_and_screenshot(browser, live_app, tmp_path):  #
     # A fresh machine's first start converts SmolLM2 and embeds both corpora (minutes on 2 shared cores).
     page.wait_for_function("() => { const t = document.querySelector('#ur-banner').innerText;"
                            "return t.includes(': ready') && !t.includes('Loading the model'); }", timeout=900_000)
-    assert "4-bit NF4" in page.inner_text("#ur-banner")
+    assert "4-bit (HQQ, recovered)" in page.inner_text("#ur-banner")  # the default precision
     page.wait_for_function("() => !document.querySelector('#ur-ask').disabled", timeout=30_000)
     assert "/ 2,000 characters" in page.inner_text("#ur-counter")
 
