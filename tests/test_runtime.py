@@ -169,6 +169,7 @@ def test_pipeline_answers_both_sides_in_one_gpu_call(monkeypatch):
     pipe = Pipeline(AppConfig(device="cpu"))
     bundle = types.SimpleNamespace(name="nq", settings=types.SimpleNamespace(replace=lambda **c: "settings"))
     monkeypatch.setattr(pipe, "bundle", lambda name: bundle)
-    monkeypatch.setattr(pipeline_module, "answer_on_device", lambda p, b, t, s: calls.append((p, b, t, s)) or "both")
+    monkeypatch.setattr(pipeline_module, "answer_on_device",
+                        lambda p, b, t, s, baseline: calls.append((p, b, t, s, baseline)) or "both")
     assert pipe.ask("nq", "  who wrote it? ") == "both"
-    assert calls == [(pipe, bundle, "who wrote it?", "settings")]
+    assert calls == [(pipe, bundle, "who wrote it?", "settings", "rag")]
