@@ -18,12 +18,6 @@ from unirag.errors import MissingDependencyError
 HQQ_BITS = 4
 HQQ_GROUP_SIZE = 32  # GGUF Q4_0/Q4_1 block size: one HQQ group per GGUF block
 
-FORMATS = {
-    "fp32": "float32 weights",
-    "4bit": f"4-bit HQQ, groups of {HQQ_GROUP_SIZE} with a zero point (the recovered 4-bit)",
-    "nf4": "4-bit bitsandbytes NF4 (no recovery)",
-}
-
 
 def bitsandbytes_config(dtype: torch.dtype = torch.float32):
     """NF4 as the project loaded it before the recovery (`--no-recovery`): blocks of 64, fp32 compute."""
@@ -74,4 +68,4 @@ def dense_weight(linear: nn.Module) -> torch.Tensor:
     return weight.detach()
 
 
-__all__ = ["FORMATS", "HQQ_GROUP_SIZE", "bitsandbytes_config", "dense_weight", "quantize_hqq", "weight_format"]
+__all__ = ["HQQ_GROUP_SIZE", "bitsandbytes_config", "dense_weight", "quantize_hqq", "weight_format"]
