@@ -601,10 +601,11 @@ def test_end_to_end_one_question(live_app):
     result = client.predict("nq", "who sang the song i wanna be sedated", 10, 2, 5, 24, api_name="/ask")
     elapsed = time.perf_counter() - start
     _check_ask_result(result)
-    assert "gold answer" in result[0] and "base LLM reads" not in result[1]
-    base = client.predict("nq", "who sang the song i wanna be sedated", 10, 2, 5, 24, "base", api_name="/ask")
-    _check_ask_result(base)
-    assert "base LLM reads" in base[1]
+    # The recovered 4-bit starts from the checkpoint's recommended reader for it: the base LLM.
+    assert "gold answer" in result[0] and "base LLM reads" in result[1]
+    trained = client.predict("nq", "who sang the song i wanna be sedated", 10, 2, 5, 24, "trained", api_name="/ask")
+    _check_ask_result(trained)
+    assert "base LLM reads" not in trained[1]
     print(f"one question, cold: {elapsed:.1f} s")
 
 
