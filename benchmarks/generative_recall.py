@@ -21,6 +21,7 @@ import json
 import time
 from pathlib import Path
 
+from unirag.cli import add_precision_flags
 from unirag.joint.selfcheck import rerank
 from unirag.settings import precision_from_flags
 
@@ -97,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offset", type=int, default=0,
                         help="skip the first N questions: shards of a long run (e.g. one per core)")
     parser.add_argument("--beam-width", type=int, default=10)
-    parser.add_argument("--load-in-4bit", action="store_true", help="NF4 base, as the app loads it")
-    parser.add_argument("--no-recovery", action="store_true", help="with --load-in-4bit: NF4, no recovery")
+    add_precision_flags(parser)  # --load-in-4bit [--no-recovery], as `eval` takes them
     parser.add_argument("--path-logprob-only", action="store_true",
                         help="rank by the path's log-probability alone (no document-level rescoring)")
     parser.add_argument("--self-check", type=int, default=0, metavar="N",

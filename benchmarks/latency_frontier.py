@@ -19,6 +19,7 @@ import json
 import statistics
 import time
 
+from unirag.cli import add_precision_flags
 from unirag.eval import sign_test_p
 from unirag.settings import precision_from_flags
 
@@ -50,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--joint-reader", choices=["base", "trained"], default="base",
                         help="who reads the joint side's documents: the base LLM or the stage-2 reader")
-    parser.add_argument("--load-in-4bit", action="store_true")
-    parser.add_argument("--no-recovery", action="store_true", help="with --load-in-4bit: NF4, no recovery")
+    add_precision_flags(parser)  # --load-in-4bit [--no-recovery], as `eval` takes them
     parser.add_argument("--self-check-cache", action="store_true",
                         help="self-check from the passage cache (it must exist for this precision)")
     args = parser.parse_args(argv)

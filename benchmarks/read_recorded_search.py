@@ -20,6 +20,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from unirag.cli import add_precision_flags
 from unirag.settings import precision_from_flags
 
 
@@ -34,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight", type=float, required=True, help="weight of the question log-likelihood")
     parser.add_argument("--k", type=int, default=1, help="documents read")
     parser.add_argument("--base-reader", action="store_true", help="the base LLM reads (adapter, pathway off)")
-    parser.add_argument("--load-in-4bit", action="store_true")
-    parser.add_argument("--no-recovery", action="store_true", help="with --load-in-4bit: NF4, no recovery")
+    add_precision_flags(parser)  # --load-in-4bit [--no-recovery], as `eval` takes them
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--out", default=None, help="per-question records, as `eval --out`")
     args = parser.parse_args(argv)

@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from unirag.cli import add_precision_flags
 from unirag.settings import precision_from_flags
 
 
@@ -45,8 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beam-width", type=int, default=None,
                         help="the live search's beam (default: the recorded search's); raised to N as `retrieve` does")
     parser.add_argument("--limit", type=int, default=None, help="the first N recorded questions only")
-    parser.add_argument("--load-in-4bit", action="store_true")
-    parser.add_argument("--no-recovery", action="store_true", help="with --load-in-4bit: NF4, no recovery")
+    add_precision_flags(parser)  # --load-in-4bit [--no-recovery], as `eval` takes them
     args = parser.parse_args(argv)
     args.precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
 

@@ -15,6 +15,7 @@ import json
 import statistics
 import time
 
+from unirag.cli import add_precision_flags
 from unirag.settings import precision_from_flags
 
 
@@ -25,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="dev")
     parser.add_argument("--questions", type=int, default=20, help="the first N questions of the split")
     parser.add_argument("--n", type=int, default=10, help="documents the self-check reads")
-    parser.add_argument("--load-in-4bit", action="store_true")
-    parser.add_argument("--no-recovery", action="store_true", help="with --load-in-4bit: NF4, no recovery")
+    add_precision_flags(parser)  # --load-in-4bit [--no-recovery], as `eval` takes them
     args = parser.parse_args(argv)
     args.precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
 

@@ -28,7 +28,7 @@ def _add_system(parser: argparse.ArgumentParser, default: str | None = None) -> 
     parser.add_argument("--checkpoint", default=None,
                         help="joint checkpoint folder (the joint* systems, rag-joint-reader and rag-selfcheck)")
     parser.add_argument("--llm", default=None, help="LLM hub id or local folder; empty = embedded SmolLM2-135M")
-    _add_precision(parser)
+    add_precision_flags(parser)
     settings = parser.add_argument_group("inference settings (unset: the checkpoint's recommended setting for the "
                                          "precision, else the library default)")
     for name in InferenceSettings.names():
@@ -41,7 +41,7 @@ def _add_system(parser: argparse.ArgumentParser, default: str | None = None) -> 
                                "every passage; see `index --self-check-cache`); an existing one is always used")
 
 
-def _add_precision(parser: argparse.ArgumentParser) -> None:
+def add_precision_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-in-4bit", action="store_true",
                         help="load the LLM in 4 bits, with the recovery (HQQ, groups of 32); else fp32")
     parser.add_argument("--no-recovery", action="store_true",
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also build the self-check passage cache for --checkpoint's base LLM (in 4 bits with "
                             "--load-in-4bit): a one-off pass over every passage, with progress, resumable")
     index.add_argument("--checkpoint", default=None, help="with --self-check-cache: a joint checkpoint folder")
-    _add_precision(index)
+    add_precision_flags(index)
 
     ev = sub.add_parser("eval", help="evaluate a system; stdout is one JSON summary",
                         formatter_class=argparse.RawTextHelpFormatter)
