@@ -50,9 +50,11 @@ LEVERS = {
     "nf4-loftq": f"NF4 + a rank-{LORA_R} LoRA initialised by LoftQ (peft replace_lora_weights_loftq)",
     "nf4-distilled": f"NF4 + a rank-{LORA_R} LoRA distilled from the fp32 base (KL) on train reading prompts",
     "hqq-g64": "HQQ 4-bit, groups of 64 (does the group size matter?)",
-    "hqq-g32": "HQQ 4-bit, groups of 32 = the GGUF Q4_1 block (the library's recovered 4-bit)",
+    "hqq-g32": "HQQ 4-bit, groups of 32 = the GGUF Q4_1 block (the recovered 4-bit; HQQ's own forward, as on a GPU)",
+    "hqq-g32-cpu-int4": "hqq-g32 in PyTorch's int4 CPU kernel, bfloat16 activations (the recovered 4-bit on a CPU)",
 }
-PRECISION_OF = {"fp32": "fp32", "int8": "8bit", "hqq-g32": "4bit", "hqq-g64": "4bit"}  # the rest: "nf4"
+PRECISION_OF = {"fp32": "fp32", "int8": "8bit", "hqq-g32": "4bit", "hqq-g64": "4bit", "hqq-g32-cpu-int4": "4bit"}
+# the rest: "nf4"
 
 
 def _data(corpus_name: str):
@@ -116,15 +118,16 @@ def load_lever(lever: str, train_prompts: list[str]):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from unirag.backbones import resolve_llm_path
-    from unirag.quantization import quantize_hqq
+    from unirag.quantization import pack_for_cpu, quantize_hqq
 
     notes: dict = {}
     if lever == "fp32":
         model, tokenizer = load_plain()
         return model, tokenizer, notes
-    if lever.startswith("hqq"):
+    if lever.startswith("hqq"):  # hqq-g32, or hqq-g32-cpu-int4: the same layers in PyTorch's int4 CPU kernel
         model, tokenizer = load_plain()
-        return quantize_hqq(model, group_size=int(lever.split("-g")[1])), tokenizer, notes
+        model = quantize_hqq(model, group_size=int(lever.split("-g")[1].split("-")[0]))
+        return (pack_for_cpu(model) if lever.endswith("-cpu-int4") else model), tokenizer, notes
     _, tokenizer = load_plain()
     bnb = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.float32}
     if lever == "int8":
@@ -381,6 +384,8 @@ def speed(args) -> None:
     import bitsandbytes as bnb
     from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
 
+    from unirag.quantization import pack_for_cpu
+
     torch.set_num_threads(1)
     torch.manual_seed(0)
     dense = torch.nn.Linear(576, 1536, bias=False)
@@ -389,10 +394,14 @@ def speed(args) -> None:
     nf4 = bnb.nn.Linear4bit(576, 1536, bias=False, quant_type="nf4", compute_dtype=torch.float32)
     nf4.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4")
     nf4 = nf4.to("cpu")  # quantises
+    packed = pack_for_cpu(torch.nn.Sequential(
+        HQQLinear(torch.nn.Linear(576, 1536, bias=False), BaseQuantizeConfig(nbits=4, group_size=32, axis=1),
+                  compute_dtype=torch.float32, device="cpu")))
     out = {}
     for tokens in (1, 200):
         x = torch.randn(1, tokens, 576)
-        for name, layer in (("fp32", dense), ("nf4", nf4), ("4bit (hqq-g32)", hqq)):
+        for name, layer in (("fp32", dense), ("nf4", nf4), ("hqq-g32", hqq),
+                            ("4bit (hqq-g32-cpu-int4)", packed)):
             times = []
             with torch.no_grad():
                 for _ in range(args.repeats):

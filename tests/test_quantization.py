@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from unirag.backbones import load_llm
 from unirag.errors import UniragError
-from unirag.quantization import HQQ_GROUP_SIZE, dense_weight, quantize_hqq, weight_format
+from unirag.quantization import HQQ_GROUP_SIZE, dense_weight, pack_for_cpu, quantize_hqq, weight_format
 from unirag.settings import precision_from_flags
 
 pytest.importorskip("hqq")
@@ -56,13 +56,36 @@ def test_hqq_holds_weights_that_are_already_on_a_4bit_group_grid(tiny_llm_dirs):
         torch.testing.assert_close(model(ids).logits, expected, atol=1e-3, rtol=0)
 
 
+def test_the_cpu_int4_kernel_multiplies_by_the_same_4bit_weights(tiny_llm_dirs):
+    """pack_for_cpu keeps HQQ's integers, scales and zeros: the weight it multiplies by is HQQ's up to bfloat16
+    scales, and the logits stay those of HQQ's own forward up to bfloat16 activations."""
+    model = _tiny_on_grid(tiny_llm_dirs["llama"])
+    quantize_hqq(model)
+    names = [n for n, m in model.named_modules() if type(m).__name__ == "HQQLinear"]
+    hqq_weights = {n: dense_weight(model.get_submodule(n)) for n in names}
+    ids = torch.tensor([[1, 5, 7, 9, 11, 3], [2, 4, 6, 8, 10, 12]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    pack_for_cpu(model)
+    assert weight_format(model) == "hqq4-g32-cpu-int4"
+    assert {type(model.get_submodule(n)).__name__ for n in names} == {"CPUInt4HQQLinear"}
+    for name, weight in hqq_weights.items():
+        packed = dense_weight(model.get_submodule(name))
+        assert packed.shape == weight.shape
+        assert ((packed - weight).abs().max() / weight.abs().max()).item() < 1e-2  # bfloat16 scales
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert ((logits - expected).abs().max() / expected.abs().max()).item() < 2e-2
+    assert torch.equal(logits.argmax(-1), expected.argmax(-1))
+
+
 def test_load_llm_precisions_and_the_joint_model_on_the_recovered_base(tiny_llm_dirs):
     from unirag.joint.config import JointConfig
     from unirag.joint.modeling import JointModel
 
     path = str(tiny_llm_dirs["llama"])
     base, tok = load_llm(path, precision="4bit")
-    assert weight_format(base) == "hqq4-g32"
+    assert weight_format(base) == "hqq4-g32-cpu-int4"  # on a CPU, HQQ's layers run in PyTorch's int4 kernel
     assert weight_format(load_llm(path, precision="fp32")[0]) == "float32"
     assert weight_format(load_llm(path, precision="nf4")[0]) == "nf4"
     ids = torch.tensor([tok("Q: what is x?\n")["input_ids"]])

@@ -134,14 +134,14 @@ def load_llm(
     attn_implementation: str = "eager",
     device: str | None = None,
 ):
-    """Return (model, tokenizer) in `precision` (unirag.quantization): "fp32", "4bit" (the recovered 4-bit, HQQ)
-    or "nf4" (bitsandbytes, no recovery). All three work on this CPU.
+    """Return (model, tokenizer) in `precision` (unirag.quantization): "fp32", "4bit" (the recovered 4-bit, HQQ;
+    on a CPU in PyTorch's int4 kernel) or "nf4" (bitsandbytes, no recovery). All three work on this CPU.
 
     `device` (e.g. "cuda:1", one per process under `accelerate launch`) places the whole model there;
     by default it stays on the CPU, or NF4 goes to the GPUs with device_map="auto"."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from unirag.quantization import bitsandbytes_config, quantize_hqq
+    from unirag.quantization import bitsandbytes_config, pack_for_cpu, quantize_hqq
     from unirag.settings import check_precision
 
     precision = check_precision(precision)
@@ -167,6 +167,8 @@ def load_llm(
     if precision == "4bit":
         target = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = quantize_hqq(model, dtype=dtype, device=target)
+        if target == "cpu":
+            model = pack_for_cpu(model)
     elif device is not None and precision == "fp32":
         model.to(device)
     model.eval()
