@@ -88,3 +88,24 @@ def test_paired_comparison_counts_and_exact_sign_test():
         paired_comparison([{"id": "q", "f1": 0.5}], [{"id": "q", "f1": 1.0}], metric="f1")
     with pytest.raises(UniragError, match="twice"):
         paired_comparison(a + a[:1], b)
+
+
+def test_candidate_recall_reads_the_generators_order_before_the_self_check():
+    """With a self-check, the record keeps the candidate generator's own top-1 and whether the gold was among
+    the N candidates, apart from the re-ranked R@1."""
+    from unirag.answer import SelfCheckRow, Trace
+    from unirag.eval import score, summarize
+
+    rows = [SelfCheckRow("d2", 2, -1.0, -0.5, 3.0), SelfCheckRow("d1", 1, -0.5, -2.0, 1.0)]  # re-ranked: d2 first
+    answer = Answer("joint", "q?", "Paris", [RetrievedDoc("d2", "", "", 3.0)], trace=Trace(self_check=rows))
+    answer.ranked_doc_ids = ["d2", "d1"]
+    on_d1 = score(answer, Question("a", "q?", ("Paris",), "d1"), k=1)
+    assert (on_d1["recall@1"], on_d1["candidate_recall@1"], on_d1["candidate_recall@n"]) == (0.0, 1.0, 1.0)
+    on_d3 = score(answer, Question("b", "q?", ("Paris",), "d3"), k=1)
+    assert (on_d3["candidate_recall@1"], on_d3["candidate_recall@n"]) == (0.0, 0.0)
+    for record in (on_d1, on_d3):
+        record["latency_ms"] = 1.0
+    summary = summarize("joint", [on_d1, on_d3], k=1)
+    assert (summary["candidate_recall@1"], summary["candidate_recall@n"]) == (0.5, 0.5)
+    plain = score(Answer("rag", "q?", "x", [RetrievedDoc("d1", "", "", 1.0)]), Question("c", "q?", ("y",), "d1"), 1)
+    assert "candidate_recall@1" not in plain

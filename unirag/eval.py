@@ -75,6 +75,10 @@ def score(answer: Answer, question: Question, k: int) -> dict:
         record["recall@k"] = float(question.doc_id in answer.doc_ids[:k])
         # Only when the system ranked at least 3 documents (joint: its search or self-check returned 3).
         record["recall@3"] = float(question.doc_id in ranked[:3]) if len(ranked) >= 3 else None
+        if answer.trace.self_check:  # the candidate generator (docid search or dense) before the self-check
+            first = min(answer.trace.self_check, key=lambda row: row.search_rank)
+            record["candidate_recall@1"] = float(first.doc_id == question.doc_id)
+            record["candidate_recall@n"] = float(any(r.doc_id == question.doc_id for r in answer.trace.self_check))
     return record
 
 
@@ -96,6 +100,8 @@ def summarize(system: str, records: list[dict], k: int) -> dict:
         "recall@k": avg("recall@k"),
         "k": k,
         "recall@3": avg("recall@3") if ranked_three else None,
+        **({"candidate_recall@1": avg("candidate_recall@1"), "candidate_recall@n": avg("candidate_recall@n")}
+           if any("candidate_recall@1" in r for r in records) else {}),
         "context_tokens_mean": avg("context_tokens"),
         "latency_ms_median": round(median(r["latency_ms"] for r in records), 1) if records else None,
     }

@@ -56,6 +56,8 @@ SPLITS = ("dev", "dev[:300]")  # the question sets the report and the Evaluation
 SPLIT = re.compile(r"^[\w.-]+(\[\d*:\d*\])?$")  # a question file's name, optionally with the slice evaluated
 METRIC_KEYS = ("accuracy", "em", "f1", "recall@1", "recall@3", "recall@k", "k", "context_tokens_mean",
                "latency_ms_median", "wall_time_s")
+# Systems with a self-check: the candidate generator's own top-1 (docid search or dense) and the gold among the N.
+CANDIDATE_METRICS = ("candidate_recall@1", "candidate_recall@n")
 FIELDS: dict[str, type | tuple[type, ...]] = {
     "run": str, "system": str, "corpus": str, "split": str, "precision": str, "n": int, "settings": dict,
     "metrics": dict, "command": str, "date": str, "machine": str, "source": str,
@@ -194,7 +196,8 @@ def row_from_summary(summary: dict[str, Any], *, run: str, system: str, corpus: 
     """
     summary = summary.get("summary", summary)
     metrics = {k: summary.get(k) for k in METRIC_KEYS}
-    metrics.update({k: v for k, v in summary.items() if k.endswith("_s") and k not in metrics})
+    metrics.update({k: v for k, v in summary.items()
+                    if (k.endswith("_s") or k in CANDIDATE_METRICS) and k not in metrics})
     labels = {k: v for k, v in summary.items() if k not in metrics and k not in ("n", "corpus", "precision")}
     row = {"run": run, "system": system, "corpus": corpus, "split": split, "precision": precision,
            "n": summary.get("n"), "settings": dict(settings), "metrics": metrics, "command": command,
