@@ -362,6 +362,87 @@ def render_recovery(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(dev)
 
 
+# --------------------------------------------------------------------------------------------- honest baselines
+
+
+# The split each corpus's baseline comparison is measured on (squad: the first 300 dev questions, as its 4-bit rows).
+BASELINE_SPLITS = (("nq", "dev"), ("squad", "dev[:300]"))
+NQ_SEARCH_R1_TARGET = 0.80  # the issue's bar for nq; on squad the bar is dense R@1 on the same questions
+
+
+def _baseline_roles(rows: Sequence[Mapping[str, Any]], corpus: str, split: str,
+                    precision: str) -> dict[str, Mapping[str, Any]]:
+    """The rows the comparison reads, by role: dense and BM25 top-1, dense + self-check, the docid search alone
+    (beam 10, no self-check) and the joint model's recommended setting with its self-check."""
+    roles: dict[str, Mapping[str, Any]] = {}
+    for r in rows:
+        if (r["corpus"], r["split"], r["precision"]) != (corpus, split, precision) or not _shipped(r):
+            continue
+        s, system = r["settings"], r["system"]
+        if system in ("rag", "bm25") and s.get("rag_k") == 1 and r["run"] in ("RAG top-1", "BM25 top-1"):
+            roles[system] = r
+        elif system == "rag-selfcheck":
+            roles["rag-selfcheck"] = r
+        elif system == "joint" and not s.get("self_check") and s.get("beam_width") == 10 and s.get("k_docs") == 1 \
+                and s.get("joint_reader", "base") == "base" and r["run"] == "joint, 1 doc, beam 10, base reader":
+            roles["search"] = r
+        elif system == "joint" and s.get("self_check") and s.get("recommended"):
+            roles["joint"] = r
+    return roles
+
+
+def _paired_p(row: Mapping[str, Any] | None, against: Mapping[str, Any] | None, metric: str) -> Any:
+    if row is None or against is None:
+        return None
+    for pair in row.get("paired", []):
+        if pair["against"] == against["run"] and pair.get("metric", "accuracy") == metric:
+            return pair["p"]
+    return None
+
+
+def render_baselines(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Per corpus and precision: every baseline next to the joint model, with paired sign tests against the joint
+    model's recommended setting; then the issue's targets, met or missed."""
+    head = ("| corpus, split, precision | system (run) | accuracy | R@1 | candidates' own R@1 | gold among the "
+            "candidates | p accuracy vs joint | p R@1 vs joint |")
+    lines = [head, "|" + "---|" * 8]
+    targets = ["| corpus, split, precision | target | measured | |", "|---|---|---|---|"]
+    names = {"rag": "dense", "bm25": "BM25", "rag-selfcheck": "dense + self-check", "search": "docid search alone",
+             "joint": "joint, recommended (search + self-check)"}
+    for precision in ("fp32", "4bit"):
+        for corpus, split in BASELINE_SPLITS:
+            roles = _baseline_roles(rows, corpus, split, precision)
+            if "joint" not in roles and "rag-selfcheck" not in roles:
+                continue
+            where = f"{corpus}, {split}, {precision}"
+            joint = roles.get("joint")
+            for role, label in names.items():
+                r = roles.get(role)
+                if r is None:
+                    continue
+                m = r["metrics"]
+                lines.append(f"| {where} | {label} ({r['run']}) | {_cell(m['accuracy'])} | {_cell(m['recall@1'])} | "
+                             f"{_cell(m.get('candidate_recall@1'))} | {_cell(m.get('candidate_recall@n'))} | "
+                             f"{format_p(_paired_p(r, joint, 'accuracy'))} | "
+                             f"{format_p(_paired_p(r, joint, 'recall@1'))} |")
+
+            def target(text: str, value: Any, bound: Any, where: str = where) -> None:
+                if value is None or bound is None:
+                    return
+                met = "**met**" if value >= bound else "**missed**"
+                targets.append(f"| {where} | {text} ≥ {bound:.3f} | {value:.3f} | {met} |")
+
+            metric = lambda role, key: roles[role]["metrics"].get(key) if role in roles else None  # noqa: E731
+            bar = NQ_SEARCH_R1_TARGET if corpus == "nq" else metric("rag", "recall@1")
+            target("docid search alone, R@1 (beam 10)", metric("search", "recall@1"), bar)
+            target("docid search alone, R@1 (the recommended beam)", metric("joint", "candidate_recall@1"), bar)
+            target("joint R@1 vs dense + self-check", metric("joint", "recall@1"), metric("rag-selfcheck", "recall@1"))
+            target("joint accuracy vs dense + self-check", metric("joint", "accuracy"),
+                   metric("rag-selfcheck", "accuracy"))
+            target("joint accuracy vs dense top-1 (RAG top-1)", metric("joint", "accuracy"), metric("rag", "accuracy"))
+    return "\n".join(lines) + "\n\n" + "\n".join(targets)
+
+
 # --------------------------------------------------------------------------------------------- the report
 
 
@@ -371,12 +452,15 @@ MARKER = re.compile(r"(<!-- results:(?P<corpus>[\w-]+):(?P<precision>\w+)(?::(?P
 
 
 RECOVERY_MARKER = re.compile(r"(<!-- results:recovery -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
+BASELINES_MARKER = re.compile(r"(<!-- results:baselines -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
 
 
 def update_report(text: str, rows: Sequence[Mapping[str, Any]]) -> str:
     """`text` with every `<!-- results:CORPUS:PRECISION[:SPLIT][:other] -->` … `<!-- /results -->` block
-    regenerated (`:other`: the rows of older, not shipped models), and the `<!-- results:recovery -->` block."""
+    regenerated (`:other`: the rows of older, not shipped models), and the `<!-- results:recovery -->` and
+    `<!-- results:baselines -->` blocks."""
     text = RECOVERY_MARKER.sub(lambda m: f"{m.group(1)}{render_recovery(rows)}\n{m['end']}", text)
+    text = BASELINES_MARKER.sub(lambda m: f"{m.group(1)}{render_baselines(rows)}\n{m['end']}", text)
     def fill(match: re.Match) -> str:
         corpus, precision, split = match["corpus"], match["precision"], match["split"] or "dev"
         if precision not in PRECISIONS or split not in SPLITS:
