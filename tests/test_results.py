@@ -170,3 +170,30 @@ def test_recommended_settings_name_their_results_row():
             if not values["self_check"]:
                 values.pop("self_check_weight")  # no self-check: its weight has no effect (null in the row)
             assert {k: row["settings"][k] for k in values} == values and row["settings"]["fresh_machine"]
+
+
+def test_baselines_table_pairs_each_baseline_with_the_joint_row_and_judges_the_targets():
+    def metrics(acc, r1, **extra):
+        m = {k: None for k in results.METRIC_KEYS}
+        m.update(accuracy=acc, **{"recall@1": r1}, k=1, **extra)
+        return m
+
+    joint_run = "joint, 1 doc, beam 32, self-check 10 (likelihood alone), base reader"
+    common = {"corpus": "squad", "split": "dev[:300]", "precision": "fp32", "n": 300}
+    rows = [
+        _row(run="RAG top-1", system="rag", settings={"rag_k": 1}, metrics=metrics(0.23, 0.60), **common),
+        _row(run="dense top-10", system="rag-selfcheck", settings={"self_check": 10}, **common,
+             metrics=metrics(0.26, 0.78, **{"candidate_recall@1": 0.60, "candidate_recall@n": 0.94}),
+             paired=[{"against": joint_run, "metric": "accuracy", "only_a": 9, "only_b": 3, "p": 0.146},
+                     {"against": joint_run, "metric": "recall@1", "only_a": 30, "only_b": 5, "p": 0.00002}]),
+        _row(run="joint, 1 doc, beam 10, base reader", system="joint", **common, metrics=metrics(0.15, 0.40),
+             settings={"beam_width": 10, "k_docs": 1, "self_check": 0, "joint_reader": "base"}),
+        _row(run=joint_run, system="joint", **common, metrics=metrics(0.24, 0.71, **{"candidate_recall@1": 0.45}),
+             settings={"beam_width": 32, "k_docs": 1, "self_check": 10, "recommended": True}),
+    ]
+    text = results.render_baselines(rows)
+    assert "| squad, dev[:300], fp32 | dense + self-check (dense top-10) | 0.260 | 0.780 | 0.600 | 0.940 | 0.15 | 2e-05 |" in text
+    assert "| squad, dev[:300], fp32 | docid search alone, R@1 (beam 10) ≥ 0.600 | 0.400 | **missed** |" in text
+    assert "joint R@1 vs dense + self-check ≥ 0.780 | 0.710 | **missed** |" in text
+    assert "joint accuracy vs dense top-1 (RAG top-1) ≥ 0.230 | 0.240 | **met** |" in text
+    assert "nq" not in text  # no nq rows: no nq lines
