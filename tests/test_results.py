@@ -197,3 +197,16 @@ def test_baselines_table_pairs_each_baseline_with_the_joint_row_and_judges_the_t
     assert "joint R@1 vs dense + self-check ≥ 0.780 | 0.710 | **missed** |" in text
     assert "joint accuracy vs dense top-1 (RAG top-1) ≥ 0.230 | 0.240 | **met** |" in text
     assert "nq" not in text  # no nq rows: no nq lines
+
+
+def test_training_curves_read_the_validation_points_of_a_loss_log(tmp_path):
+    log = tmp_path / "nq-tiny" / "loss_log.jsonl"
+    log.parent.mkdir()
+    log.write_text("\n".join(json.dumps(e) for e in (
+        {"stage": 1, "epoch": 1, "loss": 2.0, "valid": {"recall@1": 0.2, "recall@3": 0.4, "n": 50}},
+        {"stage": 2, "step": 25, "loss_docid": 0.9},  # no validation: not a row
+        {"stage": 2, "step": 50, "loss_docid": 0.7, "valid": {"recall@1": 0.3, "recall@3": 0.5, "n": 50}},
+    )))
+    rows = results.render_training_curves([log]).splitlines()[2:]
+    assert rows == ["| nq-tiny | 1 | epoch 1 | 2.000 | 0.20 | 0.40 | 50 |",
+                    "| nq-tiny | 2 | step 50 | 0.700 | 0.30 | 0.50 | 50 |"]

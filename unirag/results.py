@@ -238,7 +238,8 @@ def table(rows: Iterable[Mapping[str, Any]], corpus: str, precision: str, split:
     (older models last).
     """
     picked = sorted((r for r in rows if r["corpus"] == corpus and r["precision"] == precision
-                     and r["split"] == split and (shipped is None or _shipped(r) == shipped)), key=_order)
+                     and r["split"] == split and (shipped is None or _shipped(r) == shipped)
+                     and not r["run"].startswith(SEARCH_LEVER_PREFIX)), key=_order)  # levers: their own table
     out = []
     for r in picked:
         m = r["metrics"]
@@ -443,6 +444,44 @@ def render_baselines(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(targets)
 
 
+SEARCH_LEVER_PREFIX = "docid search lever: "
+
+
+def render_search_levers(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Stage-1 levers of the docid search: the search alone (beam 10, no answers) on dev, and the held-out train
+    recall at the end of stage 1."""
+    lines = ["| corpus, precision | lever | stage-1 examples | held-out R@1 / R@3 | dev R@1 | dev R@3 | dev R@10 |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["run"].startswith(SEARCH_LEVER_PREFIX):
+            m = r["metrics"]
+            lines.append(f"| {r['corpus']}, {r['precision']} | {r['run'][len(SEARCH_LEVER_PREFIX):]} | "
+                         f"{r['settings'].get('stage1_examples', '–')} | {_cell(m.get('heldout_recall@1'), 2)} / "
+                         f"{_cell(m.get('heldout_recall@3'), 2)} | {_cell(m['recall@1'])} | {_cell(m['recall@3'])} | "
+                         f"{_cell(m['recall@k'])} |")
+    return "\n".join(lines)
+
+
+def render_training_curves(checkpoints: Sequence[Path] | None = None) -> str:
+    """The shipped checkpoints' training logs (`loss_log.jsonl`): loss and held-out train R@1/R@3 at the end of
+    every stage-1 epoch and at each stage-2 validation, to judge whether a longer stage 1 would pay."""
+    if checkpoints is None:
+        checkpoints = sorted((REPO_ROOT / "checkpoints").glob("*/loss_log.jsonl"))
+    lines = ["| checkpoint | stage | epoch / step | loss (docid) | held-out R@1 | held-out R@3 | questions |",
+             "|---|---|---|---|---|---|---|"]
+    for log in checkpoints:
+        for line in Path(log).read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            valid = entry.get("valid")
+            if not valid:
+                continue
+            when = f"epoch {entry['epoch']}" if "epoch" in entry else f"step {entry['step']}"
+            loss = entry.get("loss", entry.get("loss_docid"))
+            lines.append(f"| {Path(log).parent.name} | {entry['stage']} | {when} | {_cell(loss)} | "
+                         f"{_cell(valid['recall@1'], 2)} | {_cell(valid['recall@3'], 2)} | {valid['n']} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- the report
 
 
@@ -452,14 +491,18 @@ MARKER = re.compile(r"(<!-- results:(?P<corpus>[\w-]+):(?P<precision>\w+)(?::(?P
 
 
 RECOVERY_MARKER = re.compile(r"(<!-- results:recovery -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
+CURVES_MARKER = re.compile(r"(<!-- results:training-curves -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
+LEVERS_MARKER = re.compile(r"(<!-- results:search-levers -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
 BASELINES_MARKER = re.compile(r"(<!-- results:baselines -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
 
 
 def update_report(text: str, rows: Sequence[Mapping[str, Any]]) -> str:
     """`text` with every `<!-- results:CORPUS:PRECISION[:SPLIT][:other] -->` … `<!-- /results -->` block
     regenerated (`:other`: the rows of older, not shipped models), and the `<!-- results:recovery -->` and
-    `<!-- results:baselines -->` blocks."""
+    `<!-- results:baselines -->` blocks, and `<!-- results:training-curves -->` from the checkpoints' logs."""
     text = RECOVERY_MARKER.sub(lambda m: f"{m.group(1)}{render_recovery(rows)}\n{m['end']}", text)
+    text = CURVES_MARKER.sub(lambda m: f"{m.group(1)}{render_training_curves()}\n{m['end']}", text)
+    text = LEVERS_MARKER.sub(lambda m: f"{m.group(1)}{render_search_levers(rows)}\n{m['end']}", text)
     text = BASELINES_MARKER.sub(lambda m: f"{m.group(1)}{render_baselines(rows)}\n{m['end']}", text)
     def fill(match: re.Match) -> str:
         corpus, precision, split = match["corpus"], match["precision"], match["split"] or "dev"
