@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from unirag.data import Passage, Question, load_corpus, load_questions
-from unirag.localization import BASELINES, localize, random_hit_rate
+from unirag.localization import BASELINES, RANDOM, REPORT_ORDER, localize, random_hit_rate
 from unirag.paths import REPO_ROOT, default_data_dir, write_json_atomic
 from unirag.results import METRIC_KEYS, append_run, row_from_summary
 
 OUT = REPO_ROOT / "runs" / "localization"
 RUN_PREFIX = "localization: "
-RANDOM = "random_sentence"
 # Each method's run name in the store, and the named system whose reading it is (the gold passage is forced).
 LABELS = {
     "retrieval_heads": ("retrieval heads", "joint-gold"),
@@ -47,7 +46,7 @@ LABELS = {
     "longest_sentence": ("longest sentence (baseline)", "gold"),
     RANDOM: ("random sentence (baseline, expected)", "gold"),
 }
-ORDER = tuple(LABELS)
+assert tuple(LABELS) == REPORT_ORDER, "the report's order names every method"
 TOP = (1, 3)
 
 
@@ -82,7 +81,7 @@ def measure(model, tokenizer, corpus: Mapping[str, Passage], questions: Sequence
             "hits@3": {**result.hits(3), RANDOM: random_hit_rate(n, 3)},
         })
     methods: dict[str, dict[str, float]] = {}
-    for name in ORDER:
+    for name in REPORT_ORDER:
         scored = [r for r in records if name in r["hits@1"]]
         if scored:
             methods[name] = {f"top{k}": round(sum(float(r[f"hits@{k}"][name]) for r in scored) / len(scored), 4)

@@ -165,3 +165,32 @@ def test_benchmark_runs_end_to_end_and_records_valid_rows(tiny_llm_dirs, tmp_pat
     assert {r["run"] for r in stored} == {r["run"] for r in rows}
     # the JSON output is JSON
     json.dumps(result)
+
+
+def test_localization_rows_render_their_own_table_and_stay_out_of_the_qa_tables(tmp_path):
+    from benchmarks import localization as bench
+    from unirag import results
+
+    result = {"n": 4, "skipped": {"no_gold_passage": 0, "answer_not_in_passage": 1}, "answer_repeated": 1,
+              "sentences_mean": 5.25,
+              "methods": {"first_sentence": {"top1": 0.25, "top3": 0.75, "n": 4},
+                          "retrieval_heads": {"top1": 0.5, "top3": 1.0, "n": 4},
+                          "random_sentence": {"top1": 0.2, "top3": 0.6, "n": 4}}}
+    rows = bench.rows(result, checkpoint="ckpt", corpus="squad", split="dev", precision="fp32",
+                      command="python -m benchmarks.localization --split dev")
+    qa = {"run": "RAG top-5", "system": "rag", "corpus": "squad", "split": "dev", "precision": "fp32", "n": 9,
+          "settings": {"rag_k": 5}, "command": "x", "metrics": {k: None for k in results.METRIC_KEYS},
+          "date": "2026-12-01", "machine": results.MACHINE, "source": "test"}
+    for row in [*rows, qa]:
+        results.append_run(row, store_dir=tmp_path)
+    stored = results.load_store(tmp_path)
+    assert [t["run"] for t in results.table(stored, "squad", "fp32")] == ["RAG top-5"]
+    table = results.render_localization(stored)
+    lines = table.splitlines()
+    assert lines[0].startswith("**squad, dev, fp32** (n=4; 5.2 sentences a passage")  # :.1f of 5.25
+    # methods in the report's order, whatever order they were stored in
+    assert lines[-3:] == ["| retrieval heads | 0.500 | 1.000 |", "| first sentence (baseline) | 0.250 | 0.750 |",
+                          "| random sentence (baseline, expected) | 0.200 | 0.600 |"]
+    report = "# R\n\n## Localization\n\n<!-- results:localization -->\nstale\n<!-- /results -->\n"
+    assert results.update_report(report, stored) == report.replace("stale", table)
+    assert results.render_localization([qa]) == ""  # no localization rows: no table

@@ -173,6 +173,10 @@ def random_hit_rate(n_sentences: int, k: int) -> float:
 
 
 BASELINES = ("first_sentence", "longest_sentence", "lexical_overlap")
+RANDOM = "random_sentence"  # scored by its exact expectation, not by a ranking
+# Every method and baseline in the order the report lists them (the attention methods: unirag.joint.localization).
+REPORT_ORDER = ("retrieval_heads", "trained_reader", "trained_reader_bridge", "base_reader", "lexical_overlap",
+                "first_sentence", "longest_sentence", RANDOM)
 
 
 @dataclass
@@ -210,7 +214,8 @@ def localize(text: str, question: str, answers: Sequence[str],
     return result
 
 
-__all__ = ["BASELINES", "STOPWORDS", "Sentence", "SentenceLocalization", "answer_sentence", "answer_span",
+__all__ = ["BASELINES", "RANDOM", "REPORT_ORDER", "STOPWORDS", "Sentence", "SentenceLocalization", "answer_sentence",
+           "answer_span",
            "content_words", "first_sentence_ranking", "hit", "lexical_ranking", "localize", "longest_sentence_ranking",
            "occurrences", "random_hit_rate", "rank", "sentence_at", "sentence_scores", "split_sentences",
            "token_sentences"]
