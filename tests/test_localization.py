@@ -194,3 +194,43 @@ def test_localization_rows_render_their_own_table_and_stay_out_of_the_qa_tables(
     report = "# R\n\n## Localization\n\n<!-- results:localization -->\nstale\n<!-- /results -->\n"
     assert results.update_report(report, stored) == report.replace("stale", table)
     assert results.render_localization([qa]) == ""  # no localization rows: no table
+
+
+# ------------------------------------------------------------------------------------ the app
+
+
+def test_localization_html_marks_the_answer_sentence_and_the_heads_first():
+    from unirag.localization import SentenceLocalization
+    from unirag.viz import localization_html
+
+    sentences = split_sentences("Alpha is <b>first</b>. Beta is second. Gamma is third.")
+    found = SentenceLocalization(sentences, answer=1, scores={"retrieval_heads": [0.1, 0.7, 0.2]},
+                                 rankings={"retrieval_heads": [1, 2, 0]})
+    page = localization_html(found, "Greek")
+    assert "the answer sentence</b>" in page and "Greek" in page and "&lt;b&gt;first" in page
+    assert page.count("outline:2px solid #16a34a; outline-offset") == 1  # one sentence boxed: the answer's
+    missed = SentenceLocalization(sentences, answer=0, scores={"retrieval_heads": [0.1, 0.7, 0.2]},
+                                  rankings={"retrieval_heads": [1, 2, 0]})
+    assert "sentence 2; the answer sentence (1) comes 3rd" in localization_html(missed)
+    assert localization_html(None) == "" and localization_html(SentenceLocalization([], None)) == ""
+
+
+from test_app import pipeline, tiny  # noqa: E402, F401  (module fixtures: tiny corpus, tiny Llama, joint checkpoint)
+
+
+def test_the_app_localizes_a_dev_question_on_its_gold_passage(pipeline):  # noqa: F811
+    import app
+
+    result = pipeline.ask("nq", "When was the Eiffel Tower completed?", beam_width=4, k_docs=1, rag_k=2,
+                          max_new_tokens=2)
+    found = result.joint.localization
+    assert found is not None and found.answer == 1  # "It was completed in 1889."
+    assert [s.text for s in found.sentences] == ["The Eiffel Tower is a wrought-iron tower in Paris.",
+                                                 "It was completed in 1889."]
+    assert sorted(found.rankings["retrieval_heads"]) == [0, 1] and len(found.scores["retrieval_heads"]) == 2
+    assert result.rag.localization is None  # the retrieval heads are the joint model's
+    free = pipeline.ask("nq", "tell me about rivers", beam_width=3, k_docs=1, rag_k=2, max_new_tokens=2)
+    assert free.joint.localization is None
+    out = app.ask(pipeline, "nq", "what does the passage about html escaping contain", 4, 2, 5, 4)
+    joint_docs = out[4]
+    assert "Gold passage: Script test" in joint_docs and "<script>" not in joint_docs

@@ -31,6 +31,7 @@ from unirag.data import Passage
 from unirag.joint.modeling import JointModel
 from unirag.joint.prompts import answer_prompt
 from unirag.joint.reader import ANSWER_ATTENTION_LAYERS
+from unirag.localization import SentenceLocalization, localize
 
 METHODS = ("retrieval_heads", "trained_reader", "trained_reader_bridge", "base_reader")
 METHOD_WORDS = {
@@ -137,4 +138,15 @@ def passage_attention(model: JointModel, tokenizer, question: str, passage: Pass
     return out
 
 
-__all__ = ["METHODS", "METHOD_WORDS", "PassageAttention", "passage_attention"]
+
+
+def retrieval_heads_localization(model: JointModel, tokenizer, question: str, answers: Sequence[str],
+                                 passage: Passage) -> SentenceLocalization:
+    """The passage's sentences, the answer sentence (when the answer is located) and the retrieval heads'
+    sentence ranking, for the app: one prefill pass, no generation."""
+    attention = passage_attention(model, tokenizer, question, passage, methods=("retrieval_heads",))
+    return localize(passage.text, question, answers,
+                    {name: (a.offsets, a.weights) for name, a in attention.items()})
+
+
+__all__ = ["METHODS", "METHOD_WORDS", "PassageAttention", "passage_attention", "retrieval_heads_localization"]
