@@ -167,6 +167,29 @@ def test_benchmark_runs_end_to_end_and_records_valid_rows(tiny_llm_dirs, tmp_pat
     json.dumps(result)
 
 
+def test_benchmark_main_from_a_checkpoint_writes_json_and_records(tiny_llm_dirs, tmp_path, monkeypatch):
+    from benchmarks import localization as bench
+    from unirag.results import load_store
+
+    ckpt = _tiny_joint(tiny_llm_dirs, lora=True).save_pretrained(tmp_path / "ckpt")
+    corpus, questions = tmp_path / "corpus.jsonl", tmp_path / "dev.jsonl"
+    corpus.write_text("".join(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n"
+                              for p in CORPUS_PASSAGES))
+    questions.write_text(json.dumps({"id": "q0", "question": "Which river carries the most water?",
+                                     "answers": ["Amazon"], "doc_id": "d0"}) + "\n"
+                         + json.dumps({"id": "q1", "question": "Where is Rome?", "answers": ["Italy"],
+                                       "doc_id": "d1"}) + "\n")
+    monkeypatch.setenv("UNIRAG_RESULTS", str(tmp_path / "store"))
+    out = tmp_path / "out.json"
+    assert bench.main(["--checkpoint", str(ckpt), "--corpus", str(corpus), "--questions", str(questions),
+                       "--split", "dev", "--limit", "2", "--out", str(out), "--record"]) == 0
+    result = json.loads(out.read_text())
+    assert result["n"] == 2 and result["split"] == "dev[:2]" and len(result["records"]) == 2
+    stored = load_store(tmp_path / "store")
+    assert len(stored) == len(result["methods"]) == 8
+    assert {r["split"] for r in stored} == {"dev[:2]"} and {r["corpus"] for r in stored} == {"squad"}
+
+
 def test_localization_rows_render_their_own_table_and_stay_out_of_the_qa_tables(tmp_path):
     from benchmarks import localization as bench
     from unirag import results
