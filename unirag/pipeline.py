@@ -594,14 +594,13 @@ class Pipeline:
     def _localize(self, bundle: CorpusBundle, gold: Question) -> Any:
         """The retrieval heads' sentence ranking on the gold passage; None when the answer is not located in it
         or the model cannot say (localization is extra: it never fails a request)."""
-        from unirag.localization import answer_sentence, split_sentences
-
         passage = bundle.corpus[gold.doc_id]
-        if answer_sentence(passage.text, gold.answers, split_sentences(passage.text)) is None:
-            return None
-        try:
+        try:  # the splitter (pysbd) is imported here: an environment without it still answers
             from unirag.joint.localization import retrieval_heads_localization
+            from unirag.localization import answer_sentence, split_sentences
 
+            if answer_sentence(passage.text, gold.answers, split_sentences(passage.text)) is None:
+                return None  # no model pass for an answer that is not in the passage
             with self._side_locks["joint"]:
                 return retrieval_heads_localization(bundle.joint.model, bundle.joint.tokenizer, gold.question,
                                                     gold.answers, passage)
