@@ -208,6 +208,8 @@ def render(comparison: Comparison, bundle) -> tuple:
         beams = pd.DataFrame(viz.beam_rows(joint.answer, bundle.titles()), columns=viz.BEAM_HEADERS)
         joint_docs = viz.question_html(joint.answer) + viz.documents_html(joint.answer, gold_doc,
                                                                           scores_label="score")
+        joint_docs += viz.localization_html(joint.localization, bundle.corpus[gold_doc].title
+                                            if gold_doc in bundle.corpus else "")
         joint_heat = viz.attention_heatmap(joint.answer, "Joint: answer tokens × selected documents")
     else:
         short = "The joint model is not loaded (see the message above)." if bundle.joint is None else (

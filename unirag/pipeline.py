@@ -156,6 +156,9 @@ class SideResult:
     # On the displayed answer span (`display_answer`), normalised: exact match and token F1 against the best gold.
     exact: bool | None = None
     f1: float | None = None
+    # Joint side, dev questions whose answer is located in the gold passage: the passage's answer sentence and
+    # the retrieval heads' sentence ranking on it (unirag.localization.SentenceLocalization).
+    localization: Any = None
 
 
 @dataclass
@@ -495,7 +498,7 @@ class Pipeline:
         if joint_run is None:
             comparison.joint.error = bundle.joint_message or "The joint model is not loaded."
         else:
-            run_joint = partial(self._side, "joint", joint_run, gold)
+            run_joint = partial(self._joint_side, bundle, joint_run, gold)
             if self.config.parallel_sides:
                 joint_side = self._joint_worker().submit(run_joint)
             else:
@@ -580,6 +583,30 @@ class Pipeline:
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unirag-joint")
             return self._worker
+
+    def _joint_side(self, bundle: CorpusBundle, run: Callable[[], Answer], gold: Question | None) -> SideResult:
+        """The joint side, and for a dev question its gold passage's sentence localization (one more prefill)."""
+        result = self._side("joint", run, gold)
+        if result.answer is not None and gold is not None and gold.doc_id in bundle.corpus:
+            result.localization = self._localize(bundle, gold)
+        return result
+
+    def _localize(self, bundle: CorpusBundle, gold: Question) -> Any:
+        """The retrieval heads' sentence ranking on the gold passage; None when the answer is not located in it
+        or the model cannot say (localization is extra: it never fails a request)."""
+        passage = bundle.corpus[gold.doc_id]
+        try:  # the splitter (pysbd) is imported here: an environment without it still answers
+            from unirag.joint.localization import retrieval_heads_localization
+            from unirag.localization import answer_sentence, split_sentences
+
+            if answer_sentence(passage.text, gold.answers, split_sentences(passage.text)) is None:
+                return None  # no model pass for an answer that is not in the passage
+            with self._side_locks["joint"]:
+                return retrieval_heads_localization(bundle.joint.model, bundle.joint.tokenizer, gold.question,
+                                                    gold.answers, passage)
+        except Exception:  # localization is extra: the answers stand without it
+            log.warning("localization failed:\n%s", traceback.format_exc())
+            return None
 
     def _side(self, side: str, run: Callable[[], Answer], gold: Question | None) -> SideResult:
         try:

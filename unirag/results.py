@@ -237,9 +237,11 @@ def table(rows: Iterable[Mapping[str, Any]], corpus: str, precision: str, split:
     `shipped`: True keeps the baselines and the shipped checkpoints' rows, False the older models' rows, None all
     (older models last).
     """
+    # Localization rows (no answers, their own table: render_localization) stay out of the QA tables.
     picked = sorted((r for r in rows if r["corpus"] == corpus and r["precision"] == precision
                      and r["split"] == split and (shipped is None or _shipped(r) == shipped)
-                     and not r["run"].startswith(SEARCH_LEVER_PREFIX)), key=_order)  # levers: their own table
+                     and not r["settings"].get("localization")  # levers, localization: their own tables
+                     and not r["run"].startswith(SEARCH_LEVER_PREFIX)), key=_order)
     out = []
     for r in picked:
         m = r["metrics"]
@@ -482,6 +484,44 @@ def render_training_curves(checkpoints: Sequence[Path] | None = None) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------- localization
+
+
+LOCALIZATION_KEYS = ("localization@1", "localization@3")
+
+
+def render_localization(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One table per corpus, split and precision of the `python -m benchmarks.localization` rows (settings carry
+    `localization`: the method): top-1 and top-3 answer-sentence localization per method, methods in
+    `unirag.localization.REPORT_ORDER`. Empty when the store has no such rows."""
+    from unirag.localization import REPORT_ORDER
+
+    groups: dict[tuple[str, str, str], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r["settings"].get("localization") and all(k in r["metrics"] for k in LOCALIZATION_KEYS):
+            groups.setdefault((r["corpus"], r["split"], r["precision"]), []).append(r)
+    order = {name: i for i, name in enumerate(REPORT_ORDER)}
+    parts = []
+    for (corpus, split, precision), group in sorted(groups.items()):
+        group = sorted(group, key=lambda r: (order.get(r["settings"]["localization"], len(order)), r["run"]))
+        m = group[0]["metrics"]
+        facts = [f"n={group[0]['n']}"]
+        if m.get("sentences_mean") is not None:
+            facts.append(f"{m['sentences_mean']:.1f} sentences a passage")
+        if m.get("answer_repeated") is not None:
+            facts.append(f"answer string in more than one sentence: {m['answer_repeated']}")
+        if m.get("skipped") is not None:
+            facts.append(f"skipped (answer not located): {m['skipped']}")
+        lines = [f"**{corpus}, {split}, {PRECISION_WORDS.get(precision, precision)}** ({'; '.join(facts)})", "",
+                 "| method | top-1 | top-3 |", "|---|---|---|"]
+        for r in group:
+            name = r["run"].split(": ", 1)[-1]
+            lines.append(f"| {name} | {_cell(r['metrics']['localization@1'])} | "
+                         f"{_cell(r['metrics']['localization@3'])} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 # --------------------------------------------------------------------------------------------- the report
 
 
@@ -490,20 +530,28 @@ MARKER = re.compile(r"(<!-- results:(?P<corpus>[\w-]+):(?P<precision>\w+)(?::(?P
                     r"(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
 
 
-RECOVERY_MARKER = re.compile(r"(<!-- results:recovery -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
-CURVES_MARKER = re.compile(r"(<!-- results:training-curves -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
-LEVERS_MARKER = re.compile(r"(<!-- results:search-levers -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
-BASELINES_MARKER = re.compile(r"(<!-- results:baselines -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
+# Blocks rendered from the whole store (or the checkpoints' logs), by name: `<!-- results:NAME -->`.
+BLOCKS = {
+    "recovery": render_recovery,
+    "baselines": render_baselines,
+    "search-levers": render_search_levers,
+    "training-curves": lambda rows: render_training_curves(),
+    "localization": render_localization,
+}
+BLOCK_MARKER = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
 
 
 def update_report(text: str, rows: Sequence[Mapping[str, Any]]) -> str:
     """`text` with every `<!-- results:CORPUS:PRECISION[:SPLIT][:other] -->` … `<!-- /results -->` block
-    regenerated (`:other`: the rows of older, not shipped models), and the `<!-- results:recovery -->` and
-    `<!-- results:baselines -->` blocks, and `<!-- results:training-curves -->` from the checkpoints' logs."""
-    text = RECOVERY_MARKER.sub(lambda m: f"{m.group(1)}{render_recovery(rows)}\n{m['end']}", text)
-    text = CURVES_MARKER.sub(lambda m: f"{m.group(1)}{render_training_curves()}\n{m['end']}", text)
-    text = LEVERS_MARKER.sub(lambda m: f"{m.group(1)}{render_search_levers(rows)}\n{m['end']}", text)
-    text = BASELINES_MARKER.sub(lambda m: f"{m.group(1)}{render_baselines(rows)}\n{m['end']}", text)
+    regenerated (`:other`: the rows of older, not shipped models), and every named block of `BLOCKS`
+    (`<!-- results:recovery -->`, `<!-- results:baselines -->`, ...)."""
+    def block(match: re.Match) -> str:
+        if match["name"] not in BLOCKS:
+            raise UniragError(f"unknown results block {match.group(1).strip()!r}: one of {', '.join(BLOCKS)}.")
+        return f"{match.group(1)}{BLOCKS[match['name']](rows)}\n{match['end']}"
+
+    text = BLOCK_MARKER.sub(block, text)
+
     def fill(match: re.Match) -> str:
         corpus, precision, split = match["corpus"], match["precision"], match["split"] or "dev"
         if precision not in PRECISIONS or split not in SPLITS:

@@ -549,6 +549,45 @@ def documents_html(answer: Answer | None, gold_doc_id: str | None = None, rgb: t
     return legend + "".join(cards)
 
 
+def localization_html(localization: Any, title: str = "", rgb: tuple[int, int, int] = (124, 58, 237),
+                      method: str = "retrieval_heads") -> str:
+    """The gold passage sentence by sentence (a `unirag.localization.SentenceLocalization`): the answer sentence
+    boxed in green, each sentence shaded by its share of the retrieval heads' attention, the one they rank first
+    in bold, and a line saying whether it is the answer sentence. "" without a localization."""
+    if localization is None or not localization.sentences or method not in localization.rankings:
+        return ""
+    scores = list(localization.scores.get(method, []))
+    scores += [0.0] * (len(localization.sentences) - len(scores))
+    total, peak = sum(scores) or 1.0, max(scores, default=0.0) or 1.0
+    ranking = localization.rankings[method]
+    top, gold = ranking[0], localization.answer
+    parts = []
+    for i, sentence in enumerate(localization.sentences):
+        share = scores[i] / total
+        style = _alpha_bg(rgb, 0.6 * scores[i] / peak)
+        if i == gold:
+            style += "; outline:2px solid #16a34a; outline-offset:1px"
+        weight = "; font-weight:700" if i == top else ""
+        tags = (" · answer sentence" if i == gold else "") + (" · retrieval heads' first" if i == top else "")
+        parts.append(f'<span class="ur-sent" style="{style}{weight}" title="sentence {i + 1}: {share:.0%} of the '
+                     f'retrieval heads\' attention{tags}">{html.escape(sentence.text)}</span> ')
+    if gold is None:
+        verdict = "the answer is not found in the passage."
+    elif top == gold:
+        verdict = f"sentence {top + 1}, <b>the answer sentence</b>."
+    else:
+        verdict = (f"sentence {top + 1}; the answer sentence ({gold + 1}) comes "
+                   f"{ranking.index(gold) + 1}{_ordinal(ranking.index(gold) + 1)}.")
+    head = (f'<div class="ur-muted ur-legend">Gold passage{": " + html.escape(title) if title else ""} · '
+            f"the retrieval heads rank {verdict} Shading: their attention per sentence (last prompt position); "
+            '<span style="outline:2px solid #16a34a">green box</span> = the sentence holding the gold answer.</div>')
+    return f'<div class="ur-doc ur-localization">{head}<div class="ur-doc-body">{"".join(parts)}</div></div>'
+
+
+def _ordinal(n: int) -> str:
+    return "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+
+
 def question_html(answer: Answer | None) -> str:
     """The question with the retrieval heads' attention (joint model) shaded over its tokens."""
     if answer is None:

@@ -26,6 +26,10 @@ class Prompt:
     context_positions: list[int] = field(default_factory=list)  # absolute positions of context tokens
     doc_spans: list[list[int]] = field(default_factory=list)  # [start, end) within context_positions
     text: str = ""
+    # Character offsets of each id in `text` ((0, 0) for ids not read from it: special tokens, <generates_token>,
+    # or a tokenizer without offsets), and the [start, end) characters of each passage's piece in `text`.
+    char_offsets: list[tuple[int, int]] = field(default_factory=list)
+    passage_chars: list[tuple[int, int]] = field(default_factory=list)
 
 
 
@@ -89,6 +93,8 @@ def answer_prompt(
     prompt = Prompt(ids=full_ids, text=text)
     if offsets is None or base < 0 or not pieces:
         return prompt
+    prompt.char_offsets = list(offsets) + [(0, 0)] * (len(full_ids) - len(offsets))
+    prompt.passage_chars = [(base + start, base + end) for start, end in spans]
     prompt.context_positions = _overlapping(offsets, base + len(head), base + len(head) + len(context))
     if prompt.context_positions:
         first = prompt.context_positions[0]
