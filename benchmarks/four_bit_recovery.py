@@ -409,7 +409,34 @@ def speed(args) -> None:
                     layer(x)
                     times.append((time.perf_counter() - start) * 1000)
             out[f"{name}, {tokens} token(s)"] = round(statistics.median(times), 3)
+    if args.answers:
+        out.update(answer_speed(args.answers))
     print(json.dumps(out))
+
+
+def answer_speed(n: int) -> dict[str, float]:
+    """Whole answers, as the app reads: the gold passage of `n` held-out nq train questions, one question at a
+    time, greedy, 32 new tokens at most, read in turn by the recovered 4-bit and by NF4 (question by question,
+    so a drift in the machine's speed hits both): median seconds an answer each, and the median of the ratios."""
+    import statistics
+
+    from unirag.backbones import load_llm
+    from unirag.rag import Reader
+
+    corpus, questions = _data("nq")
+    valid = held_out("nq", questions)[0][:n]
+    readers = {p: Reader(*load_llm(None, precision=p)) for p in ("4bit", "nf4")}
+    seconds: dict[str, list[float]] = {p: [] for p in readers}
+    for question in valid:
+        passage = corpus[question.doc_id]
+        for precision, reader in readers.items():
+            start = time.perf_counter()
+            reader.read_many([question.question], [[passage]], max_new_tokens=32)
+            seconds[precision].append(time.perf_counter() - start)
+    ratios = [a / b for a, b in zip(seconds["4bit"], seconds["nf4"], strict=True)]
+    return {"answers": n, "4bit s an answer": round(statistics.median(seconds["4bit"]), 2),
+            "nf4 s an answer": round(statistics.median(seconds["nf4"]), 2),
+            "4bit / nf4, median of per-question ratios": round(statistics.median(ratios), 2)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -425,8 +452,10 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--record", action="store_true", help="append one row per corpus to the results store")
     r = sub.add_parser("record", help="append the rows of levers already measured (runs/four_bit_recovery/L.json)")
     r.add_argument("levers", nargs="+", choices=sorted(LEVERS))
-    t = sub.add_parser("speed", help="ms of one projection in each format (kernels alone)")
+    t = sub.add_parser("speed", help="ms of one projection in each format (kernels alone); --answers N: seconds "
+                                     "of whole answers, 4bit against nf4")
     t.add_argument("--repeats", type=int, default=300)
+    t.add_argument("--answers", type=int, default=0, help="also time N whole gold-passage answers in 4bit and nf4")
     d = sub.add_parser("distill")
     d.add_argument("--steps", type=int, default=60)
     d.add_argument("--lr", type=float, default=2e-4)
