@@ -179,7 +179,7 @@ def test_baselines_table_pairs_each_baseline_with_the_joint_row_and_judges_the_t
         return m
 
     joint_run = "joint, 1 doc, beam 32, self-check 10 (likelihood alone), base reader"
-    common = {"corpus": "squad", "split": "dev[:300]", "precision": "fp32", "n": 300}
+    common = {"corpus": "squad", "split": "dev[:100]", "precision": "fp32", "n": 100}
     rows = [
         _row(run="RAG top-1", system="rag", settings={"rag_k": 1}, metrics=metrics(0.23, 0.60), **common),
         _row(run="dense top-10", system="rag-selfcheck", settings={"self_check": 10}, **common,
@@ -192,8 +192,8 @@ def test_baselines_table_pairs_each_baseline_with_the_joint_row_and_judges_the_t
              settings={"beam_width": 32, "k_docs": 1, "self_check": 10, "recommended": True}),
     ]
     text = results.render_baselines(rows)
-    assert "| squad, dev[:300], fp32 | dense + self-check (dense top-10) | 0.260 | 0.780 | 0.600 | 0.940 | 0.15 | 2e-05 |" in text
-    assert "| squad, dev[:300], fp32 | docid search alone, R@1 (beam 10) ≥ 0.600 | 0.400 | **missed** |" in text
+    assert "| squad, dev[:100], fp32 | dense + self-check (dense top-10) | 0.260 | 0.780 | 0.600 | 0.940 | 0.15 | 2e-05 |" in text
+    assert "| squad, dev[:100], fp32 | docid search alone, R@1 (beam 10) ≥ 0.600 | 0.400 | **missed** |" in text
     assert "joint R@1 vs dense + self-check ≥ 0.780 | 0.710 | **missed** |" in text
     assert "joint accuracy vs dense top-1 (RAG top-1) ≥ 0.230 | 0.240 | **met** |" in text
     assert "nq" not in text  # no nq rows: no nq lines
