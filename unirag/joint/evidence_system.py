@@ -23,6 +23,7 @@ from unirag.data import prepare_question
 from unirag.evidence import EvidenceTokens, TokenSubstringIndex, constrained_greedy
 from unirag.joint.prompts import evidence_prompt_ids
 from unirag.joint.reader import eos_ids
+from unirag.joint.system import Retrieval
 from unirag.settings import InferenceSettings
 
 
@@ -82,14 +83,27 @@ class EvidenceSystem:
         kept: the app shows the evidence inside its document instead)."""
         text, notices = prepare_question(question)
         retrieval = self.joint.retrieve(text, settings.replace(k_docs=settings.evidence_docs))
+        return self._from_documents(text, retrieval.docs, settings, notices, retrieval)
+
+    def read(self, question: str, hits: Sequence[tuple[str, float | None]], settings: InferenceSettings,
+             with_attention: bool = False) -> Answer:
+        """Evidence from given documents (one removed or forced in the app), no docid search; a score left None
+        is 0 (a document the search did not rank)."""
+        text, notices = prepare_question(question)
+        docs = self.joint.documents([d for d, _ in hits], [0.0 if score is None else score for _, score in hits])
+        return self._from_documents(text, docs, settings, notices)
+
+    def _from_documents(self, text: str, docs: Sequence[RetrievedDoc], settings: InferenceSettings,
+                        notices: list[str], retrieval: Retrieval | None = None) -> Answer:
         start = time.perf_counter()
-        evidence = self.evidence(text, retrieval.docs, settings)
+        evidence = self.evidence(text, docs, settings)
         evidence_ms = (time.perf_counter() - start) * 1000
-        context = [] if evidence is None else [self._evidence_doc(evidence, retrieval.docs)]
+        context = [] if evidence is None else [self.evidence_passage(evidence, docs)]
         answer = self.joint.read(text, context, settings.replace(joint_reader="base"), retrieval)
         answer.system = self.name
-        answer.docs = list(retrieval.docs)  # the candidates are what was retrieved (R@k); the evidence is read
-        answer.ranked_doc_ids = retrieval.ranking if len(retrieval.ranking) > len(retrieval.docs) else []
+        answer.docs = list(docs)  # the candidates are what was retrieved (R@k); the evidence is what was read
+        ranking = retrieval.ranking if retrieval is not None else []
+        answer.ranked_doc_ids = ranking if len(ranking) > len(docs) else []
         answer.timings_ms["evidence"] = evidence_ms
         answer.trace.evidence = evidence
         answer.trace.answer_attention = AnswerAttention()  # it spans the evidence, not the candidate documents
@@ -100,7 +114,7 @@ class EvidenceSystem:
         else:
             answer.notices.append(
                 f"Evidence: the base LLM wrote {evidence.tokens} token(s), each constrained (FM-index) to continue a "
-                f"passage of the top {len(retrieval.docs)} document(s); copied from {evidence.doc_id} "
+                f"passage of the {len(docs)} candidate document(s); copied from {evidence.doc_id} "
                 f"(stop: {evidence.stop_reason}). The answer reads only this evidence.")
         return answer
 
@@ -140,7 +154,7 @@ class EvidenceSystem:
             return constrained_greedy(out.lm_logits[0, -1], step, index, max_tokens, ends)
 
     @staticmethod
-    def _evidence_doc(evidence: EvidenceSpan, docs: Sequence[RetrievedDoc]) -> RetrievedDoc:
+    def evidence_passage(evidence: EvidenceSpan, docs: Sequence[RetrievedDoc]) -> RetrievedDoc:
         """The evidence as the one passage the reader reads (no title: `Q: {question}\\n{evidence}\\nA:`)."""
         source = next(doc for doc in docs if doc.doc_id == evidence.doc_id)
         return RetrievedDoc(source.doc_id, "", evidence.text, source.score, source.docid)
