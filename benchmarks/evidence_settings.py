@@ -2,7 +2,8 @@
 
 The questions the shipped checkpoint's training set aside (`trainer_state.json`): the docid search runs once per
 question for the widest candidate set; each setting then writes its evidence from the top `evidence_docs` of those
-documents and the base LLM answers from it. Prints, per setting: accuracy, EM, F1, evidence_has_answer, mean
+documents and the base LLM answers from it (`--stop-at-end`: the evidence also stops where the LLM prefers to).
+Prints, per setting: accuracy, EM, F1, evidence_has_answer, mean
 evidence tokens, the stop reasons and seconds a question. One process, one thread:
 
     OMP_NUM_THREADS=1 python -m benchmarks.evidence_settings --corpus nq --limit 20
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--docs", type=int, nargs="+", default=[1, 3], help="evidence_docs values")
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 48], help="evidence_tokens values")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--stop-at-end", action="store_true",
+                        help="also stop where the LLM prefers EOS or a newline (EvidenceSystem(stop_at_end=True))")
     args = parser.parse_args(argv)
 
     from unirag.joint import JointSystem
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                                         traces=False)
     joint.passage_cache = PassageCache.find(joint.model, corpus)
     base = InferenceSettings.from_existing(ckpt, args.precision, passage_cache=joint.passage_cache is not None)
-    system = EvidenceSystem(joint)
+    system = EvidenceSystem(joint, stop_at_end=args.stop_at_end)
     widest = min(max(args.docs), LIMITS["evidence_docs"][1])
     rows: dict[tuple[int, int], list[dict]] = {(d, t): [] for d in args.docs for t in args.tokens}
     reference: list[float] = []  # the joint system's base reader on the top document: the same search, read whole
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                         "stop": evidence.stop_reason if evidence else "none",
                         "seconds": time.perf_counter() - start})
     print(json.dumps({"corpus": args.corpus, "questions": len(questions), "precision": args.precision,
-                      "self_check": base.self_check, "beam_width": base.beam_width,
+                      "self_check": base.self_check, "beam_width": base.beam_width, "stop_at_end": args.stop_at_end,
                       "joint_base_reader_top1_accuracy": round(mean(reference), 3)}))
     for (n_docs, n_tokens), out in rows.items():
         summary = {key: round(mean(r[key] for r in out), 3) for key in

@@ -138,9 +138,10 @@ def joint_system(tiny_llm_dirs) -> JointSystem:
 
 
 @torch.no_grad()
-def _brute_force_evidence(joint, question, docs, max_tokens):
+def _brute_force_evidence(joint, question, docs, max_tokens, stop_at_end):
     """Greedy over the base LLM's full forward (no KV cache), restricted by brute force to the tokens that keep the
-    evidence a document substring starting at a word; stops like `constrained_greedy` (EOS or newline)."""
+    evidence a document substring starting at a word; with stop_at_end, stops like `constrained_greedy` (EOS or
+    newline likelier than every allowed token)."""
     tokenizer, base = joint.tokenizer, joint.model.causal_lm
     tokenized = [doc_tokens(tokenizer, d.text) for d in docs]
     prompt = evidence_prompt_ids(tokenizer, question)
@@ -154,16 +155,18 @@ def _brute_force_evidence(joint, question, docs, max_tokens):
             break
         log_probs = base(torch.tensor([prompt + written])).logits[0, -1].log_softmax(-1)
         best = max(allowed, key=lambda t: float(log_probs[t]))
-        if written and best not in ends and max(float(log_probs[e]) for e in ends) > float(log_probs[best]):
+        end = max(float(log_probs[e]) for e in ends)
+        if stop_at_end and written and best not in ends and end > float(log_probs[best]):
             break
         written.append(best)
     return written
 
 
-@pytest.mark.parametrize("question", ["who wrote it?", "text of doc 3", "x"])
-def test_evidence_system_end_to_end(joint_system, question):
+@pytest.mark.parametrize("question, stop_at_end", [("who wrote it?", False), ("text of doc 3", True), ("x", False),
+                                                   ("x", True)])
+def test_evidence_system_end_to_end(joint_system, question, stop_at_end):
     settings = InferenceSettings(evidence_docs=2, evidence_tokens=6, max_new_tokens=3, beam_width=4)
-    answer = EvidenceSystem(joint_system).answer(question, settings)
+    answer = EvidenceSystem(joint_system, stop_at_end=stop_at_end).answer(question, settings)
     retrieval = joint_system.retrieve(question, settings.replace(k_docs=2))
     assert answer.system == "evidence" and answer.doc_ids == [d.doc_id for d in retrieval.docs]
     assert len(answer.trace.paths) == 2 and answer.trace.beams  # the search's trace, as the joint system's
@@ -172,13 +175,15 @@ def test_evidence_system_end_to_end(joint_system, question):
     source = CORPUS[ev.doc_id].text
     assert ev.text == source[ev.start:ev.end] and ev.text.strip() == ev.text and ev.text
     # The same tokens as a cache-free greedy over the base LLM with the constraint by brute force.
-    written = _brute_force_evidence(joint_system, question, retrieval.docs, 6)
+    written = _brute_force_evidence(joint_system, question, retrieval.docs, 6, stop_at_end)
     assert len(written) == ev.tokens and joint_system.tokenizer.decode(written).strip() == ev.text
     # The answer is the base LLM reading the evidence alone.
     expected = answer_with_docs(joint_system.model, joint_system.tokenizer, question, [(ev.doc_id, "", ev.text)],
                                 max_new_tokens=3, output_attentions=False, pathway=False, bridge=False, adapter=False)
     assert answer.text == expected.text and answer.context_tokens == expected.context_tokens
     assert "evidence" in answer.timings_ms and any("FM-index" in n for n in answer.notices)
+    if not stop_at_end:
+        assert ev.stop_reason in ("evidence_tokens", "document_end")
 
 
 def test_evidence_budget_and_candidates_follow_the_settings(joint_system):

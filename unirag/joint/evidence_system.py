@@ -4,7 +4,8 @@
    (`JointSystem.retrieve`).
 2. Evidence: the base LLM (adapter, pathway and bridge off: what `joint_reader="base"` reads with) continues
    EVIDENCE_PROMPT greedily, each token restricted to those that keep the evidence a substring of a candidate's
-   token sequence (an FM-index, `unirag.evidence`), starting at a word; up to `evidence_tokens` tokens.
+   token sequence (an FM-index, `unirag.evidence`), starting at a word; up to `evidence_tokens` tokens or the
+   document's end (optionally also where the LLM prefers to stop: `stop_at_end`).
 3. Answer: the base LLM reads `Q: {question}\\n{evidence}\\nA:` (`JointSystem.read`, as the base reader).
 
 The trace keeps the search's (beams, paths, self-check) and the evidence with its document and character span.
@@ -71,8 +72,12 @@ class EvidenceSystem:
 
     name = "evidence"
 
-    def __init__(self, joint) -> None:
+    def __init__(self, joint, stop_at_end: bool = False) -> None:
         self.joint = joint  # joint.JointSystem: its search picks the candidates, its base LLM writes and reads
+        # True also stops the evidence where the LLM prefers EOS or a newline to every allowed token. Off: on held-out
+        # nq train questions SmolLM2 preferred to stop after a few tokens, too short to hold an answer
+        # (benchmarks/evidence_settings.py); the evidence then runs to evidence_tokens or the document's end.
+        self.stop_at_end = stop_at_end
 
     def answer_many(self, questions: Sequence[str], settings: InferenceSettings,
                     with_attention: bool = False) -> list[Answer]:
@@ -138,7 +143,7 @@ class EvidenceSystem:
         # The base LLM alone (as joint_reader="base" reads): adapter off here, pathway and bridge off per call.
         kwargs = {"pathway": False, "bridge": False}
         newline = tokenizer.encode("\n", add_special_tokens=False)[-1:]
-        ends = eos_ids(model, tokenizer) | set(newline)
+        ends = eos_ids(model, tokenizer) | set(newline) if self.stop_at_end else set()
         with model.reading_mode(adapter=False):
             prompt = torch.tensor([evidence_prompt_ids(tokenizer, question)], device=model.device)
             out = model(prompt, use_cache=True, logits_to_keep=1, **kwargs)
