@@ -113,6 +113,8 @@ def test_the_evidence_baseline_shows_its_evidence_in_its_document(pipeline):  # 
     shown = outputs[-1].rag.answer.trace.evidence
     assert f'<mark class="ur-evidence-mark">{html.escape(shown.text)}</mark>' in card and "docid path" in card
     assert "Evidence (RetroLLM-style)" in card and "<mark" not in outputs[1]  # the joint card has none
+    explained = app.explain(outputs[-1])  # Explain the answers: no answer attention on the evidence side, no error
+    assert "evidence" in str(explained[4].to_dict())  # its latency figure has the evidence stage
     # What if? without the evidence's document: the evidence is written from the others, no new search.
     redo = app.reask(pipeline, outputs[-1], remove=shown.doc_id)
     again = redo[-2].rag.answer
