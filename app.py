@@ -604,7 +604,10 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                 'bi-encoder embeds the question; the k passages with the highest cosine similarity '
                                 'are pasted into the prompt of the same LLM. BM25 and hybrid (dense and BM25 fused by '
                                 'reciprocal rank) read the same way; dense + self-check re-ranks the dense top N with '
-                                'the joint model\'s self-check and reads as the joint model does.</div>')
+                                'the joint model\'s self-check and reads as the joint model does. Evidence '
+                                '(RetroLLM-style): the base LLM writes evidence that must be a passage of the joint '
+                                'search\'s documents (an FM-index constrains each token), then answers from it '
+                                'alone; its card marks the evidence in its document.</div>')
                         baseline = gr.Dropdown([(label, name) for name, label in BASELINES.items()], value="rag",
                                                label="Baseline", elem_id="ur-baseline",
                                                info="Dense + self-check needs Self-check ≥ 2 (Advanced settings); "

@@ -4,6 +4,7 @@ latency per stage, and a per-question comparison of two evaluation runs. Fast: t
 from __future__ import annotations
 
 import csv
+import html
 import json
 
 import pytest
@@ -92,6 +93,33 @@ def test_the_baseline_choice_reaches_the_right_hand_side(pipeline):  # noqa: F81
     assert "Dense RAG · top-3" in app.ask(pipeline, "nq", QUESTION, 4, 2, 3, 4)[6]
     redo = app.reask(pipeline, outputs[-1], remove=outputs[-1].rag.answer.doc_ids[0])
     assert redo[-2].baseline == "bm25" and redo[-2].rag.answer.system == "bm25"
+
+
+def test_the_evidence_baseline_shows_its_evidence_in_its_document(pipeline):  # noqa: F811
+    import app
+
+    bundle = pipeline.bundle("nq")
+    assert bundle.baselines["evidence"].joint is bundle.joint  # the joint model's base LLM writes it: no second LLM
+    result = pipeline.ask("nq", QUESTION, baseline="evidence", evidence_docs=2, evidence_tokens=8, **SETTINGS)
+    answer = result.rag.answer
+    assert result.rag.error is None and answer.system == "evidence" and len(answer.docs) == 2
+    evidence = answer.trace.evidence
+    source = bundle.corpus[evidence.doc_id].text
+    assert evidence.text == source[evidence.start:evidence.end] and evidence.doc_id in answer.doc_ids
+    assert result.baseline_title == "Evidence (RetroLLM-style) · from top-2"
+    # The page: its card marks the evidence inside its document and gives the docid path.
+    outputs = app.ask(pipeline, "nq", QUESTION, 4, 2, 3, 4, None, None, "evidence")
+    card = outputs[6]
+    shown = outputs[-1].rag.answer.trace.evidence
+    assert f'<mark class="ur-evidence-mark">{html.escape(shown.text)}</mark>' in card and "docid path" in card
+    assert "Evidence (RetroLLM-style)" in card and "<mark" not in outputs[1]  # the joint card has none
+    explained = app.explain(outputs[-1])  # Explain the answers: no answer attention on the evidence side, no error
+    assert "evidence" in str(explained[4].to_dict())  # its latency figure has the evidence stage
+    # What if? without the evidence's document: the evidence is written from the others, no new search.
+    redo = app.reask(pipeline, outputs[-1], remove=shown.doc_id)
+    again = redo[-2].rag.answer
+    assert again.system == "evidence" and shown.doc_id not in again.doc_ids
+    assert again.trace.evidence is None or again.trace.evidence.doc_id != shown.doc_id
 
 
 # --------------------------------------------------------------------------------------------- 5. run comparison

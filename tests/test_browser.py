@@ -141,6 +141,13 @@ def test_page_answers_a_question_and_screenshot(browser, live_app, tmp_path):  #
     text = page.evaluate(PAGE_TEXT_JS)
     assert "Война" in text and "\ufffd" not in text
     page.screenshot(path=str(tmp_path / "non-latin.png"), full_page=True)
+    # The evidence baseline: its card marks the evidence inside its source document, with the docid path.
+    page.locator("#ur-baseline input").first.click()
+    page.get_by_role("option", name="Evidence (RetroLLM-style)").click()
+    _ask(page, "who sang the song i wanna be sedated")
+    page.wait_for_selector("#ur-rag-answer mark.ur-evidence-mark", timeout=240_000)
+    assert page.inner_text("#ur-rag-answer mark.ur-evidence-mark").strip()
+    assert "docid path" in page.inner_text("#ur-rag-answer") and "from top-" in page.inner_text("#ur-rag-answer")
     assert not errors, errors
     assert proc.poll() is None
     print(f"browser question answered in {elapsed:.1f} s")

@@ -77,6 +77,19 @@ class SelfCheckRow:
 
 
 @dataclass
+class EvidenceSpan:
+    """The evidence system's evidence: tokens the base LLM wrote, constrained to a substring of a candidate
+    document; `text` is that document's own characters [start, end) (what the reader reads, what the app marks)."""
+
+    text: str
+    doc_id: str  # the candidate document it was copied from (the best-ranked one holding it)
+    start: int  # character span inside the document's text
+    end: int
+    tokens: int  # evidence tokens generated
+    stop_reason: str  # "end" (the LLM preferred to stop), "document_end" (no continuation) or "evidence_tokens"
+
+
+@dataclass
 class Trace:
     """What a system can show about how it answered; every field is empty when the system does not record it."""
 
@@ -89,6 +102,7 @@ class Trace:
     answer_attention: AnswerAttention = field(default_factory=AnswerAttention)
     stop_reason: str = ""  # "eos", "newline" or "max_new_tokens" (joint reader)
     retrieval_prompt_tokens: int = 0
+    evidence: EvidenceSpan | None = None  # the evidence system's evidence; None for every other system
 
 
 @dataclass
@@ -131,4 +145,5 @@ class Answer:
         return record
 
 
-__all__ = ["Answer", "AnswerAttention", "RetrievedDoc", "SelfCheckRow", "TokenWeights", "Trace", "display_answer"]
+__all__ = ["Answer", "AnswerAttention", "EvidenceSpan", "RetrievedDoc", "SelfCheckRow", "TokenWeights", "Trace",
+           "display_answer"]

@@ -1,7 +1,8 @@
 """Metrics and the evaluation loop behind `python -m unirag eval`.
 
 accuracy = a normalised gold answer occurs in the normalised output (the paper's metric);
-em / f1 are SQuAD-style; recall uses the gold `doc_id` where present.
+em / f1 are SQuAD-style; recall uses the gold `doc_id` where present; evidence_has_answer (the `evidence` system):
+a normalised gold answer occurs in the evidence it wrote (0 when it wrote none).
 """
 
 from __future__ import annotations
@@ -69,6 +70,10 @@ def score(answer: Answer, question: Question, k: int) -> dict:
         em=exact_match(answer.text, question.answers),
         f1=token_f1(answer.text, question.answers),
     )
+    # An evidence system that wrote no evidence (no candidate document) scores 0, not "not measured".
+    if answer.trace.evidence is not None or answer.system == "evidence":
+        evidence = answer.trace.evidence.text if answer.trace.evidence is not None else ""
+        record["evidence_has_answer"] = contains_answer(evidence, question.answers)
     if question.doc_id is not None and answer.system != "norag":
         ranked = answer.ranking
         record["recall@1"] = float(question.doc_id in ranked[:1])
@@ -103,6 +108,7 @@ def summarize(system: str, records: list[dict], k: int) -> dict:
         **({"candidate_recall@1": avg("candidate_recall@1"), "candidate_recall@n": avg("candidate_recall@n")}
            if any("candidate_recall@1" in r for r in records) else {}),
         "context_tokens_mean": avg("context_tokens"),
+        "evidence_has_answer": avg("evidence_has_answer"),  # None: no record has evidence (every other system)
         "latency_ms_median": round(median(r["latency_ms"] for r in records), 1) if records else None,
     }
 

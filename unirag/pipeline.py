@@ -46,8 +46,9 @@ PRECISION_LABELS = {"4bit": "4-bit (HQQ, recovered)", "nf4": "4-bit NF4 (bitsand
 CORPUS_LABELS = {"nq": "Natural Questions", "squad": "SQuAD v1.1"}
 # The right-hand side's choices (named systems, unirag.systems): label, and what its document scores are.
 BASELINES = {"rag": "Dense RAG", "bm25": "BM25", "hybrid": "Hybrid (dense + BM25, RRF)",
-             "rag-selfcheck": "Dense + self-check"}
-BASELINE_SCORES = {"rag": "cosine", "bm25": "BM25", "hybrid": "RRF", "rag-selfcheck": "score"}
+             "rag-selfcheck": "Dense + self-check", "evidence": "Evidence (RetroLLM-style)"}
+BASELINE_SCORES = {"rag": "cosine", "bm25": "BM25", "hybrid": "RRF", "rag-selfcheck": "score",
+                   "evidence": "search score"}
 
 Progress = Callable[[str], None]
 LOAD_STAGES = 7  # about how many `_say` stages a first load goes through (corpus, encoder, embeddings, LLM, joint…)
@@ -177,6 +178,8 @@ class Comparison:
         s = self.settings
         if self.baseline == "rag-selfcheck":
             return f"{BASELINES[self.baseline]} · top-{s.k_docs} of {s.documents_searched}"
+        if self.baseline == "evidence":
+            return f"{BASELINES[self.baseline]} · from top-{s.evidence_docs}"
         return f"{BASELINES[self.baseline]} · top-{s.rag_k}"
 
 
@@ -196,7 +199,8 @@ class CorpusBundle:
     settings: InferenceSettings = field(default_factory=InferenceSettings)
     checkpoint: Path | None = None
     load_seconds: float = 0.0
-    # BASELINES name → system answering like `rag` (answer / read); rag-selfcheck only with the joint model.
+    # BASELINES name → system answering like `rag` (answer / read); rag-selfcheck and evidence run on the
+    # joint model, so they exist only when it is loaded.
     baselines: dict[str, Any] = field(default_factory=dict)
     _by_text: dict[str, Question] = field(default_factory=dict, repr=False)
 
@@ -210,7 +214,7 @@ class CorpusBundle:
         _check_baseline(name)
         if name not in self.baselines:
             why = self.joint_message or "The joint model is not loaded."
-            raise UniragError(f"{BASELINES[name]} re-ranks with the joint model's self-check: {why}")
+            raise UniragError(f"{BASELINES[name]} runs on the joint model: {why}")
         return self.baselines[name]
 
     def match(self, question: str) -> Question | None:
@@ -373,10 +377,12 @@ class Pipeline:
         bundle.baselines.update(bm25=RagSystem(bm25, reader, "bm25"),
                                 hybrid=RagSystem(HybridRetriever(retriever, bm25), reader, "hybrid"))
         self._load_joint(bundle)
-        if bundle.joint is not None:  # the joint model's own base LLM and passage cache re-rank: no second LLM
+        if bundle.joint is not None:  # the joint model's own base LLM (and passage cache) serve them: no second LLM
             from unirag.joint.dense_selfcheck import DenseSelfCheckSystem
+            from unirag.joint.evidence_system import EvidenceSystem
 
             bundle.baselines["rag-selfcheck"] = DenseSelfCheckSystem(retriever, bundle.joint)
+            bundle.baselines["evidence"] = EvidenceSystem(bundle.joint)
         if bundle.tree is None:
             from unirag.docids import TreeConfig, load_or_build_tree
 

@@ -33,8 +33,8 @@ MACHINE = "2-core CPU, 24 GB"
 LLM = "embedded SmolLM2-135M-Instruct"
 
 # The project's named systems (unirag.systems), in the order the report lists them.
-SYSTEMS = ("norag", "rag", "bm25", "hybrid", "rag-selfcheck", "joint", "joint-no-match", "rag-joint-reader",
-           "joint-gold", "gold")
+SYSTEMS = ("norag", "rag", "bm25", "hybrid", "rag-selfcheck", "joint", "joint-no-match", "evidence",
+           "rag-joint-reader", "joint-gold", "gold")
 assert set(SYSTEMS) == set(SYSTEM_NAMES), "the report orders every named system"
 SYSTEM_WORDS = {
     "norag": "the LLM alone, no context",
@@ -44,6 +44,7 @@ SYSTEM_WORDS = {
     "rag-selfcheck": "dense MiniLM top N re-ranked by the joint model's self-check, its top documents read",
     "joint": "the joint model's docid search (path log-prob + document match), its top documents read",
     "joint-no-match": "the docid search ranked by path log-prob alone (no document match)",
+    "evidence": "the docid search's documents constrain evidence the base LLM writes (FM-index); the answer reads it",
     "rag-joint-reader": "dense MiniLM top-k read by the joint model's stage-2 reader",
     "joint-gold": "the gold passage read by the joint model's stage-2 reader",
     "gold": "the gold passage read by the base LLM",
@@ -56,8 +57,10 @@ SPLITS = ("dev", "dev[:300]", "dev[:100]")  # the question sets the report and t
 SPLIT = re.compile(r"^[\w.-]+(\[\d*:\d*\])?$")  # a question file's name, optionally with the slice evaluated
 METRIC_KEYS = ("accuracy", "em", "f1", "recall@1", "recall@3", "recall@k", "k", "context_tokens_mean",
                "latency_ms_median", "wall_time_s")
-# Systems with a self-check: the candidate generator's own top-1 (docid search or dense) and the gold among the N.
-CANDIDATE_METRICS = ("candidate_recall@1", "candidate_recall@n")
+# Metrics of some systems only (older rows lack them), copied from a summary when it has them: with a self-check,
+# the candidate generator's own top-1 (docid search or dense) and the gold among its N; the evidence system's
+# evidence holding a gold answer.
+EXTRA_METRIC_KEYS = ("candidate_recall@1", "candidate_recall@n", "evidence_has_answer")
 FIELDS: dict[str, type | tuple[type, ...]] = {
     "run": str, "system": str, "corpus": str, "split": str, "precision": str, "n": int, "settings": dict,
     "metrics": dict, "command": str, "date": str, "machine": str, "source": str,
@@ -196,9 +199,10 @@ def row_from_summary(summary: dict[str, Any], *, run: str, system: str, corpus: 
     """
     summary = summary.get("summary", summary)
     metrics = {k: summary.get(k) for k in METRIC_KEYS}
-    metrics.update({k: v for k, v in summary.items()
-                    if (k.endswith("_s") or k in CANDIDATE_METRICS) and k not in metrics})
-    labels = {k: v for k, v in summary.items() if k not in metrics and k not in ("n", "corpus", "precision")}
+    metrics.update({k: v for k, v in summary.items() if k.endswith("_s") and k not in metrics})
+    metrics.update({k: summary[k] for k in EXTRA_METRIC_KEYS if summary.get(k) is not None})
+    labels = {k: v for k, v in summary.items()
+              if k not in metrics and k not in (*EXTRA_METRIC_KEYS, "n", "corpus", "precision")}
     row = {"run": run, "system": system, "corpus": corpus, "split": split, "precision": precision,
            "n": summary.get("n"), "settings": dict(settings), "metrics": metrics, "command": command,
            "date": _dt.datetime.now(_dt.timezone.utc).date().isoformat(), "machine": MACHINE,

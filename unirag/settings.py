@@ -42,6 +42,8 @@ LIMITS: dict[str, tuple[int, int]] = {
     "rag_k": (1, 10),
     "max_new_tokens": (1, 128),
     "self_check": (0, 32),
+    "evidence_docs": (1, 3),  # as k_docs: the joint search's documents, here the evidence's candidates
+    "evidence_tokens": (1, 128),
 }
 
 HELP = {
@@ -55,6 +57,9 @@ HELP = {
                          "likelihood alone)",
     "joint_reader": "who reads the joint model's documents: 'trained' (its stage-2 reader) or 'base' (the base LLM, "
                     "the RAG side's reader)",
+    "evidence_docs": "evidence system: documents of the joint search (+ self-check) the evidence may be copied from",
+    "evidence_tokens": "evidence system: longest evidence (tokens) the base LLM writes, every token constrained to "
+                       "continue a substring of a candidate document",
     "precision": "'4bit' (the recovered 4-bit: HQQ, groups of 32), 'nf4' (bitsandbytes NF4, no recovery) or 'fp32'",
 }
 
@@ -106,6 +111,8 @@ class InferenceSettings:
     self_check: int = 0
     self_check_weight: float = 4.0
     joint_reader: str = "trained"
+    evidence_docs: int = 3
+    evidence_tokens: int = 48
     precision: str = "4bit"
     # What the layering did that a user should know (e.g. the self-check switched off without a passage cache).
     notices: tuple[str, ...] = field(default=(), compare=False)

@@ -5,6 +5,9 @@ Every system answers a batch of `Question`s with one `InferenceSettings` and ret
     system = build_system("joint", corpus, settings, checkpoint="checkpoints/nq-smollm2")
     answers = system.answer_many(questions, settings)
 
+`evidence` is RetroLLM-style: the docid search's documents constrain evidence the base LLM writes, and the answer
+reads that evidence alone (unirag.joint.evidence_system).
+
 Ablations are systems too (a name, not a combination of flags): the gold passage read by either reader, dense
 documents read by the joint reader, the docid search without its document match. So are the other baselines:
 BM25, dense + BM25 fused, and dense top N re-ranked by the joint model's own self-check (`rag-selfcheck`: the
@@ -46,6 +49,8 @@ class SystemSpec:
         """How many documents it reads (the k of R@k)."""
         if self.needs_gold:
             return 1
+        if "evidence_docs" in self.settings_used:
+            return settings.evidence_docs
         return settings.rag_k if "rag_k" in self.settings_used else settings.k_docs
 
 
@@ -74,6 +79,11 @@ SPECS: dict[str, SystemSpec] = {s.name: s for s in (
     SystemSpec("rag-joint-reader", "ablation: dense top rag_k documents read by the joint model's reader (the "
                                    "retrieval effect apart from the reader)", "joint", needs_checkpoint=True,
                settings_used=("rag_k", "joint_reader", "max_new_tokens")),
+    SystemSpec("evidence", "RetroLLM-style: the joint model's docid search (+ self-check) picks evidence_docs "
+                           "documents, the base LLM writes evidence constrained (FM-index) to be a passage of one of "
+                           "them, then answers from that evidence alone", "joint", needs_checkpoint=True,
+               settings_used=("evidence_docs", "evidence_tokens", "beam_width", "self_check", "self_check_weight",
+                              "max_new_tokens")),
 )}
 SYSTEM_NAMES = tuple(SPECS)
 
@@ -169,6 +179,19 @@ class _BaseReading:
         return answers
 
 
+class _Evidence:
+    """evidence on `Question`s (unirag.joint.evidence_system)."""
+
+    def __init__(self, name: str, joint: Any) -> None:
+        from unirag.joint.evidence_system import EvidenceSystem
+
+        self.name, self.joint = name, joint
+        self._inner = EvidenceSystem(joint)
+
+    def answer_many(self, questions: Sequence[Question], settings: InferenceSettings) -> list[Answer]:
+        return self._inner.answer_many([q.question for q in questions], settings)
+
+
 class _DenseSelfCheck:
     """rag-selfcheck on `Question`s (unirag.joint.dense_selfcheck)."""
 
@@ -201,6 +224,8 @@ def build_system(name: str, corpus: Corpus, *, reader: Any = None, retriever: An
             return _JointSearch(name, joint)
         if name == "rag-selfcheck":
             return _DenseSelfCheck(name, joint, retriever)
+        if name == "evidence":
+            return _Evidence(name, joint)
         return _JointReading(name, joint, retriever if name == "rag-joint-reader" else None)
     return _BaseReading(name, reader, retriever if name in RETRIEVER_OF else None, corpus)
 

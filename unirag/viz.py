@@ -600,6 +600,38 @@ def question_html(answer: Answer | None) -> str:
             f'{highlight_tokens_html(tokens, weights)}</div>')
 
 
+def evidence_html(answer: Answer | None, max_chars: int = 700) -> str:
+    """The evidence system's evidence marked (<mark>) inside its source document, with the document's docid path
+    (each level's chosen branch and its probability); "" for an answer without evidence."""
+    evidence = answer.trace.evidence if answer is not None else None
+    if evidence is None:
+        return ""
+    index = next((i for i, d in enumerate(answer.docs) if d.doc_id == evidence.doc_id), None)
+    doc = answer.docs[index] if index is not None else None
+    text = doc.text if doc is not None else evidence.text
+    start, end = (evidence.start, evidence.end) if doc is not None else (0, len(text))
+    room = max(max_chars - (end - start), 0) // 2  # context either side, the evidence always whole
+    before, after = text[max(start - room, 0):start], text[end:end + room]
+    body = (("…" if start - room > 0 else "") + html.escape(before) + f'<mark class="ur-evidence-mark">'
+            f"{html.escape(text[start:end])}</mark>" + html.escape(after) + ("…" if end + room < len(text) else ""))
+    path = ""
+    levels = answer.trace.paths[index] if index is not None and index < len(answer.trace.paths) else []
+    if levels:
+        steps = []
+        for level in levels:
+            children, probs = list(level.get("children", [])), list(level.get("probs", []))
+            chosen = level.get("chosen")
+            p = probs[children.index(chosen)] if chosen in children and len(probs) == len(children) else None
+            steps.append(f"{chosen}" + (f" ({p:.2f})" if p is not None else ""))
+        path = f'<div class="ur-muted">docid path {html.escape(" → ".join(steps))}</div>'
+    elif doc is not None and doc.docid:
+        path = f'<div class="ur-muted">docid {html.escape(docid_str(doc.docid))}</div>'
+    title = html.escape(doc.title or doc.doc_id) if doc is not None else html.escape(evidence.doc_id)
+    return (f'<div class="ur-evidence"><div class="ur-doc-head"><b>Evidence</b> ({evidence.tokens} tokens, stop: '
+            f'{html.escape(evidence.stop_reason)}) from <b>{title}</b> <span class="ur-muted">'
+            f'{html.escape(evidence.doc_id)}</span></div>{path}<div class="ur-doc-text">{body}</div></div>')
+
+
 def _ms(value: float) -> str:
     return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.0f} ms"
 
@@ -633,7 +665,7 @@ def answer_card_html(answer: Answer | None, system_label: str, color: str, gold_
              f'answer {answer.answer_tokens}</span></div>')
     notices = "".join(f'<div class="ur-notice">{html.escape(n)}</div>' for n in answer.notices)
     return (f'<div class="ur-card" style="border-top-color:{color}">{head}<div class="ur-answer">{shown}</div>'
-            f'<div class="ur-badges">{" ".join(badges)}</div>{stats}{notices}</div>')
+            f'<div class="ur-badges">{" ".join(badges)}</div>{stats}{evidence_html(answer)}{notices}</div>')
 
 
 MARK_HELP = {

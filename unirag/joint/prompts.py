@@ -5,6 +5,8 @@ Retrieval prompt:  tokens of f"Q: {question}\\n" + <retrieve_token>; the docid h
 Answer prompt:     chat template around f"Q: {question}\\n{context}\\nA:" with <generates_token> right
                    before the assistant turn (plain text + <generates_token> without a template).
 Self-check prompt: SELF_CHECK_PROMPT around one passage, then the question's tokens (scored by the base LLM).
+Evidence prompt:   tokens of EVIDENCE_PROMPT (plain text, like retrieval); the base LLM continues it with evidence
+                   copied from a candidate document (the `evidence` system, unirag.joint.evidence_system).
 
 Training builds its examples with `retrieval_prompt` / `answer_prompt` so both sides agree.
 """
@@ -18,6 +20,7 @@ from unirag.errors import UniragError
 from unirag.joint.modeling import JointModel
 
 SELF_CHECK_PROMPT = "Passage: {passage}\nPlease write a question based on this passage.\nQuestion:"
+EVIDENCE_PROMPT = "Q: {question}\nEvidence:"
 
 
 @dataclass
@@ -124,6 +127,11 @@ def self_check_prompt_ids(tokenizer, title: str, text: str) -> list[int]:
     return list(tokenizer(SELF_CHECK_PROMPT.format(passage=passage), add_special_tokens=True)["input_ids"])
 
 
+def evidence_prompt_ids(tokenizer, question: str) -> list[int]:
+    """Token ids of the evidence prompt; the evidence's tokens follow them."""
+    return list(tokenizer(EVIDENCE_PROMPT.format(question=question), add_special_tokens=True)["input_ids"])
+
+
 def question_ids(tokenizer, question: str) -> list[int]:
     """The question's tokens as the self-check scores them (after the prompt's "Question:")."""
     ids = list(tokenizer(" " + question, add_special_tokens=False)["input_ids"])
@@ -132,5 +140,5 @@ def question_ids(tokenizer, question: str) -> list[int]:
     return ids
 
 
-__all__ = ["Prompt", "SELF_CHECK_PROMPT", "answer_prompt", "question_ids", "retrieval_prompt",
-           "self_check_prompt_ids", "token_strings"]
+__all__ = ["EVIDENCE_PROMPT", "Prompt", "SELF_CHECK_PROMPT", "answer_prompt", "evidence_prompt_ids", "question_ids",
+           "retrieval_prompt", "self_check_prompt_ids", "token_strings"]

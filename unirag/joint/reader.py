@@ -26,7 +26,8 @@ class AnswerGeneration:
 
 
 
-def _eos_ids(model: JointModel, tokenizer) -> set[int]:
+def eos_ids(model: JointModel, tokenizer) -> set[int]:
+    """The ids that end an answer: the tokenizer's EOS and the generation config's."""
     ids: set[int] = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
@@ -76,7 +77,7 @@ def _answer_with_docs(model: JointModel, tokenizer, question: str, passages: Seq
         "output_attentions": output_attentions,
         "attention_layers": () if use_bridge else last_layers,
     }
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     ctx = torch.tensor(prompt.context_positions, dtype=torch.long, device=device)
 
     def attention_row(out) -> list[float]:
@@ -134,4 +135,4 @@ def _answer_with_docs(model: JointModel, tokenizer, question: str, passages: Seq
 
 
 
-__all__ = ["ANSWER_ATTENTION_LAYERS", "AnswerGeneration", "answer_with_docs"]
+__all__ = ["ANSWER_ATTENTION_LAYERS", "AnswerGeneration", "answer_with_docs", "eos_ids"]

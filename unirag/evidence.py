@@ -1,0 +1,113 @@
+"""Corpus-constrained evidence (RetroLLM-style): the LLM writes evidence token by token, and every prefix it writes
+is a substring of a candidate document's token sequence, enforced by an FM-index (the `fm-index` package).
+
+    index = TokenSubstringIndex([doc_ids_a, doc_ids_b], starts=[word_starts_a, word_starts_b])
+    index.next_tokens([t1, t2])      # the tokens t with t1 t2 t occurring in a document (from an allowed start)
+    tokens, stop = constrained_greedy(first_logits, step, index, max_tokens=48, end_ids={eos, newline})
+
+The index holds token ids, not text: a match is then a match of whole tokens, exactly what the LLM can write.
+`fm-index` indexes strings, so each token id becomes one character (`token_char`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+import torch
+from fm_index import MultiFMIndex
+
+from unirag.errors import UniragError
+
+# Token id t ↔ chr(_CODE_BASE + t), skipping the UTF-16 surrogates (not valid in a Python→Rust string). The base
+# keeps clear of the control and ASCII characters a library may use as separators; a 150k vocabulary still fits.
+_CODE_BASE = 0x100
+_SURROGATES = (0xD800, 0xE000)
+MAX_TOKEN_ID = 0x10FFFF - _CODE_BASE - (_SURROGATES[1] - _SURROGATES[0])
+
+
+def token_char(token: int) -> str:
+    """The one character that stands for `token` in the index."""
+    if not 0 <= token <= MAX_TOKEN_ID:
+        raise UniragError(f"Token id {token} cannot be indexed (0..{MAX_TOKEN_ID}).")
+    code = _CODE_BASE + token
+    if code >= _SURROGATES[0]:
+        code += _SURROGATES[1] - _SURROGATES[0]
+    return chr(code)
+
+
+def encode_tokens(tokens: Sequence[int]) -> str:
+    return "".join(token_char(int(t)) for t in tokens)
+
+
+class TokenSubstringIndex:
+    """An FM-index over documents' token sequences: which token sequences occur, where, and what may follow.
+
+    `starts[i]`: the positions of document i an occurrence may begin at (e.g. word starts, so evidence does not
+    begin inside a word); None: any position."""
+
+    def __init__(self, docs: Sequence[Sequence[int]], starts: Sequence[Collection[int] | None] | None = None) -> None:
+        self.docs = [[int(t) for t in doc] for doc in docs]
+        if starts is not None and len(starts) != len(self.docs):
+            raise UniragError(f"{len(starts)} start sets for {len(self.docs)} documents.")
+        self.starts: list[frozenset[int] | None] = (
+            [None] * len(self.docs) if starts is None else [None if s is None else frozenset(s) for s in starts])
+        # MultiFMIndex keeps documents apart: no occurrence spans two of them.
+        self._index = MultiFMIndex([encode_tokens(doc) for doc in self.docs]) if any(self.docs) else None
+
+    def _allowed_start(self, doc: int, position: int) -> bool:
+        allowed = self.starts[doc]
+        return allowed is None or position in allowed
+
+    def occurrences(self, tokens: Sequence[int]) -> list[tuple[int, int]]:
+        """(document index, start position) of every occurrence of `tokens` from an allowed start, sorted.
+        The empty sequence occurs at every allowed start of a non-empty document."""
+        if not tokens:
+            return [(d, p) for d, doc in enumerate(self.docs) for p in range(len(doc)) if self._allowed_start(d, p)]
+        if self._index is None:
+            return []
+        found = self._index.locate(encode_tokens(tokens))
+        return sorted((d, p) for d, positions in found.items() for p in positions if self._allowed_start(d, p))
+
+    def count(self, tokens: Sequence[int]) -> int:
+        return len(self.occurrences(tokens))
+
+    def next_tokens(self, tokens: Sequence[int]) -> set[int]:
+        """Tokens t such that `tokens` + [t] occurs (from an allowed start): read off the documents right after each
+        occurrence of `tokens`. Empty: `tokens` occurs nowhere, or only at a document's end."""
+        n = len(tokens)
+        return {self.docs[d][p + n] for d, p in self.occurrences(tokens) if p + n < len(self.docs[d])}
+
+
+@dataclass
+class EvidenceTokens:
+    tokens: list[int]
+    stop_reason: str  # "end", "document_end" or "evidence_tokens" (see `constrained_greedy`)
+
+
+def constrained_greedy(first_logits: torch.Tensor, step: Callable[[int], torch.Tensor], index: TokenSubstringIndex,
+                       max_tokens: int, end_ids: Collection[int] = ()) -> EvidenceTokens:
+    """Greedy decoding where each token is the most likely of `index.next_tokens(written so far)`.
+
+    `first_logits`: the next-token logits after the prompt; `step(token)` feeds `token` and returns the next logits.
+    Stops "end" when, after at least one token, an end token (EOS, newline) is likelier than every allowed token
+    (the LLM would stop there unconstrained), "document_end" when nothing can follow, else at `max_tokens`."""
+    ends = sorted(set(int(e) for e in end_ids))
+    logits, tokens = first_logits, []
+    while len(tokens) < max_tokens:
+        allowed = sorted(index.next_tokens(tokens))
+        if not allowed:
+            return EvidenceTokens(tokens, "document_end")
+        log_probs = logits.float().log_softmax(-1)
+        scores = log_probs[allowed]
+        best = allowed[int(scores.argmax())]
+        if tokens and ends and best not in ends and float(log_probs[ends].max()) > float(scores.max()):
+            return EvidenceTokens(tokens, "end")
+        tokens.append(best)
+        if len(tokens) < max_tokens:
+            logits = step(best)
+    return EvidenceTokens(tokens, "evidence_tokens")
+
+
+__all__ = ["EvidenceTokens", "MAX_TOKEN_ID", "TokenSubstringIndex", "constrained_greedy", "encode_tokens",
+           "token_char"]
