@@ -194,7 +194,9 @@ def row_from_summary(summary: dict[str, Any], *, run: str, system: str, corpus: 
     """
     summary = summary.get("summary", summary)
     metrics = {k: summary.get(k) for k in METRIC_KEYS}
-    metrics.update({k: v for k, v in summary.items() if k.endswith("_s") and k not in metrics})
+    # Timings, and a multi-round run's per-round lists (unirag.eval.ROUND_KEYS), are metrics too.
+    metrics.update({k: v for k, v in summary.items() if (k.endswith("_s") or k.startswith("round_"))
+                    and k not in metrics})
     labels = {k: v for k, v in summary.items() if k not in metrics and k not in ("n", "corpus", "precision")}
     row = {"run": run, "system": system, "corpus": corpus, "split": split, "precision": precision,
            "n": summary.get("n"), "settings": dict(settings), "metrics": metrics, "command": command,

@@ -42,6 +42,7 @@ LIMITS: dict[str, tuple[int, int]] = {
     "rag_k": (1, 10),
     "max_new_tokens": (1, 128),
     "self_check": (0, 32),
+    "rounds": (1, 3),
 }
 
 HELP = {
@@ -55,6 +56,8 @@ HELP = {
                          "likelihood alone)",
     "joint_reader": "who reads the joint model's documents: 'trained' (its stage-2 reader) or 'base' (the base LLM, "
                     "the RAG side's reader)",
+    "rounds": "rounds of retrieval and answering (joint): round r > 1 searches docids again with the question plus "
+              "round r-1's answer, then reads the question again; the last round's answer is final. 1 = one pass",
     "precision": "'4bit' (the recovered 4-bit: HQQ, groups of 32), 'nf4' (bitsandbytes NF4, no recovery) or 'fp32'",
 }
 
@@ -106,6 +109,7 @@ class InferenceSettings:
     self_check: int = 0
     self_check_weight: float = 4.0
     joint_reader: str = "trained"
+    rounds: int = 1  # UniGen-style iterative enhancement (JointSystem.answer); 1 = one search and one read
     precision: str = "4bit"
     # What the layering did that a user should know (e.g. the self-check switched off without a passage cache).
     notices: tuple[str, ...] = field(default=(), compare=False)
@@ -194,7 +198,8 @@ class RecommendedSettings:
     reason: str = ""
     without_cache: RecommendedSettings | None = None
 
-    KEYS = ("k_docs", "beam_width", "self_check", "self_check_weight", "joint_reader", "rag_k", "max_new_tokens")
+    KEYS = ("k_docs", "beam_width", "self_check", "self_check_weight", "joint_reader", "rag_k", "max_new_tokens",
+            "rounds")
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, precision: str) -> RecommendedSettings | None:
