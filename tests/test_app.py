@@ -435,16 +435,16 @@ def test_side_error_does_not_kill_the_other_side(pipeline, monkeypatch):
 def test_select_corpus_and_cluster_callbacks(pipeline):
     import app
 
-    dataset, tree_fig, dropdown, docs_html, banner, rag_k, max_new, beam, k_docs, self_check, reader = (
+    dataset, tree_fig, dropdown, docs_html, banner, rag_k, max_new, beam, k_docs, self_check, reader, rounds = (
         app.select_corpus(pipeline, "nq"))
     assert dataset.samples and tree_fig.data[0].type == "sunburst"
     # No recommended_settings.json in this checkpoint: the controls start from the library defaults.
     from unirag.settings import InferenceSettings
 
     default = InferenceSettings()
-    assert (beam.value, k_docs.value, self_check.value, reader.value, rag_k.value, max_new.value) == (
+    assert (beam.value, k_docs.value, self_check.value, reader.value, rag_k.value, max_new.value, rounds.value) == (
         default.beam_width, default.k_docs, default.self_check, default.joint_reader, default.rag_k,
-        default.max_new_tokens)
+        default.max_new_tokens, default.rounds)
     assert dropdown.choices
     assert "whole corpus" in docs_html and "&lt;script&gt;" in docs_html
     first = pipeline.bundle("nq").tree.allowed(())[0]

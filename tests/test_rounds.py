@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 
 import pytest
+from test_app import pipeline, tiny  # noqa: F401  (module fixtures: tiny corpus, tiny Llama, joint checkpoint)
 from test_cli import _joint_checkpoint, run
 from test_joint_decoding import CORPUS, DOCIDS, FakeTrie, _build
 
@@ -220,3 +221,82 @@ def test_eval_joint_with_two_rounds_end_to_end(tmp_path, capsys, tiny_llm_dirs):
     code, stdout, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "norag",
                             "--rounds", 2)
     assert code == 2 and "--rounds do(es) not apply to --system norag" in err
+
+
+# --------------------------------------------------------------------------------------------- the page's views
+
+
+def _two_round_answer(tree) -> Answer:
+    from test_viz import joint_answer, level
+
+    from unirag.answer import RetrievedDoc, RoundTrace
+
+    final = joint_answer(tree)  # round 2: d1, d2
+    path = [level((), [0, 1, 2], [0.1, 0.1, 0.8], 2), level((2,), [0, 1], [0.3, 0.7], 1), level((2, 1), [0], [1.0], 0)]
+    first = RoundTrace(1, final.question, [RetrievedDoc("d7", "Title 7", "text", -0.6, (2, 1, 0))], ["d7", "d1"],
+                       [{"docid": [2, 1, 0], "doc_id": "d7", "logprob": -0.6}], [path], "Mars <i>")
+    second = RoundTrace(2, f"{final.question} Mars <i>", list(final.docs), final.doc_ids, final.trace.beams,
+                        final.trace.paths, final.text)
+    final.trace.rounds = [first, second]
+    return final
+
+
+def test_rounds_figure_draws_each_rounds_path_side_by_side():
+    from test_viz import joint_answer
+
+    from unirag import viz
+
+    small = _tree()
+    single = joint_answer(small)
+    assert viz.rounds_path_figure(single, small).to_dict() == viz.docid_path_figure(single, small).to_dict()
+    answer = _two_round_answer(small)
+    fig = viz.rounds_path_figure(answer, small)
+    paths = [(t.meta["round"], t.meta["docid"], t.xaxis) for t in fig.data if t.meta and t.meta["kind"] == "path"]
+    assert paths == [(1, [2, 1, 0], "x"), (2, [0, 0, 1], "x2"), (2, [0, 1, 0], "x2")]  # round 2 next to round 1
+    assert {t.meta["round"] for t in fig.data} == {1, 2}
+    assert [a.text for a in fig.layout.annotations][:2] == ["Round 1", "Round 2 (answer)"]
+    assert viz.rounds_path_figure(None).layout.annotations  # the empty message
+
+
+def test_rounds_table_names_each_rounds_query_documents_and_answer():
+    from unirag import viz
+
+    answer = _two_round_answer(_tree())
+    table = viz.rounds_html(answer, ["a <script> tag"], "d2")
+    rows = table.split("<tr>")[2:]
+    assert len(rows) == 2 and "2-1-0" in rows[0] and "Title 7" in rows[0] and "Mars &lt;i&gt;</td>" in rows[0]
+    assert "<b> Mars &lt;i&gt;</b>" in rows[1]  # what round 2 added to the question, escaped
+    assert "✓" in rows[1] and "✓" not in rows[0] and "ur-gold-doc" in rows[1]
+    assert "<script>" not in table
+    assert viz.rounds_html(Answer("joint", "q", "a")) == "" and viz.rounds_html(None) == ""
+
+
+def _tree():
+    from test_viz import DOC_IDS, DOCIDS
+
+    from unirag.docids import DocidTree, TreeConfig
+
+    return DocidTree(DOC_IDS, DOCIDS, TreeConfig(k=3, c=2), "fp", {(2, 1): "mars"})
+
+
+def test_the_page_asks_with_rounds_and_shows_each_round(pipeline):  # noqa: F811
+    import app
+
+    question, settings = "When was the Eiffel Tower completed?", (4, 2, 3, 4)
+    one = app.ask(pipeline, "nq", question, *settings)
+    assert one[-1].settings.rounds == 1 and one[-1].joint.answer.trace.rounds == []
+    assert "ur-rounds" not in one[4]  # one round: no rounds table
+    two = app.ask(pipeline, "nq", question, *settings, None, None, None, 2)
+    assert len(two) == len(one)  # the same outputs: the path plot and the documents carry the rounds
+    comparison = two[-1]
+    joint = comparison.joint.answer
+    assert comparison.settings.rounds == 2 and [r.round for r in joint.trace.rounds] == [1, 2]
+    assert joint.trace.rounds[1].query == round_query(joint.question, Answer("joint", joint.question,
+                                                                             joint.trace.rounds[0].answer))
+    assert {t.meta["round"] for t in two[2].data if t.meta and "round" in t.meta} == {1, 2}
+    assert "ur-rounds" in two[4] and two[4].count("<tr>") == 3
+    assert comparison.rag.answer is not None and comparison.rag.answer.trace.rounds == []  # the baseline: one pass
+    with pytest.raises(UniragError, match="rounds must be between 1 and 3"):
+        pipeline.ask("nq", question, rounds=0)
+    # The corpus's start settings include rounds, so page and API agree.
+    assert app.select_corpus(pipeline, "nq")[-1].value == 1
