@@ -170,7 +170,7 @@ def _round_record(answers: list[str], ranks: list[list[str]], gold: str = "Homer
 
 def test_eval_records_and_summary_per_round():
     helped = _round_record(["Virgil", "Homer"], [["d0", "d1"], ["d1", "d0"]])
-    assert helped["round_answers"] == ["Virgil", "Homer"]
+    assert helped["round_answers"] == ["Virgil", "Homer"] and helped["round_doc_ids"] == [["d0"], ["d1"]]
     assert helped["round_accuracy"] == [0.0, 1.0] and helped["round_recall@1"] == [0.0, 1.0]
     assert helped["accuracy"] == 1.0 and helped["recall@1"] == 1.0  # the final round's, as ever
     hurt = _round_record(["Homer", "Virgil"], [["d1"], ["d2"]])

@@ -77,6 +77,7 @@ def score(answer: Answer, question: Question, k: int) -> dict:
         record["recall@3"] = float(question.doc_id in ranked[:3]) if len(ranked) >= 3 else None
     if answer.trace.rounds:  # a multi-round answer: the metrics above are its last round's; these are per round
         record["round_answers"] = [step.answer for step in answer.trace.rounds]
+        record["round_doc_ids"] = [step.doc_ids for step in answer.trace.rounds]  # what each round read
         record["round_accuracy"] = [contains_answer(step.answer, question.answers) for step in answer.trace.rounds]
         if question.doc_id is not None:
             record["round_recall@1"] = [float(question.doc_id in (step.ranked_doc_ids or step.doc_ids)[:1])
