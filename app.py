@@ -108,6 +108,8 @@ CSS = """
 .ur-counter {font-size:.78rem; color:#64748b; text-align:right; margin-top:-.3rem}
 .ur-counter-full {color:#b45309; font-weight:600}
 .ur-beam-help {font-size:.78rem; margin:-.2rem 0 .4rem}
+.ur-rounds {margin:.2rem 0 .5rem}
+.ur-gold-doc {color:#166534; font-weight:600}
 #ur-beams table, #ur-beams .virtual-row {font-size:.78rem}
 #ur-beams td, #ur-beams .body-cell, #ur-beams .body-cell span {font-family:var(--font);
   font-variant-numeric:tabular-nums}
@@ -204,10 +206,10 @@ def render(comparison: Comparison, bundle) -> tuple:
                                     rag.gold_found, rag.gold_rank, rag.correct, answers, rag.error,
                                     exact=rag.exact, f1=rag.f1)
     if joint.answer is not None:
-        path_fig = viz.docid_path_figure(joint.answer, bundle.tree)
+        path_fig = viz.rounds_path_figure(joint.answer, bundle.tree)  # one round: the docid path figure
         beams = pd.DataFrame(viz.beam_rows(joint.answer, bundle.titles()), columns=viz.BEAM_HEADERS)
-        joint_docs = viz.question_html(joint.answer) + viz.documents_html(joint.answer, gold_doc,
-                                                                          scores_label="score")
+        joint_docs = (viz.rounds_html(joint.answer, answers, gold_doc) + viz.question_html(joint.answer)
+                      + viz.documents_html(joint.answer, gold_doc, scores_label="score"))
         joint_docs += viz.localization_html(joint.localization, bundle.corpus[gold_doc].title
                                             if gold_doc in bundle.corpus else "")
         joint_heat = viz.attention_heatmap(joint.answer, "Joint: answer tokens × selected documents")
@@ -238,12 +240,12 @@ def render(comparison: Comparison, bundle) -> tuple:
 
 def ask(pipeline: Pipeline, corpus: str, question: str, beam_width: float | None = None, k_docs: float | None = None,
         rag_k: float | None = None, max_new_tokens: float | None = None, joint_reader: str | None = None,
-        self_check: float | None = None, baseline: str | None = None) -> tuple:
+        self_check: float | None = None, baseline: str | None = None, rounds: float | None = None) -> tuple:
     """Answer with both systems; returns the outputs in `render` order, the banner and the path for the tree tab.
     A setting left out (None) is the corpus's start setting, as on the page; the baseline defaults to dense RAG."""
     comparison = pipeline.ask(corpus, question or "", beam_width=beam_width, k_docs=k_docs, rag_k=rag_k,
                               max_new_tokens=max_new_tokens, joint_reader=joint_reader or None,
-                              self_check=self_check, baseline=baseline or "rag")
+                              self_check=self_check, baseline=baseline or "rag", rounds=rounds)
     return (*render(comparison, pipeline.bundle(corpus)), banner_html(pipeline), last_docid(comparison), comparison)
 
 
@@ -353,14 +355,15 @@ def tree_view(pipeline: Pipeline, corpus: str, last: dict | None) -> tuple:
 
 def select_corpus(pipeline: Pipeline, corpus: str) -> tuple:
     """Load a corpus (lazily) and refresh its examples, tree and cluster list, and set the joint settings to the
-    checkpoint's recommended ones for the app's precision (beam width, documents selected, self-check, reader)."""
+    checkpoint's recommended ones for the app's precision (beam width, documents selected, self-check, reader,
+    rounds)."""
     try:
         bundle = pipeline.bundle(corpus)
     except UniragError:
         empty = viz.empty_figure("Corpus not loaded (see the message above).", "Corpus tree", 300)
         return (gr.Dataset(samples=[]), empty, gr.Dropdown(choices=[], value=None),
                 '<div class="ur-empty">Corpus not loaded.</div>', banner_html(pipeline), gr.skip(), gr.skip(),
-                gr.skip(), gr.skip(), gr.skip(), gr.skip())
+                gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
     choices = viz.cluster_choices(bundle.tree, max_depth=3)
     start = pipeline.start_settings(corpus)
     return (
@@ -375,6 +378,7 @@ def select_corpus(pipeline: Pipeline, corpus: str) -> tuple:
         gr.Slider(value=start.k_docs),
         gr.Slider(value=start.self_check),
         gr.Radio(value=start.joint_reader),
+        gr.Slider(value=start.rounds),
     )
 
 
@@ -527,6 +531,7 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
             api_reader = gr.Dropdown(list(JOINT_READERS), value=None, label="joint_reader", visible=False)
             api_self_check = gr.Number(None, label="self_check", visible=False)
             api_baseline = gr.Dropdown(list(BASELINES), value=None, label="baseline", visible=False)
+            api_rounds = gr.Number(None, label="rounds", visible=False)
             api_ask = gr.Button("ask", visible=False)
         view = gr.State(None)  # the last Comparison shown: re-ask and the explain panel read it
 
@@ -568,6 +573,12 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                            "quick only with a passage cache (`python -m unirag index "
                                            "--self-check-cache`), and is then the checkpoint's recommended "
                                            "setting.", elem_id="ur-self-check")
+                    rounds = gr.Slider(*LIMITS["rounds"], value=start.rounds, step=1, label="Rounds (joint)",
+                                       info="1 = one search and one reading. 2-3 (UniGen-style): each later round "
+                                       "searches the docids again with the question plus the previous round's answer "
+                                       "and reads the question again; the last round answers. The docid path shows "
+                                       "every round side by side. Each round costs a search and a reading.",
+                                       elem_id="ur-rounds")
                 gold_info = gr.HTML("", elem_id="ur-gold", label="gold check")
                 with gr.Accordion("What if? Re-ask without one of the documents, or with another one", open=False,
                                   elem_id="ur-reask"):
@@ -678,16 +689,18 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
         ask_outputs = [gold_info, joint_card, joint_path, joint_beams, joint_docs, joint_heat, rag_card, rag_bars,
                        rag_docs, rag_heat, banner, last]
         ask_outputs += [view]
-        ask_inputs = [corpus, question, beam_width, k_docs, rag_k, max_new, joint_reader, self_check, baseline]
+        ask_inputs = [corpus, question, beam_width, k_docs, rag_k, max_new, joint_reader, self_check, baseline,
+                      rounds]
 
         def on_ask(corpus: str, question: str, beam_width: float | None = None, docs_selected: float | None = None,
                    rag_k: float | None = None, max_new_tokens: float | None = None, reader: str | None = None,
-                   self_check: float | None = None, baseline: str | None = None):
+                   self_check: float | None = None, baseline: str | None = None, rounds: float | None = None):
             """Ask both systems one question. A setting left out (None) is the corpus's start setting: the
             checkpoint's recommended value for the app's precision, the value the page starts from. baseline: the
-            right-hand system (rag, bm25, hybrid or rag-selfcheck; None = rag)."""
+            right-hand system (rag, bm25, hybrid or rag-selfcheck; None = rag). rounds: the joint model's rounds of
+            retrieval and answering (1-3)."""
             return ask(pipeline, corpus, question, beam_width, docs_selected, rag_k, max_new_tokens, reader,
-                       self_check, baseline)
+                       self_check, baseline, rounds)
 
         def on_tree_tab(corpus_name, last_path):
             return tree_view(pipeline, corpus_name, last_path)
@@ -710,10 +723,11 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
             return sample[0] if isinstance(sample, (list, tuple)) else sample
 
         corpus_outputs = [examples, tree_plot, cluster, cluster_html, banner, rag_k, max_new, beam_width, k_docs,
-                          self_check, joint_reader]
+                          self_check, joint_reader, rounds]
         on_ask_safe = _guard(on_ask)
         ask_btn.click(on_ask_safe, ask_inputs, ask_outputs, api_name=False, concurrency_id="models")
-        api_ask.click(on_ask_safe, [corpus, question, *api_settings, api_reader, api_self_check, api_baseline],
+        api_ask.click(on_ask_safe, [corpus, question, *api_settings, api_reader, api_self_check, api_baseline,
+                                    api_rounds],
                       ask_outputs,
                       api_name="ask", concurrency_id="models")
         # The character counter runs in the browser: no request per keystroke.

@@ -192,7 +192,8 @@ def test_baselines_table_pairs_each_baseline_with_the_joint_row_and_judges_the_t
              settings={"beam_width": 32, "k_docs": 1, "self_check": 10, "recommended": True}),
     ]
     text = results.render_baselines(rows)
-    assert "| squad, dev[:100], fp32 | dense + self-check (dense top-10) | 0.260 | 0.780 | 0.600 | 0.940 | 0.15 | 2e-05 |" in text
+    assert ("| squad, dev[:100], fp32 | dense + self-check (dense top-10) | 0.260 | 0.780 | 0.600 | 0.940 | 0.15 "
+            "| 2e-05 |") in text
     assert "| squad, dev[:100], fp32 | docid search alone, R@1 (beam 10) ≥ 0.600 | 0.400 | **missed** |" in text
     assert "joint R@1 vs dense + self-check ≥ 0.780 | 0.710 | **missed** |" in text
     assert "joint accuracy vs dense top-1 (RAG top-1) ≥ 0.230 | 0.240 | **met** |" in text

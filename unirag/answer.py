@@ -90,6 +90,26 @@ class EvidenceSpan:
 
 
 @dataclass
+class RoundTrace:
+    """One round of a multi-round joint answer (`InferenceSettings.rounds` > 1): the query its docid search ran
+    with, what the search found and chose, and the answer read from those documents."""
+
+    round: int  # 1-based
+    query: str  # the search's query: the question (round 1), then the question plus the previous round's answer
+    docs: list[RetrievedDoc] = field(default_factory=list)  # the documents read, best first
+    # The search's ranking, best first (the self-check's order when it ran), at least the documents read.
+    ranked_doc_ids: list[str] = field(default_factory=list)
+    beams: list[dict[str, Any]] = field(default_factory=list)  # every finished beam, as `Trace.beams`
+    paths: list[list[dict[str, Any]]] = field(default_factory=list)  # per document read, as `Trace.paths`
+    answer: str = ""  # the raw generated text, as `Answer.text` (eval scores it the same way)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return [d.doc_id for d in self.docs]
+
+
+@dataclass
 class Trace:
     """What a system can show about how it answered; every field is empty when the system does not record it."""
 
@@ -103,6 +123,9 @@ class Trace:
     stop_reason: str = ""  # "eos", "newline" or "max_new_tokens" (joint reader)
     retrieval_prompt_tokens: int = 0
     evidence: EvidenceSpan | None = None  # the evidence system's evidence; None for every other system
+    # Every round, first to last, when the joint system ran more than one; the fields above are then the last
+    # round's (the answer's). Empty for a single round.
+    rounds: list[RoundTrace] = field(default_factory=list)
 
 
 @dataclass
@@ -145,5 +168,5 @@ class Answer:
         return record
 
 
-__all__ = ["Answer", "AnswerAttention", "EvidenceSpan", "RetrievedDoc", "SelfCheckRow", "TokenWeights", "Trace",
-           "display_answer"]
+__all__ = ["Answer", "AnswerAttention", "EvidenceSpan", "RetrievedDoc", "RoundTrace", "SelfCheckRow", "TokenWeights",
+           "Trace", "display_answer"]

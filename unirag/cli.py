@@ -207,7 +207,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "precision": settings.precision,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "llm": args.llm or "embedded SmolLM2-135M-Instruct",
-        "settings": {name: getattr(settings, name) for name in s.settings_used},
+        # rounds 1 is what every run before the setting existed did: left out, so their partial files still resume
+        # and their shards still merge with new ones.
+        "settings": {name: getattr(settings, name) for name in s.settings_used
+                     if not (name == "rounds" and settings.rounds == 1)},
     }
     if args.self_check_cache or "self_check" in s.settings_used:
         labels["passage_cache"] = bool(getattr(getattr(system, "joint", None), "passage_cache", None))

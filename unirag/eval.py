@@ -84,7 +84,37 @@ def score(answer: Answer, question: Question, k: int) -> dict:
             first = min(answer.trace.self_check, key=lambda row: row.search_rank)
             record["candidate_recall@1"] = float(first.doc_id == question.doc_id)
             record["candidate_recall@n"] = float(any(r.doc_id == question.doc_id for r in answer.trace.self_check))
+    if answer.trace.rounds:  # a multi-round answer: the metrics above are its last round's; these are per round
+        record["round_answers"] = [step.answer for step in answer.trace.rounds]
+        record["round_doc_ids"] = [step.doc_ids for step in answer.trace.rounds]  # what each round read
+        record["round_accuracy"] = [contains_answer(step.answer, question.answers) for step in answer.trace.rounds]
+        if question.doc_id is not None:
+            record["round_recall@1"] = [float(question.doc_id in (step.ranked_doc_ids or step.doc_ids)[:1])
+                                        for step in answer.trace.rounds]
     return record
+
+
+# Summary keys of multi-round runs (`summarize`): per round, the mean of the records' per-round field; and per
+# round after the first, how many questions it got right that the round before got wrong (helped) and the reverse
+# (hurt). Absent from single-round summaries.
+ROUND_KEYS = ("round_accuracy", "round_recall@1", "round_helped", "round_hurt")
+
+
+def _round_summary(records: list[dict]) -> dict:
+    """The `ROUND_KEYS` of records that carry per-round fields ({} when none do)."""
+    per_round = [r["round_accuracy"] for r in records if r.get("round_accuracy")]
+    if not per_round:
+        return {}
+    if len(per_round) != len(records) or len({len(a) for a in per_round}) != 1:
+        raise UniragError("Records mix different numbers of rounds: summarise one setting's run at a time.")
+    n = len(per_round[0])
+    recalls = [r["round_recall@1"] for r in records if r.get("round_recall@1")]
+    return {
+        "round_accuracy": [round(mean(a[i] for a in per_round), 4) for i in range(n)],
+        "round_recall@1": [round(mean(x[i] for x in recalls), 4) for i in range(n)] if recalls else None,
+        "round_helped": [sum(a[i] == 1.0 and a[i - 1] == 0.0 for a in per_round) for i in range(1, n)],
+        "round_hurt": [sum(a[i] == 0.0 and a[i - 1] == 1.0 for a in per_round) for i in range(1, n)],
+    }
 
 
 def summarize(system: str, records: list[dict], k: int) -> dict:
@@ -110,6 +140,7 @@ def summarize(system: str, records: list[dict], k: int) -> dict:
         "context_tokens_mean": avg("context_tokens"),
         "evidence_has_answer": avg("evidence_has_answer"),  # None: no record has evidence (every other system)
         "latency_ms_median": round(median(r["latency_ms"] for r in records), 1) if records else None,
+        **_round_summary(records),
     }
 
 
@@ -303,7 +334,7 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 # Summary keys computed from the records and timing (`summarize`, `run_eval`, `merge_runs`); the rest are labels.
-_COMPUTED = (*summarize("", [], 1), "wall_time_s", "shard_wall_time_s")
+_COMPUTED = (*summarize("", [], 1), *ROUND_KEYS, "wall_time_s", "shard_wall_time_s")
 
 
 def merge_runs(blobs: Sequence[dict], names: Sequence[str] | None = None) -> dict:

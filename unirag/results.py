@@ -199,7 +199,9 @@ def row_from_summary(summary: dict[str, Any], *, run: str, system: str, corpus: 
     """
     summary = summary.get("summary", summary)
     metrics = {k: summary.get(k) for k in METRIC_KEYS}
-    metrics.update({k: v for k, v in summary.items() if k.endswith("_s") and k not in metrics})
+    # Timings, and a multi-round run's per-round lists (unirag.eval.ROUND_KEYS), are metrics too.
+    metrics.update({k: v for k, v in summary.items() if (k.endswith("_s") or k.startswith("round_"))
+                    and k not in metrics})
     metrics.update({k: summary[k] for k in EXTRA_METRIC_KEYS if summary.get(k) is not None})
     labels = {k: v for k, v in summary.items()
               if k not in metrics and k not in (*EXTRA_METRIC_KEYS, "n", "corpus", "precision")}
@@ -434,20 +436,22 @@ def render_baselines(rows: Sequence[Mapping[str, Any]]) -> str:
                              f"{format_p(_paired_p(r, joint, 'accuracy'))} | "
                              f"{format_p(_paired_p(r, joint, 'recall@1'))} |")
 
-            def target(text: str, value: Any, bound: Any, where: str = where) -> None:
-                if value is None or bound is None:
-                    return
-                met = "**met**" if value >= bound else "**missed**"
-                targets.append(f"| {where} | {text} ≥ {bound:.3f} | {value:.3f} | {met} |")
+            def metric(role: str, key: str, roles: dict = roles) -> Any:
+                return roles[role]["metrics"].get(key) if role in roles else None
 
-            metric = lambda role, key: roles[role]["metrics"].get(key) if role in roles else None  # noqa: E731
             bar = NQ_SEARCH_R1_TARGET if corpus == "nq" else metric("rag", "recall@1")
-            target("docid search alone, R@1 (beam 10)", metric("search", "recall@1"), bar)
-            target("docid search alone, R@1 (the recommended beam)", metric("joint", "candidate_recall@1"), bar)
-            target("joint R@1 vs dense + self-check", metric("joint", "recall@1"), metric("rag-selfcheck", "recall@1"))
-            target("joint accuracy vs dense + self-check", metric("joint", "accuracy"),
-                   metric("rag-selfcheck", "accuracy"))
-            target("joint accuracy vs dense top-1 (RAG top-1)", metric("joint", "accuracy"), metric("rag", "accuracy"))
+            checks = (("docid search alone, R@1 (beam 10)", metric("search", "recall@1"), bar),
+                      ("docid search alone, R@1 (the recommended beam)", metric("joint", "candidate_recall@1"), bar),
+                      ("joint R@1 vs dense + self-check", metric("joint", "recall@1"),
+                       metric("rag-selfcheck", "recall@1")),
+                      ("joint accuracy vs dense + self-check", metric("joint", "accuracy"),
+                       metric("rag-selfcheck", "accuracy")),
+                      ("joint accuracy vs dense top-1 (RAG top-1)", metric("joint", "accuracy"),
+                       metric("rag", "accuracy")))
+            for text, value, bound in checks:
+                if value is not None and bound is not None:
+                    met = "**met**" if value >= bound else "**missed**"
+                    targets.append(f"| {where} | {text} ≥ {bound:.3f} | {value:.3f} | {met} |")
     return "\n".join(lines) + "\n\n" + "\n".join(targets)
 
 

@@ -44,6 +44,7 @@ LIMITS: dict[str, tuple[int, int]] = {
     "self_check": (0, 32),
     "evidence_docs": (1, 3),  # as k_docs: the joint search's documents, here the evidence's candidates
     "evidence_tokens": (1, 128),
+    "rounds": (1, 3),
 }
 
 HELP = {
@@ -60,6 +61,8 @@ HELP = {
     "evidence_docs": "evidence system: documents of the joint search (+ self-check) the evidence may be copied from",
     "evidence_tokens": "evidence system: longest evidence (tokens) the base LLM writes, every token constrained to "
                        "continue a substring of a candidate document",
+    "rounds": "rounds of retrieval and answering (joint): round r > 1 searches docids again with the question plus "
+              "round r-1's answer, then reads the question again; the last round's answer is final. 1 = one pass",
     "precision": "'4bit' (the recovered 4-bit: HQQ, groups of 32), 'nf4' (bitsandbytes NF4, no recovery) or 'fp32'",
 }
 
@@ -113,6 +116,7 @@ class InferenceSettings:
     joint_reader: str = "trained"
     evidence_docs: int = 3
     evidence_tokens: int = 48
+    rounds: int = 1  # UniGen-style iterative enhancement (JointSystem.answer); 1 = one search and one read
     precision: str = "4bit"
     # What the layering did that a user should know (e.g. the self-check switched off without a passage cache).
     notices: tuple[str, ...] = field(default=(), compare=False)
@@ -201,7 +205,8 @@ class RecommendedSettings:
     reason: str = ""
     without_cache: RecommendedSettings | None = None
 
-    KEYS = ("k_docs", "beam_width", "self_check", "self_check_weight", "joint_reader", "rag_k", "max_new_tokens")
+    KEYS = ("k_docs", "beam_width", "self_check", "self_check_weight", "joint_reader", "rag_k", "max_new_tokens",
+            "rounds")
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, precision: str) -> RecommendedSettings | None:

@@ -54,7 +54,7 @@ class SystemSpec:
         return settings.rag_k if "rag_k" in self.settings_used else settings.k_docs
 
 
-_JOINT = ("k_docs", "beam_width", "self_check", "self_check_weight", "joint_reader", "max_new_tokens")
+_JOINT = ("k_docs", "beam_width", "self_check", "self_check_weight", "joint_reader", "max_new_tokens", "rounds")
 SPECS: dict[str, SystemSpec] = {s.name: s for s in (
     SystemSpec("norag", "the base LLM answers from the question alone", "base", retrieves=False),
     SystemSpec("rag", "dense retrieval (bi-encoder, cosine top rag_k) read by the base LLM", "base",

@@ -16,7 +16,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-from unirag.answer import Answer, AnswerAttention, display_answer
+from unirag.answer import Answer, AnswerAttention, Trace, display_answer
 from unirag.results import format_p
 
 # --------------------------------------------------------------------------------------------- palette
@@ -352,6 +352,69 @@ def docid_path_figure(answer: Answer | None, tree=None, height: int | None = Non
     return _layout(fig, "Retrieval path down the docid tree (probability of each candidate cluster)",
                    height or 130 + 75 * depth, showlegend=True,
                    legend={"orientation": "h", "y": -0.02, "yanchor": "top", "x": 0, "font": {"size": 11}})
+
+
+def round_answer(answer: Answer, number: int) -> Answer:
+    """Round `number` (1-based) of a multi-round joint answer as an `Answer` of its own (question = that round's
+    query), so every per-answer view (the docid path, the beams) draws it."""
+    step = answer.trace.rounds[number - 1]
+    return Answer(answer.system, step.query, step.answer, list(step.docs),
+                  trace=Trace(beams=list(step.beams), paths=list(step.paths)), ranked_doc_ids=list(step.ranked_doc_ids))
+
+
+def rounds_path_figure(answer: Answer | None, tree=None) -> go.Figure:
+    """The docid path of each round side by side (one panel per round, round 1 on the left); a single-round answer
+    is `docid_path_figure` itself. Each panel's traces are `docid_path_figure`'s with ``meta["round"]`` added."""
+    rounds = answer.trace.rounds if answer is not None else []
+    if not rounds:
+        return docid_path_figure(answer, tree)
+    from plotly.subplots import make_subplots
+
+    panels = [docid_path_figure(round_answer(answer, step.round), tree) for step in rounds]
+    fig = make_subplots(rows=1, cols=len(rounds), horizontal_spacing=0.03,
+                        subplot_titles=[f"Round {step.round}" + (" (answer)" if step is rounds[-1] else "")
+                                        for step in rounds])
+    for col, (step, panel) in enumerate(zip(rounds, panels, strict=True), start=1):
+        for trace in panel.data:
+            meta = dict(trace.meta or {})
+            trace.meta = {**meta, "round": step.round}
+            if meta.get("kind") == "path":  # one legend entry per round's document
+                trace.name = f"R{step.round} {trace.name}"
+            fig.add_trace(trace, row=1, col=col)
+        for note in panel.layout.annotations:
+            fig.add_annotation(note, row=1, col=col)
+        fig.update_xaxes(panel.layout.xaxis, row=1, col=col)
+        fig.update_yaxes(panel.layout.yaxis, row=1, col=col, showticklabels=col == 1)
+    height = max(int(panel.layout.height or 0) for panel in panels)
+    return _layout(fig, f"Retrieval path of each of the {len(rounds)} rounds (round r > 1 searches with the "
+                        "question plus round r-1's answer)", height + 20, showlegend=True,
+                   legend={"orientation": "h", "y": -0.02, "yanchor": "top", "x": 0, "font": {"size": 11}})
+
+
+def rounds_html(answer: Answer | None, gold_answers: Sequence[str] = (), gold_doc_id: str | None = None) -> str:
+    """One row per round of a multi-round joint answer: the query it searched with (what it added to the question
+    in bold), the documents it read, its answer (✓ when a gold answer is contained). "" for a single round."""
+    if answer is None or not answer.trace.rounds:
+        return ""
+    from unirag.eval import contains_answer
+
+    rows = []
+    for step in answer.trace.rounds:
+        query = html.escape(step.query)
+        if step.round > 1 and step.query.startswith(answer.question):
+            added = step.query[len(answer.question):]
+            query = f"{html.escape(answer.question)}<b>{html.escape(added)}</b>"
+        docs = ", ".join(
+            f'<span title="{html.escape(d.doc_id)}"{" class=ur-gold-doc" if d.doc_id == gold_doc_id else ""}>'
+            f"{html.escape(docid_str(d.docid))} {html.escape(_short(d.title or d.doc_id, 30))}</span>"
+            for d in step.docs)
+        shown = display_answer(step.answer, answer.question)
+        mark = " ✓" if gold_answers and contains_answer(step.answer, gold_answers) else ""
+        rows.append(f"<tr><td>{step.round}</td><td>{query}</td><td>{docs or '–'}</td>"
+                    f"<td>{html.escape(shown) or '<i>no answer</i>'}{mark}</td></tr>")
+    return ('<div class="ur-rounds"><table class="ur-table"><tr><th>round</th><th>docid search query</th>'
+            f'<th>documents read</th><th>answer</th></tr>{"".join(rows)}</table>'
+            '<div class="ur-muted">The card shows the last round\'s answer.</div></div>')
 
 
 # --------------------------------------------------------------------------------------------- tables

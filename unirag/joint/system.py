@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unirag.answer import Answer, RetrievedDoc, SelfCheckRow, Trace
+from unirag.answer import Answer, RetrievedDoc, RoundTrace, SelfCheckRow, Trace, display_answer
 from unirag.data import prepare_question
 from unirag.docids import DocidTree
 from unirag.errors import UniragError
@@ -94,13 +94,14 @@ class JointSystem:
         return cls(model, model.tokenizer, corpus, tree, passage_cache=cache, traces=traces,
                    document_match=document_match)
 
-    def retrieve(self, question: str, settings: InferenceSettings) -> Retrieval:
+    def retrieve(self, question: str, settings: InferenceSettings, query: str | None = None) -> Retrieval:
         """The top `settings.k_docs` documents, best first, re-ranked by the self-check when it is on.
-        `question` is used as is."""
+        `question` is used as is. `query`: what the docid search reads instead of the question (a later round's
+        expanded query); the self-check still scores the question itself (how likely it is after a passage)."""
         start = time.perf_counter()
         # The one place the beam is sized: wide enough for every document read or self-checked.
-        search = search_docids(self.model, self.tokenizer, question, self.trie, settings.search_width,
-                               settings.documents_searched, rescore=self.document_match)
+        search = search_docids(self.model, self.tokenizer, question if query is None else query, self.trie,
+                               settings.search_width, settings.documents_searched, rescore=self.document_match)
         retrieve_ms = (time.perf_counter() - start) * 1000
         retrieval = self.rank(question, [(beam.doc_id, beam.score) for beam in search.beams], settings,
                               retrieve_ms, search=search)
@@ -205,13 +206,62 @@ class JointSystem:
         )
 
     def answer(self, question: str, settings: InferenceSettings | None = None) -> Answer:
-        """Clean the question once, retrieve, read. settings None: the library defaults."""
+        """Clean the question once, retrieve, read. settings None: the library defaults.
+
+        With `settings.rounds` R > 1 (UniGen-style iterative enhancement), round r = 2..R searches the docids again
+        with `round_query(question, round r-1's answer)`, i.e. "{question} {previous answer span}", and reads the
+        question again from the documents that search chose, by the same reader rule and prompt. The answer is the
+        last round's; `trace.rounds` keeps every round (query, beams, paths, documents, answer) and the timings are
+        summed over the rounds. One round is exactly the single pass (no round trace)."""
         settings = InferenceSettings() if settings is None else settings
         text, notices = prepare_question(question)
         retrieval = self.retrieve(text, settings)
         answer = self.read(text, retrieval.docs, settings, retrieval)
+        if settings.rounds > 1:
+            answer = self._more_rounds(text, answer, retrieval, settings)
         answer.notices[:0] = notices
         return answer
 
+    def _more_rounds(self, question: str, first: Answer, retrieval: Retrieval,
+                     settings: InferenceSettings) -> Answer:
+        """Rounds 2..settings.rounds after `first` (round 1, from `retrieval`): see `answer`."""
+        rounds = [_round_trace(1, question, retrieval, first)]
+        answer = first
+        for number in range(2, settings.rounds + 1):
+            query = round_query(question, answer)
+            retrieval = self.retrieve(question, settings, query=query)
+            answer = self.read(question, retrieval.docs, settings, retrieval)
+            rounds.append(_round_trace(number, query, retrieval, answer))
+        answer.trace.rounds = rounds
+        totals: dict[str, float] = {}
+        for step in rounds:  # the answer cost every round: latency counts them all
+            for stage, ms in step.timings_ms.items():
+                totals[stage] = totals.get(stage, 0.0) + ms
+        answer.timings_ms = totals
+        answer.notices.append(f"{settings.rounds} rounds: each round after the first searched the docids with the "
+                              "question plus the previous round's answer, then read the question again; this is "
+                              f"round {settings.rounds}'s answer.")
+        return answer
 
-__all__ = ["JointSystem", "Retrieval"]
+
+def round_query(question: str, previous: Answer) -> str:
+    """The docid search's query in the round after `previous`: the question plus the previous answer's span.
+
+    Why this form: appending a generated answer to the query is generation-augmented query expansion (GAR, and the
+    feedback UniGen iterates): a right or nearly right answer usually names what the gold passage is about, which
+    the question alone may not. The retrieval prompt stays the one the model was trained on (`Q: {query}`), only
+    longer. The previous documents' titles are left out on purpose: they would pull the search back to the
+    documents it already chose. The displayed span (`display_answer`), not the raw text, so an echoed prompt adds
+    nothing; no span: the question alone (that round repeats the search)."""
+    span = display_answer(previous.text, question)
+    return f"{question} {span}" if span else question
+
+
+def _round_trace(number: int, query: str, retrieval: Retrieval, answer: Answer) -> RoundTrace:
+    search = retrieval.search
+    return RoundTrace(number, query, list(answer.docs), list(retrieval.ranking),
+                      [beam.to_dict() for beam in search.finished] if search is not None else [], retrieval.paths,
+                      answer.text, dict(answer.timings_ms))
+
+
+__all__ = ["JointSystem", "Retrieval", "round_query"]
