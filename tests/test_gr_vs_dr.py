@@ -161,3 +161,17 @@ def test_measure_end_to_end_on_a_tiny_joint_model(tiny_llm_dirs, tmp_path, monke
     stored = results.load_store(store)
     assert len(stored) == 6 and stored[0]["settings"]["training"]["stage1_epochs"] == 1
     assert results.render_gr_vs_dr(stored).count("| nq-7 (7) |") == 2  # dev and held-out
+
+
+def test_train_runs_the_project_cli_with_the_same_flags_at_every_size(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(gr_vs_dr.subprocess, "call", lambda command, **kw: calls.append(command) or 0)
+    assert gr_vs_dr.main(["train", "--size", "300", "--out", str(tmp_path)]) == 2  # not built yet: an error
+    gr_vs_dr.write_dataset(_dataset("nq", 3), tmp_path / "300", {})
+    assert gr_vs_dr.main(["train", "--size", "300", "--out", str(tmp_path), "--", "--seed", "1"]) == 0
+    (command,) = calls
+    assert command[1:4] == ["-m", "unirag", "train"] and command[-1] == "--resume"
+    assert command[command.index("--questions") + 1].endswith("300/train.jsonl")
+    flags = " ".join(command)
+    assert " ".join(gr_vs_dr.TRAIN_FLAGS) + " --seed 1" in flags and "--stage2-steps 0" in flags
+    assert json.loads((tmp_path / "300" / "train_runs.jsonl").read_text())["exit"] == 0
