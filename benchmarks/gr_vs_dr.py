@@ -341,7 +341,8 @@ def record(result: dict, command: str, store_dir: Path | None = None) -> None:
 
 
 def plot(rows: Sequence[dict], path: Path = PLOT) -> Path:
-    """R@1 against the number of passages (log scale), one line per system; dev solid, held-out train dashed.
+    """R@1 and R@3 against the number of passages (log scale), one line per system; dev solid, held-out train
+    dashed.
     From the results store's gr-vs-dr rows (fp32 for the docid search and dense MiniLM)."""
     import matplotlib
 
@@ -354,12 +355,14 @@ def plot(rows: Sequence[dict], path: Path = PLOT) -> Path:
     colours = {"search": "tab:orange", "self-check": "tab:red", "dense": "tab:blue"}
     for ax, metric in zip(axes, ("recall@1", "recall@3"), strict=True):
         for role, words in ROLES.items():
-            for split, style in (("dev", "-"), ("train-held-out", "--")):
+            # dev: solid line, dots; held-out train: dashed, triangles (told apart even at one size)
+            for split, style, marker in (("dev", "-", "o"), ("train-held-out", "--", "^")):
                 points = gr_vs_dr_points(rows, role, split, metric)
                 if points:
                     xs, ys = zip(*points, strict=True)
-                    ax.plot(xs, ys, style, marker="o", color=colours[role], label=f"{words} ({split})")
+                    ax.plot(xs, ys, style, marker=marker, color=colours[role], label=f"{words} ({split})")
         ax.set_xscale("log")
+        ax.set_ylim(0, 1.02)
         ax.set_xlabel("passages in the corpus")
         ax.set_title(metric.replace("recall", "R"))
         ax.grid(alpha=0.3)
