@@ -531,6 +531,57 @@ def render_localization(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n\n".join(parts)
 
 
+# --------------------------------------------------------------------------------------------- GR vs DR
+
+
+GR_VS_DR_PREFIX = "gr-vs-dr: "  # rows of `python -m benchmarks.gr_vs_dr`; settings["gr_vs_dr"] names the system
+GR_VS_DR_ROLES = (("search", "docid search alone (beam 10)"), ("self-check", "docid search + self-check"),
+                  ("dense", "dense MiniLM"))
+
+
+def _gr_vs_dr_rows(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [r for r in rows if r["run"].startswith(GR_VS_DR_PREFIX) and r["settings"].get("gr_vs_dr")]
+
+
+def gr_vs_dr_points(rows: Iterable[Mapping[str, Any]], role: str, split: str, metric: str,
+                    precision: str = "fp32") -> list[tuple[int, float]]:
+    """(passages, metric) of one system on one split, by corpus size (the plot's line). Dense rows are fp32 only:
+    the encoder does not change with the LLM's precision."""
+    want = "fp32" if role == "dense" else precision
+    points = {r["settings"]["passages"]: r["metrics"][metric] for r in _gr_vs_dr_rows(rows)
+              if r["settings"]["gr_vs_dr"] == role and r["split"] == split and r["precision"] == want
+              and r["metrics"].get(metric) is not None}
+    return sorted(points.items())
+
+
+def render_gr_vs_dr(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Corpus size against R@1 / R@3 of the docid search (alone and with the self-check) and of dense MiniLM, per
+    split and precision of the docid search (dense: its fp32 row on the same corpus and split)."""
+    picked = _gr_vs_dr_rows(rows)
+    by = {(r["corpus"], r["split"], r["precision"], r["settings"]["gr_vs_dr"]): r for r in picked}
+    # dev first, then fp32 before 4-bit, then by corpus size
+    groups = sorted({(r["split"] != "dev", r["split"], PRECISIONS.index(r["precision"]) * -1, r["precision"],
+                      r["settings"]["passages"], r["corpus"]) for r in picked if r["settings"]["gr_vs_dr"] != "dense"})
+    head = ["corpus (passages)", "split", "precision", "questions",
+            *(f"{words} R@1 / R@3" for _, words in GR_VS_DR_ROLES), "search + self-check − dense, R@1"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, split, _, precision, passages, corpus in groups:
+        got = {role: by.get((corpus, split, "fp32" if role == "dense" else precision, role))
+               for role, _ in GR_VS_DR_ROLES}
+        cells = [f"{corpus} ({passages:,})", split, precision,
+                 _cell(next(r["n"] for r in got.values() if r is not None))]
+        for role, _ in GR_VS_DR_ROLES:
+            r = got[role]
+            cells.append(f"{_cell(r['metrics']['recall@1'])} / {_cell(r['metrics']['recall@3'])}" if r else "–")
+        gap = None
+        if got["self-check"] and got["dense"] and None not in (got["self-check"]["metrics"]["recall@1"],
+                                                                got["dense"]["metrics"]["recall@1"]):
+            gap = got["self-check"]["metrics"]["recall@1"] - got["dense"]["metrics"]["recall@1"]
+        cells.append(f"{gap:+.3f}" if gap is not None else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- the report
 
 
@@ -546,6 +597,7 @@ BLOCKS = {
     "search-levers": render_search_levers,
     "training-curves": lambda rows: render_training_curves(),
     "localization": render_localization,
+    "gr-vs-dr": render_gr_vs_dr,
 }
 BLOCK_MARKER = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
 
