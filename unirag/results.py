@@ -270,7 +270,9 @@ def _cell(value: Any, digits: int = 3) -> str:
 
 def format_p(p: Any) -> str:
     """A p-value as the report writes it: two significant digits (p spans 0.5 to 1e-7); a bound such as "<1e-4"
-    is kept as written; "–" when there is none."""
+    is kept as written; "–" when there is none. A p stored rounded to 4 decimals as 0 is "<1e-4"."""
+    if isinstance(p, (int, float)) and p == 0:
+        return "<1e-4"
     return f"{p:.2g}" if isinstance(p, float) else _cell(p)
 
 
