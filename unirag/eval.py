@@ -74,6 +74,8 @@ def score(answer: Answer, question: Question, k: int) -> dict:
     if answer.trace.evidence is not None or answer.system == "evidence":
         evidence = answer.trace.evidence.text if answer.trace.evidence is not None else ""
         record["evidence_has_answer"] = contains_answer(evidence, question.answers)
+        record["evidence"] = evidence  # what the answer was read from, to inspect beside the answer
+        record["evidence_doc_id"] = answer.trace.evidence.doc_id if answer.trace.evidence is not None else None
     if question.doc_id is not None and answer.system != "norag":
         ranked = answer.ranking
         record["recall@1"] = float(question.doc_id in ranked[:1])
