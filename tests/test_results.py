@@ -215,3 +215,12 @@ def test_training_curves_read_the_validation_points_of_a_loss_log(tmp_path):
     rows = results.render_training_curves([log]).splitlines()[2:]
     assert rows == ["| nq-tiny | 1 | epoch 1 | 2.000 | 0.20 | 0.40 | 50 |",
                     "| nq-tiny | 2 | step 50 | 0.700 | 0.30 | 0.50 | 50 |"]
+
+
+def test_rounds_table_reads_the_per_round_metrics():
+    m = {k: None for k in results.METRIC_KEYS}
+    m.update(accuracy=0.3, **{"round_accuracy": [0.2, 0.3], "round_recall@1": [0.4, 0.5], "round_helped": [12],
+                              "round_hurt": [2]})
+    text = results.render_rounds([_row(run="joint, 2 rounds", system="joint", metrics=m, n=100), _row()])
+    assert text.splitlines()[2:] == ["| nq, dev, 4bit | joint, 2 rounds | 100 | 0.200 → 0.300 | 0.400 → 0.500 | "
+                                     "+12 / −2 |"]

@@ -587,6 +587,24 @@ def render_gr_vs_dr(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def render_rounds(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Runs with more than one round (`--rounds`): accuracy and R@1 after each round, and the questions each later
+    round turned right (helped) or wrong (hurt) against the round before."""
+    lines = ["| corpus, split, precision | run | n | accuracy by round | R@1 by round | helped / hurt by round |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["metrics"]
+        if not m.get("round_accuracy"):
+            continue
+        accuracy, recall = (" → ".join(_cell(v) for v in (m.get(key) or [])) for key in ("round_accuracy",
+                                                                                        "round_recall@1"))
+        changes = ", ".join(f"+{h} / −{w}" for h, w in zip(m.get("round_helped") or [], m.get("round_hurt") or [],
+                                                            strict=True))
+        lines.append(f"| {r['corpus']}, {r['split']}, {r['precision']} | {r['run']} | {r['n']} | "
+                     f"{accuracy} | {recall} | {changes} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- the report
 
 
@@ -603,6 +621,7 @@ BLOCKS = {
     "training-curves": lambda rows: render_training_curves(),
     "localization": render_localization,
     "gr-vs-dr": render_gr_vs_dr,
+    "rounds": render_rounds,
 }
 BLOCK_MARKER = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
 
