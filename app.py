@@ -659,7 +659,7 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                     eval_precision = gr.Radio(choices=list(PRECISIONS), value=pipeline.config.precision,
                                               label="Precision", scale=1, elem_id="ur-eval-precision")
                     eval_split = gr.Radio(choices=list(results_store.SPLITS), value="dev", scale=1,
-                                          label="Questions (dev[:300]: the first 300, older runs)")
+                                          label="Questions (dev[:N]: the first N)")
                     refresh = gr.Button("Reload results", size="sm", scale=0)
                 eval_note = gr.HTML("")
                 eval_table = gr.Dataframe(pd.DataFrame([], columns=viz.EVAL_HEADERS), interactive=False,
