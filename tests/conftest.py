@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import string
 import sys
 from pathlib import Path
@@ -101,3 +102,16 @@ class BagOfWordsEncoder:
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
     encode_queries = encode_passages = _enc
+
+
+KEYWORD_TEXTS = ["city facts", "river facts", "zanzibar cloves", "mountain facts"]
+
+
+def write_keyword_files(root: Path, question: str, answers: list[str]) -> tuple[Path, Path, Path]:
+    """A four-passage corpus (d2 holds the keywords) and one question about d2, as JSONL files under `root`."""
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "title": f"T{i}", "text": text}) + "\n"
+                              for i, text in enumerate(KEYWORD_TEXTS)))
+    questions = root / "q.jsonl"
+    questions.write_text(json.dumps({"id": "q1", "question": question, "answers": answers, "doc_id": "d2"}) + "\n")
+    return root, corpus, questions

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import write_keyword_files
 from test_cli import _joint_checkpoint, run
 from test_joint_decoding import CORPUS, DOCIDS, FakeTrie, _build
 
@@ -246,13 +247,7 @@ def test_eval_scores_whether_the_evidence_holds_a_gold_answer(tmp_path):
 
 @pytest.fixture()
 def files(tmp_path):
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": f"d{i}", "title": f"T{i}", "text": text}) + "\n" for i, text in
-                              enumerate(["city facts", "river facts", "zanzibar cloves", "mountain facts"])))
-    questions = tmp_path / "q.jsonl"
-    questions.write_text(json.dumps({"id": "q1", "question": "where do cloves grow?", "answers": ["cloves"],
-                                     "doc_id": "d2"}) + "\n")
-    return tmp_path, corpus, questions
+    return write_keyword_files(tmp_path, "where do cloves grow?", ["cloves"])
 
 
 def test_eval_evidence_from_the_command_line(files, capsys, tiny_llm_dirs):

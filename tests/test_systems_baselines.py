@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import BagOfWordsEncoder
+from conftest import BagOfWordsEncoder, write_keyword_files
 from test_cli import _joint_checkpoint, run
 from test_joint_decoding import CORPUS, DOCIDS, FakeTrie, _build
 
@@ -161,13 +161,7 @@ def test_build_system_needs_the_parts_each_baseline_reads():
 
 @pytest.fixture()
 def files(tmp_path):
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"id": f"d{i}", "title": f"T{i}", "text": text}) + "\n" for i, text in
-                              enumerate(["city facts", "river facts", "zanzibar cloves", "mountain facts"])))
-    questions = tmp_path / "q.jsonl"
-    questions.write_text(json.dumps({"id": "q1", "question": "where do cloves grow, zanzibar?", "answers": ["x"],
-                                     "doc_id": "d2"}) + "\n")
-    return tmp_path, corpus, questions
+    return write_keyword_files(tmp_path, "where do cloves grow, zanzibar?", ["x"])
 
 
 def test_eval_bm25_writes_records_with_the_ranking(files, capsys, tiny_llm_dirs):
