@@ -147,7 +147,8 @@ def test_page_answers_a_question_and_screenshot(browser, live_app, tmp_path):  #
     _ask(page, "who sang the song i wanna be sedated")
     page.wait_for_selector("#ur-rag-answer mark.ur-evidence-mark", timeout=240_000)
     assert page.inner_text("#ur-rag-answer mark.ur-evidence-mark").strip()
-    assert "docid" in page.inner_text("#ur-rag-answer") and "from top-" in page.inner_text("#ur-rag-answer")
+    card = page.text_content("#ur-rag-answer").lower()  # text_content: the DOM's text, before CSS upper-casing
+    assert "docid" in card and "from top-" in card, card
     assert not errors, errors
     assert proc.poll() is None
     print(f"browser question answered in {elapsed:.1f} s")
