@@ -1,4 +1,5 @@
-"""The `evidence` system's settings (evidence_docs, evidence_tokens) on held-out *train* questions (never dev).
+"""The `evidence` system's settings (evidence_docs, evidence_tokens, evidence_lookahead) on held-out *train* questions
+(never dev).
 
 The questions the shipped checkpoint's training set aside (`trainer_state.json`): the docid search runs once per
 question for the widest candidate set; each setting then writes its evidence from the top `evidence_docs` of those
@@ -30,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=20, help="held-out train questions (the first N)")
     parser.add_argument("--docs", type=int, nargs="+", default=[1, 3], help="evidence_docs values")
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 48], help="evidence_tokens values")
+    parser.add_argument("--lookahead", type=int, nargs="+", default=[0], help="evidence_lookahead values")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--beam-width", type=int, help="the docid search's beam (default: the checkpoint's)")
+    parser.add_argument("--self-check", type=int, help="the search's self-check N (default: the checkpoint's)")
     parser.add_argument("--stop-at-end", action="store_true",
                         help="also stop where the LLM prefers EOS or a newline (EvidenceSystem(stop_at_end=True))")
     args = parser.parse_args(argv)
@@ -46,18 +50,21 @@ def main(argv: list[str] | None = None) -> int:
     joint = JointSystem.from_checkpoint(ckpt, corpus, precision=args.precision, attn_implementation="sdpa",
                                         traces=False)
     joint.passage_cache = PassageCache.find(joint.model, corpus)
-    base = InferenceSettings.from_existing(ckpt, args.precision, passage_cache=joint.passage_cache is not None)
+    base = InferenceSettings.from_existing(ckpt, args.precision, passage_cache=joint.passage_cache is not None,
+                                           beam_width=args.beam_width, self_check=args.self_check)
     system = EvidenceSystem(joint, stop_at_end=args.stop_at_end)
     widest = min(max(args.docs), LIMITS["evidence_docs"][1])
-    rows: dict[tuple[int, int], list[dict]] = {(d, t): [] for d in args.docs for t in args.tokens}
+    rows: dict[tuple[int, int, int], list[dict]] = {
+        (d, t, w): [] for d in args.docs for t in args.tokens for w in args.lookahead}
     reference: list[float] = []  # the joint system's base reader on the top document: the same search, read whole
     for q in questions:
         text, _ = prepare_question(q.question)
         retrieval = joint.retrieve(text, base.replace(k_docs=widest))
         whole = joint.read(text, retrieval.docs[:1], base.replace(joint_reader="base"))
         reference.append(contains_answer(whole.text, q.answers))
-        for (n_docs, n_tokens), out in rows.items():
-            settings = base.replace(evidence_docs=n_docs, evidence_tokens=n_tokens, joint_reader="base")
+        for (n_docs, n_tokens, weight), out in rows.items():
+            settings = base.replace(evidence_docs=n_docs, evidence_tokens=n_tokens, evidence_lookahead=weight,
+                                    joint_reader="base")
             start = time.perf_counter()
             evidence = system.evidence(text, retrieval.docs[:n_docs], settings)
             context = [] if evidence is None else [system.evidence_passage(evidence, retrieval.docs)]
@@ -71,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"corpus": args.corpus, "questions": len(questions), "precision": args.precision,
                       "self_check": base.self_check, "beam_width": base.beam_width, "stop_at_end": args.stop_at_end,
                       "joint_base_reader_top1_accuracy": round(mean(reference), 3)}))
-    for (n_docs, n_tokens), out in rows.items():
+    for (n_docs, n_tokens, weight), out in rows.items():
         summary = {key: round(mean(r[key] for r in out), 3) for key in
                    ("accuracy", "em", "f1", "evidence_has_answer", "tokens", "seconds")}
-        print(json.dumps({"evidence_docs": n_docs, "evidence_tokens": n_tokens, **summary,
+        print(json.dumps({"evidence_docs": n_docs, "evidence_tokens": n_tokens, "evidence_lookahead": weight, **summary,
                           "stops": dict(Counter(r["stop"] for r in out))}), flush=True)
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_keyword_files
@@ -17,7 +18,7 @@ from unirag.data import Question
 from unirag.errors import UniragError
 from unirag.eval import run_eval
 from unirag.evidence import MAX_TOKEN_ID, TokenSubstringIndex, constrained_greedy, token_char
-from unirag.joint.evidence_system import EvidenceSystem, doc_tokens
+from unirag.joint.evidence_system import EvidenceSystem, ForwardRelevance, doc_tokens
 from unirag.joint.prompts import evidence_prompt_ids
 from unirag.joint.reader import answer_with_docs
 from unirag.joint.system import JointSystem
@@ -121,6 +122,65 @@ def test_constrained_greedy_picks_the_likeliest_allowed_token_and_stops_when_the
     assert (out.tokens, out.stop_reason) == ([1, 2, 3, 4], "document_end")
 
 
+def test_futures_name_where_each_next_token_continues():
+    index = TokenSubstringIndex([[1, 2, 3, 2, 4], [2, 5]], [None, {0}])
+    assert index.futures([2]) == {3: [(0, 2)], 4: [(0, 4)], 5: [(1, 1)]}
+    assert index.futures([1, 2]) == {3: [(0, 2)]} and index.futures([4]) == {}
+    assert index.next_tokens([2]) == {3, 4, 5}
+
+
+def test_a_lookahead_bonus_overrides_the_likelier_token_and_sees_the_continuations():
+    index = TokenSubstringIndex([[1, 2, 3], [4, 5, 6]])
+    seen = []
+
+    def lookahead(written, futures):
+        seen.append((list(written), dict(futures)))
+        return {t: 10.0 for t, places in futures.items() if places[0][0] == 1}  # favour the second document
+
+    first = torch.tensor([0.0, 5.0, 0.0, 0.0, 1.0, 0.0, 0.0])  # the LLM alone starts with 1 (document 0)
+    assert constrained_greedy(first, lambda _t: torch.zeros(7), index, 2).tokens == [1, 2]
+    out = constrained_greedy(first, lambda _t: torch.zeros(7), index, 2, lookahead=lookahead)
+    assert out.tokens == [4, 5]
+    assert seen[0][0] == [] and seen[0][1][4] == [(1, 0)] and seen[1] == ([4], {5: [(1, 1)]})
+
+
+class _WordEncoder:
+    """Bag-of-words "embeddings" over a fixed vocabulary: cosine = shared words (normalised)."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+        self.calls = 0
+
+    def _vec(self, text):
+        v = np.array([float(w in text.split()) for w in self.vocab]) + 1e-6
+        return v / np.linalg.norm(v)
+
+    def encode_queries(self, texts):
+        return np.stack([self._vec(t) for t in texts])
+
+    def encode_passages(self, texts):
+        self.calls += len(texts)
+        return np.stack([self._vec(t) for t in texts])
+
+
+class _CharTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"w{i}" for i in ids)
+
+
+def test_forward_relevance_scores_each_token_by_its_best_continuation_and_embeds_each_window_once():
+    docs = [[1, 2, 3], [4, 5, 6]]
+    encoder = _WordEncoder(["w1", "w2", "w3", "w4", "w5", "w6"])
+    relevance = ForwardRelevance(encoder, _CharTokenizer(), docs, "w5 w6", weight=2.0)
+    index = TokenSubstringIndex(docs)
+    bonus = relevance([], index.futures([]))
+    assert max(bonus, key=bonus.get) in (5, 6) and bonus[1] < bonus[4] < bonus[5]
+    assert all(0 <= b <= 2.0 + 1e-6 for b in bonus.values())
+    calls = encoder.calls
+    relevance([4], index.futures([4]))  # (1, 1) was embedded at the first step
+    assert encoder.calls == calls
+
+
 def test_doc_tokens_map_tokens_to_the_documents_characters(tiny_llm_dirs):
     from unirag.backbones import load_llm
 
@@ -196,6 +256,16 @@ def test_evidence_budget_and_candidates_follow_the_settings(joint_system):
     assert len(three.docs) == 3 and three.trace.evidence.tokens <= 40
 
 
+def test_the_evidence_lookahead_setting_reaches_the_decoder(joint_system):
+    encoder = _WordEncoder(["text", "of", "doc", "3"])
+    system = EvidenceSystem(joint_system, encoder=encoder)
+    settings = InferenceSettings(evidence_docs=2, evidence_tokens=4, max_new_tokens=1)
+    system.answer("text of doc 3", settings)
+    assert encoder.calls == 0  # off by default: the LLM's choice alone
+    answer = system.answer("text of doc 3", settings.replace(evidence_lookahead=8))
+    assert encoder.calls > 0 and answer.trace.evidence is not None
+
+
 def test_the_named_system_answers_questions(joint_system):
     system = build_system("evidence", CORPUS, joint=joint_system)
     (answer,) = system.answer_many([Question("q", "who wrote it?", ("x",), "d1")],
@@ -212,6 +282,7 @@ def test_the_named_system_answers_questions(joint_system):
     ({"evidence_docs": 4}, "evidence_docs must be between 1 and 3"),
     ({"evidence_docs": "two"}, "evidence_docs must be a whole number"),
     ({"evidence_tokens": 2.5}, "evidence_tokens must be a whole number"),
+    ({"evidence_lookahead": -1}, "evidence_lookahead must be between 0 and 32"),
 ])
 def test_evidence_settings_are_validated(changes, message):
     with pytest.raises(UniragError, match=message):
@@ -260,8 +331,8 @@ def test_eval_evidence_from_the_command_line(files, capsys, tiny_llm_dirs):
     assert code == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["system"] == "evidence" and summary["k"] == 2 and summary["evidence_has_answer"] in (0.0, 1.0)
-    assert summary["settings"] == {"evidence_docs": 2, "evidence_tokens": 5, "beam_width": 10, "self_check": 0,
-                                   "self_check_weight": 4.0, "max_new_tokens": 2}
+    assert summary["settings"] == {"evidence_docs": 2, "evidence_tokens": 5, "evidence_lookahead": 0, "beam_width": 10,
+                                   "self_check": 0, "self_check_weight": 4.0, "max_new_tokens": 2}
     (record,) = json.loads(out.read_text())["records"]
     assert len(record["docs"]) == 2 and record["evidence_has_answer"] == summary["evidence_has_answer"]
     for extra, message in [(("--k-docs", 2), "--k-docs do(es) not apply to --system evidence"),

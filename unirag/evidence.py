@@ -4,6 +4,7 @@ is a substring of a candidate document's token sequence, enforced by an FM-index
     index = TokenSubstringIndex([doc_ids_a, doc_ids_b], starts=[word_starts_a, word_starts_b])
     index.next_tokens([t1, t2])      # the tokens t with t1 t2 t occurring in a document (from an allowed start)
     tokens, stop = constrained_greedy(first_logits, step, index, max_tokens=48, end_ids={eos, newline})
+    index.futures([t1, t2])          # {t: [(document, position of t)]}: where each allowed next token leads
 
 The index holds token ids, not text: a match is then a match of whole tokens, exactly what the LLM can write.
 `fm-index` indexes strings, so each token id becomes one character (`token_char`).
@@ -11,7 +12,7 @@ The index holds token ids, not text: a match is then a match of whole tokens, ex
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,8 +76,17 @@ class TokenSubstringIndex:
     def next_tokens(self, tokens: Sequence[int]) -> set[int]:
         """Tokens t such that `tokens` + [t] occurs (from an allowed start): read off the documents right after each
         occurrence of `tokens`. Empty: `tokens` occurs nowhere, or only at a document's end."""
+        return set(self.futures(tokens))
+
+    def futures(self, tokens: Sequence[int]) -> dict[int, list[tuple[int, int]]]:
+        """For each token t that may follow `tokens`: the (document, position) of t right after each occurrence,
+        i.e. where the text would continue if t were written (forward-looking decoding scores what follows)."""
         n = len(tokens)
-        return {self.docs[d][p + n] for d, p in self.occurrences(tokens) if p + n < len(self.docs[d])}
+        found: dict[int, list[tuple[int, int]]] = {}
+        for d, p in self.occurrences(tokens):
+            if p + n < len(self.docs[d]):
+                found.setdefault(self.docs[d][p + n], []).append((d, p + n))
+        return found
 
 
 @dataclass
@@ -85,9 +95,16 @@ class EvidenceTokens:
     stop_reason: str  # "end", "document_end" or "evidence_tokens" (see `constrained_greedy`)
 
 
+# (written so far, {allowed next token: its (document, position) continuations}) -> a bonus per allowed token,
+# added to its log-probability (forward-looking decoding: favour tokens that lead to relevant text).
+Lookahead = Callable[[Sequence[int], Mapping[int, Sequence[tuple[int, int]]]], Mapping[int, float]]
+
+
 def constrained_greedy(first_logits: torch.Tensor, step: Callable[[int], torch.Tensor], index: TokenSubstringIndex,
-                       max_tokens: int, end_ids: Collection[int] = ()) -> EvidenceTokens:
-    """Greedy decoding where each token is the most likely of `index.next_tokens(written so far)`.
+                       max_tokens: int, end_ids: Collection[int] = (), lookahead: Lookahead | None = None
+                       ) -> EvidenceTokens:
+    """Greedy decoding where each token is the best of `index.next_tokens(written so far)`: the most likely, or with
+    `lookahead` the highest log-probability + bonus.
 
     `first_logits`: the next-token logits after the prompt; `step(token)` feeds `token` and returns the next logits.
     Stops "end" when, after at least one token, an end token (EOS, newline) is likelier than every allowed token
@@ -95,13 +112,19 @@ def constrained_greedy(first_logits: torch.Tensor, step: Callable[[int], torch.T
     ends = sorted(set(int(e) for e in end_ids))
     logits, tokens = first_logits, []
     while len(tokens) < max_tokens:
-        allowed = sorted(index.next_tokens(tokens))
+        futures = index.futures(tokens)
+        allowed = sorted(futures)
         if not allowed:
             return EvidenceTokens(tokens, "document_end")
         log_probs = logits.float().log_softmax(-1)
-        scores = log_probs[allowed]
+        likely = log_probs[allowed]
+        scores = likely
+        if lookahead is not None:
+            bonus = lookahead(tokens, futures)
+            scores = likely + torch.tensor([float(bonus.get(t, 0.0)) for t in allowed])
         best = allowed[int(scores.argmax())]
-        if tokens and ends and best not in ends and float(log_probs[ends].max()) > float(scores.max()):
+        # The stop rule asks the LLM alone: would it rather end here than write any allowed token?
+        if tokens and ends and best not in ends and float(log_probs[ends].max()) > float(likely.max()):
             return EvidenceTokens(tokens, "end")
         tokens.append(best)
         if len(tokens) < max_tokens:
@@ -109,5 +132,5 @@ def constrained_greedy(first_logits: torch.Tensor, step: Callable[[int], torch.T
     return EvidenceTokens(tokens, "evidence_tokens")
 
 
-__all__ = ["EvidenceTokens", "MAX_TOKEN_ID", "TokenSubstringIndex", "constrained_greedy", "encode_tokens",
+__all__ = ["EvidenceTokens", "Lookahead", "MAX_TOKEN_ID", "TokenSubstringIndex", "constrained_greedy", "encode_tokens",
            "token_char"]

@@ -44,6 +44,7 @@ LIMITS: dict[str, tuple[int, int]] = {
     "self_check": (0, 32),
     "evidence_docs": (1, 3),  # as k_docs: the joint search's documents, here the evidence's candidates
     "evidence_tokens": (1, 128),
+    "evidence_lookahead": (0, 32),
     "rounds": (1, 3),
 }
 
@@ -61,6 +62,9 @@ HELP = {
     "evidence_docs": "evidence system: documents of the joint search (+ self-check) the evidence may be copied from",
     "evidence_tokens": "evidence system: longest evidence (tokens) the base LLM writes, every token constrained to "
                        "continue a substring of a candidate document",
+    "evidence_lookahead": "evidence system: forward-looking decoding, the weight W of each allowed token's lookahead "
+                          "(W x the best cosine, MiniLM, between the question and the text the token leads to, added "
+                          "to its log-probability); 0 = the LLM's choice alone",
     "rounds": "rounds of retrieval and answering (joint): round r > 1 searches docids again with the question plus "
               "round r-1's answer, then reads the question again; the last round's answer is final. 1 = one pass",
     "precision": "'4bit' (the recovered 4-bit: HQQ, groups of 32), 'nf4' (bitsandbytes NF4, no recovery) or 'fp32'",
@@ -116,6 +120,7 @@ class InferenceSettings:
     joint_reader: str = "trained"
     evidence_docs: int = 3
     evidence_tokens: int = 48
+    evidence_lookahead: int = 0
     rounds: int = 1  # UniGen-style iterative enhancement (JointSystem.answer); 1 = one search and one read
     precision: str = "4bit"
     # What the layering did that a user should know (e.g. the self-check switched off without a passage cache).

@@ -82,8 +82,8 @@ SPECS: dict[str, SystemSpec] = {s.name: s for s in (
     SystemSpec("evidence", "RetroLLM-style: the joint model's docid search (+ self-check) picks evidence_docs "
                            "documents, the base LLM writes evidence constrained (FM-index) to be a passage of one of "
                            "them, then answers from that evidence alone", "joint", needs_checkpoint=True,
-               settings_used=("evidence_docs", "evidence_tokens", "beam_width", "self_check", "self_check_weight",
-                              "max_new_tokens")),
+               settings_used=("evidence_docs", "evidence_tokens", "evidence_lookahead", "beam_width", "self_check",
+                              "self_check_weight", "max_new_tokens")),
 )}
 SYSTEM_NAMES = tuple(SPECS)
 

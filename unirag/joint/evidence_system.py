@@ -5,7 +5,9 @@
 2. Evidence: the base LLM (adapter, pathway and bridge off: what `joint_reader="base"` reads with) continues
    EVIDENCE_PROMPT greedily, each token restricted to those that keep the evidence a substring of a candidate's
    token sequence (an FM-index, `unirag.evidence`), starting at a word; up to `evidence_tokens` tokens or the
-   document's end (optionally also where the LLM prefers to stop: `stop_at_end`).
+   document's end (optionally also where the LLM prefers to stop: `stop_at_end`). With `evidence_lookahead` W > 0
+   the choice is forward-looking (RetroLLM's idea, simplified): each allowed token's log-probability gains W × the
+   best cosine (MiniLM) between the question and the LOOKAHEAD_TOKENS tokens its occurrences lead to.
 3. Answer: the base LLM reads `Q: {question}\\n{evidence}\\nA:` (`JointSystem.read`, as the base reader).
 
 The trace keeps the search's (beams, paths, self-check) and the evidence with its document and character span.
@@ -14,9 +16,10 @@ The trace keeps the search's (beams, paths, self-check) and the evidence with it
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from unirag.answer import Answer, AnswerAttention, EvidenceSpan, RetrievedDoc
@@ -67,17 +70,49 @@ def char_span(doc: DocTokens, text: str, position: int, length: int, decoded: st
     return start, end
 
 
+LOOKAHEAD_TOKENS = 32  # about a sentence: long enough to tell whether a start leads to the answer's sentence
+
+
+class ForwardRelevance:
+    """A `Lookahead` for `constrained_greedy`: token t's bonus is `weight` × the best cosine between the question and
+    the next LOOKAHEAD_TOKENS tokens of a document after any occurrence of (written + t). Each window is embedded
+    once per question (most are seen at the first token, where every word start of every candidate is allowed)."""
+
+    def __init__(self, encoder, tokenizer, docs: Sequence[Sequence[int]], question: str, weight: float) -> None:
+        self.encoder, self.tokenizer, self.docs, self.weight = encoder, tokenizer, docs, weight
+        self.query = encoder.encode_queries([question])[0]
+        self._relevance: dict[tuple[int, int], float] = {}
+
+    def __call__(self, written: Sequence[int], futures: Mapping[int, Sequence[tuple[int, int]]]) -> dict[int, float]:
+        new = sorted({place for places in futures.values() for place in places} - set(self._relevance))
+        if new:
+            texts = [self.tokenizer.decode(self.docs[d][p:p + LOOKAHEAD_TOKENS], skip_special_tokens=True)
+                     for d, p in new]
+            cosines = self.encoder.encode_passages(texts) @ self.query
+            self._relevance.update(zip(new, (float(c) for c in np.asarray(cosines)), strict=True))
+        return {t: self.weight * max(self._relevance[place] for place in places) for t, places in futures.items()}
+
+
 class EvidenceSystem:
     """Docid search → corpus-constrained evidence by the base LLM → the base LLM answers from the evidence."""
 
     name = "evidence"
 
-    def __init__(self, joint, stop_at_end: bool = False) -> None:
+    def __init__(self, joint, stop_at_end: bool = False, encoder=None) -> None:
         self.joint = joint  # joint.JointSystem: its search picks the candidates, its base LLM writes and reads
+        self._encoder = encoder  # a SentenceEncoder for evidence_lookahead; loaded (MiniLM) on first use if None
         # True also stops the evidence where the LLM prefers EOS or a newline to every allowed token. Off: on held-out
         # nq train questions SmolLM2 preferred to stop after a few tokens, too short to hold an answer
         # (benchmarks/evidence_settings.py); the evidence then runs to evidence_tokens or the document's end.
         self.stop_at_end = stop_at_end
+
+    @property
+    def encoder(self):
+        if self._encoder is None:
+            from unirag.backbones import SentenceEncoder
+
+            self._encoder = SentenceEncoder()
+        return self._encoder
 
     def answer_many(self, questions: Sequence[str], settings: InferenceSettings,
                     with_attention: bool = False) -> list[Answer]:
@@ -128,7 +163,9 @@ class EvidenceSystem:
         tokenizer = self.joint.tokenizer
         tokenized = [doc_tokens(tokenizer, doc.text) for doc in docs]
         index = TokenSubstringIndex([t.ids for t in tokenized], [t.starts for t in tokenized])
-        written = self._write(question, index, settings.evidence_tokens)
+        lookahead = (ForwardRelevance(self.encoder, tokenizer, index.docs, question, settings.evidence_lookahead)
+                     if settings.evidence_lookahead else None)
+        written = self._write(question, index, settings.evidence_tokens, lookahead)
         if not written.tokens:
             return None
         doc_index, position = index.occurrences(written.tokens)[0]  # the best-ranked document holding it, first
@@ -138,7 +175,8 @@ class EvidenceSystem:
         return EvidenceSpan(doc.text[start:end], doc.doc_id, start, end, len(written.tokens), written.stop_reason)
 
     @torch.inference_mode()
-    def _write(self, question: str, index: TokenSubstringIndex, max_tokens: int) -> EvidenceTokens:
+    def _write(self, question: str, index: TokenSubstringIndex, max_tokens: int,
+               lookahead: ForwardRelevance | None = None) -> EvidenceTokens:
         model, tokenizer = self.joint.model, self.joint.tokenizer
         # The base LLM alone (as joint_reader="base" reads): adapter off here, pathway and bridge off per call.
         kwargs = {"pathway": False, "bridge": False}
@@ -156,7 +194,7 @@ class EvidenceSystem:
                 cache = nxt.past_key_values
                 return nxt.lm_logits[0, -1]
 
-            return constrained_greedy(out.lm_logits[0, -1], step, index, max_tokens, ends)
+            return constrained_greedy(out.lm_logits[0, -1], step, index, max_tokens, ends, lookahead)
 
     @staticmethod
     def evidence_passage(evidence: EvidenceSpan, docs: Sequence[RetrievedDoc]) -> RetrievedDoc:
@@ -165,4 +203,4 @@ class EvidenceSystem:
         return RetrievedDoc(source.doc_id, "", evidence.text, source.score, source.docid)
 
 
-__all__ = ["DocTokens", "EvidenceSystem", "char_span", "doc_tokens"]
+__all__ = ["DocTokens", "EvidenceSystem", "ForwardRelevance", "LOOKAHEAD_TOKENS", "char_span", "doc_tokens"]
