@@ -24,7 +24,7 @@ import torch
 
 from unirag.answer import Answer, AnswerAttention, EvidenceSpan, RetrievedDoc
 from unirag.data import prepare_question
-from unirag.evidence import EvidenceTokens, TokenSubstringIndex, constrained_greedy
+from unirag.evidence import EvidenceTokens, Lookahead, TokenSubstringIndex, constrained_greedy
 from unirag.joint.prompts import evidence_prompt_ids
 from unirag.joint.reader import eos_ids
 from unirag.joint.system import Retrieval
@@ -176,7 +176,7 @@ class EvidenceSystem:
 
     @torch.inference_mode()
     def _write(self, question: str, index: TokenSubstringIndex, max_tokens: int,
-               lookahead: ForwardRelevance | None = None) -> EvidenceTokens:
+               lookahead: Lookahead | None = None) -> EvidenceTokens:
         model, tokenizer = self.joint.model, self.joint.tokenizer
         # The base LLM alone (as joint_reader="base" reads): adapter off here, pathway and bridge off per call.
         kwargs = {"pathway": False, "bridge": False}
