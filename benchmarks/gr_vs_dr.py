@@ -10,8 +10,9 @@ retrieval as the corpus grows; this measures it on the project's own data and tr
     python -m benchmarks.gr_vs_dr plot                           # docs/gr_vs_dr.png from the results store
 
 Sizes: N (a seeded random subset of N nq passages; smaller subsets are nested in larger ones), `all` (the whole nq
-corpus) and `union` (nq + squad). Each size's questions are the nq (and squad) train/dev questions whose gold
-passage is in its corpus, so a small corpus has few dev questions. Every size trains with the same flags
+corpus) and `union` (nq + squad). Each size's questions are the nq train/dev questions whose gold passage is in
+its corpus, so a small corpus has few dev questions; the union adds a seeded sample of squad's questions, as many
+per passage as nq has (`match_density`), so every size trains on the same supervision per passage. Every size trains with the same flags
 (TRAIN_FLAGS); run one torch process per core (`OMP_NUM_THREADS=1`).
 """
 
@@ -115,6 +116,19 @@ def union(parts: dict[str, Dataset]) -> Dataset:
     return Dataset(Corpus(passages, source="+".join(parts)), train, dev)
 
 
+def match_density(data: Dataset, like: Dataset, seed: int = SEED) -> Dataset:
+    """`data` with a seeded sample of its train and dev questions, as many per passage as `like` has, so that a
+    pooled corpus is not a size with more supervision per passage than the others (squad has five times nq's)."""
+    def sample(questions: list[Question], reference: list[Question]) -> list[Question]:
+        n = round(len(reference) / len(like.corpus) * len(data.corpus))
+        if n >= len(questions):
+            return questions
+        keep = set(random.Random(seed).sample(range(len(questions)), n))
+        return [q for i, q in enumerate(questions) if i in keep]
+
+    return Dataset(data.corpus, sample(data.train, like.train), sample(data.dev, like.dev))
+
+
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
     tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -142,7 +156,7 @@ def build_sizes(sizes: Sequence[str], data_dir: Path, out: Path, seed: int = SEE
         if size == "all":
             data = sources["nq"]
         elif size == "union":
-            data = union({"nq": sources["nq"], "squad": sources["squad"]})
+            data = union({"nq": sources["nq"], "squad": match_density(sources["squad"], sources["nq"], seed)})
         else:
             data = subset(sources["nq"], int(size), seed)
         write_dataset(data, out / size, {"size": size, "seed": seed, "data_dir": str(data_dir),

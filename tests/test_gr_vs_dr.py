@@ -54,6 +54,17 @@ def test_union_keeps_distinct_ids_and_prefixes_colliding_ones():
     assert all(q.doc_id in clash.corpus and q.doc_id.split("/")[0] == q.id.split("/")[0] for q in questions)
 
 
+def test_match_density_samples_questions_per_passage_like_the_reference():
+    nq, squad = _dataset("nq", 20), _dataset("sq", 10, per_doc=4)  # 10 train questions on 20 passages; 20 on 10
+    matched = gr_vs_dr.match_density(squad, nq)
+    assert matched.corpus is squad.corpus
+    assert len(matched.train) == 5 and len(matched.dev) == 5  # nq's 0.5 a passage, on 10 passages
+    assert {q.id for q in matched.train} <= {q.id for q in squad.train}
+    assert matched.train == gr_vs_dr.match_density(squad, nq).train  # seeded
+    assert matched.train != gr_vs_dr.match_density(squad, nq, seed=1).train
+    assert gr_vs_dr.match_density(nq, squad).train == nq.train  # never more questions than there are
+
+
 def test_build_writes_loadable_folders(tmp_path):
     data = tmp_path / "data"
     for name, prefix, n in (("nq", "nq", 40), ("squad", "sq", 12)):
