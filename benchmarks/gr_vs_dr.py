@@ -12,8 +12,9 @@ retrieval as the corpus grows; this measures it on the project's own data and tr
 Sizes: N (a seeded random subset of N nq passages; smaller subsets are nested in larger ones), `all` (the whole nq
 corpus) and `union` (nq + squad). Each size's questions are the nq train/dev questions whose gold passage is in
 its corpus, so a small corpus has few dev questions; the union adds a seeded sample of squad's questions, as many
-per passage as nq has (`match_density`), so every size trains on the same supervision per passage. Every size trains with the same flags
-(TRAIN_FLAGS); run one torch process per core (`OMP_NUM_THREADS=1`).
+per passage as nq has (`match_density`), so every size trains on the same supervision per passage, and measures
+them apart (`dev` is nq's dev questions at every size, `dev-squad` the union's squad ones). Every size trains with
+the same flags (TRAIN_FLAGS); run one torch process per core (`OMP_NUM_THREADS=1`).
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ RUN_PREFIX = "gr-vs-dr: "
 # role (settings["gr_vs_dr"]) → words in the run name
 ROLES = {"search": "docid search alone, beam 10", "self-check": "docid search + self-check",
          "dense": "dense MiniLM"}
-SPLITS = ("dev", "train-held-out")
 
 
 # --------------------------------------------------------------------------------------------- build
@@ -156,11 +156,14 @@ def build_sizes(sizes: Sequence[str], data_dir: Path, out: Path, seed: int = SEE
         if size == "all":
             data = sources["nq"]
         elif size == "union":
-            data = union({"nq": sources["nq"], "squad": match_density(sources["squad"], sources["nq"], seed)})
+            parts = {"nq": sources["nq"], "squad": match_density(sources["squad"], sources["nq"], seed)}
+            data = union(parts)
         else:
             data = subset(sources["nq"], int(size), seed)
-        write_dataset(data, out / size, {"size": size, "seed": seed, "data_dir": str(data_dir),
-                                         "store_corpus": store_corpus_name(size)})
+        manifest = {"size": size, "seed": seed, "data_dir": str(data_dir), "store_corpus": store_corpus_name(size)}
+        if size == "union":  # which dev questions came from which corpus (`measure` splits them)
+            manifest["dev_ids"] = {part: [q.id for q in d.dev] for part, d in parts.items()}
+        write_dataset(data, out / size, manifest)
         print(f"[build] {size}: {len(data.corpus)} passages, {len(data.train)} train and {len(data.dev)} dev "
               f"questions -> {out / size}", file=sys.stderr, flush=True)
         built[size] = data
@@ -201,6 +204,17 @@ def held_out(folder: Path, train_questions: list[Question]) -> list[Question]:
 
     config = json.loads((folder / "ckpt" / "trainer_state.json").read_text())["config"]
     return held_out_split(train_questions, config["seed"], config["validation_questions"])[0]
+
+
+def question_splits(data: Dataset, manifest: dict[str, Any], held: list[Question]) -> dict[str, list[Question]]:
+    """The measured question sets: `dev` is nq's dev questions at every size (so a curve follows one population);
+    the union's squad dev questions are `dev-squad`; `train-held-out` what the size's training set aside."""
+    dev = [q for q in data.dev if q.doc_id]
+    if "dev_ids" not in manifest:
+        return {"dev": dev, "train-held-out": held}
+    parts = {part: set(ids) for part, ids in manifest["dev_ids"].items()}
+    return {"dev": [q for q in dev if q.id in parts["nq"]], "dev-squad": [q for q in dev if q.id in parts["squad"]],
+            "train-held-out": held}
 
 
 def rank_questions(system, dense, questions: list[Question], precision: str, progress: bool = True) -> list[dict]:
@@ -267,7 +281,8 @@ def measure(folder: Path, precision: str = "fp32", limit: int | None = None, pro
     from unirag.rag import DenseRetriever
 
     data = load_dataset(folder)
-    splits = {"dev": [q for q in data.dev if q.doc_id], "train-held-out": held_out(folder, data.train)}
+    manifest = json.loads((folder / "manifest.json").read_text())
+    splits = question_splits(data, manifest, held_out(folder, data.train))
     system = JointSystem.from_checkpoint(folder / "ckpt", data.corpus, precision=precision,
                                          attn_implementation="sdpa", traces=False)
     # Dense retrieval does not depend on the LLM's precision: measured (and recorded) with the fp32 runs only.
@@ -280,7 +295,7 @@ def measure(folder: Path, precision: str = "fp32", limit: int | None = None, pro
             dense = DenseRetriever(data.corpus, encoder, encoder.encode_passages(texts))
     result: dict[str, Any] = {"folder": str(folder), "precision": precision, "passages": len(data.corpus),
                               "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                              "manifest": json.loads((folder / "manifest.json").read_text()), "splits": {}}
+                              "manifest": manifest, "splits": {}}
     for split, questions in splits.items():
         records = rank_questions(system, dense, questions[:limit], precision, progress)
         roles = [role for role in ROLES if role != "dense" or dense is not None]

@@ -76,6 +76,12 @@ def test_build_writes_loadable_folders(tmp_path):
         assert len(back.train) == len(built[size].train) and back.dev == built[size].dev
         manifest = json.loads((tmp_path / "out" / size / "manifest.json").read_text())
         assert manifest["store_corpus"] == gr_vs_dr.store_corpus_name(size) and manifest["passages"] == passages
+    manifest = json.loads((tmp_path / "out" / "union" / "manifest.json").read_text())
+    splits = gr_vs_dr.question_splits(built["union"], manifest, held=[])
+    assert [q.id for q in splits["dev"]] == [q.id for q in built["all"].dev]  # nq's dev questions, as at `all`
+    assert splits["dev-squad"] and all(q.doc_id.startswith("sq") for q in splits["dev-squad"])
+    assert len(splits["dev"]) + len(splits["dev-squad"]) == len(built["union"].dev)
+    assert list(gr_vs_dr.question_splits(built["all"], {}, held=[])) == ["dev", "train-held-out"]
     with pytest.raises(UniragError):
         gr_vs_dr.check_size("half")
 
@@ -186,3 +192,15 @@ def test_train_runs_the_project_cli_with_the_same_flags_at_every_size(tmp_path, 
     flags = " ".join(command)
     assert " ".join(gr_vs_dr.TRAIN_FLAGS) + " --seed 1" in flags and "--stage2-steps 0" in flags
     assert json.loads((tmp_path / "300" / "train_runs.jsonl").read_text())["exit"] == 0
+
+
+def test_gr_vs_dr_trend_fits_log_size_and_needs_three_sizes():
+    assert results.gr_vs_dr_trend([(1000, 0.5), (10_000, 0.4)]) is None  # two points always fit a line
+    slope, at_100k = results.gr_vs_dr_trend([(1000, 0.5), (10_000, 0.4), (100_000, 0.3)])
+    assert slope == pytest.approx(-0.1) and at_100k == pytest.approx(0.3)
+    assert results.gr_vs_dr_trend([(1000, 0.5), (10_000, 0.8), (100, 0.2)])[1] == 1.0  # clipped
+    rows = [_row(n, role, "dev", r1, 0.9) for n, r1 in ((300, 0.1), (1000, 0.6), (2600, 0.5), (4667, 0.4))
+            for role in ("search", "dense")]
+    lines = results.render_gr_vs_dr_trend(rows).splitlines()
+    assert lines[2].startswith("| docid search alone (beam 10) | 1,000, 2,600, 4,667 | -0.")  # 300 left out
+    assert lines[3] == "| docid search + self-check | – | – (fewer than 3 sizes) | – |"

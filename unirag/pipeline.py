@@ -382,7 +382,7 @@ class Pipeline:
             from unirag.joint.evidence_system import EvidenceSystem
 
             bundle.baselines["rag-selfcheck"] = DenseSelfCheckSystem(retriever, bundle.joint)
-            bundle.baselines["evidence"] = EvidenceSystem(bundle.joint)
+            bundle.baselines["evidence"] = EvidenceSystem(bundle.joint, encoder=encoder)  # its lookahead: no 2nd MiniLM
         if bundle.tree is None:
             from unirag.docids import TreeConfig, load_or_build_tree
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import re
 import sys
@@ -587,6 +588,34 @@ def render_gr_vs_dr(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def gr_vs_dr_trend(points: Sequence[tuple[int, float]], at: int = 100_000) -> tuple[float, float] | None:
+    """Least-squares line of a metric against log10(passages): (change per tenfold corpus, value extrapolated to
+    `at` passages, clipped to [0, 1]). None below three sizes: two points always fit a line and say nothing of a
+    bend. A crude reading: a straight line in log size, far beyond the largest measured corpus."""
+    if len(points) < 3:
+        return None
+    xs = [math.log10(n) for n, _ in points]
+    ys = [v for _, v in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    return slope, min(1.0, max(0.0, my + slope * (math.log10(at) - mx)))
+
+
+def render_gr_vs_dr_trend(rows: Sequence[Mapping[str, Any]], split: str = "dev", metric: str = "recall@1",
+                          min_passages: int = 1000) -> str:
+    """Per system: R@1 change per tenfold corpus and its straight-line extrapolation to 100k passages, from the
+    fp32 sizes of at least `min_passages` (smaller ones are undertrained by the equal-epochs recipe)."""
+    lines = [f"| {split}, {metric}, sizes ≥ {min_passages:,} passages | sizes | change per 10× passages | "
+             "extrapolated to 100k passages |", "|---|---|---|---|"]
+    for role, words in GR_VS_DR_ROLES:
+        points = [(n, v) for n, v in gr_vs_dr_points(rows, role, split, metric) if n >= min_passages]
+        trend = gr_vs_dr_trend(points)
+        sizes = ", ".join(f"{n:,}" for n, _ in points) or "–"
+        cells = (f"{trend[0]:+.3f}", _cell(trend[1])) if trend else ("– (fewer than 3 sizes)", "–")
+        lines.append(f"| {words} | {sizes} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def render_rounds(rows: Sequence[Mapping[str, Any]]) -> str:
     """Runs with more than one round (`--rounds`): accuracy and R@1 after each round, and the questions each later
     round turned right (helped) or wrong (hurt) against the round before."""
@@ -621,6 +650,7 @@ BLOCKS = {
     "training-curves": lambda rows: render_training_curves(),
     "localization": render_localization,
     "gr-vs-dr": render_gr_vs_dr,
+    "gr-vs-dr-trend": render_gr_vs_dr_trend,
     "rounds": render_rounds,
 }
 BLOCK_MARKER = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
