@@ -416,6 +416,23 @@ def evaluation(pipeline: Pipeline, corpus: str | None = None, precision: str | N
     return note, table, viz.eval_figure(picked, f"{corpus}/{split}, {precision}: accuracy and R@1")
 
 
+def studies() -> tuple:
+    """The studies that are not one corpus's runs, from the results store: answer-sentence localization and the
+    GR-vs-DR scaling curve (its table, trend and figure), as docs/RESULTS.md shows them."""
+    try:
+        rows = results_store.load_store()
+    except UniragError as exc:
+        return viz.message_html(str(exc), "warn"), viz.gr_vs_dr_figure([])
+    localization = results_store.render_localization(rows) or "No localization runs yet (`python -m " \
+        "benchmarks.localization --record`)."
+    scaling = results_store.render_gr_vs_dr(rows)
+    trend = results_store.render_gr_vs_dr_trend(rows)
+    text = (f"### Localization: is the top-ranked sentence the answer sentence?\n\n{localization}\n\n"
+            f"### Generative vs dense retrieval as the corpus grows\n\n{scaling}\n\n{trend}\n\n"
+            "How these were measured, and what they say: docs/RESULTS.md.")
+    return text, viz.gr_vs_dr_figure(rows)
+
+
 def about_markdown(pipeline: Pipeline) -> str:
     try:
         cost = results_store.quantization_cost(results_store.load_store(), recovered_only=True)
@@ -666,6 +683,9 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                           label="Runs (results store)", wrap=True)
                 gr.Markdown(results_store.METRIC_DEFINITIONS, elem_id="ur-eval-metrics")
                 eval_plot = gr.Plot(label="Accuracy and R@1")
+                with gr.Accordion("Localization and scaling (GR vs DR)", open=False, elem_id="ur-studies"):
+                    studies_text = gr.Markdown("")
+                    studies_plot = gr.Plot(label="R@1 against corpus size")
                 with gr.Accordion("Compare two runs question by question", open=False, elem_id="ur-run-compare"):
                     gr.Markdown("Upload two `python -m unirag eval --out` files on the same questions: which "
                                 "questions each run got right (the same as `python -m unirag compare A.json B.json "
@@ -717,7 +737,7 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                     gr.Button(ASK_LABEL if ready else LOADING_LABEL, interactive=ready))
 
         def on_eval(corpus_name, precision, split):
-            return (*evaluation(pipeline, corpus_name, precision, split), about_markdown(pipeline))
+            return (*evaluation(pipeline, corpus_name, precision, split), about_markdown(pipeline), *studies())
 
         def on_example(sample):
             return sample[0] if isinstance(sample, (list, tuple)) else sample
@@ -738,7 +758,8 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
         corpus.change(lambda: gr.Timer(active=True), None, timer, api_name=False, queue=False).then(
             _guard(on_corpus), corpus, corpus_outputs, api_name=False, concurrency_id="models")
         demo.load(_guard(on_corpus), corpus, corpus_outputs, api_name=False)
-        eval_inputs, eval_outputs = [eval_corpus, eval_precision, eval_split], [eval_note, eval_table, eval_plot, about]
+        eval_inputs, eval_outputs = [eval_corpus, eval_precision, eval_split], [eval_note, eval_table, eval_plot, about,
+                                                                        studies_text, studies_plot]
         demo.load(on_eval, eval_inputs, eval_outputs, api_name=False)
         timer.tick(on_tick, corpus, [banner, timer, ask_btn], api_name=False, queue=False, show_progress="hidden")
         cluster.change(_guard(on_cluster), [corpus, cluster], cluster_html, api_name=False)

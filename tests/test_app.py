@@ -481,6 +481,22 @@ def test_evaluation_and_about(pipeline, tmp_path, monkeypatch):
         assert ref in about
 
 
+def test_studies_show_localization_and_the_scaling_curve_from_the_store(tmp_path, monkeypatch):
+    import app
+    from unirag import results
+
+    text, fig = app.studies()  # the repository's store: its localization and gr-vs-dr rows
+    store = results.load_store()
+    assert "Localization" in text and results.render_gr_vs_dr(store) in text
+    dev_sizes = {r["settings"]["passages"] for r in store if r["run"].startswith(results.GR_VS_DR_PREFIX)
+                 and r["split"] == "dev" and r["settings"]["gr_vs_dr"] == "dense"}
+    dense = next(t for t in fig.data if t.name == "dense MiniLM (dev)")
+    assert sorted(dense.x) == sorted(dev_sizes) and fig.layout.xaxis.type == "log"
+    monkeypatch.setenv("UNIRAG_RESULTS", str(tmp_path))  # an empty store: says so, no crash
+    text, fig = app.studies()
+    assert "No localization runs" in text and not fig.data
+
+
 def test_build_demo_has_ask_api(pipeline):
     import app
 

@@ -956,6 +956,30 @@ def eval_figure(rows: Sequence[Mapping[str, Any]], title: str = "Accuracy and R@
                    legend={"orientation": "h", "y": 1.02, "yanchor": "bottom"})
 
 
+GR_VS_DR_COLORS = {"search": "#f59e0b", "self-check": "#dc2626", "dense": "#0284c7"}
+
+
+def gr_vs_dr_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
+    """R@1 against corpus size (log scale) of the results store's GR-vs-DR rows: the docid search alone, with the
+    self-check, and dense MiniLM; dev solid, held-out train dashed (fp32, as docs/gr_vs_dr.png)."""
+    from unirag.results import GR_VS_DR_ROLES, gr_vs_dr_points
+
+    fig = go.Figure()
+    for role, words in GR_VS_DR_ROLES:
+        for split, dash in (("dev", "solid"), ("train-held-out", "dash")):
+            points = gr_vs_dr_points(rows, role, split, "recall@1")
+            if points:
+                xs, ys = zip(*points, strict=True)
+                fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"{words} ({split})",
+                                         line={"color": GR_VS_DR_COLORS[role], "dash": dash}))
+    if not fig.data:
+        return empty_figure("No GR-vs-DR runs in the results store (python -m benchmarks.gr_vs_dr).", "Scaling", 300)
+    fig.update_xaxes(type="log", title="passages in the corpus", gridcolor="#e2e8f0")
+    fig.update_yaxes(range=[0, 1.02], title="R@1", gridcolor="#e2e8f0")
+    return _layout(fig, "Generative vs dense retrieval as the corpus grows: R@1 (fp32)", 380,
+                   legend={"orientation": "h", "y": -0.25})
+
+
 # --------------------------------------------------------------------------------------------- explain an answer
 
 
