@@ -240,12 +240,14 @@ def render(comparison: Comparison, bundle) -> tuple:
 
 def ask(pipeline: Pipeline, corpus: str, question: str, beam_width: float | None = None, k_docs: float | None = None,
         rag_k: float | None = None, max_new_tokens: float | None = None, joint_reader: str | None = None,
-        self_check: float | None = None, baseline: str | None = None, rounds: float | None = None) -> tuple:
+        self_check: float | None = None, baseline: str | None = None, rounds: float | None = None,
+        evidence_lookahead: float | None = None) -> tuple:
     """Answer with both systems; returns the outputs in `render` order, the banner and the path for the tree tab.
     A setting left out (None) is the corpus's start setting, as on the page; the baseline defaults to dense RAG."""
     comparison = pipeline.ask(corpus, question or "", beam_width=beam_width, k_docs=k_docs, rag_k=rag_k,
                               max_new_tokens=max_new_tokens, joint_reader=joint_reader or None,
-                              self_check=self_check, baseline=baseline or "rag", rounds=rounds)
+                              self_check=self_check, baseline=baseline or "rag", rounds=rounds,
+                              evidence_lookahead=evidence_lookahead)
     return (*render(comparison, pipeline.bundle(corpus)), banner_html(pipeline), last_docid(comparison), comparison)
 
 
@@ -356,14 +358,14 @@ def tree_view(pipeline: Pipeline, corpus: str, last: dict | None) -> tuple:
 def select_corpus(pipeline: Pipeline, corpus: str) -> tuple:
     """Load a corpus (lazily) and refresh its examples, tree and cluster list, and set the joint settings to the
     checkpoint's recommended ones for the app's precision (beam width, documents selected, self-check, reader,
-    rounds)."""
+    rounds, evidence lookahead)."""
     try:
         bundle = pipeline.bundle(corpus)
     except UniragError:
         empty = viz.empty_figure("Corpus not loaded (see the message above).", "Corpus tree", 300)
         return (gr.Dataset(samples=[]), empty, gr.Dropdown(choices=[], value=None),
                 '<div class="ur-empty">Corpus not loaded.</div>', banner_html(pipeline), gr.skip(), gr.skip(),
-                gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+                gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
     choices = viz.cluster_choices(bundle.tree, max_depth=3)
     start = pipeline.start_settings(corpus)
     return (
@@ -379,6 +381,7 @@ def select_corpus(pipeline: Pipeline, corpus: str) -> tuple:
         gr.Slider(value=start.self_check),
         gr.Radio(value=start.joint_reader),
         gr.Slider(value=start.rounds),
+        gr.Slider(value=start.evidence_lookahead),
     )
 
 
@@ -549,6 +552,7 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
             api_self_check = gr.Number(None, label="self_check", visible=False)
             api_baseline = gr.Dropdown(list(BASELINES), value=None, label="baseline", visible=False)
             api_rounds = gr.Number(None, label="rounds", visible=False)
+            api_lookahead = gr.Number(None, label="evidence_lookahead", visible=False)
             api_ask = gr.Button("ask", visible=False)
         view = gr.State(None)  # the last Comparison shown: re-ask and the explain panel read it
 
@@ -596,6 +600,13 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                        "and reads the question again; the last round answers. The docid path shows "
                                        "every round side by side. Each round costs a search and a reading.",
                                        elem_id="ur-rounds")
+                    evidence_lookahead = gr.Slider(*LIMITS["evidence_lookahead"], value=start.evidence_lookahead,
+                                                   step=1, label="Evidence lookahead (evidence baseline)",
+                                                   info="0 = the LLM picks each evidence token alone. W > 0 "
+                                                   "(RetroLLM's forward-looking decoding): each allowed token also "
+                                                   "scores W x how close (MiniLM cosine) the text it leads to is to "
+                                                   "the question, so the evidence heads for relevant text. Slower.",
+                                                   elem_id="ur-lookahead")
                 gold_info = gr.HTML("", elem_id="ur-gold", label="gold check")
                 with gr.Accordion("What if? Re-ask without one of the documents, or with another one", open=False,
                                   elem_id="ur-reask"):
@@ -710,17 +721,19 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                        rag_docs, rag_heat, banner, last]
         ask_outputs += [view]
         ask_inputs = [corpus, question, beam_width, k_docs, rag_k, max_new, joint_reader, self_check, baseline,
-                      rounds]
+                      rounds, evidence_lookahead]
 
         def on_ask(corpus: str, question: str, beam_width: float | None = None, docs_selected: float | None = None,
                    rag_k: float | None = None, max_new_tokens: float | None = None, reader: str | None = None,
-                   self_check: float | None = None, baseline: str | None = None, rounds: float | None = None):
+                   self_check: float | None = None, baseline: str | None = None, rounds: float | None = None,
+                   evidence_lookahead: float | None = None):
             """Ask both systems one question. A setting left out (None) is the corpus's start setting: the
             checkpoint's recommended value for the app's precision, the value the page starts from. baseline: the
-            right-hand system (rag, bm25, hybrid or rag-selfcheck; None = rag). rounds: the joint model's rounds of
-            retrieval and answering (1-3)."""
+            right-hand system (rag, bm25, hybrid, rag-selfcheck or evidence; None = rag). rounds: the joint model's
+            rounds of retrieval and answering (1-3). evidence_lookahead: the evidence baseline's forward-looking
+            weight (0-32)."""
             return ask(pipeline, corpus, question, beam_width, docs_selected, rag_k, max_new_tokens, reader,
-                       self_check, baseline, rounds)
+                       self_check, baseline, rounds, evidence_lookahead)
 
         def on_tree_tab(corpus_name, last_path):
             return tree_view(pipeline, corpus_name, last_path)
@@ -743,11 +756,11 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
             return sample[0] if isinstance(sample, (list, tuple)) else sample
 
         corpus_outputs = [examples, tree_plot, cluster, cluster_html, banner, rag_k, max_new, beam_width, k_docs,
-                          self_check, joint_reader, rounds]
+                          self_check, joint_reader, rounds, evidence_lookahead]
         on_ask_safe = _guard(on_ask)
         ask_btn.click(on_ask_safe, ask_inputs, ask_outputs, api_name=False, concurrency_id="models")
         api_ask.click(on_ask_safe, [corpus, question, *api_settings, api_reader, api_self_check, api_baseline,
-                                    api_rounds],
+                                    api_rounds, api_lookahead],
                       ask_outputs,
                       api_name="ask", concurrency_id="models")
         # The character counter runs in the browser: no request per keystroke.

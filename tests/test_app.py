@@ -265,8 +265,9 @@ def test_recommended_settings_start_the_page_and_weight_the_self_check(tiny, tmp
     PassageCache.build(bundle.joint.model, bundle.corpus, tmp_path / "kv", storage_dtype="float32", progress=False)
     bundle.joint.passage_cache = PassageCache.open(bundle.joint.model, bundle.corpus, tmp_path / "kv")
     pipe._apply_recommended(bundle, tmp_path / "nq-llama")  # with a cache the full recommended setting applies
-    *_, beam, k_docs, self_check, reader, rounds = app.select_corpus(pipe, "nq")
+    *_, beam, k_docs, self_check, reader, rounds, lookahead = app.select_corpus(pipe, "nq")
     assert (beam.value, k_docs.value, self_check.value, reader.value, rounds.value) == (8, 1, 4, "trained", 1)
+    assert lookahead.value == InferenceSettings().evidence_lookahead
     result = pipe.ask("nq", "which planet is called the red planet", rag_k=2, max_new_tokens=3)
     assert result.settings.self_check == 4 and result.settings.self_check_weight == 16.0
     assert result.joint.error is None and len(result.joint.answer.doc_ids) == 1
@@ -274,14 +275,14 @@ def test_recommended_settings_start_the_page_and_weight_the_self_check(tiny, tmp
     (tmp_path / "nq-llama" / RECOMMENDED_FILE).write_text(json.dumps({
         "4bit": {"beam_width": 8, "self_check": 4, "reason": "test"},
         "fp32": {"beam_width": 6, "self_check": 3, "self_check_weight": 2.0, "joint_reader": "base", "rounds": 2,
-                 "reason": "test"}}))
+                 "evidence_lookahead": 8, "reason": "test"}}))
     pipe = Pipeline(AppConfig(llm=config.llm, precision="fp32", checkpoint_dir=tmp_path, data_dir=data))
     pipe._say = lambda name, text: None
     fresh = pipe.bundle("nq")
     fresh.joint.passage_cache = bundle.joint.passage_cache
     pipe._apply_recommended(fresh, tmp_path / "nq-llama")
-    *_, beam, k_docs, self_check, reader, rounds = app.select_corpus(pipe, "nq")
-    assert (beam.value, self_check.value, reader.value, rounds.value) == (6, 3, "base", 2)
+    *_, beam, k_docs, self_check, reader, rounds, lookahead = app.select_corpus(pipe, "nq")
+    assert (beam.value, self_check.value, reader.value, rounds.value, lookahead.value) == (6, 3, "base", 2, 8)
     assert pipe.start_settings("nq").self_check_weight == 2.0
     # A malformed settings file is reported and ignored; the joint model still loads with the library defaults.
     (tmp_path / "nq-llama" / RECOMMENDED_FILE).write_text('{"self_check": 1}')
@@ -435,8 +436,8 @@ def test_side_error_does_not_kill_the_other_side(pipeline, monkeypatch):
 def test_select_corpus_and_cluster_callbacks(pipeline):
     import app
 
-    dataset, tree_fig, dropdown, docs_html, banner, rag_k, max_new, beam, k_docs, self_check, reader, rounds = (
-        app.select_corpus(pipeline, "nq"))
+    (dataset, tree_fig, dropdown, docs_html, banner, rag_k, max_new, beam, k_docs, self_check, reader, rounds,
+     lookahead) = app.select_corpus(pipeline, "nq")
     assert dataset.samples and tree_fig.data[0].type == "sunburst"
     # No recommended_settings.json in this checkpoint: the controls start from the library defaults.
     from unirag.settings import InferenceSettings
@@ -445,6 +446,7 @@ def test_select_corpus_and_cluster_callbacks(pipeline):
     assert (beam.value, k_docs.value, self_check.value, reader.value, rag_k.value, max_new.value, rounds.value) == (
         default.beam_width, default.k_docs, default.self_check, default.joint_reader, default.rag_k,
         default.max_new_tokens, default.rounds)
+    assert lookahead.value == default.evidence_lookahead
     assert dropdown.choices
     assert "whole corpus" in docs_html and "&lt;script&gt;" in docs_html
     first = pipeline.bundle("nq").tree.allowed(())[0]
@@ -509,7 +511,8 @@ def test_build_demo_has_ask_api(pipeline):
     assert {"joint answer", "rag answer", "status"} <= set(names)
     params = {p["parameter_name"]: p for p in info["parameters"]}
     assert params["corpus"]["parameter_default"] == "nq"
-    for name in ("beam_width", "docs_selected", "rag_k", "max_new_tokens", "reader", "self_check", "baseline"):
+    for name in ("beam_width", "docs_selected", "rag_k", "max_new_tokens", "reader", "self_check", "baseline",
+                 "rounds", "evidence_lookahead"):
         # None = the corpus's start setting (`app.ask`), i.e. what the page starts from
         assert params[name]["parameter_has_default"] and params[name]["parameter_default"] is None, params[name]
 

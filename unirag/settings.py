@@ -211,7 +211,7 @@ class RecommendedSettings:
     without_cache: RecommendedSettings | None = None
 
     KEYS = ("k_docs", "beam_width", "self_check", "self_check_weight", "joint_reader", "rag_k", "max_new_tokens",
-            "rounds")
+            "rounds", "evidence_docs", "evidence_tokens", "evidence_lookahead")
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, precision: str) -> RecommendedSettings | None:
