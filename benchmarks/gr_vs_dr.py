@@ -7,6 +7,7 @@ retrieval as the corpus grows; this measures it on the project's own data and tr
     python -m benchmarks.gr_vs_dr build --sizes 300,1000,all,union --out runs/gr_vs_dr
     python -m benchmarks.gr_vs_dr train --size 300               # `python -m unirag train`, stage 1 only
     python -m benchmarks.gr_vs_dr measure --size 300 --record    # [--load-in-4bit]
+    python -m benchmarks.gr_vs_dr common --sizes 1000,all,union --record  # the questions every size measured
     python -m benchmarks.gr_vs_dr plot                           # docs/gr_vs_dr.png from the results store
 
 Sizes: N (a seeded random subset of N nq passages; smaller subsets are nested in larger ones), `all` (the whole nq
@@ -46,6 +47,7 @@ SELF_CHECK_N = 5
 SELF_CHECK_WEIGHT = 16.0
 BEAM_WIDTH = 10
 DENSE_K = 10  # dense ranking depth (recall@k), as deep as the search's beam
+COMMON_SPLIT = "dev-common"  # the dev questions every compared size measured (`common`)
 RUN_PREFIX = "gr-vs-dr: "
 # role (settings["gr_vs_dr"]) → words in the run name
 ROLES = {"search": "docid search alone, beam 10", "self-check": "docid search + self-check",
@@ -307,6 +309,21 @@ def measure(folder: Path, precision: str = "fp32", limit: int | None = None, pro
     return result
 
 
+def on_common_questions(results: Sequence[dict], split: str = "dev", name: str = COMMON_SPLIT) -> list[dict]:
+    """Each size's measurement restricted to the `split` questions every size measured (with nested corpora: the
+    smallest size's), as a split `name` of its own: the same questions as the corpus grows, nothing else changing
+    but the corpus and the model trained on it."""
+    common = set.intersection(*({r["id"] for r in result["splits"][split]["records"]} for result in results))
+    sizes = [result["manifest"]["size"] for result in results]
+    out = []
+    for result in results:
+        records = [r for r in result["splits"][split]["records"] if r["id"] in common]
+        summaries = {role: {**summarize(records, role), "common_to_sizes": sizes}
+                     for role in result["splits"][split]["summaries"]}
+        out.append({**result, "splits": {name: {"summaries": summaries, "records": records}}})
+    return out
+
+
 def training_settings(folder: Path) -> dict[str, Any]:
     """What the checkpoint was trained with (trainer_state.json) and its stage-1 epoch end times (loss_log)."""
     state = json.loads((folder / "ckpt" / "trainer_state.json").read_text())
@@ -370,8 +387,8 @@ def record(result: dict, command: str, store_dir: Path | None = None) -> None:
 
 
 def plot(rows: Sequence[dict], path: Path = PLOT) -> Path:
-    """R@1 and R@3 against the number of passages (log scale), one line per system; dev solid, held-out train
-    dashed.
+    """R@1 and R@3 against the number of passages (log scale), one line per system; dev solid, the questions common
+    to the sizes dotted, held-out train dashed.
     From the results store's gr-vs-dr rows (fp32 for the docid search and dense MiniLM)."""
     import matplotlib
 
@@ -385,7 +402,7 @@ def plot(rows: Sequence[dict], path: Path = PLOT) -> Path:
     for ax, metric in zip(axes, ("recall@1", "recall@3"), strict=True):
         for role, words in ROLES.items():
             # dev: solid line, dots; held-out train: dashed, triangles (told apart even at one size)
-            for split, style, marker in (("dev", "-", "o"), ("train-held-out", "--", "^")):
+            for split, style, marker in (("dev", "-", "o"), ("dev-common", ":", "s"), ("train-held-out", "--", "^")):
                 points = gr_vs_dr_points(rows, role, split, metric)
                 if points:
                     xs, ys = zip(*points, strict=True)
@@ -439,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--size", required=True, type=check_size)
     r.add_argument("--out", type=Path, default=OUT)
     r.add_argument("--precision", default="fp32")
+    c = sub.add_parser("common", help=f"the sizes' saved measurements on the dev questions they all measured "
+                                      f"(split {COMMON_SPLIT!r})")
+    c.add_argument("--sizes", default="1000,all,union", help="comma-separated sizes, each measured")
+    c.add_argument("--out", type=Path, default=OUT)
+    c.add_argument("--precision", default="fp32")
+    c.add_argument("--record", action="store_true", help="append one row per (size, system) to the results store")
     pl = sub.add_parser("plot", help="docs/gr_vs_dr.png from the results store's gr-vs-dr rows")
     pl.add_argument("--path", type=Path, default=PLOT)
     args = parser.parse_args(argv)
@@ -462,6 +485,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "record":
             result = json.loads((args.out / args.size / f"measure_{args.precision}.json").read_text())
             record(result, result["command"])  # the command that measured it
+        elif args.command == "common":
+            sizes = [check_size(size.strip()) for size in args.sizes.split(",")]
+            paths = [args.out / size / f"measure_{args.precision}.json" for size in sizes]
+            missing = [str(path) for path in paths if not path.is_file()]
+            if missing:
+                raise UniragError(f"not measured yet: {', '.join(missing)} (`measure --size SIZE` first).")
+            command = " ".join(["python -m benchmarks.gr_vs_dr", *argv])
+            for result in on_common_questions([json.loads(path.read_text()) for path in paths]):
+                block = result["splits"][COMMON_SPLIT]["summaries"]
+                print(json.dumps({result["manifest"]["size"]: {role: {k: v for k, v in summary.items()
+                                                                      if k.startswith("recall") or k == "n"}
+                                                               for role, summary in block.items()}}))
+                if args.record:
+                    record(result, command)
         elif args.command == "plot":
             from unirag.results import load_store
 

@@ -201,6 +201,21 @@ def test_gr_vs_dr_trend_fits_log_size_and_needs_three_sizes():
     assert results.gr_vs_dr_trend([(1000, 0.5), (10_000, 0.8), (100, 0.2)])[1] == 1.0  # clipped
     rows = [_row(n, role, "dev", r1, 0.9) for n, r1 in ((300, 0.1), (1000, 0.6), (2600, 0.5), (4667, 0.4))
             for role in ("search", "dense")]
+    rows += [_row(n, "dense", "dev-common", 0.9, 0.95) for n in (1000, 2600, 4667)]
     lines = results.render_gr_vs_dr_trend(rows).splitlines()
-    assert lines[2].startswith("| docid search alone (beam 10) | 1,000, 2,600, 4,667 | -0.")  # 300 left out
-    assert lines[3] == "| docid search + self-check | – | – (fewer than 3 sizes) | – |"
+    assert lines[2].startswith("| dev | docid search alone (beam 10) | 1,000, 2,600, 4,667 | -0.")  # 300 left out
+    assert lines[3] == "| dev | docid search + self-check | – | – (fewer than 3 sizes) | – |"
+    assert lines[5] == "| dev-common | dense MiniLM | 1,000, 2,600, 4,667 | +0.000 | 0.900 |" and len(lines) == 6
+
+
+def test_common_questions_restrict_every_size_to_the_questions_all_measured():
+    def result(size: str, ids: list[str]) -> dict:
+        records = [{"id": i, "gold": "d1", "search": ["d1" if i == "q1" else "d2"], "search_s": 0.1} for i in ids]
+        return {"manifest": {"size": size}, "splits": {"dev": {"summaries": {"search": {}}, "records": records}}}
+
+    small, large = gr_vs_dr.on_common_questions([result("1000", ["q1", "q2"]), result("all", ["q1", "q2", "q3"])])
+    assert list(large["splits"]) == [gr_vs_dr.COMMON_SPLIT] and large["manifest"]["size"] == "all"
+    summary = large["splits"][gr_vs_dr.COMMON_SPLIT]["summaries"]["search"]
+    assert summary["n"] == 2 and summary["recall@1"] == 0.5 and summary["common_to_sizes"] == ["1000", "all"]
+    assert small["splits"][gr_vs_dr.COMMON_SPLIT]["records"] == result("1000", ["q1", "q2"])["splits"]["dev"][
+        "records"]

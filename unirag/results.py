@@ -601,18 +601,25 @@ def gr_vs_dr_trend(points: Sequence[tuple[int, float]], at: int = 100_000) -> tu
     return slope, min(1.0, max(0.0, my + slope * (math.log10(at) - mx)))
 
 
-def render_gr_vs_dr_trend(rows: Sequence[Mapping[str, Any]], split: str = "dev", metric: str = "recall@1",
+GR_VS_DR_TREND_SPLITS = ("dev", "dev-common")  # each size's nq dev questions; those every size measured
+
+
+def render_gr_vs_dr_trend(rows: Sequence[Mapping[str, Any]], metric: str = "recall@1",
                           min_passages: int = 1000) -> str:
-    """Per system: R@1 change per tenfold corpus and its straight-line extrapolation to 100k passages, from the
-    fp32 sizes of at least `min_passages` (smaller ones are undertrained by the equal-epochs recipe)."""
-    lines = [f"| {split}, {metric}, sizes ≥ {min_passages:,} passages | sizes | change per 10× passages | "
-             "extrapolated to 100k passages |", "|---|---|---|---|"]
-    for role, words in GR_VS_DR_ROLES:
-        points = [(n, v) for n, v in gr_vs_dr_points(rows, role, split, metric) if n >= min_passages]
-        trend = gr_vs_dr_trend(points)
-        sizes = ", ".join(f"{n:,}" for n, _ in points) or "–"
-        cells = (f"{trend[0]:+.3f}", _cell(trend[1])) if trend else ("– (fewer than 3 sizes)", "–")
-        lines.append(f"| {words} | {sizes} | {cells[0]} | {cells[1]} |")
+    """Per question set and system: R@1 change per tenfold corpus and its straight-line extrapolation to 100k
+    passages, from the fp32 sizes of at least `min_passages` (smaller ones are undertrained by the equal-epochs
+    recipe)."""
+    lines = [f"| questions | system | sizes (passages ≥ {min_passages:,}) | {metric} change per 10× passages | "
+             f"{metric} extrapolated to 100k passages |", "|---|---|---|---|---|"]
+    for split in GR_VS_DR_TREND_SPLITS:
+        for role, words in GR_VS_DR_ROLES:
+            points = [(n, v) for n, v in gr_vs_dr_points(rows, role, split, metric) if n >= min_passages]
+            if not points and split != "dev":
+                continue
+            trend = gr_vs_dr_trend(points)
+            sizes = ", ".join(f"{n:,}" for n, _ in points) or "–"
+            cells = (f"{trend[0]:+.3f}", _cell(trend[1])) if trend else ("– (fewer than 3 sizes)", "–")
+            lines.append(f"| {split} | {words} | {sizes} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 

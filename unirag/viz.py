@@ -961,12 +961,13 @@ GR_VS_DR_COLORS = {"search": "#f59e0b", "self-check": "#dc2626", "dense": "#0284
 
 def gr_vs_dr_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
     """R@1 against corpus size (log scale) of the results store's GR-vs-DR rows: the docid search alone, with the
-    self-check, and dense MiniLM; dev solid, held-out train dashed (fp32, as docs/gr_vs_dr.png)."""
+    self-check, and dense MiniLM; dev solid, the questions common to the sizes dotted, held-out train dashed (fp32,
+    as docs/gr_vs_dr.png)."""
     from unirag.results import GR_VS_DR_ROLES, gr_vs_dr_points
 
     fig = go.Figure()
     for role, words in GR_VS_DR_ROLES:
-        for split, dash in (("dev", "solid"), ("train-held-out", "dash")):
+        for split, dash in (("dev", "solid"), ("dev-common", "dot"), ("train-held-out", "dash")):
             points = gr_vs_dr_points(rows, role, split, "recall@1")
             if points:
                 xs, ys = zip(*points, strict=True)
