@@ -274,17 +274,22 @@ def summarize(records: list[dict], role: str) -> dict[str, Any]:
 
 
 def measure(folder: Path, precision: str = "fp32", limit: int | None = None, progress: bool = True,
-            command: str = "", encoder=None) -> dict:
+            command: str = "", encoder=None, splits: Sequence[str] | None = None) -> dict:
     """Rank the size's dev and held-out train questions with the three systems; the result (records and
-    summaries) is written to `<folder>/measure_<precision>.json` and returned. `encoder`: the dense side's
-    (default: the embedded MiniLM, as the `rag` system; tests pass a stand-in)."""
+    summaries) is written to `<folder>/measure_<precision>.json` and returned. `splits`: only these question sets,
+    merged into that file's other splits of the same corpus (one split at a time on a slow machine). `encoder`:
+    the dense side's (default: the embedded MiniLM, as the `rag` system; tests pass a stand-in)."""
     from unirag.docids import passage_text
     from unirag.joint import JointSystem
     from unirag.rag import DenseRetriever
 
     data = load_dataset(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    splits = question_splits(data, manifest, held_out(folder, data.train))
+    available = question_splits(data, manifest, held_out(folder, data.train))
+    unknown = sorted(set(splits or ()) - set(available))
+    if unknown:
+        raise UniragError(f"size {manifest['size']} has no split(s) {', '.join(unknown)}: {', '.join(available)}.")
+    questions_by_split = {name: qs for name, qs in available.items() if splits is None or name in splits}
     system = JointSystem.from_checkpoint(folder / "ckpt", data.corpus, precision=precision,
                                          attn_implementation="sdpa", traces=False)
     # Dense retrieval does not depend on the LLM's precision: measured (and recorded) with the fp32 runs only.
@@ -298,14 +303,19 @@ def measure(folder: Path, precision: str = "fp32", limit: int | None = None, pro
     result: dict[str, Any] = {"folder": str(folder), "precision": precision, "passages": len(data.corpus),
                               "command": command, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "manifest": manifest, "splits": {}}
-    for split, questions in splits.items():
+    path = folder / f"measure_{precision}.json"
+    if splits is not None and path.is_file():  # keep the splits measured before, if on the same corpus
+        before = json.loads(path.read_text())
+        if before["manifest"].get("corpus_fingerprint") == manifest.get("corpus_fingerprint"):
+            result["splits"] = {k: v for k, v in before["splits"].items() if k not in questions_by_split}
+    for split, questions in questions_by_split.items():
         records = rank_questions(system, dense, questions[:limit], precision, progress)
         roles = [role for role in ROLES if role != "dense" or dense is not None]
         result["splits"][split] = {"summaries": {role: summarize(records, role) for role in roles},
-                                   "records": records}
+                                   "records": records, "command": command}
         print(json.dumps({split: {role: {k: v for k, v in s.items() if k.startswith("recall") or k == "n"}
                                   for role, s in result["splits"][split]["summaries"].items()}}), flush=True)
-    write_json_atomic(folder / f"measure_{precision}.json", result)
+    write_json_atomic(path, result)
     return result
 
 
@@ -364,7 +374,7 @@ def rows_of(result: dict, command: str) -> list[dict]:
                 system, precision = "joint", result["precision"]
             run = f"{RUN_PREFIX}{ROLES[role]}, {result['passages']:,} passages ({where})"
             row = row_from_summary(summary, run=run, system=system, corpus=corpus, split=split, precision=precision,
-                                   settings=settings, command=command)
+                                   settings=settings, command=block.get("command") or command)
             row["source"] = "python -m benchmarks.gr_vs_dr"
             rows.append(row)
     return rows
@@ -451,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.choices["measure"]
     add_precision_flags(m)
     m.add_argument("--limit", type=int, default=None, help="the first N questions of each split only (a smoke run)")
+    m.add_argument("--splits", default=None, help="comma-separated question sets (dev, dev-squad, train-held-out), "
+                                                  "merged into the saved measurement; default: all")
     m.add_argument("--record", action="store_true", help="append one row per (split, system) to the results store")
     r = sub.add_parser("record", help="record a size's saved measurement (measure_<precision>.json)")
     r.add_argument("--size", required=True, type=check_size)
@@ -479,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--limit measures part of the questions: do not --record it")
             precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
             command = " ".join(["python -m benchmarks.gr_vs_dr", *argv])
-            result = measure(args.out / args.size, precision, args.limit, command=command)
+            splits = [x.strip() for x in args.splits.split(",")] if args.splits else None
+            result = measure(args.out / args.size, precision, args.limit, command=command, splits=splits)
             if args.record:
                 record(result, command)
         elif args.command == "record":

@@ -178,6 +178,15 @@ def test_measure_end_to_end_on_a_tiny_joint_model(tiny_llm_dirs, tmp_path, monke
     stored = results.load_store(store)
     assert len(stored) == 6 and stored[0]["settings"]["training"]["stage1_epochs"] == 1
     assert results.render_gr_vs_dr(stored).count("| nq-7 (7) |") == 2  # dev and held-out
+    # One split at a time: a later run adds its split to the saved measurement and keeps the others.
+    again = gr_vs_dr.measure(folder, "fp32", progress=False, command="held again", encoder=BagOfWordsEncoder(),
+                             splits=["train-held-out"])
+    assert again["splits"]["dev"] == {**dev, "command": dev["command"]} and again["splits"]["train-held-out"][
+        "command"] == "held again"
+    assert {r["command"] for r in gr_vs_dr.rows_of(again, "")} == {"python -m benchmarks.gr_vs_dr measure",
+                                                                   "held again"}
+    with pytest.raises(UniragError):
+        gr_vs_dr.measure(folder, "fp32", progress=False, encoder=BagOfWordsEncoder(), splits=["dev-squad"])
 
 
 def test_train_runs_the_project_cli_with_the_same_flags_at_every_size(tmp_path, monkeypatch):
