@@ -418,6 +418,10 @@ def plot(rows: Sequence[dict], path: Path = PLOT) -> Path:
                     xs, ys = zip(*points, strict=True)
                     ax.plot(xs, ys, style, marker=marker, color=colours[role], label=f"{words} ({split})")
         ax.set_xscale("log")
+        sizes = sorted({n for line in ax.get_lines() for n in line.get_xdata()})
+        if sizes:  # label the measured sizes only: log-scale minor labels overlap on a short axis
+            ax.set_xticks(sizes, [f"{int(n):,}" for n in sizes])
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("passages in the corpus")
         ax.set_title(metric.replace("recall", "R"))
