@@ -313,10 +313,14 @@ def measure(folder: Path, precision: str = "fp32", limit: int | None = None, pro
         roles = [role for role in ROLES if role != "dense" or dense is not None]
         result["splits"][split] = {"summaries": {role: summarize(records, role) for role in roles},
                                    "records": records, "command": command}
-        print(json.dumps({split: {role: {k: v for k, v in s.items() if k.startswith("recall") or k == "n"}
-                                  for role, s in result["splits"][split]["summaries"].items()}}), flush=True)
+        print(json.dumps({split: recalls(result["splits"][split]["summaries"])}), flush=True)
     write_json_atomic(path, result)
     return result
+
+
+def recalls(summaries: dict[str, dict]) -> dict[str, dict]:
+    """Each role's n and recalls: the line a measurement prints per split."""
+    return {role: {k: v for k, v in s.items() if k.startswith("recall") or k == "n"} for role, s in summaries.items()}
 
 
 def on_common_questions(results: Sequence[dict], split: str = "dev", name: str = COMMON_SPLIT) -> list[dict]:
@@ -510,10 +514,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UniragError(f"not measured yet: {', '.join(missing)} (`measure --size SIZE` first).")
             command = " ".join(["python -m benchmarks.gr_vs_dr", *argv])
             for result in on_common_questions([json.loads(path.read_text()) for path in paths]):
-                block = result["splits"][COMMON_SPLIT]["summaries"]
-                print(json.dumps({result["manifest"]["size"]: {role: {k: v for k, v in summary.items()
-                                                                      if k.startswith("recall") or k == "n"}
-                                                               for role, summary in block.items()}}))
+                print(json.dumps({result["manifest"]["size"]: recalls(result["splits"][COMMON_SPLIT]["summaries"])}))
                 if args.record:
                     record(result, command)
         elif args.command == "plot":
