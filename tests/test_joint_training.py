@@ -339,3 +339,15 @@ def test_held_out_questions_never_reach_training(tiny_llm_dirs, tmp_path, monkey
     assert {q.question for q in trained} & set(seen_texts)  # the training questions themselves are used
     state = json.loads((tmp_path / "ckpt" / "trainer_state.json").read_text())
     assert (state["config"]["seed"], state["config"]["validation_questions"]) == (5, 3)  # enough to re-create it
+
+
+def test_teacher_ranking_losses_train_and_are_logged(tiny_llm_dirs, tmp_path, monkeypatch):
+    """The level and document KL terms run in stage 1 and stage 2, are logged and stay finite and non-negative."""
+    args = _tiny_train_args(tiny_llm_dirs, tmp_path, monkeypatch, "--stage1-epochs", "2", "--batch-size", "2",
+                            "--level-distill-weight", "1", "--document-distill-weight", "1", "--stage2-steps", "2",
+                            "--save-every", "2", "--stage2-docid-batch", "2", "--stage2-answer-batch", "1")
+    assert training.main(args) == 0
+    log = [json.loads(line) for line in (tmp_path / "ckpt" / "loss_log.jsonl").read_text().splitlines()]
+    stage1 = [r for r in log if r["stage"] == 1]
+    assert len(stage1) == 2 and all(r["level_kl"] >= 0 and r["document_kl"] >= 0 for r in stage1)
+    assert all(r["examples"] > 0 and r["minutes"] >= 0 for r in stage1)

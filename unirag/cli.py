@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     # `train` owns its flags (TrainConfig); main() hands them over untouched.
     sub.add_parser("train", help="train the joint model (stage 1 then 2); see `python -m unirag train --help`",
                    add_help=False)
+    sub.add_parser("querygen", help="train the passage -> question generator and generate indexing queries; see "
+                   "`python -m unirag querygen --help`", add_help=False)
     return parser
 
 
@@ -290,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
             from unirag.joint.training import main as train_main
 
             return train_main(argv[1:])
+        if argv[:1] == ["querygen"]:
+            from unirag.querygen import main as querygen_main
+
+            return querygen_main(argv[1:])
         args = build_parser().parse_args(argv)
         args.command_line = "python -m unirag " + shlex.join(argv)  # what a results row records
         handlers = {"index": cmd_index, "eval": cmd_eval, "ask": cmd_ask, "merge": cmd_merge, "compare": cmd_compare}

@@ -26,6 +26,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from unirag.data import Corpus, Question, load_corpus, load_questions
 from unirag.docids import DocidTree, TreeConfig, load_or_build_tree
 from unirag.errors import UniragError
 from unirag.joint.config import JointConfig
+from unirag.joint.distillation import TeacherRanking, document_distillation, document_paths, level_distillation
 from unirag.joint.modeling import JointModel, tree_prefixes
 from unirag.joint.prompts import answer_prompt, retrieval_prompt
 from unirag.joint.search import search_docids
@@ -73,6 +75,15 @@ class TrainConfig:
     # The search ranks finished paths by log-prob + document match, but the per-level loss only contrasts a
     # document with its <= k siblings; this term contrasts it with every document of the corpus.
     doc_contrast_weight: float = 0.0  # weight of the all-documents cross-entropy of the document match
+    # The teacher's ranking as the target (unirag.joint.distillation): its softmax over all documents, summed
+    # onto the tree's nodes, against the docid head's child distribution at each level of the gold path...
+    level_distill_weight: float = 0.0  # weight of the per-level KL to the teacher's node mass
+    # ...and against the semantic scorer's match with every document (how the search ranks finished paths).
+    document_distill_weight: float = 0.0  # weight of the all-documents KL to the teacher's softmax
+    distill_temperature: float = 0.05  # temperature of the teacher's softmax over cosines
+    # In-domain generated queries (python -m unirag querygen generate): more (query, docid) examples per passage.
+    generated_queries: str = ""  # a generated-queries JSONL for this corpus ("" = none)
+    generated_per_passage: int = 0  # at most this many generated queries a passage (0 = all in the file)
     # indexing data: pseudo-queries per passage (title+first sentence, then further sentences)
     pseudo_queries: int = 3  # pseudo-queries per passage (more than its sentences: every sentence once)
     pseudo_query_words: int = 32  # maximum words per pseudo-query
@@ -162,21 +173,41 @@ class TrainStep(torch.nn.Module):
     """The losses of one training step as one module's forward, so that DDP (which averages the gradients of the
     parameters its forward used) sees every use of a trainable parameter, the semantic scorer's included."""
 
-    def __init__(self, model: JointModel, config: TrainConfig, documents: torch.Tensor | None) -> None:
+    def __init__(self, model: JointModel, config: TrainConfig, documents: torch.Tensor | None,
+                 ranking: TeacherRanking | None = None) -> None:
         super().__init__()
         self.model = model
         self.config = config
         self.documents = documents
+        self.ranking = ranking
 
     def forward(self, kind: str, *args):
         return getattr(self, kind)(*args)
 
     def _docid_terms(self, outputs, positions, targets, allowed, node_rows, teacher):
+        """(loss, {term: detached value}) of one docid batch."""
+        config = self.config
         semantic, distill, query = semantic_terms(self.model, outputs, positions, node_rows, teacher)
-        contrast = document_contrast(self.model, query, targets, node_rows, self.documents)
-        loss = docid_loss(outputs.docid_logits, positions, targets, allowed, semantic) + \
-            self.config.distill_weight * distill + self.config.doc_contrast_weight * contrast
-        return loss, distill.detach(), contrast.detach()
+        contrast = document_contrast(self.model, query, targets, node_rows,
+                                     self.documents if config.doc_contrast_weight else None)
+        picked = picked_logits(outputs.docid_logits, positions, semantic)
+        loss = docid_cross_entropy(picked, targets, allowed) + config.distill_weight * distill + \
+            config.doc_contrast_weight * contrast
+        terms = {"distill": distill.detach()}
+        if config.doc_contrast_weight:
+            terms["doc_contrast"] = contrast.detach()
+        if self.ranking is not None and teacher is not None and query is not None:
+            probs = self.ranking.document_probs(teacher)
+            if config.level_distill_weight:
+                level = level_distillation(picked, allowed, targets, node_rows, self.ranking.node_mass(probs))
+                loss = loss + config.level_distill_weight * level
+                terms["level_kl"] = level.detach()
+            if config.document_distill_weight:
+                matches = self.model.semantic.matches(query, self.documents)
+                doc_kl = document_distillation(matches, probs)
+                loss = loss + config.document_distill_weight * doc_kl
+                terms["document_kl"] = doc_kl.detach()
+        return loss, terms
 
     def stage1(self, ids, mask, hidden, layer, positions, targets, allowed, node_rows, teacher):
         """Stage 1: the top layers from the cached states entering `layer`; (loss, distill, contrast)."""
@@ -217,9 +248,24 @@ def indexing_queries(title: str, text: str, n: int, words: int) -> list[str]:
     return queries[:n]
 
 
-def stage1_examples(corpus: Corpus, questions: list[Question], tree: DocidTree, config: TrainConfig
+def stage1_examples(corpus: Corpus, questions: list[Question], tree: DocidTree, config: TrainConfig,
+                    evaluation: Sequence[Question] = (), validation: Sequence[Question] = ()
                     ) -> list[tuple[str, tuple[int, ...]]]:
+    """(text, docid): train questions, pseudo-queries from each passage's text, and generated queries. A generated
+    query equal to an `evaluation` question is an error (the generator bans them); one equal to a held-out
+    `validation` question is dropped."""
     examples = [(q.question, tree.docid(q.doc_id)) for q in questions if q.doc_id is not None]
+    if config.generated_queries:
+        from unirag.querygen import load_generated_queries, normalize_question
+
+        held_out = {normalize_question(q.question) for q in validation}
+        per_passage: dict[str, int] = {}
+        for text, doc_id in load_generated_queries(config.generated_queries, corpus, evaluation):
+            if normalize_question(text) in held_out:
+                continue
+            per_passage[doc_id] = per_passage.get(doc_id, 0) + 1
+            if not config.generated_per_passage or per_passage[doc_id] <= config.generated_per_passage:
+                examples.append((text, tree.docid(doc_id)))
     for passage in corpus:
         docid = tree.docid(passage.id)
         examples += [(query, docid) for query in
@@ -277,16 +323,24 @@ def collate(examples: list[EncodedExample], vocab: int, pad_id: int):
     return ids, mask, positions, targets, allowed, node_rows
 
 
-def docid_loss(docid_logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-               allowed: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy restricted to the trie's allowed children (as the beam search renormalises).
-
-    `semantic` [B, levels, vocab] is added to the picked logits (the beam search adds the same scores)."""
+def picked_logits(docid_logits: torch.Tensor, positions: torch.Tensor, semantic: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """[B, levels, vocab]: the docid head's logits at each level's position, plus the semantic scores (the beam
+    search adds the same scores)."""
     picked = docid_logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, docid_logits.shape[-1])).float()
-    if semantic is not None:
-        picked = picked + semantic
+    return picked + semantic if semantic is not None else picked
+
+
+def docid_cross_entropy(picked: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy restricted to the trie's allowed children (as the beam search renormalises)."""
     picked = picked.masked_fill(~allowed, float("-inf"))
     return torch.nn.functional.cross_entropy(picked.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def docid_loss(docid_logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+               allowed: torch.Tensor, semantic: torch.Tensor | None = None) -> torch.Tensor:
+    """The gold path's cross-entropy from the docid head's logits (`semantic` [B, levels, vocab] added)."""
+    return docid_cross_entropy(picked_logits(docid_logits, positions, semantic), targets, allowed)
 
 
 def semantic_terms(model: JointModel, outputs, positions: torch.Tensor, node_rows: torch.Tensor | None,
@@ -306,6 +360,13 @@ def document_rows(model: JointModel, tree: DocidTree) -> torch.Tensor:
     return torch.tensor(model.node_rows(tree, tree.docids), dtype=torch.long)
 
 
+def stage_documents(model: JointModel, tree: DocidTree, config: TrainConfig) -> torch.Tensor | None:
+    """The leaf rows the all-documents terms (contrast, document KL) compare against, or None."""
+    if model.semantic is None or not (config.doc_contrast_weight or config.document_distill_weight):
+        return None
+    return document_rows(model, tree)
+
+
 def document_contrast(model: JointModel, query: torch.Tensor | None, targets: torch.Tensor, node_rows: torch.Tensor,
                       documents: torch.Tensor | None) -> torch.Tensor:
     """Cross-entropy of the gold document's match (scaled cosine, as the search's ranking uses it) against the
@@ -322,9 +383,27 @@ def document_contrast(model: JointModel, query: torch.Tensor | None, targets: to
     return torch.nn.functional.cross_entropy(logits, match.float().argmax(1))
 
 
+def uses_teacher_ranking(config: TrainConfig) -> bool:
+    return bool(config.level_distill_weight or config.document_distill_weight)
+
+
+def teacher_ranking(model: JointModel, tree: DocidTree, corpus: Corpus, config: TrainConfig
+                    ) -> TeacherRanking | None:
+    """The teacher's document softmax over this tree's documents (None when no ranking loss is on)."""
+    if not uses_teacher_ranking(config):
+        return None
+    if model.semantic is None:
+        raise UniragError("--level-distill-weight and --document-distill-weight need the semantic docid scorer "
+                          "(--semantic-docids).")
+    embeddings = docids.corpus_embeddings(corpus, encoder_name=tree.config.encoder)
+    order = [corpus.position(doc_id) for doc_id in tree.doc_ids]
+    paths = document_paths(lambda prefixes: model.node_rows(tree, prefixes), tree.docids)
+    return TeacherRanking(embeddings[order], paths, model.config.semantic_nodes, config.distill_temperature)
+
+
 def teacher_vectors(model: JointModel, tree: DocidTree, examples, config: TrainConfig) -> torch.Tensor | None:
-    """Distillation targets [N, D] for the stage-1 examples, or None (no scorer, or weight 0)."""
-    if model.semantic is None or config.distill_weight == 0:
+    """Distillation targets [N, D] for the stage-1 examples, or None (no scorer, or no distillation loss)."""
+    if model.semantic is None or (config.distill_weight == 0 and not uses_teacher_ranking(config)):
         return None
     vectors = torch.from_numpy(query_embeddings([text for text, _ in examples], tree.config.encoder)).float()
     if vectors.shape[1] != model.config.semantic_dim:
@@ -510,7 +589,7 @@ def build_or_resume(config: TrainConfig, corpus: Corpus, tree: DocidTree, resume
     return model, tokenizer, {"stage": 1, "epoch": 0, "step": 0, "best_recall@1": -1.0}
 
 
-def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: list[Question],
+def run_stage1(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, examples, valid: list[Question],
                config: TrainConfig, state: dict, out: Path, accelerator) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
@@ -519,7 +598,8 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
     with accelerator.main_process_first():  # the main process writes the disk caches, the others read them
         cached = boundary_cache(model, encoded, key, config.batch_size)
         teacher = teacher_vectors(model, tree, examples, config)
-    documents = document_rows(model, tree) if config.doc_contrast_weight and model.semantic is not None else None
+        ranking = teacher_ranking(model, tree, corpus, config)
+    documents = stage_documents(model, tree, config)
     device = model.device
     params = model.stage1_parameters()
     lora = [p for n, p in model.named_parameters() if "lora_" in n] if config.stage1_lora else []
@@ -544,7 +624,7 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
         group.setdefault("initial_lr", group["lr"])
     scheduler = get_cosine_schedule_with_warmup(optimizer, 50, total, last_epoch=state["epoch"] * steps_per_epoch - 1)
     # Not the scheduler: accelerate would step it once per process each step; it follows this process's steps.
-    step_fn, prepared = accelerator.prepare(TrainStep(model, config, documents), optimizer,
+    step_fn, prepared = accelerator.prepare(TrainStep(model, config, documents, ranking), optimizer,
                                             device_placement=[False, False])  # load_llm placed the model
     for epoch in range(state["epoch"], config.stage1_epochs):
         rng = random.Random(config.seed * 1000 + epoch)
@@ -554,7 +634,8 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
         rng.shuffle(batches)
         batches = shard(batches, accelerator)
         model.train()
-        running, distills, contrasts = [], [], []
+        running, terms = [], {}
+        began = time.time()
         bar = tqdm(batches, desc=f"stage 1 epoch {epoch + 1}/{config.stage1_epochs}", unit="batch",
                    disable=not accelerator.is_main_process)
         for rows in bar:
@@ -563,7 +644,7 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
             hidden = torch.zeros(ids.shape[0], ids.shape[1], cached[rows[0]].shape[-1])
             for j, i in enumerate(rows):
                 hidden[j, : cached[i].shape[0]] = cached[i].float()
-            loss, distill, contrast = step_fn("stage1", ids, mask, hidden.to(device, model.dtype), layer, positions,
+            loss, parts = step_fn("stage1", ids, mask, hidden.to(device, model.dtype), layer, positions,
                                               targets, allowed, node_rows,
                                               teacher[rows].to(device) if teacher is not None else None)
             prepared.zero_grad(set_to_none=True)
@@ -572,8 +653,8 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
             prepared.step()
             scheduler.step()
             running.append(loss.item())
-            distills.append(float(distill.detach()))
-            contrasts.append(float(contrast.detach()))
+            for name, value in parts.items():
+                terms.setdefault(name, []).append(float(value))
             bar.set_postfix(loss=f"{sum(running[-50:]) / len(running[-50:]):.3f}")
         state.update(stage=1, epoch=epoch + 1, step=0)
         if not accelerator.is_main_process:
@@ -581,9 +662,9 @@ def run_stage1(model: JointModel, tokenizer, tree: DocidTree, examples, valid: l
             continue
         metrics = retrieval_recall(model, tokenizer, tree, valid) if valid else {}
         record = {"stage": 1, "epoch": epoch + 1, "loss": round(sum(running) / len(running), 4),
-                  "distill": round(sum(distills) / len(distills), 4),
-                  **({"doc_contrast": round(sum(contrasts) / len(contrasts), 4)} if documents is not None else {}),
-                  "valid": metrics, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+                  **{name: round(sum(values) / len(values), 4) for name, values in terms.items()},
+                  "valid": metrics, "examples": len(encoded), "minutes": round((time.time() - began) / 60, 2),
+                  "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         log_losses(out, record)
         print(json.dumps(record), flush=True)
         save_checkpoint(model, tree, optimizer, out, state, config)
@@ -630,7 +711,8 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
     optimizer = torch.optim.AdamW(params, lr=config.stage2_lr, weight_decay=0.0)
     with accelerator.main_process_first():  # the main process writes the teacher cache, the others read it
         teacher = teacher_vectors(model, tree, examples, config)
-    documents = document_rows(model, tree) if config.doc_contrast_weight and model.semantic is not None else None
+        ranking = teacher_ranking(model, tree, corpus, config)
+    documents = stage_documents(model, tree, config)
     device = model.device
     start_step = state["step"] if state["stage"] == 2 else 0
     if state["stage"] == 2 and start_step > 0:
@@ -639,7 +721,7 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     scheduler = get_constant_schedule_with_warmup(optimizer, 20, last_epoch=start_step - 1)
-    step_fn, prepared = accelerator.prepare(TrainStep(model, config, documents), optimizer,
+    step_fn, prepared = accelerator.prepare(TrainStep(model, config, documents, ranking), optimizer,
                                             device_placement=[False, False])
     vocab = model.docid_head.out_features
     pad = tokenizer.pad_token_id or 0
@@ -678,8 +760,9 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
             for p in params:
                 if id(p) in retrieval_params:
                     p.grad = None
-        loss_docid, distill, _ = step_fn("docid", *docid_inputs,
-                                         teacher[picks].to(device) if teacher is not None else None)
+        loss_docid, parts = step_fn("docid", *docid_inputs,
+                                    teacher[picks].to(device) if teacher is not None else None)
+        distill = parts["distill"]
         accelerator.backward(0.5 * loss_docid)
         accelerator.clip_grad_norm_(params, 1.0)
         prepared.step()
@@ -714,6 +797,16 @@ def held_out_split(questions: list[Question], seed: int, n: int) -> tuple[list[Q
     return [q for q in shuffled[:n] if q.doc_id], shuffled[n:]
 
 
+def evaluation_questions(config: TrainConfig, corpus: Corpus) -> list[Question]:
+    """The evaluation splits beside the train file (dev.jsonl, test.jsonl): what no generated query may equal."""
+    found = []
+    for split in ("dev", "test"):
+        path = Path(config.questions).with_name(f"{split}.jsonl")
+        if path.is_file():
+            found += load_questions(path, corpus)
+    return found
+
+
 def train(config: TrainConfig, resume: bool = False) -> Path:
     if Path(config.questions).stem in ("dev", "test", "validation"):
         raise UniragError(f"{config.questions} looks like an evaluation split; train on the train split only.")
@@ -735,11 +828,12 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                           "it with the same setting.")
     if tree.corpus_fingerprint != corpus.fingerprint:
         raise UniragError("The docid tree does not match the corpus.")
-    examples = stage1_examples(corpus, train_qs, tree, config)
+    examples = stage1_examples(corpus, train_qs, tree, config, evaluation=evaluation_questions(config, corpus),
+                               validation=valid)
     print(f"[train] {len(train_qs)} train questions, {len(valid)} held out, {len(examples)} stage-1 examples, "
           f"tree depth {tree.depth}, branching {tree.branching}", file=sys.stderr, flush=True)
     if state["stage"] == 1 and state["epoch"] < config.stage1_epochs:
-        state = run_stage1(model, tokenizer, tree, examples, valid, config, state, out, accelerator)
+        state = run_stage1(model, tokenizer, corpus, tree, examples, valid, config, state, out, accelerator)
     if config.stage2_steps > 0 and (state["stage"] == 1 or state["step"] < config.stage2_steps):
         state = run_stage2(model, tokenizer, corpus, tree, examples, train_qs, valid, config, state, out, accelerator)
     dump = os.environ.get("UNIRAG_DUMP_WEIGHTS")
