@@ -258,7 +258,7 @@ class SamplingConfig:
     top_k: int = 10
     top_p: float = 0.95
     temperature: float = 1.0
-    max_new_tokens: int = 32
+    max_new_tokens: int = 40  # a sample still open after this many tokens is dropped
     passage_words: int = 120
     batch_passages: int = 4  # passages a generate() call (each sampled `samples` times)
     seed: int = 0
@@ -285,19 +285,60 @@ def dedupe(questions: Sequence[str], banned: set[str] = frozenset()) -> list[str
 
 def sample_questions(model, tokenizer, passages: Sequence[tuple[str, str]], config: SamplingConfig,
                      seed: int, style: str) -> list[list[str]]:
-    """Raw sampled questions per passage ((title, text) pairs), seeded per call."""
+    """Sampled questions per passage ((title, text) pairs), seeded per call. Each prompt is read once and its KV
+    cache repeated for the samples (generate(num_return_sequences=n) would re-read it n times)."""
     texts = [prompt_text(title, text, config.passage_words, style) for title, text in passages]
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=True)
-    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    n = config.samples
+    eos = tokenizer.eos_token_id
+    newline = {i for i in tokenizer("\n", add_special_tokens=False)["input_ids"]}
     with torch.inference_mode():
-        out = model.generate(**enc, do_sample=True, top_k=config.top_k, top_p=config.top_p,
-                             temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-                             num_return_sequences=config.samples, pad_token_id=tokenizer.pad_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
-    new = out[:, enc["input_ids"].shape[1] :]
-    decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
-    return [decoded[i * config.samples : (i + 1) * config.samples] for i in range(len(passages))]
+        mask = enc["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(n)
+        logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
+        mask = mask.repeat_interleave(n, dim=0)
+        last = positions[:, -1].repeat_interleave(n, dim=0)
+        tokens: list[list[int]] = [[] for _ in range(mask.shape[0])]
+        done = torch.zeros(mask.shape[0], dtype=torch.bool)
+        for _ in range(config.max_new_tokens):
+            picked = _sample(logits, config, generator)
+            for row in torch.nonzero(~done).flatten().tolist():
+                token = int(picked[row])
+                if token == eos or token in newline:
+                    done[row] = True
+                else:
+                    tokens[row].append(token)
+            if bool(done.all()):
+                break
+            picked = picked.masked_fill(done, eos)
+            mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype)], dim=1)
+            last = last + 1
+            out = model(input_ids=picked.unsqueeze(1), attention_mask=mask, position_ids=last.unsqueeze(1),
+                        past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits[:, -1].float()
+    # A sample that never ended within the budget is cut mid-question: dropped (None from clean_question).
+    decoded = [tokenizer.decode(t, skip_special_tokens=True) if done[i] else "" for i, t in enumerate(tokens)]
+    return [decoded[i * n : (i + 1) * n] for i in range(len(passages))]
+
+
+def _sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
+    """One token a row: temperature, then top-k, then nucleus (top-p) filtering, then a seeded draw."""
+    logits = logits / config.temperature
+    if config.top_k > 0:
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if config.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(ordered, dim=-1) > config.top_p  # keep the token that crosses top_p
+        logits = logits.scatter(1, order, ordered.masked_fill(drop, float("-inf")))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
 
 
 def round_trip_keep(doc_id: str, question: str, rankers: Sequence) -> bool:
@@ -321,12 +362,11 @@ class GenerationStats:
 
 def generate_queries(corpus_path: str, adapter: str | None, out: str, config: SamplingConfig,
                      banned_question_files: Sequence[str] = (), base_model: str | None = None,
-                     limit: int | None = None, progress: bool = True, style: str | None = None) -> dict:
-    """Sample, dedupe, filter and append `{doc_id, question}` rows to `out` (resumes by passage)."""
+                     limit: int | None = None, progress: bool = True, style: str | None = None,
+                     rankers: dict | None = None) -> dict:
+    """Sample, dedupe, filter and append `{doc_id, question}` rows to `out` (resumes by passage). `rankers`
+    (name → retriever with `search(text, k)`) default to dense MiniLM and BM25 over the corpus."""
     from tqdm.auto import tqdm
-
-    from unirag.rag import DenseRetriever
-    from unirag.sparse import BM25Retriever
 
     corpus = load_corpus(corpus_path)
     style = style or corpus_style(corpus_path)
@@ -337,7 +377,7 @@ def generate_queries(corpus_path: str, adapter: str | None, out: str, config: Sa
     settings = {"corpus": Path(corpus_path).name, "corpus_fingerprint": corpus.fingerprint,
                 "adapter": adapter, "adapter_sha256": _adapter_digest(adapter), "base_model": base_model or "embedded",
                 "prompt": QUERY_PROMPT, "style": style, "sampling": asdict(config),
-                "filter": "dense MiniLM or BM25 ranks the source first",
+                "filter": f"{' or '.join(rankers or ['dense', 'bm25'])} ranks the source passage first",
                 "banned": [Path(p).name for p in banned_question_files]}
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else None
     if meta is not None and meta.get("settings") != settings:
@@ -355,18 +395,24 @@ def generate_queries(corpus_path: str, adapter: str | None, out: str, config: Sa
 
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.eval()
-    rankers = [DenseRetriever.from_corpus(corpus, progress=progress), BM25Retriever.from_corpus(corpus)]
-    names = ["dense", "bm25"]
-    todo = [p for p in corpus if p.id not in done]
+    if rankers is None:
+        from unirag.rag import DenseRetriever
+        from unirag.sparse import BM25Retriever
+
+        rankers = {"dense": DenseRetriever.from_corpus(corpus, progress=progress),
+                   "bm25": BM25Retriever.from_corpus(corpus)}
+    # Chunks are fixed by the corpus order (and seeded by their first passage), so a resumed run samples what an
+    # uninterrupted one would have; `limit` counts passages from the start of the corpus, in whole chunks.
+    passages = list(corpus)
+    chunks = [passages[i : i + config.batch_passages] for i in range(0, len(passages), config.batch_passages)]
     if limit is not None:
-        todo = todo[: max(0, limit - len(done))]
-    bar = tqdm(total=len(todo), desc=f"generating queries ({Path(corpus_path).parent.name})", unit="passage",
-               disable=not progress)
+        chunks = chunks[: math.ceil(limit / config.batch_passages)]
+    chunks = [c for c in chunks if not all(p.id in done for p in c)]
+    bar = tqdm(total=sum(map(len, chunks)), desc=f"generating queries ({Path(corpus_path).parent.name})",
+               unit="passage", disable=not progress)
     order = {p.id: i for i, p in enumerate(corpus)}
-    for start in range(0, len(todo), config.batch_passages):
-        chunk = todo[start : start + config.batch_passages]
+    for chunk in chunks:
         began = time.time()
-        # Seeded by the chunk's first passage: a resumed run samples what an uninterrupted one would have.
         raw = sample_questions(model, tokenizer, [(p.title, p.text) for p in chunk], config,
                                seed=config.seed * 1_000_003 + order[chunk[0].id], style=style)
         rows = []
@@ -376,7 +422,7 @@ def generate_queries(corpus_path: str, adapter: str | None, out: str, config: Sa
             stats.sampled += len(samples)
             stats.distinct += len(distinct)
             for q in distinct:
-                firsts = [name for name, r in zip(names, rankers, strict=True) if r.search(q, 1)[0][0] == passage.id]
+                firsts = [name for name, r in rankers.items() if round_trip_keep(passage.id, q, [r])]
                 for name in firsts:
                     stats.per_ranker_first[name] = stats.per_ranker_first.get(name, 0) + 1
                 if firsts:
