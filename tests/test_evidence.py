@@ -17,8 +17,8 @@ from unirag.answer import Answer, EvidenceSpan, Trace
 from unirag.data import Question
 from unirag.errors import UniragError
 from unirag.eval import run_eval
-from unirag.evidence import MAX_TOKEN_ID, TokenSubstringIndex, constrained_greedy, token_char
-from unirag.joint.evidence_system import EvidenceSystem, ForwardRelevance, doc_tokens
+from unirag.evidence import MAX_TOKEN_ID, TokenSubstringIndex, constrained_greedy, doc_tokens, token_char
+from unirag.joint.evidence_system import EvidenceSystem, ForwardRelevance
 from unirag.joint.prompts import evidence_prompt_ids
 from unirag.joint.reader import answer_with_docs
 from unirag.joint.system import JointSystem

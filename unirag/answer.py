@@ -90,6 +90,16 @@ class EvidenceSpan:
 
 
 @dataclass
+class AnswerSpan:
+    """Where a span answer (`answer_mode="span"`) was copied from: the best-ranked document holding it, and its
+    characters [start, end) in that document's text. The document is what the answer cites."""
+
+    doc_id: str
+    start: int
+    end: int
+
+
+@dataclass
 class RoundTrace:
     """One round of a multi-round joint answer (`InferenceSettings.rounds` > 1): the query its docid search ran
     with, what the search found and chose, and the answer read from those documents."""
@@ -123,6 +133,7 @@ class Trace:
     stop_reason: str = ""  # "eos", "newline" or "max_new_tokens" (joint reader)
     retrieval_prompt_tokens: int = 0
     evidence: EvidenceSpan | None = None  # the evidence system's evidence; None for every other system
+    answer_span: AnswerSpan | None = None  # a span answer's source; None: decoded freely (or an empty answer)
     # Every round, first to last, when the joint system ran more than one; the fields above are then the last
     # round's (the answer's). Empty for a single round.
     rounds: list[RoundTrace] = field(default_factory=list)
@@ -165,8 +176,10 @@ class Answer:
         for doc in record["docs"]:
             doc.pop("text")
         record["latency_ms"] = self.latency_ms
+        span = self.trace.answer_span
+        record["answer_span"] = asdict(span) if span is not None else None  # the cited source of a span answer
         return record
 
 
-__all__ = ["Answer", "AnswerAttention", "EvidenceSpan", "RetrievedDoc", "RoundTrace", "SelfCheckRow", "TokenWeights",
+__all__ = ["Answer", "AnswerAttention", "AnswerSpan", "EvidenceSpan", "RetrievedDoc", "RoundTrace", "SelfCheckRow", "TokenWeights",
            "Trace", "display_answer"]

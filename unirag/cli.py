@@ -34,7 +34,7 @@ def _add_system(parser: argparse.ArgumentParser, default: str | None = None) -> 
     for name in InferenceSettings.names():
         if name == "precision":
             continue
-        kind = {"self_check_weight": float, "joint_reader": str}.get(name, int)
+        kind = {"self_check_weight": float, "joint_reader": str, "answer_mode": str}.get(name, int)
         settings.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=HELP[name])
     settings.add_argument("--self-check-cache", action="store_true",
                           help="build the self-check passage cache first when it is missing (a resumable pass over "

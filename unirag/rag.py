@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from unirag.answer import Answer, AnswerAttention, RetrievedDoc, Trace
+from unirag.answer import Answer, AnswerAttention, AnswerSpan, RetrievedDoc, Trace
 from unirag.data import Corpus, Passage, prepare_question
 from unirag.errors import UniragError
 from unirag.settings import InferenceSettings
@@ -104,6 +104,7 @@ class ReaderOutput:
     answer_tokens: int
     generate_ms: float
     attention: dict
+    span: tuple[int, int, int] | None = None  # a span answer's (passage index, start char, end char) in its text
 
 
 class Reader:
@@ -144,8 +145,10 @@ class Reader:
         passages: list[list[Passage]],
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         with_attention: bool = False,
+        answer_mode: str = "free",
     ) -> list[ReaderOutput]:
-        """Read a batch (left-padded greedy decoding); latency is the batch's time split evenly."""
+        """Read a batch (left-padded greedy decoding); latency is the batch's time split evenly. answer_mode "span":
+        each answer is a word-bounded span of its own passages (`unirag.spans`); rows without passages read freely."""
         contexts = [format_context(p) for p in passages]
         prompts = [
             build_prompt(self.tokenizer, q, c, self.use_chat_template) for q, c in zip(questions, contexts, strict=True)
@@ -153,7 +156,18 @@ class Reader:
         self.tokenizer.padding_side = "left"
         batch = self.tokenizer(prompts, return_tensors="pt", add_special_tokens=False, padding=True)
         recorder = AnswerAttentionRecorder(self.model) if with_attention else None
+        width = batch["input_ids"].shape[1]
         start = time.perf_counter()
+        constraints = None
+        extra = {}
+        if answer_mode == "span" and any(passages):
+            from transformers import LogitsProcessorList
+
+            from unirag.spans import SpanConstraint, SpanLogitsProcessor
+
+            constraints = [SpanConstraint(self.tokenizer, [p.text for p in ps], self.stop_ids) if ps else None
+                           for ps in passages]
+            extra["logits_processor"] = LogitsProcessorList([SpanLogitsProcessor(constraints, width)])
         try:
             output = self.model.generate(
                 **{k: v.to(self.model.device) for k, v in batch.items()},
@@ -161,19 +175,26 @@ class Reader:
                 max_new_tokens=max_new_tokens,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.tokenizer.pad_token_id,
+                **extra,
             ).cpu()  # token ids back from a GPU; a no-op on the CPU
         finally:
             if recorder is not None:
                 recorder.remove()
         elapsed = (time.perf_counter() - start) * 1000 / len(prompts)
         results = []
-        width = batch["input_ids"].shape[1]
         stops = torch.tensor(self.stop_ids + [self.tokenizer.pad_token_id])
         for row, (prompt, context) in enumerate(zip(prompts, contexts, strict=True)):
             prompt_ids = batch["input_ids"][row][batch["attention_mask"][row].bool()]
             new_ids = output[row, width:]
             cut = torch.isin(new_ids, stops).nonzero()
             new_ids = new_ids[: int(cut[0]) if len(cut) else len(new_ids)]
+            span = None
+            if constraints is not None and constraints[row] is not None:
+                from unirag.spans import finish_span
+
+                kept, source = finish_span(constraints[row], new_ids.tolist(), stopped=bool(len(cut)))
+                new_ids = new_ids[: len(kept)]
+                span = (source.doc_index, source.start, source.end) if source is not None else None
             text = clean_generation(self.tokenizer.decode(new_ids, skip_special_tokens=True))
             n_context = len(self.tokenizer(context, add_special_tokens=False)["input_ids"]) if context else 0
             attention = {}
@@ -185,7 +206,7 @@ class Reader:
                     "weights": recorder.rows(row, len(new_ids), (start_tok, end_tok), width - len(prompt_ids)),
                 }
             results.append(
-                ReaderOutput(text, int(prompt_ids.shape[0]), n_context, int(len(new_ids)), elapsed, attention)
+                ReaderOutput(text, int(prompt_ids.shape[0]), n_context, int(len(new_ids)), elapsed, attention, span)
             )
         return results
 
@@ -243,6 +264,10 @@ def _answers(
     for question, note, out, found in zip(questions, notices, outs, docs, strict=True):
         timings = {"retrieve": retrieve_ms} if retrieve_ms is not None else {}
         timings["generate"] = out.generate_ms
+        trace = Trace(answer_attention=AnswerAttention(**out.attention))
+        if out.span is not None:
+            doc_index, start, end = out.span
+            trace.answer_span = AnswerSpan(found[doc_index].doc_id, start, end)
         answers.append(
             Answer(
                 name,
@@ -254,7 +279,7 @@ def _answers(
                 out.answer_tokens,
                 timings,
                 note,
-                Trace(answer_attention=AnswerAttention(**out.attention)),
+                trace,
             )
         )
     return answers
@@ -288,7 +313,7 @@ def _read_ranked(name: str, reader: Reader, corpus: Corpus, questions: list[str]
     texts = [q for q, _ in prepared]
     hits = [row[:k] for row in ranked]
     passages = [[corpus[doc_id] for doc_id, _ in row] for row in hits]
-    outs = reader.read_many(texts, passages, settings.max_new_tokens, with_attention)
+    outs = reader.read_many(texts, passages, settings.max_new_tokens, with_attention, settings.answer_mode)
     docs = [
         [RetrievedDoc(p.id, p.title, p.text, score) for p, (_, score) in zip(ps, row, strict=True)]
         for ps, row in zip(passages, hits, strict=True)

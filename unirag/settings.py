@@ -29,6 +29,8 @@ PRECISIONS = ("4bit", "nf4", "fp32")
 # Who reads the joint model's documents: its stage-2 reader (LoRA adapter, pathway and bridge), or the base LLM,
 # the weights the RAG side reads with (then the two sides differ only in what they retrieved).
 JOINT_READERS = ("trained", "base")
+# How both sides decode an answer: "span" (a word-bounded span of the documents read, unirag.spans) or "free".
+ANSWER_MODES = ("span", "free")
 _PRECISION_ALIASES = {"4-bit": "4bit", "int4": "4bit", "hqq": "4bit", "float32": "fp32"}
 
 RECOMMENDED_FILE = "recommended_settings.json"
@@ -67,6 +69,8 @@ HELP = {
                           "to its log-probability); 0 = the LLM's choice alone",
     "rounds": "rounds of retrieval and answering (joint): round r > 1 searches docids again with the question plus "
               "round r-1's answer, then reads the question again; the last round's answer is final. 1 = one pass",
+    "answer_mode": "how every reader decodes: 'span' (a word-bounded span copied from the documents read, which "
+                   "the answer then cites) or 'free' (unconstrained greedy text)",
     "precision": "'4bit' (the recovered 4-bit: HQQ, groups of 32), 'nf4' (bitsandbytes NF4, no recovery) or 'fp32'",
 }
 
@@ -122,6 +126,7 @@ class InferenceSettings:
     evidence_tokens: int = 48
     evidence_lookahead: int = 0
     rounds: int = 1  # UniGen-style iterative enhancement (JointSystem.answer); 1 = one search and one read
+    answer_mode: str = "free"
     precision: str = "4bit"
     # What the layering did that a user should know (e.g. the self-check switched off without a passage cache).
     notices: tuple[str, ...] = field(default=(), compare=False)
@@ -138,6 +143,8 @@ class InferenceSettings:
         set_(self, "self_check_weight", float(weight))
         if self.joint_reader not in JOINT_READERS:
             raise UniragError(f"joint_reader must be one of {', '.join(JOINT_READERS)}, got {self.joint_reader!r}.")
+        if self.answer_mode not in ANSWER_MODES:
+            raise UniragError(f"answer_mode must be one of {', '.join(ANSWER_MODES)}, got {self.answer_mode!r}.")
         set_(self, "precision", check_precision(self.precision))
         set_(self, "notices", tuple(self.notices))
 
@@ -211,7 +218,7 @@ class RecommendedSettings:
     without_cache: RecommendedSettings | None = None
 
     KEYS = ("k_docs", "beam_width", "self_check", "self_check_weight", "joint_reader", "rag_k", "max_new_tokens",
-            "rounds", "evidence_docs", "evidence_tokens", "evidence_lookahead")
+            "rounds", "evidence_docs", "evidence_tokens", "evidence_lookahead", "answer_mode")
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, precision: str) -> RecommendedSettings | None:
@@ -276,5 +283,5 @@ class RecommendedSettings:
         return path
 
 
-__all__ = ["HELP", "InferenceSettings", "JOINT_READERS", "LIMITS", "PRECISIONS", "RECOMMENDED_FILE",
+__all__ = ["ANSWER_MODES", "HELP", "InferenceSettings", "JOINT_READERS", "LIMITS", "PRECISIONS", "RECOMMENDED_FILE",
            "RecommendedSettings", "check_precision", "normalize_precision", "precision_from_flags"]

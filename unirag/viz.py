@@ -557,6 +557,21 @@ def highlight_tokens_html(tokens: Sequence[str], weights: Sequence[float], rgb: 
     return "".join(parts)
 
 
+def answer_span_html(answer: Answer, doc, context_chars: int = 90) -> str:
+    """For the document a span answer was copied from: the span highlighted where it sits in the text, with the
+    words around it; "" for every other document."""
+    span = answer.trace.answer_span
+    if span is None or span.doc_id != doc.doc_id or not 0 <= span.start < span.end <= len(doc.text):
+        return ""
+    before = doc.text[max(0, span.start - context_chars) : span.start]
+    after = doc.text[span.end : span.end + context_chars]
+    return ('<div class="ur-answer-span" style="margin:.2rem 0 .35rem">'
+            f'<span class="ur-muted">Answer span: </span>{"…" if span.start > context_chars else ""}'
+            f'{html.escape(before)}<mark style="background:#fde68a; font-weight:700">'
+            f'{html.escape(doc.text[span.start:span.end])}</mark>{html.escape(after)}'
+            f'{"…" if span.end + context_chars < len(doc.text) else ""}</div>')
+
+
 def documents_html(answer: Answer | None, gold_doc_id: str | None = None, rgb: tuple[int, int, int] = (124, 58, 237),
                    top_tokens: int = 8, top_sentences: int = 2, max_chars: int = 1400,
                    scores_label: str = "score") -> str:
@@ -606,7 +621,7 @@ def documents_html(answer: Answer | None, gold_doc_id: str | None = None, rgb: t
             body = html.escape(text)
         cls = "ur-doc ur-doc-gold" if is_gold else "ur-doc"
         cards.append(f'<div class="{cls}" id="{doc_anchor(answer.system, d)}">{head}'  # citations link here
-                     f'<div class="ur-doc-body">{body}</div></div>')
+                     f'{answer_span_html(answer, doc)}<div class="ur-doc-body">{body}</div></div>')
     legend = ('<div class="ur-muted ur-legend">Shading: share of the answer\'s attention per sentence; '
               '<span class="ur-tok">underlined</span> = most-attended tokens.</div>') if units else ""
     return legend + "".join(cards)
@@ -1009,25 +1024,36 @@ def document_attention(answer: Answer | None) -> list[float]:
 
 
 def citation(answer: Answer | None) -> int | None:
-    """0-based index of the document the answer attended to most, or None without a usable trace."""
+    """0-based index of the document the answer cites: a span answer's source document; else the document the
+    answer attended to most; None without either."""
+    if answer is not None and answer.trace.answer_span is not None:
+        ids = [d.doc_id for d in answer.docs]
+        if answer.trace.answer_span.doc_id in ids:
+            return ids.index(answer.trace.answer_span.doc_id)
     mass = document_attention(answer)
     return max(range(len(mass)), key=mass.__getitem__) if mass and any(mass) else None
 
 
 def citations_html(answer: Answer | None, color: str = JOINT_COLOR) -> str:
-    """ "[n]" after the answer: the document that received most of its attention, linked to its card."""
+    """ "[n]" after the answer, linked to its card: the document a span answer was copied from, or (free answers)
+    the document that received most of its attention, saying it is not a span."""
     index = citation(answer)
     if answer is None or index is None:
         return ""
-    mass = document_attention(answer)
     doc = answer.docs[index]
-    share = mass[index] / (sum(mass) or 1.0)
     name = html.escape(_short(doc.title or doc.doc_id, 60))
+    link = (f'<a href="#{doc_anchor(answer.system, index)}" '
+            f'style="color:{color}; font-weight:700">[{index + 1}]</a> {name}')
+    span = answer.trace.answer_span
+    if span is not None:
+        return ('<div class="ur-cite" style="font-size:.9rem; margin:.25rem 0 .4rem">Answer copied from '
+                f'{link} <span class="ur-muted">({html.escape(doc.doc_id)}, characters {span.start}–{span.end}, '
+                'highlighted in its card)</span></div>')
+    mass = document_attention(answer)
+    share = mass[index] / (sum(mass) or 1.0)
     return ('<div class="ur-cite" style="font-size:.9rem; margin:.25rem 0 .4rem">Answer drawn mostly from '
-            f'<a href="#{doc_anchor(answer.system, index)}" '
-            f'style="color:{color}; font-weight:700">[{index + 1}]</a> {name}'
-            f' <span class="ur-muted">({html.escape(doc.doc_id)}; {share:.0%} of the answer\'s attention on the '
-            'documents)</span></div>')
+            f'{link} <span class="ur-muted">({html.escape(doc.doc_id)}; {share:.0%} of the answer\'s attention on the '
+            'documents; the answer was decoded freely, not copied as a span)</span></div>')
 
 
 def document_attention_figure(answers: Mapping[str, Answer | None], title: str = "Answer attention per document"

@@ -17,58 +17,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from unirag.answer import Answer, AnswerAttention, EvidenceSpan, RetrievedDoc
 from unirag.data import prepare_question
-from unirag.evidence import EvidenceTokens, Lookahead, TokenSubstringIndex, constrained_greedy
+from unirag.evidence import EvidenceTokens, Lookahead, TokenSubstringIndex, char_span, constrained_greedy, doc_tokens
 from unirag.joint.prompts import evidence_prompt_ids
 from unirag.joint.reader import eos_ids
 from unirag.joint.system import Retrieval
 from unirag.settings import InferenceSettings
-
-
-@dataclass
-class DocTokens:
-    """A document's text as the LLM would write it mid-sentence, and where each token sits in the text."""
-
-    ids: list[int]
-    spans: list[tuple[int, int]] | None  # character [start, end) of each token in the text; None: no offsets
-    starts: set[int] | None  # positions of word-initial tokens (evidence starts there); None: anywhere
-
-
-def doc_tokens(tokenizer, text: str) -> DocTokens:
-    """Tokens of " " + text: in running text every word, the first one too, carries its leading space (what the
-    LLM writes after "Evidence:"). Word-initial tokens start at or right after whitespace."""
-    padded = " " + text
-    try:
-        enc = tokenizer(padded, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = [tuple(o) for o in enc["offset_mapping"]]
-    except (NotImplementedError, ValueError, TypeError):  # slow tokenizers have no offsets
-        return DocTokens(list(tokenizer(padded, add_special_tokens=False)["input_ids"]), None, None)
-    starts = {i for i, (a, b) in enumerate(offsets)
-              if b > a and (padded[a].isspace() or (a > 0 and padded[a - 1].isspace()))}
-    spans = [(max(a - 1, 0), max(b - 1, 0)) for a, b in offsets]
-    return DocTokens(list(enc["input_ids"]), spans, starts)
-
-
-def char_span(doc: DocTokens, text: str, position: int, length: int, decoded: str) -> tuple[int, int]:
-    """The characters of `text` that tokens [position, position + length) cover, without surrounding whitespace
-    (found by the decoded string when the tokenizer gives no offsets)."""
-    if doc.spans is not None:
-        start, end = doc.spans[position][0], doc.spans[position + length - 1][1]
-    else:
-        start = max(text.find(decoded.strip()), 0)
-        end = start + len(decoded.strip())
-    while start < end and text[start].isspace():
-        start += 1
-    while end > start and text[end - 1].isspace():
-        end -= 1
-    return start, end
-
 
 LOOKAHEAD_TOKENS = 32  # about a sentence: long enough to tell whether a start leads to the answer's sentence
 
@@ -203,4 +162,4 @@ class EvidenceSystem:
         return RetrievedDoc(source.doc_id, "", evidence.text, source.score, source.docid)
 
 
-__all__ = ["DocTokens", "EvidenceSystem", "ForwardRelevance", "LOOKAHEAD_TOKENS", "char_span", "doc_tokens"]
+__all__ = ["EvidenceSystem", "ForwardRelevance", "LOOKAHEAD_TOKENS"]

@@ -10,6 +10,7 @@ import torch
 from unirag.answer import AnswerAttention
 from unirag.joint.modeling import JointModel
 from unirag.joint.prompts import answer_prompt, token_strings
+from unirag.spans import SpanConstraint, SpanSource, finish_span
 
 ANSWER_ATTENTION_LAYERS = 4  # base layers averaged for the answer heatmap when the bridge is off
 
@@ -23,6 +24,7 @@ class AnswerGeneration:
     answer_tokens: int
     stop_reason: str  # "eos", "newline" or "max_new_tokens"
     attention: AnswerAttention
+    span: SpanSource | None = None  # span answers: where the span sits (passage index, characters in its text)
 
 
 
@@ -51,21 +53,24 @@ def answer_with_docs(
     pathway: bool = True,
     bridge: bool = True,
     adapter: bool = True,
+    answer_mode: str = "free",
 ) -> AnswerGeneration:
     """Greedy answer from (doc_id, title, text) passages with the KV cache; stops at EOS or a newline.
     adapter=False reads without the stage-2 LoRA adapter (with pathway and bridge off: the base LLM).
 
-    Leading newlines are skipped rather than ending the answer empty. The attention trace has, for each
-    answer token, the weights of the query that produced it over the context tokens: bridge attention when
-    the bridge is on, else the base's last layers, averaged over heads (and layers).
+    answer_mode "span": every token continues a word-bounded span of one passage's text (`unirag.spans`), the
+    answer ending only at a word boundary. Leading newlines are skipped rather than ending the answer empty.
+    The attention trace has, for each answer token, the weights of the query that produced it over the context
+    tokens: bridge attention when the bridge is on, else the base's last layers, averaged over heads (and layers).
     """
     with model.reading_mode(adapter):
         return _answer_with_docs(model, tokenizer, question, passages, max_new_tokens, output_attentions, pathway,
-                                 bridge)
+                                 bridge, answer_mode)
 
 
 def _answer_with_docs(model: JointModel, tokenizer, question: str, passages: Sequence[tuple[str, str, str]],
-                      max_new_tokens: int, output_attentions: bool, pathway: bool, bridge: bool) -> AnswerGeneration:
+                      max_new_tokens: int, output_attentions: bool, pathway: bool, bridge: bool,
+                      answer_mode: str = "free") -> AnswerGeneration:
     prompt = answer_prompt(model, tokenizer, question, passages)
     device = model.device
     num_layers = len(model.decoder.layers)
@@ -78,6 +83,10 @@ def _answer_with_docs(model: JointModel, tokenizer, question: str, passages: Seq
         "attention_layers": () if use_bridge else last_layers,
     }
     eos = eos_ids(model, tokenizer)
+    constraint = None
+    if answer_mode == "span" and passages:
+        newline = tokenizer.encode("\n", add_special_tokens=False)[-1:]
+        constraint = SpanConstraint(tokenizer, [text for _, _, text in passages], eos | set(newline))
     ctx = torch.tensor(prompt.context_positions, dtype=torch.long, device=device)
 
     def attention_row(out) -> list[float]:
@@ -94,7 +103,8 @@ def _answer_with_docs(model: JointModel, tokenizer, question: str, passages: Seq
     rows: list[list[float]] = []
     stop, started = "max_new_tokens", False
     for _ in range(max_new_tokens):
-        token = int(out.lm_logits[0, -1].argmax())
+        logits = out.lm_logits[0, -1]
+        token = int((constraint.mask(logits, answer_ids) if constraint is not None else logits).argmax())
         if token in eos:
             stop = "eos"
             break
@@ -115,6 +125,11 @@ def _answer_with_docs(model: JointModel, tokenizer, question: str, passages: Seq
         out = model(torch.tensor([[token]], device=device), past_key_values=out.past_key_values, use_cache=True,
                     **kwargs)
 
+    span = None
+    if constraint is not None:
+        kept, span = finish_span(constraint, answer_ids, stopped=stop != "max_new_tokens")
+        rows = rows[: len(kept)]
+        answer_ids = kept
     text = tokenizer.decode(answer_ids, skip_special_tokens=True).split("\n", 1)[0].strip()
     attention = AnswerAttention(
         answer_tokens=token_strings(tokenizer, answer_ids),
@@ -131,6 +146,7 @@ def _answer_with_docs(model: JointModel, tokenizer, question: str, passages: Seq
         answer_tokens=len(answer_ids),
         stop_reason=stop,
         attention=attention,
+        span=span,
     )
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unirag.answer import Answer, RetrievedDoc, RoundTrace, SelfCheckRow, Trace, display_answer
+from unirag.answer import Answer, AnswerSpan, RetrievedDoc, RoundTrace, SelfCheckRow, Trace, display_answer
 from unirag.data import prepare_question
 from unirag.docids import DocidTree
 from unirag.errors import UniragError
@@ -175,13 +175,16 @@ class JointSystem:
         generation = answer_with_docs(
             self.model, self.tokenizer, question, [(d.doc_id, d.title, d.text) for d in docs],
             max_new_tokens=settings.max_new_tokens, output_attentions=self.traces, pathway=pathway, bridge=pathway,
-            adapter=not base,
+            adapter=not base, answer_mode=settings.answer_mode,
         )
         timings["generate"] = (time.perf_counter() - start) * 1000
         if base:
             notices.append("Read by the base LLM (the stage-2 adapter, pathway and bridge are off while answering): "
                            "the weights the dense RAG baseline reads with.")
         trace = Trace(answer_attention=generation.attention, stop_reason=generation.stop_reason)
+        if generation.span is not None:
+            source = docs[generation.span.doc_index]
+            trace.answer_span = AnswerSpan(source.doc_id, generation.span.start, generation.span.end)
         ranking: list[str] = []
         if retrieval is not None:
             if retrieval.search is not None:
