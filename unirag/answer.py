@@ -181,5 +181,5 @@ class Answer:
         return record
 
 
-__all__ = ["Answer", "AnswerAttention", "AnswerSpan", "EvidenceSpan", "RetrievedDoc", "RoundTrace", "SelfCheckRow", "TokenWeights",
-           "Trace", "display_answer"]
+__all__ = ["Answer", "AnswerAttention", "AnswerSpan", "EvidenceSpan", "RetrievedDoc", "RoundTrace", "SelfCheckRow",
+           "TokenWeights", "Trace", "display_answer"]
