@@ -494,3 +494,49 @@ def test_shipped_trees_load_with_their_corpus_names():
         with pytest.raises(FingerprintMismatchError, match="built for another corpus: corpus 'nq'.*not for 'squad'"):
             DocidTree.load(REPO_ROOT / "checkpoints" / "nq-smollm2" / "docid_tree.json",
                            load_corpus(root / "squad" / "corpus.jsonl"))
+
+
+def test_index_out_may_not_be_the_corpus(tmp_path, capsys):
+    from unirag.cli import main
+
+    corpus = tmp_path / "corpus.jsonl"
+    original = json.dumps({"id": "d0", "title": "", "text": "some text here."}) + "\n"
+    corpus.write_text(original)
+    assert main(["index", "--corpus", str(corpus), "--out", str(corpus)]) == 2
+    assert "would overwrite" in capsys.readouterr().err
+    assert corpus.read_text() == original
+    assert main(["index", "--corpus", str(corpus), "--seed", "-1"]) == 2
+    assert "--seed must be 0 or more" in capsys.readouterr().err
+
+
+def test_merge_and_compare_refuse_an_existing_output_without_overwrite(tmp_path, capsys):
+    from unirag.cli import main
+
+    unrelated = tmp_path / "notes.txt"
+    unrelated.write_text("keep me")
+    shard = tmp_path / "shard.json"
+    shard.write_text("{}")
+    assert main(["merge", str(unrelated), str(shard)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and unrelated.read_text() == "keep me"
+    assert main(["compare", str(shard), str(shard), "--per-question", str(unrelated)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and unrelated.read_text() == "keep me"
+
+
+def test_cache_pointing_at_a_file_is_one_clear_error(tmp_path, monkeypatch):
+    from unirag.paths import cache_dir
+
+    target = tmp_path / "a-file"
+    target.write_text("x")
+    monkeypatch.setenv("UNIRAG_CACHE", str(target))
+    with pytest.raises(UniragError, match="is a file"):
+        cache_dir()
+
+
+def test_titles_are_capped_with_a_notice(tmp_path):
+    from unirag.data import MAX_TITLE_CHARS, load_corpus
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(json.dumps({"id": "d0", "title": "word " * 200_000, "text": "short text."}) + "\n")
+    corpus = load_corpus(path)
+    assert len(corpus["d0"].title) <= MAX_TITLE_CHARS and corpus["d0"].text == "short text."
+    assert any("title" in n for n in corpus.notices)

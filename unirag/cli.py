@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge = sub.add_parser("merge", help="join the eval --out files of question shards into one run")
     merge.add_argument("out", help="merged records file to write (as eval --out)")
     merge.add_argument("shards", nargs="+", help="eval --out files of the shards (same system and setting)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     merge.add_argument("--record", default=None, metavar="RUN",
                        help="append the merged run, named in plain words, to the results store")
 
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--metric", default="accuracy", choices=["accuracy", "em", "recall@1", "recall@k"])
     compare.add_argument("--per-question", default=None, metavar="OUT",
                          help="also write which questions each run got right: OUT.csv (a table) or OUT.json")
+    compare.add_argument("--overwrite", action="store_true", help="replace an existing --per-question file")
 
     # `train` owns its flags (TrainConfig); main() hands them over untouched.
     sub.add_parser("train", help="train the joint model (stage 1 then 2); see `python -m unirag train --help`",
@@ -111,10 +113,21 @@ def _positive(name: str, value: int | None) -> None:
         raise UniragError(f"--{name} must be at least 1 (got {value}).")
 
 
+def refuse_existing(name: str, path: str | Path | None, overwrite: bool) -> None:
+    """An existing output file is replaced only with --overwrite (as eval's --out)."""
+    if path and Path(path).exists() and not overwrite:
+        raise UniragError(f"{name} {path} exists; pass --overwrite to replace it, or give another name.")
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from unirag.data import load_corpus
     from unirag.docids import TreeConfig, load_or_build_tree, tree_path
+    from unirag.eval import check_output_paths
 
+    if args.seed < 0:
+        raise UniragError(f"--seed must be 0 or more (got {args.seed}).")
+    # Before reading anything: --out == the corpus would replace the corpus with the tree.
+    check_output_paths({"--out": args.out}, [args.corpus], what="inputs (the corpus)")
     corpus = load_corpus(args.corpus)
     config = TreeConfig(k=args.k, c=args.c, seed=args.seed, encoder=args.encoder or TreeConfig.encoder)
     precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
@@ -260,6 +273,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     # Before reading anything: OUT == a shard would lose that shard's records.
     check_output_paths({"OUT": args.out}, args.shards, what="shards")
+    refuse_existing("OUT", args.out, args.overwrite)
     merged = merge_runs([load_eval_file(path) for path in args.shards], names=args.shards)
     write_json_atomic(args.out, merged, indent=1)
     if args.record:
@@ -277,6 +291,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     out = getattr(args, "per_question", None)
     check_output_paths({"--per-question": out}, [args.a, args.b], what="runs")
+    refuse_existing("--per-question", out, getattr(args, "overwrite", False))
     records = [load_eval_file(path)["records"] for path in (args.a, args.b)]
     result = {"run_a": str(args.a), "run_b": str(args.b), **paired_comparison(*records, metric=args.metric)}
     if out:

@@ -23,6 +23,9 @@ MAX_QUESTION_CHARS = 2000
 # Longest passage text kept at load. The shipped corpora's longest is 4,063 characters (squad); a reader sees
 # ~8k tokens (SmolLM2), and one unbounded passage (a 1 MB line) made reading try to allocate 137 GB.
 MAX_PASSAGE_CHARS = 8000
+# Longest title kept (the reader sees "title: text"): the shipped corpora's longest is far below it, and a 1 MB
+# title made `ask` try to allocate 124 GB.
+MAX_TITLE_CHARS = 300
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*\s")
 
 log = logging.getLogger(__name__)
@@ -136,9 +139,18 @@ def truncate_passage(text: str, max_chars: int = MAX_PASSAGE_CHARS) -> str:
 
 
 def _bounded(passages: list[Passage], source: str) -> Corpus:
-    """The corpus, passages longer than MAX_PASSAGE_CHARS truncated, with one notice (and one warning) for all."""
+    """The corpus, passages longer than MAX_PASSAGE_CHARS and titles longer than MAX_TITLE_CHARS truncated, with
+    one notice (and one warning) for each kind."""
     long_ids = [p.id for p in passages if len(p.text) > MAX_PASSAGE_CHARS]
     notices = []
+    long_titles = [p.id for p in passages if len(p.title) > MAX_TITLE_CHARS]
+    if long_titles:
+        passages = [Passage(p.id, truncate_passage(p.title, MAX_TITLE_CHARS), p.text)
+                    if len(p.title) > MAX_TITLE_CHARS else p for p in passages]
+        shown = ", ".join(long_titles[:10]) + (", ..." if len(long_titles) > 10 else "")
+        notices.append(f"{len(long_titles)} title{'s' if len(long_titles) > 1 else ''} longer than "
+                       f"{MAX_TITLE_CHARS:,} characters {'were' if len(long_titles) > 1 else 'was'} truncated: {shown}")
+        log.warning("%s: %s", source, notices[-1])
     if long_ids:
         passages = [Passage(p.id, p.title, truncate_passage(p.text)) if len(p.text) > MAX_PASSAGE_CHARS else p
                     for p in passages]

@@ -15,6 +15,10 @@ def cache_dir() -> Path:
     """Root cache folder (UNIRAG_CACHE, else ~/.cache/unirag)."""
     root = os.environ.get("UNIRAG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "unirag")
     path = Path(root)
+    if path.exists() and not path.is_dir():
+        from unirag.errors import UniragError
+
+        raise UniragError(f"The cache folder {path} (UNIRAG_CACHE) is a file; point UNIRAG_CACHE at a folder.")
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -165,8 +165,8 @@ class Reader:
 
             from unirag.spans import SpanConstraint, SpanLogitsProcessor
 
-            constraints = [SpanConstraint(self.tokenizer, [p.text for p in ps], self.stop_ids) if ps else None
-                           for ps in passages]
+            constraints = [SpanConstraint(self.tokenizer, [p.text for p in ps], self.stop_ids, max_new_tokens)
+                           if ps else None for ps in passages]
             extra["logits_processor"] = LogitsProcessorList([SpanLogitsProcessor(constraints, width)])
         try:
             output = self.model.generate(

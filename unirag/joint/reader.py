@@ -86,7 +86,7 @@ def _answer_with_docs(model: JointModel, tokenizer, question: str, passages: Seq
     constraint = None
     if answer_mode == "span" and passages:
         newline = tokenizer.encode("\n", add_special_tokens=False)[-1:]
-        constraint = SpanConstraint(tokenizer, [text for _, _, text in passages], eos | set(newline))
+        constraint = SpanConstraint(tokenizer, [text for _, _, text in passages], eos | set(newline), max_new_tokens)
     ctx = torch.tensor(prompt.context_positions, dtype=torch.long, device=device)
 
     def attention_row(out) -> list[float]:
