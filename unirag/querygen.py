@@ -101,15 +101,9 @@ def encode_pair(tokenizer, title: str, text: str, style: str, question: str, wor
 
 
 def _batch(pairs: list[tuple[list[int], list[int]]], pad: int):
-    width = max(len(ids) for ids, _ in pairs)
-    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for row, (inp, lab) in enumerate(pairs):
-        ids[row, : len(inp)] = torch.tensor(inp)
-        mask[row, : len(inp)] = 1
-        labels[row, : len(lab)] = torch.tensor(lab)
-    return ids, mask, labels
+    from unirag.joint.training import pad_labelled
+
+    return pad_labelled(pairs, pad)
 
 
 def _loss(model, ids, mask, labels) -> torch.Tensor:

@@ -740,15 +740,7 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
         pairs = [_answer_example(model, tokenizer, corpus, tree, answerable[rng.randrange(len(answerable))],
                                  config.stage2_docs) for _ in range(config.stage2_answer_batch)]
         model.train()
-        width = max(len(p[0]) for p in pairs)
-        a_ids = torch.full((len(pairs), width), pad, dtype=torch.long)
-        a_mask = torch.zeros_like(a_ids)
-        labels = torch.full_like(a_ids, -100)
-        for row, (inp, lab) in enumerate(pairs):
-            a_ids[row, : len(inp)] = torch.tensor(inp)
-            a_mask[row, : len(inp)] = 1
-            labels[row, : len(lab)] = torch.tensor(lab)
-        a_ids, a_mask, labels = _to(device, a_ids, a_mask, labels)
+        a_ids, a_mask, labels = _to(device, *pad_labelled(pairs, pad))
         prepared.zero_grad(set_to_none=True)
         # The balanced mix 0.5 × answer + 0.5 × docid, one pass after the other: each forward is followed by its own
         # backward (what DDP needs); the answer pass only accumulates, the docid pass's backward averages the sum.
@@ -787,6 +779,19 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
                 save_checkpoint(model, tree, optimizer, out, state, config)
             accelerator.wait_for_everyone()
     return state
+
+
+def pad_labelled(pairs: list[tuple[list[int], list[int]]], pad: int):
+    """(ids, mask, labels) right-padded from (input ids, labels) pairs; padded labels are -100."""
+    width = max(len(ids) for ids, _ in pairs)
+    ids = torch.full((len(pairs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for row, (inp, lab) in enumerate(pairs):
+        ids[row, : len(inp)] = torch.tensor(inp)
+        mask[row, : len(inp)] = 1
+        labels[row, : len(lab)] = torch.tensor(lab)
+    return ids, mask, labels
 
 
 def held_out_split(questions: list[Question], seed: int, n: int) -> tuple[list[Question], list[Question]]:
