@@ -1,6 +1,6 @@
 """UniRAG Explorer: the joint "retrieval as reasoning" model next to vanilla dense RAG, in one page.
 
-    python app.py [--host 127.0.0.1] [--port 7860] [--precision 4bit|nf4|fp32] [--no-recovery]
+    python app.py [--host 127.0.0.1] [--port 7860] [--precision 4bit|nf4|fp32]
                   [--checkpoint-dir checkpoints]
 
 UI only: loading and answering live in `unirag.pipeline`, figures and HTML in `unirag.viz`.
@@ -16,8 +16,9 @@ import html
 import logging
 import os
 import sys
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ try:
     import pandas as pd
 
     from unirag import results as results_store
+    from unirag import studies as studies_store
     from unirag import viz
     from unirag.errors import UniragError
     from unirag.pipeline import (
@@ -86,6 +88,8 @@ CSS = """
 .ur-notice {font-size:.8rem; color:#92400e}
 .ur-error {color:#991b1b; font-size:.92rem; white-space:pre-wrap}
 .ur-card-error {border-top-color:#f87171}
+.ur-cursor {color:#94a3b8; animation:ur-blink 1s steps(2) infinite}
+@keyframes ur-blink {50% {opacity:0}}
 .ur-question {padding:.45rem .6rem; background:#faf5ff; border-radius:8px; margin-bottom:.5rem; line-height:1.9}
 .ur-top {font-weight:700; text-decoration:underline}
 .ur-doc {border:1px solid #e2e8f0; border-radius:8px; padding:.5rem .7rem; margin:.4rem 0; background:white}
@@ -127,25 +131,43 @@ CSS = """
 TOAST_SECONDS = 8  # how long a message toast stays up (an expected error is fixed by the user, not dismissed)
 
 
-def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _refuse(exc: Exception) -> Any:
     """UniragError (the user's input, e.g. an empty question) → one warning toast that expires, every output left as
     it was (gr.skip: no "Error" pill on each of them), no traceback in the log. Anything else → logged traceback
-    + a short gr.Error that expires too."""
+    + a short gr.Error that expires too (raised)."""
+    if isinstance(exc, gr.Error):
+        raise exc
+    if isinstance(exc, UniragError):
+        log.info("request refused: %s", exc)
+        gr.Warning(str(exc), duration=TOAST_SECONDS)
+        return gr.skip()
+    log.error("request failed:\n%s", "".join(traceback.format_exception(exc)))
+    raise gr.Error(f"Internal error ({type(exc).__name__}: {exc}). The server is still running.",
+                   duration=TOAST_SECONDS) from None
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A handler whose errors become toasts (`_refuse`): the server survives any request."""
 
     @functools.wraps(fn)  # keeps the signature: the API shows the real parameter names
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except UniragError as exc:
-            log.info("request refused: %s", exc)
-            gr.Warning(str(exc), duration=TOAST_SECONDS)
-            return gr.skip()
-        except Exception as exc:  # the server must survive any request
-            log.error("request failed:\n%s", traceback.format_exc())
-            raise gr.Error(f"Internal error ({type(exc).__name__}: {exc}). The server is still running.",
-                           duration=TOAST_SECONDS) from None
+        except Exception as exc:  # noqa: BLE001 - _refuse sorts them
+            return _refuse(exc)
+
+    return wrapped
+
+
+def _guard_stream(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`_guard` for a generator handler (the streamed ask): the same toasts, from the first yield to the last."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            yield from fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - _refuse sorts them
+            yield _refuse(exc)
 
     return wrapped
 
@@ -238,17 +260,60 @@ def render(comparison: Comparison, bundle) -> tuple:
 # --------------------------------------------------------------------------------------------- callbacks
 
 
-def ask(pipeline: Pipeline, corpus: str, question: str, beam_width: float | None = None, k_docs: float | None = None,
-        rag_k: float | None = None, max_new_tokens: float | None = None, joint_reader: str | None = None,
-        self_check: float | None = None, baseline: str | None = None, rounds: float | None = None,
-        evidence_lookahead: float | None = None) -> tuple:
+# The page's settings controls, in one order: the ask inputs, select_corpus's outputs and `ask` all follow it.
+PAGE_SETTINGS = ("beam_width", "k_docs", "rag_k", "max_new_tokens", "joint_reader", "self_check", "rounds",
+                 "evidence_lookahead")
+
+
+def _changes(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The page's settings as changes to the corpus's start settings (a value left None keeps the start one)."""
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(PAGE_SETTINGS))
+    if unknown:
+        raise UniragError(f"Unknown setting(s) {', '.join(unknown)}; the page has {', '.join(PAGE_SETTINGS)}.")
+    return {name: (value or None) if name == "joint_reader" else value for name, value in settings.items()}
+
+
+def ask(pipeline: Pipeline, corpus: str, question: str, settings: Mapping[str, Any] | None = None,
+        baseline: str | None = None) -> tuple:
     """Answer with both systems; returns the outputs in `render` order, the banner and the path for the tree tab.
-    A setting left out (None) is the corpus's start setting, as on the page; the baseline defaults to dense RAG."""
-    comparison = pipeline.ask(corpus, question or "", beam_width=beam_width, k_docs=k_docs, rag_k=rag_k,
-                              max_new_tokens=max_new_tokens, joint_reader=joint_reader or None,
-                              self_check=self_check, baseline=baseline or "rag", rounds=rounds,
-                              evidence_lookahead=evidence_lookahead)
+    `settings`: PAGE_SETTINGS values; one left out (or None) is the corpus's start setting, as on the page; the
+    baseline (None) is the corpus's start baseline (the store's best, `CorpusBundle.baseline_default`)."""
+    comparison = pipeline.ask(corpus, question or "", baseline=baseline or None, **_changes(settings))
     return (*render(comparison, pipeline.bundle(corpus)), banner_html(pipeline), last_docid(comparison), comparison)
+
+
+STREAM_OUTPUTS = 13  # len(ask_outputs): render's 10, the banner, the tree tab's path, the comparison
+TOKEN_REFRESH_S = 0.15  # the fastest a streamed answer card is redrawn (each redraw is a websocket message)
+
+
+def ask_live(pipeline: Pipeline, corpus: str, question: str, settings: Mapping[str, Any] | None = None,
+             baseline: str | None = None):
+    """`ask`, streamed: the docid path plot as the search decides each level, both answer cards as their tokens
+    come, then every output as `ask` returns them (the last yield is `ask`'s result)."""
+    changes = _changes(settings)
+    bundle = pipeline.bundle(corpus)
+    baseline = baseline or bundle.baseline_default
+    reader = " · base LLM reads" if (changes.get("joint_reader") or bundle.settings.joint_reader) == "base" else ""
+    titles = {"joint": (f"Joint model · retrieval as reasoning{reader}", viz.JOINT_COLOR),
+              "rag": (BASELINES.get(baseline, baseline), viz.RAG_COLOR)}
+    drawn: dict[str, float] = {}
+    for item in pipeline.ask_stream(corpus, question or "", baseline=baseline, **changes):
+        if isinstance(item, Comparison):
+            yield (*render(item, bundle), banner_html(pipeline), last_docid(item), item)
+            return
+        updates: list[Any] = [gr.skip()] * STREAM_OUTPUTS
+        if item.kind == "level" and item.side == "joint":
+            updates[2] = viz.search_progress_figure(item.data["paths"], bundle.tree, item.data["level"])
+        elif item.kind == "token" and item.side in titles:
+            now = time.monotonic()
+            if now - drawn.get(item.side, 0.0) < TOKEN_REFRESH_S:
+                continue
+            drawn[item.side] = now
+            updates[1 if item.side == "joint" else 6] = viz.streaming_card_html(*titles[item.side], item.data)
+        else:
+            continue
+        yield tuple(updates)
 
 
 def _answers(comparison: Comparison | None) -> dict:
@@ -356,16 +421,17 @@ def tree_view(pipeline: Pipeline, corpus: str, last: dict | None) -> tuple:
 
 
 def select_corpus(pipeline: Pipeline, corpus: str) -> tuple:
-    """Load a corpus (lazily) and refresh its examples, tree and cluster list, and set the joint settings to the
-    checkpoint's recommended ones for the app's precision (beam width, documents selected, self-check, reader,
-    rounds, evidence lookahead)."""
+    """Load a corpus (lazily) and refresh its examples, tree and cluster list; start the baseline on the store's
+    best row and every PAGE_SETTINGS control on the corpus's start settings (the checkpoint's recommended ones for
+    the app's precision), so the page and the API's None agree. Outputs: examples, tree, cluster list, cluster
+    documents, banner, baseline, then one per PAGE_SETTINGS name (`page_settings_of` reads them back)."""
     try:
         bundle = pipeline.bundle(corpus)
     except UniragError:
         empty = viz.empty_figure("Corpus not loaded (see the message above).", "Corpus tree", 300)
         return (gr.Dataset(samples=[]), empty, gr.Dropdown(choices=[], value=None),
-                '<div class="ur-empty">Corpus not loaded.</div>', banner_html(pipeline), gr.skip(), gr.skip(),
-                gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+                '<div class="ur-empty">Corpus not loaded.</div>', banner_html(pipeline), gr.skip(),
+                *(gr.skip() for _ in PAGE_SETTINGS))
     choices = viz.cluster_choices(bundle.tree, max_depth=3)
     start = pipeline.start_settings(corpus)
     return (
@@ -374,15 +440,14 @@ def select_corpus(pipeline: Pipeline, corpus: str) -> tuple:
         gr.Dropdown(choices=choices, value=""),
         cluster_docs(pipeline, corpus, ""),
         banner_html(pipeline),
-        gr.Slider(value=start.rag_k),  # every setting the API's None stands for, so page and API agree
-        gr.Slider(value=start.max_new_tokens),
-        gr.Slider(value=start.beam_width),
-        gr.Slider(value=start.k_docs),
-        gr.Slider(value=start.self_check),
-        gr.Radio(value=start.joint_reader),
-        gr.Slider(value=start.rounds),
-        gr.Slider(value=start.evidence_lookahead),
+        gr.update(value=bundle.baseline_default, info=bundle.baseline_reason or None),
+        *((gr.Radio if name == "joint_reader" else gr.Slider)(value=getattr(start, name)) for name in PAGE_SETTINGS),
     )
+
+
+def page_settings_of(outputs: Sequence[Any]) -> dict[str, Any]:
+    """{setting: its control's update} from `select_corpus`'s outputs."""
+    return dict(zip(PAGE_SETTINGS, outputs[-len(PAGE_SETTINGS):], strict=True))
 
 
 def cluster_docs(pipeline: Pipeline, corpus: str, prefix: str | None) -> str:
@@ -406,7 +471,8 @@ def evaluation(pipeline: Pipeline, corpus: str | None = None, precision: str | N
         rows = results_store.load_store()
     except UniragError as exc:  # a hand-edited store with a bad row: say where, keep the page up
         return viz.message_html(str(exc), "warn"), pd.DataFrame([], columns=viz.EVAL_HEADERS), viz.eval_figure([])
-    picked = results_store.table(rows, corpus, precision, split, shipped=None)  # older models last
+    against = page_baseline_run(pipeline, rows, corpus, precision)
+    picked = results_store.table(rows, corpus, precision, split, shipped=None, against=against)  # older models last
     if not picked:
         note = viz.message_html(
             f"No runs for {corpus}/{split} in {precision} in `{results_store.default_store()}`. "
@@ -414,9 +480,35 @@ def evaluation(pipeline: Pipeline, corpus: str | None = None, precision: str | N
     else:
         note = (f'<div class="ur-muted">{len(picked)} run(s) of {html.escape(corpus)}/{html.escape(split)} in '
                 f"{html.escape(precision)} from the results store (<code>results/{html.escape(corpus)}.jsonl</code>; "
-                "docs/RESULTS.md is generated from it).</div>")
+                "docs/RESULTS.md is generated from it). p: the sign test against the page's baseline, "
+                f"<b>{html.escape(against or 'none in the store yet')}</b>, where both runs stored their "
+                "per-question outcomes.</div>")
     table = pd.DataFrame(viz.eval_rows(picked), columns=viz.EVAL_HEADERS)
-    return note, table, viz.eval_figure(picked, f"{corpus}/{split}, {precision}: accuracy and R@1")
+    return note, table, viz.eval_figure(picked, f"{corpus}/{split}, {precision}: F1 and R@1")
+
+
+def page_baseline_run(pipeline: Pipeline, rows: list[dict], corpus: str, precision: str) -> str | None:
+    """The store run the page's right-hand side starts from for this corpus and precision (None before the corpus
+    is loaded, or when the store has no baseline row for it)."""
+    from unirag.pipeline import best_baseline
+
+    bundle = pipeline.loaded(corpus)
+    if bundle is None:
+        return None
+    best = best_baseline([r for r in rows if r["corpus"] == corpus], precision, bundle.corpus.fingerprint)
+    return best["run"] if best else None
+
+
+def split_with_runs(corpus: str | None, precision: str | None, split: str, pipeline: Pipeline) -> str:
+    """`split` when the store has runs of it for this corpus and precision, else the split with the most runs:
+    each corpus opens on a table, not on "No runs"."""
+    try:
+        rows = results_store.load_store()
+    except UniragError:
+        return split
+    counts = {s: len(results_store.table(rows, corpus or "nq", precision or pipeline.config.precision, s,
+                                         shipped=None)) for s in results_store.SPLITS}
+    return split if counts.get(split) or not any(counts.values()) else max(counts, key=counts.get)
 
 
 def studies() -> tuple:
@@ -426,10 +518,10 @@ def studies() -> tuple:
         rows = results_store.load_store()
     except UniragError as exc:
         return viz.message_html(str(exc), "warn"), viz.gr_vs_dr_figure([])
-    localization = results_store.render_localization(rows) or "No localization runs yet (`python -m " \
+    localization = studies_store.render_localization(rows) or "No localization runs yet (`python -m " \
         "benchmarks.localization --record`)."
-    scaling = results_store.render_gr_vs_dr(rows)
-    trend = results_store.render_gr_vs_dr_trend(rows)
+    scaling = studies_store.render_gr_vs_dr(rows)
+    trend = studies_store.render_gr_vs_dr_trend(rows)
     text = (f"### Localization: is the top-ranked sentence the answer sentence?\n\n{localization}\n\n"
             f"### Generative vs dense retrieval as the corpus grows\n\n{scaling}\n\n{trend}\n\n"
             "How these were measured, and what they say: docs/RESULTS.md.")
@@ -438,7 +530,7 @@ def studies() -> tuple:
 
 def about_markdown(pipeline: Pipeline) -> str:
     try:
-        cost = results_store.quantization_cost(results_store.load_store(), recovered_only=True)
+        cost = studies_store.quantization_cost(results_store.load_store(), recovered_only=True)
     except UniragError:
         cost = []
     cost_text = "\n".join(f"  - {line}" for line in cost) if cost else (
@@ -481,7 +573,7 @@ reciprocal rank, or for dense + self-check: the dense top N re-ranked by the joi
 weight, passage cache and reader as the joint side), which isolates what the docid search adds.
 
 ### This deployment
-- Precision: **{pipeline.config.precision_label}** (`--precision fp32` for full precision, `--no-recovery` for
+- Precision: **{pipeline.config.precision_label}** (`--precision fp32` for full precision, `--precision nf4` for
   bitsandbytes NF4 without the recovery).
 - LLM: **{pipeline.status()["llm"]}**, encoder: **{pipeline.status()["encoder"]}**.
 - {sides}
@@ -534,6 +626,128 @@ def recommended_markdown(pipeline: Pipeline) -> str:
 # --------------------------------------------------------------------------------------------- layout
 
 
+# --------------------------------------------------------------------------------------------- your passages
+# The "Your passages" tab: UI only; parsing, the session's systems and the build queue are unirag.uploads/build.
+
+BM25_COLOR = "#0f766e"
+YOURS_INTRO = ("**Your own passages.** Upload or paste them: dense and BM25 RAG answer at once; the joint model "
+               "needs its docid model trained on them first (the recipe of `python -m unirag build`, in the "
+               "background, one training at a time on this machine). Your passages stay in this browser session's "
+               "own temporary folder, deleted when the session ends.")
+
+
+def yours_progress_html(status: Mapping[str, Any] | None) -> str:
+    from unirag.uploads import describe_build
+
+    if status is None:
+        return ""
+    line, fraction = describe_build(dict(status))
+    bar = (f'<progress value="{fraction:.3f}" max="1" style="width:100%"></progress>'
+           if fraction is not None else "")
+    kind = {"failed": "error", "cancelled": "warn"}.get(status["state"], "info")
+    return f'<div class="ur-msg ur-msg-{kind}" id="ur-yours-progress-line">{html.escape(line)}{bar}</div>'
+
+
+def yours_cards(answers: Mapping[str, Any]) -> tuple[str, str, str]:
+    """Each side's answer card and the passages it read (or why it cannot answer yet)."""
+    from unirag.uploads import SIDES
+
+    colors = {"joint": viz.JOINT_COLOR, "rag": viz.RAG_COLOR, "bm25": BM25_COLOR}
+    cards = []
+    for side in ("joint", "rag", "bm25"):
+        found = answers.get(side)
+        if isinstance(found, str) or found is None:
+            cards.append(viz.answer_card_html(None, SIDES[side], colors[side], error=found))
+        else:
+            cards.append(viz.answer_card_html(found, SIDES[side], colors[side]) + viz.documents_html(found))
+    return tuple(cards)
+
+
+def yours_use(yours: Any, session: str, path: str | None, text: str | None) -> str:
+    """Parse and load the session's passages; the status line (an error box for a bad upload, the page stays)."""
+    from unirag.build import default_estimate
+    from unirag.uploads import LIMITS, parse_upload, read_upload
+
+    try:
+        if path:
+            upload = read_upload(path)
+        elif text and text.strip():
+            upload = parse_upload(text)
+        else:
+            raise UniragError(f"Upload a file or paste passages first ({LIMITS}).")
+        state = yours.use(session, upload)
+    except UniragError as exc:
+        return viz.message_html(str(exc), "error")
+    minutes = max(1, round(default_estimate(len(state.corpus)) / 60))
+    notes = " ".join(upload.notices + state.corpus.notices)
+    return viz.message_html(f"{len(state.corpus)} passages ready ({upload.format}). Dense and BM25 answer now; "
+                            f"training the docid model takes about {minutes} min here. {notes}".strip(), "info")
+
+
+def your_passages_tab(yours: Any, demo: gr.Blocks) -> None:
+    """The tab and its events; `demo.unload` and the state's delete callback end the session's folder and build."""
+    from unirag.uploads import LIMITS
+
+    with gr.Tab("Your passages", id="yours"):
+        gr.Markdown(YOURS_INTRO + f" Limits: {LIMITS}.")
+        session = gr.State(None, delete_callback=lambda key: key and yours.close(key))
+        with gr.Row(equal_height=True):
+            # Any file type: a PDF or image reaches the validator, which says what it is (not a silent refusal).
+            upload = gr.File(label="Upload (JSONL: id, title, text; or plain text)", type="filepath",
+                             elem_id="ur-yours-file")
+            paste = gr.Textbox(label="…or paste passages (one a paragraph, blank lines between)", lines=6,
+                               elem_id="ur-yours-paste")
+        use_btn = gr.Button("Use these passages", variant="primary", elem_id="ur-yours-use")
+        status = gr.HTML("", elem_id="ur-yours-status")
+        with gr.Row(equal_height=True):
+            question = gr.Textbox(label="A question on your passages", scale=4, max_length=MAX_QUESTION_CHARS,
+                                  elem_id="ur-yours-question")
+            ask_btn = gr.Button("Ask", variant="primary", scale=1, elem_id="ur-yours-ask")
+        with gr.Row(equal_height=False):
+            cards = [gr.HTML("", elem_id=f"ur-yours-{side}") for side in ("joint", "rag", "bm25")]
+        with gr.Row(equal_height=True):
+            train_btn = gr.Button("Train the docid model", scale=1, elem_id="ur-yours-train")
+            progress = gr.HTML("", elem_id="ur-yours-progress")
+        download = gr.File(label="Your docid model (zip: checkpoint + corpus; `python -m unirag ask --checkpoint`)",
+                           interactive=False, elem_id="ur-yours-download")
+        timer = gr.Timer(2.0, active=False)
+
+    def on_use(path, text, request: gr.Request):
+        key = request.session_hash
+        return key, yours_use(yours, key, path, text), *yours_cards({}), "", None, gr.Timer(active=False)
+
+    def on_ask(key, text):
+        try:
+            return yours_cards(yours.ask(key, text))
+        except UniragError as exc:
+            return _refuse(exc)
+
+    def on_train(key):
+        try:
+            return yours_progress_html(yours.train(key)), gr.Timer(active=True)
+        except UniragError as exc:
+            return viz.message_html(str(exc), "error"), gr.Timer(active=False)
+
+    def on_tick(key):
+        status = yours.queue.status(key) if key else None
+        active = status is not None and status["state"] in ("queued", "waiting", "running")
+        archive = None
+        if status is not None and status["state"] == "done" and yours.joint_ready(key):
+            archive = str(yours.archive(key))
+        return yours_progress_html(status), gr.Timer(active=active), archive if archive else gr.skip()
+
+    use_btn.click(on_use, [upload, paste], [session, status, *cards, progress, download, timer], api_name=False,
+                  concurrency_id="models")
+    ask_btn.click(on_ask, [session, question], cards, api_name=False, concurrency_id="models")
+    question.submit(on_ask, [session, question], cards, api_name=False, concurrency_id="models")
+    train_btn.click(on_train, session, [progress, timer], api_name=False)
+    timer.tick(on_tick, session, [progress, timer, download], api_name=False, show_progress="hidden")
+    def on_unload(request: gr.Request):  # the tab closed: no 60-minute wait for the state's delete callback
+        yours.close(request.session_hash)
+
+    demo.unload(on_unload)
+
+
 def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
     corpora = list(pipeline.config.corpora)
     default_corpus = default_corpus if default_corpus in corpora else corpora[0]
@@ -547,7 +761,7 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
         # the corpus is loaded (the sliders' build-time values may still be the library defaults).
         with gr.Row(visible=False):
             api_settings = [gr.Number(None, label=name, visible=False) for name in
-                            ("beam_width", "docs_selected", "rag_k", "max_new_tokens")]
+                            ("beam_width", "k_docs", "rag_k", "max_new_tokens")]
             api_reader = gr.Dropdown(list(JOINT_READERS), value=None, label="joint_reader", visible=False)
             api_self_check = gr.Number(None, label="self_check", visible=False)
             api_baseline = gr.Dropdown(list(BASELINES), value=None, label="baseline", visible=False)
@@ -566,11 +780,15 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                               lines=1, max_length=MAX_QUESTION_CHARS, elem_id="ur-question",
                                               info=f"Up to {MAX_QUESTION_CHARS:,} characters; longer input is cut.")
                         counter = gr.HTML(viz.char_counter_html(0, MAX_QUESTION_CHARS), elem_id="ur-counter")
+                    baseline = gr.Dropdown([(label, name) for name, label in BASELINES.items()], value="rag",
+                                           label="Baseline (right side)", elem_id="ur-baseline", scale=1,
+                                           min_width=200,
+                                           info="Dense + self-check needs Self-check ≥ 2 (Advanced settings).")
                     ready = not _loading(pipeline, default_corpus)
                     ask_btn = gr.Button(ASK_LABEL if ready else LOADING_LABEL, variant="primary", scale=1,
                                         min_width=160, elem_id="ur-ask", interactive=ready)
                 examples = gr.Dataset(components=[question], samples=[], label="Examples from the dev split "
-                                      "(click one: gold passage and answer are then checked)", samples_per_page=6,
+                                      "(click one: gold passage and answer are then checked)", samples_per_page=4,
                                       elem_id="ur-examples")
                 with gr.Accordion("Advanced settings", open=False):
                     with gr.Row():
@@ -608,6 +826,43 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                                                    "the question, so the evidence heads for relevant text. Slower.",
                                                    elem_id="ur-lookahead")
                 gold_info = gr.HTML("", elem_id="ur-gold", label="gold check")
+                with gr.Row(equal_height=False):
+                    with gr.Column(elem_classes=["ur-col-joint"]):
+                        # Titles above the cards, their explanations below: the answers fit a 1400x900 screen.
+                        gr.HTML('<div class="ur-col-title">Retrieval as reasoning (joint model)</div>')
+                        joint_card = gr.HTML(viz.answer_card_html(None, "Joint model", viz.JOINT_COLOR),
+                                             elem_id="ur-joint-answer", label="joint answer")
+                        joint_cite = gr.HTML("", elem_id="ur-joint-cite", label="joint citation")
+                        gr.HTML('<div class="ur-col-help">The LLM writes a docid one level at a time: at each level '
+                                'of the cluster tree it scores the candidate clusters (circles, size = probability) '
+                                'and a beam search keeps the best paths. A finished path scores its log-probability '
+                                'plus how well the document itself matches the question; the best documents are '
+                                'read.</div>')
+                        joint_path = gr.Plot(show_label=False, elem_id="ur-joint-path", label="joint docid path")
+                        joint_beams = gr.Dataframe(pd.DataFrame([], columns=viz.BEAM_HEADERS),
+                                                   label="Beams: every finished docid path, best first",
+                                                   interactive=False, max_height=320, elem_id="ur-beams", wrap=True,
+                                                   column_widths=viz.BEAM_WIDTHS)
+                        gr.HTML(f'<div class="ur-muted ur-beam-help">{viz.BEAM_HELP}</div>')
+                        joint_docs = gr.HTML("", elem_id="ur-joint-docs", label="joint documents")
+                        joint_heat = gr.Plot(show_label=False, elem_id="ur-joint-heat", label="joint attention")
+                    with gr.Column(elem_classes=["ur-col-rag"]):
+                        gr.HTML('<div class="ur-col-title">Baseline RAG</div>')
+                        rag_card = gr.HTML(viz.answer_card_html(None, "Dense RAG", viz.RAG_COLOR),
+                                           elem_id="ur-rag-answer", label="rag answer")
+                        rag_cite = gr.HTML("", elem_id="ur-rag-cite", label="rag citation")
+                        gr.HTML('<div class="ur-col-help">Dense RAG: a bi-encoder embeds the question; the k passages '
+                                'with the highest cosine similarity are pasted into the prompt of the same LLM. BM25 '
+                                'and hybrid (dense and BM25 fused by reciprocal rank) read the same way; dense + '
+                                'self-check re-ranks the dense top N with the joint model\'s self-check and reads as '
+                                'the joint model does. Evidence (RetroLLM-style): the base LLM writes evidence that '
+                                'must be a passage of the joint search\'s documents (an FM-index constrains each '
+                                'token), then answers from it alone; its card marks the evidence in its '
+                                'document.</div>')
+                        rag_bars = gr.Plot(show_label=False, elem_id="ur-rag-bars", label="rag passage scores")
+                        rag_docs = gr.HTML("", elem_id="ur-rag-docs", label="rag documents")
+                        rag_heat = gr.Plot(show_label=False, elem_id="ur-rag-heat", label="rag attention")
+
                 with gr.Accordion("What if? Re-ask without one of the documents, or with another one", open=False,
                                   elem_id="ur-reask"):
                     with gr.Row(equal_height=True):
@@ -620,44 +875,6 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                     reask_note = gr.HTML('<div class="ur-muted">Both sides re-read the question from their changed '
                                          'documents, without a new retrieval: how much does the answer depend on '
                                          'one document?</div>', elem_id="ur-reask-note")
-                with gr.Row(equal_height=False):
-                    with gr.Column(elem_classes=["ur-col-joint"]):
-                        gr.HTML('<div class="ur-col-title">Retrieval as reasoning (joint model)</div><div '
-                                'class="ur-col-help">The LLM writes a docid one level at a time: at each level of the '
-                                'cluster tree it scores the candidate clusters (circles, size = probability) and a '
-                                'beam search keeps the best paths. A finished path scores its log-probability plus how '
-                                'well the document itself matches the question; the best documents are read.</div>')
-                        joint_card = gr.HTML(viz.answer_card_html(None, "Joint model", viz.JOINT_COLOR),
-                                             elem_id="ur-joint-answer", label="joint answer")
-                        joint_cite = gr.HTML("", elem_id="ur-joint-cite", label="joint citation")
-                        joint_path = gr.Plot(show_label=False, elem_id="ur-joint-path", label="joint docid path")
-                        joint_beams = gr.Dataframe(pd.DataFrame([], columns=viz.BEAM_HEADERS),
-                                                   label="Beams: every finished docid path, best first",
-                                                   interactive=False, max_height=320, elem_id="ur-beams", wrap=True,
-                                                   column_widths=viz.BEAM_WIDTHS)
-                        gr.HTML(f'<div class="ur-muted ur-beam-help">{viz.BEAM_HELP}</div>')
-                        joint_docs = gr.HTML("", elem_id="ur-joint-docs", label="joint documents")
-                        joint_heat = gr.Plot(show_label=False, elem_id="ur-joint-heat", label="joint attention")
-                    with gr.Column(elem_classes=["ur-col-rag"]):
-                        gr.HTML('<div class="ur-col-title">Baseline RAG</div><div class="ur-col-help">Dense RAG: a '
-                                'bi-encoder embeds the question; the k passages with the highest cosine similarity '
-                                'are pasted into the prompt of the same LLM. BM25 and hybrid (dense and BM25 fused by '
-                                'reciprocal rank) read the same way; dense + self-check re-ranks the dense top N with '
-                                'the joint model\'s self-check and reads as the joint model does. Evidence '
-                                '(RetroLLM-style): the base LLM writes evidence that must be a passage of the joint '
-                                'search\'s documents (an FM-index constrains each token), then answers from it '
-                                'alone; its card marks the evidence in its document.</div>')
-                        baseline = gr.Dropdown([(label, name) for name, label in BASELINES.items()], value="rag",
-                                               label="Baseline", elem_id="ur-baseline",
-                                               info="Dense + self-check needs Self-check ≥ 2 (Advanced settings); "
-                                                    "both sides then re-rank the same way.")
-                        rag_card = gr.HTML(viz.answer_card_html(None, "Dense RAG", viz.RAG_COLOR),
-                                           elem_id="ur-rag-answer", label="rag answer")
-                        rag_cite = gr.HTML("", elem_id="ur-rag-cite", label="rag citation")
-                        rag_bars = gr.Plot(show_label=False, elem_id="ur-rag-bars", label="rag passage scores")
-                        rag_docs = gr.HTML("", elem_id="ur-rag-docs", label="rag documents")
-                        rag_heat = gr.Plot(show_label=False, elem_id="ur-rag-heat", label="rag attention")
-
                 with gr.Accordion("Explain the answers: attention per document and per answer token, latency "
                                   "per stage", open=True, elem_id="ur-explain"):
                     with gr.Row(equal_height=False):
@@ -693,7 +910,7 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                 eval_table = gr.Dataframe(pd.DataFrame([], columns=viz.EVAL_HEADERS), interactive=False,
                                           label="Runs (results store)", wrap=True)
                 gr.Markdown(results_store.METRIC_DEFINITIONS, elem_id="ur-eval-metrics")
-                eval_plot = gr.Plot(label="Accuracy and R@1")
+                eval_plot = gr.Plot(label="F1 and R@1")
                 with gr.Accordion("Localization and scaling (GR vs DR)", open=False, elem_id="ur-studies"):
                     studies_text = gr.Markdown("")
                     studies_plot = gr.Plot(label="R@1 against corpus size")
@@ -714,26 +931,37 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                     run_table = gr.Dataframe(interactive=False, wrap=True, max_height=420, label="Per question")
                     run_files = gr.File(label="Download (CSV, JSON)", file_count="multiple", interactive=False)
 
+            from unirag.uploads import YourPassages
+
+            your_passages_tab(YourPassages(pipeline), demo)
+
             with gr.Tab("About", id="about"):
                 about = gr.Markdown(about_markdown(pipeline))
 
         ask_outputs = [gold_info, joint_card, joint_path, joint_beams, joint_docs, joint_heat, rag_card, rag_bars,
                        rag_docs, rag_heat, banner, last]
         ask_outputs += [view]
-        ask_inputs = [corpus, question, beam_width, k_docs, rag_k, max_new, joint_reader, self_check, baseline,
-                      rounds, evidence_lookahead]
+        controls = {"beam_width": beam_width, "k_docs": k_docs, "rag_k": rag_k, "max_new_tokens": max_new,
+                    "joint_reader": joint_reader, "self_check": self_check, "rounds": rounds,
+                    "evidence_lookahead": evidence_lookahead}
+        ask_inputs = [corpus, question, baseline, *(controls[name] for name in PAGE_SETTINGS)]
 
-        def on_ask(corpus: str, question: str, beam_width: float | None = None, docs_selected: float | None = None,
-                   rag_k: float | None = None, max_new_tokens: float | None = None, reader: str | None = None,
+        def on_ask(corpus: str, question: str, beam_width: float | None = None, k_docs: float | None = None,
+                   rag_k: float | None = None, max_new_tokens: float | None = None, joint_reader: str | None = None,
                    self_check: float | None = None, baseline: str | None = None, rounds: float | None = None,
                    evidence_lookahead: float | None = None):
             """Ask both systems one question. A setting left out (None) is the corpus's start setting: the
             checkpoint's recommended value for the app's precision, the value the page starts from. baseline: the
-            right-hand system (rag, bm25, hybrid, rag-selfcheck or evidence; None = rag). rounds: the joint model's
-            rounds of retrieval and answering (1-3). evidence_lookahead: the evidence baseline's forward-looking
-            weight (0-32)."""
-            return ask(pipeline, corpus, question, beam_width, docs_selected, rag_k, max_new_tokens, reader,
-                       self_check, baseline, rounds, evidence_lookahead)
+            right-hand system (rag, bm25, hybrid, rag-selfcheck or evidence; None = the corpus's start baseline, the
+            results store's best). rounds: the joint model's rounds of retrieval and answering (1-3).
+            evidence_lookahead: the evidence baseline's forward-looking weight (0-32)."""
+            settings = {"beam_width": beam_width, "k_docs": k_docs, "rag_k": rag_k,
+                        "max_new_tokens": max_new_tokens, "joint_reader": joint_reader, "self_check": self_check,
+                        "rounds": rounds, "evidence_lookahead": evidence_lookahead}
+            return ask(pipeline, corpus, question, settings, baseline)
+
+        def on_ask_live(corpus: str, question: str, baseline: str | None, *values: Any):
+            yield from ask_live(pipeline, corpus, question, dict(zip(PAGE_SETTINGS, values, strict=True)), baseline)
 
         def on_tree_tab(corpus_name, last_path):
             return tree_view(pipeline, corpus_name, last_path)
@@ -750,29 +978,38 @@ def build_demo(pipeline: Pipeline, default_corpus: str = "nq") -> gr.Blocks:
                     gr.Button(ASK_LABEL if ready else LOADING_LABEL, interactive=ready))
 
         def on_eval(corpus_name, precision, split):
-            return (*evaluation(pipeline, corpus_name, precision, split), about_markdown(pipeline), *studies())
+            shown = split_with_runs(corpus_name, precision, split, pipeline)
+            # gr.skip() when unchanged: setting the radio would fire its change event again.
+            return (*evaluation(pipeline, corpus_name, precision, shown), about_markdown(pipeline), *studies(),
+                    gr.skip() if shown == split else gr.update(value=shown))
 
         def on_example(sample):
             return sample[0] if isinstance(sample, (list, tuple)) else sample
 
-        corpus_outputs = [examples, tree_plot, cluster, cluster_html, banner, rag_k, max_new, beam_width, k_docs,
-                          self_check, joint_reader, rounds, evidence_lookahead]
+        corpus_outputs = [examples, tree_plot, cluster, cluster_html, banner, baseline,
+                          *(controls[name] for name in PAGE_SETTINGS)]
         on_ask_safe = _guard(on_ask)
-        ask_btn.click(on_ask_safe, ask_inputs, ask_outputs, api_name=False, concurrency_id="models")
+        # The page streams (the path plot level by level, the answers token by token); the API answers in one call.
+        on_ask_live_safe = _guard_stream(on_ask_live)
+        # Asks from several users run at once: the pipeline batches them through the models (unirag.batching).
+        asks = {"concurrency_id": "ask", "concurrency_limit": pipeline.ask_concurrency}
+        ask_btn.click(on_ask_live_safe, ask_inputs, ask_outputs, api_name=False, **asks)
         api_ask.click(on_ask_safe, [corpus, question, *api_settings, api_reader, api_self_check, api_baseline,
                                     api_rounds, api_lookahead],
                       ask_outputs,
-                      api_name="ask", concurrency_id="models")
+                      api_name="ask", **asks)
         # The character counter runs in the browser: no request per keystroke.
         question.change(None, question, counter, js=viz.CHAR_COUNTER_JS.replace("LIMIT", str(MAX_QUESTION_CHARS)),
                         api_name=False, queue=False, show_progress="hidden")
-        question.submit(on_ask_safe, ask_inputs, ask_outputs, api_name=False, concurrency_id="models")
-        examples.click(on_example, examples, question, api_name=False, queue=False)
+        question.submit(on_ask_live_safe, ask_inputs, ask_outputs, api_name=False, **asks)
+        # One click on an example asks it (its gold passage and answer are then checked).
+        examples.click(on_example, examples, question, api_name=False, queue=False).then(
+            on_ask_live_safe, ask_inputs, ask_outputs, api_name=False, **asks)
         corpus.change(lambda: gr.Timer(active=True), None, timer, api_name=False, queue=False).then(
             _guard(on_corpus), corpus, corpus_outputs, api_name=False, concurrency_id="models")
         demo.load(_guard(on_corpus), corpus, corpus_outputs, api_name=False)
         eval_inputs, eval_outputs = [eval_corpus, eval_precision, eval_split], [eval_note, eval_table, eval_plot, about,
-                                                                        studies_text, studies_plot]
+                                                                        studies_text, studies_plot, eval_split]
         demo.load(on_eval, eval_inputs, eval_outputs, api_name=False)
         timer.tick(on_tick, corpus, [banner, timer, ask_btn], api_name=False, queue=False, show_progress="hidden")
         cluster.change(_guard(on_cluster), [corpus, cluster], cluster_html, api_name=False)
@@ -816,8 +1053,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default: UNIRAG_PORT, else 7860")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="base LLM precision (default: UNIRAG_PRECISION or 4bit: HQQ 4-bit, the recovered one)")
-    parser.add_argument("--no-recovery", action="store_true",
-                        help="4-bit without the recovery: bitsandbytes NF4 (the same as --precision nf4)")
+    parser.add_argument("--no-recovery", action="store_true", help=argparse.SUPPRESS)  # older: --precision nf4
     parser.add_argument("--llm", default=None,
                         help="hub id or folder of the base LLM (default: UNIRAG_LLM or the embedded SmolLM2)")
     parser.add_argument("--encoder", default=None, help="bi-encoder: hub id, 'dpr' or empty for the embedded MiniLM")
@@ -826,7 +1062,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "it exists, else the repo's bundled data/)")
     parser.add_argument("--corpus", default="nq", choices=list(CORPUS_LABELS), help="corpus shown (and loaded) first")
     parser.add_argument("--concurrency", type=int, default=int(os.environ.get("UNIRAG_CONCURRENCY", "0")) or None,
-                        help="questions answered at once (default: 1 below 4 usable cores, else 2; see docs/space.md)")
+                        help="other model events at once: re-asks, corpus loads, Your passages (default: 1 below 4 "
+                        "usable cores, else 2); asks are batched (UNIRAG_MAX_BATCH; see docs/space.md)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("UNIRAG_THREADS", "0")) or None,
                         help="torch CPU threads (default: usable cores from the cgroup CPU quota - 1, leaving one for "
                         "the web server, split between the two sides when they run at once; OMP_NUM_THREADS is "

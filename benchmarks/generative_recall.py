@@ -11,19 +11,26 @@ on the real dev questions in minutes. The documents are the model's own distinct
 score (path log-probability plus the document-level match), exactly as the app and
 `python -m unirag eval --system joint` retrieve them.
 
-    python -m benchmarks.generative_recall --checkpoint checkpoints/nq-smollm2 --dataset nq [--load-in-4bit]
+    python -m benchmarks.generative_recall --checkpoint checkpoints/nq-smollm2 --dataset nq [--precision 4bit]
+
+A training lever's dev row goes to the results store with `--store "NAME"` (the run "docid search lever: NAME",
+with the checkpoint's training settings, stage-1 wall time, examples and held-out curve); `--records F` keeps each
+question's ranking, and `--against F RUN` adds the paired sign test on R@1 against another run's records:
+
+    python -m benchmarks.generative_recall --checkpoint runs/ckpt/nq-kl --dataset nq --records runs/kl.json \
+        --store "dense distillation at every level, 8 epochs" --against runs/shipped.json "shipped nq-smollm2"
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-from unirag.cli import add_precision_flags
+from unirag.cli import add_precision_flags, precision_of
 from unirag.joint.selfcheck import rerank
-from unirag.settings import precision_from_flags
 
 SWEEP_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 1e6)  # 0: the search's order; 1e6: the likelihood alone
 
@@ -47,6 +54,74 @@ def self_checked_recall(system, questions, settings) -> tuple[dict[str, float], 
             {"doc_id": t.doc_id, "search_rank": t.search_rank, "search_score": t.search_score,
              "question_logprob": t.question_logprob} for t in candidates]})
     return {**{f"recall@{k}": round(hits[k] / max(len(questions), 1), 4) for k in ks}, "n": len(questions)}, records
+
+
+def searched_recall(model, tokenizer, tree, questions, beam_width: int, rescore: bool,
+                    ks: tuple[int, ...] = (1, 3, 10)) -> tuple[dict, list[dict]]:
+    """R@k of the docid search alone, and each question's record: id, gold, the documents found (best first)."""
+    from tqdm.auto import tqdm
+
+    from unirag.joint.search import search_docids
+
+    records = []
+    model.eval()
+    for q in tqdm(questions, desc="docid search", unit="q"):
+        beams = search_docids(model, tokenizer, q.question, tree, beam_width, max(ks), pathway=True,
+                              bridge=model.reader_trained, rescore=rescore).beams
+        records.append({"id": q.id, "gold": q.doc_id, "found": [b.doc_id for b in beams]})
+    n = max(len(questions), 1)
+    recall = {f"recall@{k}": round(sum(r["gold"] in r["found"][:k] for r in records) / n, 4) for k in ks}
+    return {**recall, "n": len(questions)}, records
+
+
+def hits_at_1(records: list[dict]) -> list[dict]:
+    """Per question {"id", "recall@1"} (0/1) from `searched_recall` records, for `unirag.eval.paired_comparison`."""
+    if any("found" not in r for r in records):
+        from unirag.errors import UniragError
+
+        raise UniragError("--against needs the records of a search-only run (no --self-check).")
+    return [{"id": r["id"], "recall@1": float(r["found"][:1] == [r["gold"]])} for r in records]
+
+
+def lever_row(result: dict, checkpoint: str, run: str, command: str, paired: list[dict]) -> dict:
+    """The store row of a training lever's dev search: its training settings, held-out curve, wall time."""
+    import datetime as dt
+
+    from unirag.results import MACHINE, METRIC_KEYS, SEARCH_LEVER_PREFIX, validate_row
+
+    state_path = Path(checkpoint) / "trainer_state.json"
+    config = json.loads(state_path.read_text()).get("config", {}) if state_path.is_file() else {}
+    log_path = Path(checkpoint) / "loss_log.jsonl"
+    log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+    stage1 = [entry for entry in log if entry.get("stage") == 1 and entry.get("valid")]
+    keys = ("stage1_epochs", "stage1_lr", "batch_size", "pathway_layers", "pseudo_queries", "distill_weight",
+            "level_distill_weight", "document_distill_weight", "distill_temperature", "generated_queries",
+            "generated_per_passage", "stage1_lora", "doc_contrast_weight", "bm25_teacher_weight",
+            "bm25_temperature", "stage2_steps", "load_in_4bit", "seed")
+    settings = {"checkpoint": checkpoint, "shipped": checkpoint.startswith("checkpoints/") and
+                "candidates" not in checkpoint, "stage": 2 if config.get("stage2_steps") else 1,
+                "beam_width": result["beam_width"], "search_only": True,
+                **{k: config[k] for k in keys if k in config}}
+    if "precision" in config:  # the weights it trained on (the row's own precision is the search's)
+        settings["train_precision"] = config["precision"]
+    if stage1 and "examples" in stage1[-1]:
+        settings["stage1_examples"] = stage1[-1]["examples"]
+    metrics = {k: None for k in METRIC_KEYS}
+    metrics.update({"recall@1": result["recall@1"], "recall@3": result["recall@3"], "recall@k": result["recall@10"],
+                    "k": 10, "search_s_mean": result["mean_search_s"]})
+    if stage1:
+        metrics["heldout_recall@1"] = stage1[-1]["valid"]["recall@1"]
+        metrics["heldout_recall@3"] = stage1[-1]["valid"]["recall@3"]
+        metrics["heldout_curve_recall@1"] = [entry["valid"]["recall@1"] for entry in stage1]
+        if all("minutes" in entry for entry in stage1):
+            metrics["stage1_minutes"] = round(sum(entry["minutes"] for entry in stage1), 1)
+    row = {"run": SEARCH_LEVER_PREFIX + run, "system": "joint", "corpus": result["dataset"], "split": result["split"],
+           "precision": result["precision"], "n": result["n"], "settings": settings, "metrics": metrics,
+           "command": command, "date": dt.datetime.now(dt.timezone.utc).date().isoformat(), "machine": MACHINE,
+           "source": "python -m benchmarks.generative_recall"}
+    if paired:
+        row["paired"] = paired
+    return validate_row(row, f"lever row {run!r}")
 
 
 def ranked_candidates(record: dict, n: int, weight: float) -> list[tuple[str, float]]:
@@ -98,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offset", type=int, default=0,
                         help="skip the first N questions: shards of a long run (e.g. one per core)")
     parser.add_argument("--beam-width", type=int, default=10)
-    add_precision_flags(parser)  # --load-in-4bit [--no-recovery], as `eval` takes them
+    add_precision_flags(parser)  # --precision 4bit|nf4|fp32, as `eval` takes it
     parser.add_argument("--path-logprob-only", action="store_true",
                         help="rank by the path's log-probability alone (no document-level rescoring)")
     parser.add_argument("--self-check", type=int, default=0, metavar="N",
@@ -111,17 +186,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true",
                         help="with --self-check N: also print R@1 for every smaller N and weight (from the same run)")
     parser.add_argument("--records", default=None, metavar="FILE",
-                        help="with --self-check: write each question's candidates and scores to this JSON file")
+                        help="write each question's ranking (with --self-check: candidates and scores) to this file")
+    parser.add_argument("--store", default=None, metavar="NAME",
+                        help='append the row "docid search lever: NAME" to the results store (replaces its own)')
+    parser.add_argument("--against", nargs=2, default=None, metavar=("RECORDS", "RUN"),
+                        help="with --store: the paired sign test on R@1 against another run's --records file")
     args = parser.parse_args(argv)
-    args.precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
-    if (args.sweep or args.records) and not args.self_check:
-        parser.error("--sweep and --records need --self-check N")
+    args.precision = precision_of(args)
+    if args.sweep and not args.self_check:
+        parser.error("--sweep needs --self-check N")
+    if args.against and not args.store:
+        parser.error("--against needs --store NAME")
+    if args.store and args.self_check:
+        parser.error("--store records the docid search alone: leave out --self-check")
+    if args.against and not Path(args.against[0]).is_file():
+        parser.error(f"--against: no records file {args.against[0]}")
+    if args.records and Path(args.records).exists() and Path(args.records).resolve() in {
+            Path(args.checkpoint).resolve(), *(Path(a).resolve() for a in (args.against or [])[:1])}:
+        parser.error("--records must not overwrite the checkpoint or the --against records")
     if args.offset < 0 or (args.limit is not None and args.limit < 1):
         parser.error("--offset must be >= 0 and --limit >= 1")
 
     from unirag.joint import JointSystem
     from unirag.joint.search import ranking_name
-    from unirag.joint.training import retrieval_recall
     from unirag.settings import InferenceSettings
 
     corpus, with_gold = load_split(args.dataset, args.split, args.checkpoint)
@@ -145,19 +232,32 @@ def main(argv: list[str] | None = None) -> int:
         if args.records:
             Path(args.records).write_text(json.dumps({"args": vars(args), "records": records}))
     else:
-        recall = retrieval_recall(system.model, system.tokenizer, system.trie, questions, args.beam_width,
-                                  ks=(1, 3, 10), progress=True,
-                                  rescore=not args.path_logprob_only)
+        recall, records = searched_recall(system.model, system.tokenizer, system.tree, questions, args.beam_width,
+                                          rescore=not args.path_logprob_only)
+        if args.records:
+            Path(args.records).write_text(json.dumps({"args": vars(args), "records": records}))
     seconds = (time.perf_counter() - start) / max(len(questions), 1)
-    print(json.dumps({"checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split,
-                      "offset": args.offset,
-                      "precision": args.precision,
-                      "ranking": ranking_name(not args.path_logprob_only),
-                      "self_check": args.self_check,
-                      **({"self_check_weight": settings.self_check_weight} if args.self_check else {}),
-                      **recall,
-                      "mean_search_s": round(seconds, 3),
-                      **extra}))
+    result = {"checkpoint": args.checkpoint, "dataset": args.dataset, "split": args.split, "offset": args.offset,
+              "precision": args.precision, "ranking": ranking_name(not args.path_logprob_only),
+              "self_check": args.self_check,
+              **({"self_check_weight": settings.self_check_weight} if args.self_check else {}),
+              **recall, "beam_width": args.beam_width, "mean_search_s": round(seconds, 3), **extra}
+    print(json.dumps(result))
+    if args.store:
+        from unirag.eval import paired_comparison
+        from unirag.results import append_run
+
+        paired = []
+        if args.against:
+            other = json.loads(Path(args.against[0]).read_text())["records"]
+            test = paired_comparison(hits_at_1(records), hits_at_1(other), metric="recall@1")
+            paired.append({"against": args.against[1], "metric": "recall@1", "only_a": test["only_a"],
+                           "only_b": test["only_b"], "p": test["sign_test_p"]})
+        split = args.split if args.offset == 0 and args.limit is None else f"{args.split}[{args.offset}:{end or ''}]"
+        result["split"] = split
+        command = "python -m benchmarks.generative_recall " + " ".join(argv if argv is not None else sys.argv[1:])
+        row = lever_row(result, args.checkpoint, args.store, command, paired)
+        print(f"recorded in {append_run(row, replace=True)}", file=sys.stderr)
     return 0
 
 

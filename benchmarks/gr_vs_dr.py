@@ -6,7 +6,7 @@ retrieval as the corpus grows; this measures it on the project's own data and tr
 
     python -m benchmarks.gr_vs_dr build --sizes 300,1000,all,union --out runs/gr_vs_dr
     python -m benchmarks.gr_vs_dr train --size 300               # `python -m unirag train`, stage 1 only
-    python -m benchmarks.gr_vs_dr measure --size 300 --record    # [--load-in-4bit]
+    python -m benchmarks.gr_vs_dr measure --size 300 --record    # [--precision 4bit]
     python -m benchmarks.gr_vs_dr common --sizes 1000,all,union --record  # the questions every size measured
     python -m benchmarks.gr_vs_dr plot                           # docs/gr_vs_dr.png from the results store
 
@@ -238,7 +238,7 @@ def rank_questions(system, dense, questions: list[Question], precision: str, pro
         record: dict[str, Any] = {"id": q.id, "gold": q.doc_id}
         start = time.perf_counter()
         with torch.inference_mode():  # the search alone, called as `retrieval_recall` (training, generative_recall)
-            beams = search_docids(system.model, system.tokenizer, q.question, system.trie, BEAM_WIDTH, BEAM_WIDTH,
+            beams = search_docids(system.model, system.tokenizer, q.question, system.tree, BEAM_WIDTH, BEAM_WIDTH,
                                   pathway=True, bridge=system.model.reader_trained).beams
         record["search"], record["search_s"] = [b.doc_id for b in beams], time.perf_counter() - start
         start = time.perf_counter()
@@ -409,7 +409,7 @@ def plot(rows: Sequence[dict], path: Path = PLOT) -> Path:
     matplotlib.use("Agg")  # no display here
     import matplotlib.pyplot as plt
 
-    from unirag.results import gr_vs_dr_points
+    from unirag.studies import gr_vs_dr_points
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     colours = {"search": "tab:orange", "self-check": "tab:red", "dense": "tab:blue"}
@@ -447,8 +447,7 @@ def plot(rows: Sequence[dict], path: Path = PLOT) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from unirag.cli import add_precision_flags
-    from unirag.settings import precision_from_flags
+    from unirag.cli import add_precision_flags, precision_of
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gr_vs_dr", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -497,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "measure":
             if args.limit is not None and args.record:
                 parser.error("--limit measures part of the questions: do not --record it")
-            precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
+            precision = precision_of(args)
             command = " ".join(["python -m benchmarks.gr_vs_dr", *argv])
             splits = [x.strip() for x in args.splits.split(",")] if args.splits else None
             result = measure(args.out / args.size, precision, args.limit, command=command, splits=splits)

@@ -19,9 +19,8 @@ import json
 import statistics
 import time
 
-from unirag.cli import add_precision_flags
+from unirag.cli import add_precision_flags, precision_of
 from unirag.eval import sign_test_p
-from unirag.settings import precision_from_flags
 
 
 def parse_joint_setting(text: str) -> tuple[int, int, float | None]:
@@ -51,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--joint-reader", choices=["base", "trained"], default="base",
                         help="who reads the joint side's documents: the base LLM or the stage-2 reader")
-    add_precision_flags(parser)  # --load-in-4bit [--no-recovery], as `eval` takes them
+    add_precision_flags(parser)  # --precision 4bit|nf4|fp32, as `eval` takes it
     parser.add_argument("--self-check-cache", action="store_true",
                         help="self-check from the passage cache (it must exist for this precision)")
     args = parser.parse_args(argv)
-    args.precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
+    args.precision = precision_of(args)
 
     from unirag.backbones import load_llm
     from unirag.data import dataset_paths, load_corpus, load_questions

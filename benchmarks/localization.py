@@ -3,8 +3,8 @@ holds the answer.
 
 Each question is read with its **gold passage** only, so localization is measured apart from retrieval. The
 answer sentence is the one holding the gold answer (located as the first occurrence of the first gold answer
-string: our SQuAD files keep no `answer_start`, see `unirag.localization`); questions whose answer is not in the
-passage, or that have no gold passage, are skipped and counted. Methods (`unirag.joint.localization`): the joint
+string: our SQuAD files keep no `answer_start`, see `unirag.answer_sentences`); questions whose answer is not in the
+passage, or that have no gold passage, are skipped and counted. Methods (`unirag.joint.passage_attention`): the joint
 model's retrieval heads, the stage-2 reader (its last layers and its bridge), the RAG reader (the base LLM), each
 as the attention of the last prompt position summed over a sentence's tokens; against the first sentence, the
 longest sentence (what summing alone favours), the sentence sharing most question words, and a random sentence
@@ -14,8 +14,8 @@ longest sentence (what summing alone favours), the sentence sharing most questio
         --split train-held-out --limit 30                  # held-out train questions: never trained on
     OMP_NUM_THREADS=1 python -m benchmarks.localization --checkpoint checkpoints/squad-smollm2 --split dev --record
 
-`--record` appends one row per method to the results store (`results/<corpus>.jsonl`); docs/RESULTS.md's
-`<!-- results:localization -->` table is generated from them (`python -m unirag.results docs/RESULTS.md`).
+`--record` appends one row per method to the results store (`results/<corpus>.jsonl`); docs/notes/studies.md's
+`<!-- results:localization -->` table is generated from them (`python -m benchmarks.report`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from unirag.answer_sentences import BASELINES, RANDOM, REPORT_ORDER, localize, random_hit_rate
 from unirag.data import Passage, Question, load_corpus, load_questions
-from unirag.localization import BASELINES, RANDOM, REPORT_ORDER, localize, random_hit_rate
 from unirag.paths import REPO_ROOT, default_data_dir, write_json_atomic
 from unirag.results import METRIC_KEYS, append_run, row_from_summary
 
@@ -55,7 +55,7 @@ def measure(model, tokenizer, corpus: Mapping[str, Passage], questions: Sequence
     """Localize every question on its gold passage; per-question records and each method's top-1 / top-3."""
     from tqdm.auto import tqdm
 
-    from unirag.joint.localization import passage_attention
+    from unirag.joint.passage_attention import passage_attention
 
     records: list[dict[str, Any]] = []
     skipped = {"no_gold_passage": 0, "answer_not_in_passage": 0}
@@ -135,8 +135,7 @@ def _questions(args, corpus) -> list[Question]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from unirag.cli import add_precision_flags
-    from unirag.settings import precision_from_flags
+    from unirag.cli import add_precision_flags, precision_of
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.localization", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from unirag.joint.modeling import JointModel
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
+    precision = precision_of(args)
     corpus = load_corpus(args.corpus or default_data_dir() / args.corpus_name / "corpus.jsonl")
     questions = _questions(args, corpus)
     # SDPA for the layers nobody reads; the pathway and the chosen layers' weights are computed in eager form.

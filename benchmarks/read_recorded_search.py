@@ -20,8 +20,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from unirag.cli import add_precision_flags
-from unirag.settings import precision_from_flags
+from unirag.cli import add_precision_flags, precision_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight", type=float, required=True, help="weight of the question log-likelihood")
     parser.add_argument("--k", type=int, default=1, help="documents read")
     parser.add_argument("--base-reader", action="store_true", help="the base LLM reads (adapter, pathway off)")
-    add_precision_flags(parser)  # --load-in-4bit [--no-recovery], as `eval` takes them
+    add_precision_flags(parser)  # --precision 4bit|nf4|fp32, as `eval` takes it
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--out", default=None, help="per-question records, as `eval --out`")
     args = parser.parse_args(argv)
-    args.precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
+    args.precision = precision_of(args)
     if args.k < 1 or any(args.k > n for n in args.n):
         parser.error("need 1 <= --k <= every --n")
     if len(set(args.n)) != len(args.n):

@@ -407,7 +407,7 @@ def measure_size(size: str, args: argparse.Namespace, text: RealText, command: s
         tree.labels = shipped.labels
         # k-means' floating point differs a little between CPUs: count the documents whose docid moved.
         tree_row["docids_differing_from_shipped"] = sum(
-            shipped.docid(doc) != docid for doc, docid in zip(tree.doc_ids, tree.docids, strict=True))
+            shipped.docid_of(doc) != docid for doc, docid in zip(tree.doc_ids, tree.docids, strict=True))
     else:
         tree.labels = synthetic_labels(tree, text, args.seed)
     model, tokenizer, model_row = build_joint(tree, args.seed)

@@ -16,8 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from unirag.cli import add_precision_flags
-from unirag.settings import precision_from_flags
+from unirag.cli import add_precision_flags, precision_of
 
 
 def recorded_top(record: dict, n: int) -> list[str]:
@@ -46,9 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--beam-width", type=int, default=None,
                         help="the live search's beam (default: the recorded search's); raised to N as `retrieve` does")
     parser.add_argument("--limit", type=int, default=None, help="the first N recorded questions only")
-    add_precision_flags(parser)  # --load-in-4bit [--no-recovery], as `eval` takes them
+    add_precision_flags(parser)  # --precision 4bit|nf4|fp32, as `eval` takes it
     args = parser.parse_args(argv)
-    args.precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
+    args.precision = precision_of(args)
 
     from tqdm.auto import tqdm
 
@@ -58,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
     blob = json.loads(Path(args.records).read_text())
     recorded_args = blob["args"]
-    if bool(recorded_args.get("load_in_4bit")) != args.load_in_4bit:
-        parser.error("--load-in-4bit must match the recorded search's precision")
+    recorded = recorded_args.get("precision") or ("4bit" if recorded_args.get("load_in_4bit") else "fp32")
+    if recorded != args.precision:
+        parser.error(f"--precision must match the recorded search's precision ({recorded})")
     recorded_n = recorded_args["self_check"]
     beam = args.beam_width or max(recorded_args["beam_width"], recorded_n)
     if any(n > recorded_n for n in args.n):
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     live: dict[int, list[list[str]]] = {n: [] for n in args.n}
     for record in tqdm(records, desc="live searches", unit="q"):
         for n in args.n:
-            search = search_docids(system.model, system.tokenizer, by_id[record["id"]].question, system.trie,
+            search = search_docids(system.model, system.tokenizer, by_id[record["id"]].question, system.tree,
                                    max(beam, n), n, rescore=system.document_match)
             live[n].append([b.doc_id for b in search.beams])
     recorded = {n: [recorded_top(r, n) for r in records] for n in args.n}

@@ -15,8 +15,7 @@ import json
 import statistics
 import time
 
-from unirag.cli import add_precision_flags
-from unirag.settings import precision_from_flags
+from unirag.cli import add_precision_flags, precision_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="dev")
     parser.add_argument("--questions", type=int, default=20, help="the first N questions of the split")
     parser.add_argument("--n", type=int, default=10, help="documents the self-check reads")
-    add_precision_flags(parser)  # --load-in-4bit [--no-recovery], as `eval` takes them
+    add_precision_flags(parser)  # --precision 4bit|nf4|fp32, as `eval` takes it
     args = parser.parse_args(argv)
-    args.precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
+    args.precision = precision_of(args)
 
     from unirag.data import dataset_paths, load_corpus, load_questions
     from unirag.joint import JointSystem
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = InferenceSettings(k_docs=1, self_check=args.n)  # the search a self-check of N runs (not the check)
     full_s, cached_s, diffs, same_top = [], [], [], 0
     for q in questions:
-        search = search_docids(system.model, system.tokenizer, q.question, system.trie, settings.search_width,
+        search = search_docids(system.model, system.tokenizer, q.question, system.tree, settings.search_width,
                                settings.documents_searched)
         docs = [b.doc_id for b in search.beams[: args.n]]
         start = time.perf_counter()

@@ -21,7 +21,7 @@ def centroids(tree, embeddings: np.ndarray, row_of: dict[str, int]) -> dict[tupl
 
     vectors = {}
     for prefix in tree_prefixes(tree):
-        docs = [tree.doc_id(prefix)] if tree.is_complete(prefix) else tree.docs_under(prefix)
+        docs = [tree.doc_id_at(prefix)] if tree.is_complete(prefix) else tree.docs_under(prefix)
         mean = embeddings[[row_of[d] for d in docs]].mean(0)
         vectors[prefix] = mean / np.linalg.norm(mean)
     return vectors
@@ -42,7 +42,7 @@ def route(tree, node_vectors, query: np.ndarray, beam: int, temperature: float) 
         for prefix, score in candidates[:beam]:
             (done if tree.is_complete(prefix) else live).append((prefix, score))
     done.sort(key=lambda item: -item[1])
-    return [tree.doc_id(prefix) for prefix, _ in done]
+    return [tree.doc_id_at(prefix) for prefix, _ in done]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -78,8 +78,23 @@ def embedded_llm_dir() -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:10]
     out = cache_dir() / "models" / f"smollm2-135m-instruct-{key}"
-    if (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file():
+    if _converted(out):
         return out
+    from filelock import FileLock
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Two processes starting at once (two training runs, the app and eval) would write the same folder.
+    with FileLock(str(out.with_name(out.name + ".lock"))):
+        if not _converted(out):
+            _convert_gguf(gguf, out)
+    return out
+
+
+def _converted(out: Path) -> bool:
+    return (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
     _import_or_explain("gguf", "gguf")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -95,6 +110,10 @@ def embedded_llm_dir() -> Path:
     model.load_state_dict(gguf_model.state_dict(), strict=False)
     model.tie_weights()
     tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     if out.exists():
@@ -102,7 +121,6 @@ def embedded_llm_dir() -> Path:
 
         shutil.rmtree(out)
     tmp.rename(out)
-    return out
 
 
 def resolve_llm_path(name: str | None) -> str:

@@ -1,4 +1,4 @@
-"""`python -m unirag {index,eval,merge,ask,compare,train}`: one CLI. User errors print a message and exit 2."""
+"""`python -m unirag {index,eval,merge,ask,compare,train,build}`: one CLI. User errors print a message and exit 2."""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from unirag.errors import UniragError
-from unirag.settings import HELP, InferenceSettings, precision_from_flags
+from unirag.settings import HELP, PRECISIONS, InferenceSettings, normalize_precision, precision_from_flags
 from unirag.systems import SYSTEM_NAMES
 
 
@@ -31,21 +32,40 @@ def _add_system(parser: argparse.ArgumentParser, default: str | None = None) -> 
     add_precision_flags(parser)
     settings = parser.add_argument_group("inference settings (unset: the checkpoint's recommended setting for the "
                                          "precision, else the library default)")
+    defaults = InferenceSettings()
     for name in InferenceSettings.names():
         if name == "precision":
             continue
-        kind = {"self_check_weight": float, "joint_reader": str, "answer_mode": str}.get(name, int)
+        kind = type(getattr(defaults, name))  # int, float or str, as the settings object declares it
         settings.add_argument("--" + name.replace("_", "-"), type=kind, default=None, help=HELP[name])
     settings.add_argument("--self-check-cache", action="store_true",
                           help="build the self-check passage cache first when it is missing (a resumable pass over "
                                "every passage; see `index --self-check-cache`); an existing one is always used")
 
 
-def add_precision_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--load-in-4bit", action="store_true",
-                        help="load the LLM in 4 bits, with the recovery (HQQ, groups of 32); else fp32")
-    parser.add_argument("--no-recovery", action="store_true",
-                        help="with --load-in-4bit: bitsandbytes NF4 without the recovery (the comparison)")
+def add_precision_flags(parser: argparse.ArgumentParser, default: str = "fp32") -> None:
+    """`--precision 4bit|nf4|fp32`, the app's vocabulary; the older `--load-in-4bit [--no-recovery]` still parse
+    (hidden) and mean 4bit [nf4]. Read the value with `precision_of(args)`."""
+    parser.add_argument("--precision", type=normalize_precision, choices=PRECISIONS, default=None,
+                        help=f"LLM weights: {HELP['precision']} (default {default})")
+    parser.add_argument("--load-in-4bit", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-recovery", action="store_true", help=argparse.SUPPRESS)
+    parser.set_defaults(precision_default=default)
+
+
+def precision_of(args: argparse.Namespace) -> str:
+    """The precision `add_precision_flags` parsed: --precision, else the older flags' meaning, else the default."""
+    legacy = getattr(args, "load_in_4bit", False) or getattr(args, "no_recovery", False)
+    if args.precision is not None:
+        if legacy and args.precision != precision_from_flags(args.load_in_4bit, args.no_recovery):
+            raise UniragError(f"--precision {args.precision} contradicts --load-in-4bit/--no-recovery; use "
+                              "--precision alone.")
+        return args.precision
+    if legacy:
+        precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
+        print(f"note: --load-in-4bit/--no-recovery are spelled --precision {precision} now.", file=sys.stderr)
+        return precision
+    return getattr(args, "precision_default", "fp32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser("index", help="embed the corpus and build the docid tree (cached)")
     _add_corpus(index)
-    index.add_argument("--k", type=int, default=10, help="k-means branching factor")
-    index.add_argument("--c", type=int, default=10, help="split clusters larger than c")
+    # --tree-k/--tree-c, as `train` names them; the older --k/--c still parse (hidden).
+    index.add_argument("--tree-k", dest="k", type=int, default=10, help="k-means branching factor per level")
+    index.add_argument("--tree-c", dest="c", type=int, default=10,
+                       help="a cluster with more than c documents is split again")
+    index.add_argument("--k", dest="k", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    index.add_argument("--c", dest="c", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     index.add_argument("--seed", type=int, default=0)
     index.add_argument("--out", default=None, help="also write the tree JSON here")
     index.add_argument("--self-check-cache", action="store_true",
                        help="also build the self-check passage cache for --checkpoint's base LLM (in 4 bits with "
-                            "--load-in-4bit): a one-off pass over every passage, with progress, resumable")
+                            "--precision): a one-off pass over every passage, with progress, resumable")
     index.add_argument("--checkpoint", default=None, help="with --self-check-cache: a joint checkpoint folder")
     add_precision_flags(index)
 
@@ -103,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     # `train` owns its flags (TrainConfig); main() hands them over untouched.
     sub.add_parser("train", help="train the joint model (stage 1 then 2); see `python -m unirag train --help`",
                    add_help=False)
+    sub.add_parser("build", help="docid tree + stage 1 (and 2) for any corpus, resumable; see `python -m unirag "
+                   "build --help`", add_help=False)
     sub.add_parser("querygen", help="train the passage -> question generator and generate indexing queries; see "
                    "`python -m unirag querygen --help`", add_help=False)
     return parser
@@ -130,9 +156,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     check_output_paths({"--out": args.out}, [args.corpus], what="inputs (the corpus)")
     corpus = load_corpus(args.corpus)
     config = TreeConfig(k=args.k, c=args.c, seed=args.seed, encoder=args.encoder or TreeConfig.encoder)
-    precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
-    if (args.checkpoint or args.load_in_4bit) and not args.self_check_cache:
-        raise UniragError("--checkpoint and --load-in-4bit go with --self-check-cache.")
+    precision = precision_of(args)
+    if (args.checkpoint or precision != "fp32") and not args.self_check_cache:
+        raise UniragError("--checkpoint and --precision go with --self-check-cache.")
     if args.self_check_cache and not args.checkpoint:
         raise UniragError("--self-check-cache needs --checkpoint DIR: the cache is built with that checkpoint's "
                           "base LLM.")
@@ -183,7 +209,7 @@ def _resolve(args: argparse.Namespace, corpus, *, attn_implementation: str, trac
                           f"{', '.join(s.settings_used)}.")
     if args.self_check_cache and "self_check" not in s.settings_used:
         raise UniragError(f"--self-check-cache applies to the joint search systems, not {args.system}.")
-    precision = precision_from_flags(args.load_in_4bit, args.no_recovery)
+    precision = precision_of(args)
     InferenceSettings(precision=precision, **explicit)  # bad values fail here, before any model loads
     system, joint = load_system(args.system, corpus, checkpoint=args.checkpoint, llm=args.llm, encoder=args.encoder,
                                 precision=precision, passage_cache=args.self_check_cache,
@@ -199,15 +225,19 @@ def _resolve(args: argparse.Namespace, corpus, *, attn_implementation: str, trac
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from unirag.data import load_corpus, load_questions
-    from unirag.eval import check_output_paths, run_eval
+    from unirag.eval import check_existing_out, check_output_paths, load_eval_file, partial_path, run_eval
 
     for name in ("limit", "batch_size"):
         _positive(name.replace("_", "-"), getattr(args, name))
     if args.offset < 0:
         raise UniragError(f"--offset must be at least 0 (got {args.offset}).")
-    check_output_paths({"--out": args.out}, [args.corpus, args.questions])
+    # The sidecar of an interrupted run is written and deleted too: it may not be an input either.
+    check_output_paths({"--out": args.out, "--out's partial file": partial_path(args.out) if args.out else None},
+                       [args.corpus, args.questions])
     if args.resume and not args.out:
         raise UniragError("--resume continues an --out file; give --out.")
+    if args.out:
+        check_existing_out(args.out, args.resume, args.overwrite)  # before seconds of model loading
     corpus = load_corpus(args.corpus)
     questions = load_questions(args.questions, corpus)
     if args.offset >= len(questions):
@@ -222,33 +252,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "precision": settings.precision,
         "checkpoint": str(args.checkpoint) if args.checkpoint else None,
         "llm": args.llm or "embedded SmolLM2-135M-Instruct",
-        # rounds 1 is what every run before the setting existed did: left out, so their partial files still resume
-        # and their shards still merge with new ones.
+        # rounds 1 and free answers are what every run before those settings existed did: left out, so their
+        # partial files still resume and their shards still merge with new ones.
         "settings": {name: getattr(settings, name) for name in s.settings_used
-                     if not (name == "rounds" and settings.rounds == 1)},
+                     if not (name == "rounds" and settings.rounds == 1)
+                     and not (name == "answer_mode" and settings.answer_mode == "free")
+                     and not (name == "reader_prompt" and settings.reader_prompt == "plain")},
     }
     if args.self_check_cache or "self_check" in s.settings_used:
         labels["passage_cache"] = bool(getattr(getattr(system, "joint", None), "passage_cache", None))
     batch = args.batch_size if s.reader == "base" else 1
-    summary = run_eval(lambda qs: system.answer_many(qs, settings), args.system, questions, k, batch_size=batch,
-                       out=args.out, labels=labels, resume=args.resume, overwrite=args.overwrite)
-    if args.record:
-        # Python's slice notation, as the store writes it: dev[:300] for the first 300, dev[300:600] after them.
-        split = labels["split"] + (f"[{args.offset or ''}:{args.offset + len(questions)}]" if args.offset or args.limit
-                                   else "")
-        _record(summary, args.record, split, args.command_line)
+    with tempfile.TemporaryDirectory() as scratch:
+        # A recorded run keeps its per-question outcomes in the store row: without --out they pass through scratch.
+        out = args.out or (str(Path(scratch) / "records.json") if args.record else None)
+        summary = run_eval(lambda qs: system.answer_many(qs, settings), args.system, questions, k, batch_size=batch,
+                           out=out, labels=labels, resume=args.resume, overwrite=args.overwrite)
+        if args.record:
+            # Python's slice notation, as the store writes it: dev[:300] for the first 300, dev[300:600] after them.
+            split = labels["split"] + (f"[{args.offset or ''}:{args.offset + len(questions)}]"
+                                       if args.offset or args.limit else "")
+            _record(summary, args.record, split, args.command_line, load_eval_file(out)["records"])
     print(json.dumps(summary), flush=True)
     return 0
 
 
-def _record(summary: dict, run: str, split: str, command: str) -> None:
-    """Append a run to the results store (results/<corpus>.jsonl, or UNIRAG_RESULTS), its settings from the labels."""
-    from unirag.results import append_run, row_from_summary
+def _record(summary: dict, run: str, split: str, command: str, records: list[dict] | None = None) -> None:
+    """Append a run to the results store (results/<corpus>.jsonl, or UNIRAG_RESULTS), its settings from the labels
+    and, given its per-question records, their right/wrong outcomes (for sign tests against any other row)."""
+    from unirag.results import append_run, outcomes_of, row_from_summary
 
     settings = {k: summary[k] for k in ("checkpoint", "llm", "corpus_fingerprint", "passage_cache") if k in summary}
     row = row_from_summary(summary, run=run, system=summary["system"], corpus=summary["corpus"], split=split,
                            precision=summary["precision"], settings={**settings, **summary.get("settings", {})},
                            command=command)
+    if records and all(r.get("accuracy") in (0, 1) for r in records):
+        row["outcomes"] = outcomes_of(records)
     print(f"recorded in {append_run(row)}", file=sys.stderr)
 
 
@@ -281,7 +319,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if "system" not in summary or "corpus" not in summary:
             raise UniragError("The shards' summaries do not name their system and corpus (written by an older "
                               "eval); they cannot be recorded.")
-        _record(summary, args.record, summary.get("split", "dev"), args.command_line)
+        _record(summary, args.record, summary.get("split", "dev"), args.command_line, merged["records"])
     print(json.dumps(merged["summary"]), flush=True)
     return 0
 
@@ -307,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
             from unirag.joint.training import main as train_main
 
             return train_main(argv[1:])
+        if argv[:1] == ["build"]:
+            from unirag.build import main as build_main
+
+            return build_main(argv[1:])
         if argv[:1] == ["querygen"]:
             from unirag.querygen import main as querygen_main
 

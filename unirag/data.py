@@ -95,6 +95,10 @@ class Corpus:
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object), raising DataError with the line number on bad bytes or JSON."""
+    if path.is_dir():
+        inside = sorted(f.name for f in path.glob("*.jsonl"))
+        hint = f" (it holds {', '.join(inside[:4])})" if inside else ""
+        raise DataError(f"{path} is a folder, not a JSONL file{hint}; give the file's path.")
     if not path.is_file():
         raise DataError(f"File not found: {path}")
     with path.open("rb") as handle:
@@ -292,4 +296,21 @@ def prepare_question(text: str, max_chars: int = MAX_QUESTION_CHARS) -> tuple[st
     if len(cleaned) > max_chars:
         notices.append(f"The question was {len(cleaned):,} characters long; it was truncated to {max_chars:,}.")
         cleaned = cleaned[:max_chars]
+    if not mostly_latin(cleaned):
+        notices.append(NOT_ENGLISH_NOTICE)
     return cleaned, notices
+
+
+NOT_ENGLISH_NOTICE = ("The corpora, the sentence encoder and the LLM are English: a question in another script is "
+                      "retrieved and answered poorly. Ask in English for a fair comparison.")
+
+
+def mostly_latin(text: str, share: float = 0.5) -> bool:
+    """Whether at least `share` of the letters are Latin (ASCII or accented); a question with no letters counts."""
+    import unicodedata
+
+    letters = [ch for ch in text if ch.isalpha()]
+    if not letters:
+        return True
+    latin = sum(ch.isascii() or "LATIN" in unicodedata.name(ch, "") for ch in letters)
+    return latin >= share * len(letters)

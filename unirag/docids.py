@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass
@@ -78,6 +79,10 @@ def _cached_embeddings(path: Path, meta_path: Path, corpus: Corpus, name: str) -
         return None, f"shape {emb.shape} for {len(corpus)} passages"
     if meta.get("dim") is not None and emb.shape[1] != meta["dim"]:
         return None, f"width {emb.shape[1]}, the metadata says {meta['dim']}"
+    if meta.get("dim") is None or meta.get("sha256") is None:  # an old cache: its width against the encoder's
+        width = encoder_width(name)
+        if width is not None and emb.shape[1] != width:
+            return None, f"width {emb.shape[1]}, the encoder {name} gives {width}"
     if not np.issubdtype(emb.dtype, np.floating):
         return None, f"dtype {emb.dtype} is not floating point"
     if not np.isfinite(emb).all():
@@ -85,6 +90,46 @@ def _cached_embeddings(path: Path, meta_path: Path, corpus: Corpus, name: str) -
     if meta.get("sha256") is None:  # a cache from before checksums: sound, so record its checksum now
         write_json_atomic(meta_path, {**meta, "sha256": file_sha256(path)})
     return emb, ""
+
+
+BUNDLED_EMBEDDINGS = "embeddings"  # data/<corpus>/embeddings/<key>.npy + .json: the cache's own two files
+
+
+def bundled_embeddings(corpus: Corpus, encoder_name: str) -> Path | None:
+    """Embeddings of this corpus and encoder shipped with the repo's data (`python -m unirag index --bundle`
+    writes them), found by the cache key (corpus fingerprint + encoder), metadata and checksum checked on use."""
+    from unirag.paths import bundled_data_dir
+
+    name = embeddings_path(corpus, encoder_name).name
+    for candidate in sorted(bundled_data_dir().glob(f"*/{BUNDLED_EMBEDDINGS}/{name}")):
+        if candidate.with_suffix(".json").is_file():
+            return candidate
+    return None
+
+
+def bundle_embeddings(corpus: Corpus, encoder_name: str = "", folder: str | Path | None = None) -> Path:
+    """Write this corpus's embeddings (computed or cached) beside the repo's data, where `bundled_embeddings`
+    finds them: `data/<corpus folder>/embeddings/` by default."""
+    from unirag.paths import bundled_data_dir
+
+    name = encoder_name or TreeConfig.encoder
+    corpus_embeddings(corpus, encoder_name=name)
+    source = embeddings_path(corpus, name)
+    target_dir = Path(folder) if folder else bundled_data_dir() / Path(corpus.source).parent.name / BUNDLED_EMBEDDINGS
+    target_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target_dir / source.name)
+    shutil.copyfile(source.with_suffix(".json"), target_dir / source.with_suffix(".json").name)
+    return target_dir / source.name
+
+
+def encoder_width(name: str) -> int | None:
+    """The embedding width of a sentence encoder, from its files when they are on this machine (None: unknown)."""
+    from unirag.backbones import SentenceEncoder
+
+    try:
+        return int(SentenceEncoder(None if name == TreeConfig.encoder else name).dim)
+    except Exception:  # noqa: BLE001 - no files here (a hub id offline): the other checks still apply
+        return None
 
 
 def corpus_embeddings(
@@ -100,6 +145,15 @@ def corpus_embeddings(
         return emb
     if problem:
         log.warning("the cached embeddings at %s were corrupt (%s); rebuilding", path, problem)
+    bundled = bundled_embeddings(corpus, name)
+    if bundled is not None:  # shipped beside the data: a fresh machine need not embed the corpus first
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(bundled, path)
+        write_json_atomic(meta_path, json.loads(bundled.with_suffix(".json").read_text(encoding="utf-8")))
+        emb, problem = _cached_embeddings(path, meta_path, corpus, name)
+        if emb is not None:
+            return emb
+        log.warning("the bundled embeddings %s do not fit (%s); embedding the corpus", bundled, problem)
     if encoder is None:
         from unirag.backbones import SentenceEncoder
 
@@ -211,10 +265,12 @@ class DocidTree:
     def __len__(self) -> int:
         return len(self.doc_ids)
 
-    def doc_id(self, docid: tuple[int, ...]) -> str:
+    def doc_id_at(self, docid: tuple[int, ...]) -> str:
+        """The document id (e.g. "nq00042") at a complete docid path."""
         return self._by_docid[tuple(docid)]
 
-    def docid(self, doc_id: str) -> tuple[int, ...]:
+    def docid_of(self, doc_id: str) -> tuple[int, ...]:
+        """The docid path of a document id."""
         return self._by_doc_id[doc_id]
 
     def allowed(self, prefix: tuple[int, ...]) -> list[int]:
@@ -386,15 +442,22 @@ def load_or_build_tree(
     """The cached tree for (corpus, config), building embeddings and tree on first use."""
     config = config or TreeConfig()
     path = tree_path(corpus, config)
+    checksum = path.with_name(path.name + ".sha256")  # a swapped docid still parses: only a checksum tells
     if path.is_file():
         try:
+            if checksum.is_file() and checksum.read_text().strip() != file_sha256(path):
+                raise UniragError("checksum mismatch: the file was altered")
             tree = DocidTree.load(path, corpus)
             if tree.config != config:
                 raise UniragError(f"built with {tree.config}, not {config}")
+            if not checksum.is_file():  # a cache from before checksums: sound, so record its checksum now
+                checksum.write_text(file_sha256(path))
             return tree
         except UniragError as exc:  # a cache: rebuild it rather than advise the command that just failed
             log.warning("the cached docid tree at %s was corrupt (%s); rebuilding", path, exc)
     embeddings = corpus_embeddings(corpus, encoder, config.encoder, progress=progress)
     tree = build_tree(corpus, embeddings, config)
+    checksum.unlink(missing_ok=True)  # a kill between the two writes leaves no checksum, never a stale one
     tree.save(path)
+    checksum.write_text(file_sha256(path))
     return tree

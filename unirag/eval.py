@@ -155,6 +155,19 @@ def partial_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".partial.jsonl")
 
 
+def check_existing_out(out: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse an existing --out, or its interrupted-run sidecar, unless the run resumes or overwrites (callers
+    check this before loading any model)."""
+    out_path, sidecar = Path(out), partial_path(out)
+    if overwrite or resume:
+        return
+    if out_path.exists():
+        raise UniragError(f"{out_path} already exists: pass --resume to keep it or --overwrite to replace it.")
+    if sidecar.exists():
+        raise UniragError(f"{sidecar} holds an interrupted run of {out_path}: pass --resume to continue it "
+                          "or --overwrite to start over.")
+
+
 def _jsonable(value):
     # Labels compared after a JSON round trip, as they come back from disk (tuples become lists).
     return json.loads(json.dumps(value))
@@ -228,14 +241,10 @@ def run_eval(
     wall_before = 0.0
     sidecar = partial_path(out_path) if out_path is not None else None
     if out_path is not None and sidecar is not None:  # (both or neither; spelled out for the type checker)
+        check_existing_out(out_path, resume, overwrite)
         if out_path.exists() and not overwrite:
-            if not resume:
-                raise UniragError(f"{out_path} already exists: pass --resume to keep it or --overwrite to replace it.")
             return _finished_summary(out_path, header, questions)
         if sidecar.exists() and not overwrite:
-            if not resume:
-                raise UniragError(f"{sidecar} holds an interrupted run of {out_path}: pass --resume to continue it "
-                                  "or --overwrite to start over.")
             records, wall_before = _read_partial(sidecar, header)
             wanted = {q.id for q in questions}
             strays = [r["id"] for r in records if r["id"] not in wanted]
@@ -350,6 +359,14 @@ def merge_runs(blobs: Sequence[dict], names: Sequence[str] | None = None) -> dic
     for blob, name in zip(blobs, names, strict=True):
         if not isinstance(blob, dict) or not isinstance(blob.get("records"), list) or "summary" not in blob:
             raise UniragError(f"{name} has no per-question records: pass `eval --out` files, not summaries.")
+        if not isinstance(blob["summary"], dict):
+            raise UniragError(f"{name}: its summary is not an object; pass `eval --out` files.")
+        for key, kind in (("system", str), ("k", int)):
+            if not isinstance(blob["summary"].get(key), kind):
+                raise UniragError(f"{name}: its summary has no {kind.__name__} {key!r}; pass `eval --out` files.")
+        wall = blob["summary"].get("wall_time_s")
+        if wall is not None and (not isinstance(wall, (int, float)) or isinstance(wall, bool)):
+            raise UniragError(f"{name}: its summary's 'wall_time_s' must be a number, got {wall!r}.")
         summaries.append(blob["summary"])
     first = summaries[0]
     for summary, name in zip(summaries[1:], names[1:], strict=True):
@@ -365,10 +382,12 @@ def merge_runs(blobs: Sequence[dict], names: Sequence[str] | None = None) -> dic
         if differing:
             raise UniragError(f"{name} and {names[0]} differ in {', '.join(differing)}: merge shards of one run only.")
     for blob, name in zip(blobs, names, strict=True):
-        check_record_ids(blob["records"], name)
+        check_records(blob["records"], name)
     records, seen = [], {}
     for blob, name in zip(blobs, names, strict=True):
         for record in blob["records"]:
+            if seen.get(record["id"]) == name:
+                raise UniragError(f"Question {record['id']!r} occurs twice in {name}.")
             if record["id"] in seen:
                 raise UniragError(f"Question {record['id']!r} is in both {seen[record['id']]} and {name}: "
                                   "shards must not overlap.")
@@ -411,6 +430,29 @@ def check_record_ids(records: Sequence, name: str) -> None:
                               "record names its question.")
 
 
+# What `summarize` reads of every record: these must be numbers; the metric fields may also be null (not measured).
+RECORD_NUMBERS = ("accuracy", "em", "f1", "latency_ms")
+RECORD_OPTIONAL_NUMBERS = ("recall@1", "recall@3", "recall@k", "context_tokens", "evidence_has_answer",
+                           "candidate_recall@1", "candidate_recall@n")
+
+
+def check_records(records: Sequence, name: str) -> None:
+    """Records `summarize` can read: ids, and numeric fields of the right type (one clear error, not a
+    KeyError or TypeError deep inside a mean)."""
+    check_record_ids(records, name)
+    for record in records:
+        where = f"{name}: record {record['id']!r}"
+        for key in RECORD_NUMBERS:
+            if key not in record:
+                raise UniragError(f"{where} has no {key!r}; pass `eval --out` files.")
+        for key in (*RECORD_NUMBERS, *RECORD_OPTIONAL_NUMBERS):
+            value = record.get(key)
+            optional = key in RECORD_OPTIONAL_NUMBERS or key in ("accuracy", "em", "f1")
+            if (value is None and optional) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+                continue
+            raise UniragError(f"{where}: {key!r} must be a number, got {value!r}.")
+
+
 def paired_comparison(records_a: list[dict], records_b: list[dict], metric: str = "accuracy") -> dict:
     """Two systems on the same questions (matched by id): how many only A / only B gets right, and the exact
     two-sided sign test on those discordant questions (the McNemar exact test). `metric` is a 0/1 record field."""
@@ -422,6 +464,8 @@ def paired_comparison(records_a: list[dict], records_b: list[dict], metric: str 
                 raise UniragError(f"A record of {side} has no {metric!r}.")
             if r["id"] in values:
                 raise UniragError(f"Question {r['id']!r} occurs twice in {side}.")
+            if not isinstance(r[metric], (int, float)) or isinstance(r[metric], bool):
+                raise UniragError(f"{side}: record {r['id']!r} has {metric!r} {r[metric]!r}, not a number.")
             values[r["id"]] = float(r[metric])
         return values
 

@@ -6,6 +6,9 @@
       .ask("nq", question, settings, baseline="bm25")  → Comparison(joint SideResult, the baseline's SideResult,
                                                                     gold question if from the dataset)
 
+Several users at once: concurrent `ask` calls with the same corpus, settings and baseline are answered as one batch
+(`unirag.batching`: each side's model reads the batch's questions together); a question alone streams as before.
+
 The right-hand side is one of the `BASELINES` (dense RAG by default): each a named system of `unirag.systems`.
 
 The RAG side never depends on the joint side: a missing checkpoint, an unimportable `unirag.joint` or an
@@ -22,20 +25,22 @@ import re
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from unirag import runtime
+from unirag import runtime, streaming
 from unirag.answer import Answer, display_answer
+from unirag.batching import MAX_BATCH, Batcher, concurrent_requests
 from unirag.data import DATASETS, Corpus, Question, dataset_paths, load_corpus, load_questions, prepare_question
 from unirag.errors import UniragError
 from unirag.eval import contains_answer, exact_match, normalize_answer, token_f1
 from unirag.paths import REPO_ROOT, default_data_dir
 from unirag.settings import InferenceSettings, check_precision
+from unirag.systems import PAGE_BASELINES, RETRIEVER_OF, SPECS, build_system
 
 log = logging.getLogger("unirag.app")
 
@@ -44,11 +49,9 @@ GPU_SECONDS = 120
 REREAD_GPU_SECONDS = 60  # one re-read of both sides (no retrieval)
 PRECISION_LABELS = {"4bit": "4-bit (HQQ, recovered)", "nf4": "4-bit NF4 (bitsandbytes, no recovery)", "fp32": "fp32"}
 CORPUS_LABELS = {"nq": "Natural Questions", "squad": "SQuAD v1.1"}
-# The right-hand side's choices (named systems, unirag.systems): label, and what its document scores are.
-BASELINES = {"rag": "Dense RAG", "bm25": "BM25", "hybrid": "Hybrid (dense + BM25, RRF)",
-             "rag-selfcheck": "Dense + self-check", "evidence": "Evidence (RetroLLM-style)"}
-BASELINE_SCORES = {"rag": "cosine", "bm25": "BM25", "hybrid": "RRF", "rag-selfcheck": "score",
-                   "evidence": "search score"}
+# The right-hand side's choices (named systems of unirag.systems): label, and what its document scores are.
+BASELINES = {name: SPECS[name].label for name in PAGE_BASELINES}
+BASELINE_SCORES = {name: SPECS[name].scores for name in PAGE_BASELINES}
 
 Progress = Callable[[str], None]
 LOAD_STAGES = 7  # about how many `_say` stages a first load goes through (corpus, encoder, embeddings, LLM, joint…)
@@ -57,6 +60,16 @@ LOAD_STAGES = 7  # about how many `_say` stages a first load goes through (corpu
 def _env(name: str) -> str | None:
     value = os.environ.get(name, "").strip()
     return value or None
+
+
+def _whole_env(name: str, default: int) -> int:
+    value = _env(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise UniragError(f"{name} must be a whole number, got {value!r}.") from None
 
 
 def llm_tag(llm: str | None) -> str:
@@ -82,12 +95,16 @@ class AppConfig:
     # UNIRAG_PARALLEL_SIDES=0 answers the two sides one after the other. Together (the default) each side
     # runs on its own thread and core: the two models are separate, so a round trip costs the slower side.
     parallel_sides: bool = True
+    # UNIRAG_MAX_BATCH: questions asked at once that are answered as one batch (1 answers them one at a time).
+    max_batch: int = MAX_BATCH
     # "cuda" on a GPU Space (and on ZeroGPU, where `spaces` emulates CUDA at load time), else "cpu".
     device: str = field(default_factory=runtime.device)
 
     def __post_init__(self) -> None:
         self.precision = check_precision(self.precision)
         self.checkpoint_dir = Path(self.checkpoint_dir)
+        if isinstance(self.max_batch, bool) or not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise UniragError(f"max_batch must be a whole number of at least 1, got {self.max_batch!r}.")
         unknown = [c for c in self.corpora if c not in DATASETS]
         if unknown:
             raise UniragError(f"Unknown corpus {unknown[0]!r}: choose from {', '.join(DATASETS)}.")
@@ -101,6 +118,7 @@ class AppConfig:
             "checkpoint_dir": Path(_env("UNIRAG_CHECKPOINT_DIR") or REPO_ROOT / "checkpoints"),
             "data_dir": Path(p) if (p := _env("UNIRAG_DATA")) else None,
             "parallel_sides": (_env("UNIRAG_PARALLEL_SIDES") or "1").lower() not in ("0", "false", "no"),
+            "max_batch": _whole_env("UNIRAG_MAX_BATCH", MAX_BATCH),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
@@ -158,7 +176,7 @@ class SideResult:
     exact: bool | None = None
     f1: float | None = None
     # Joint side, dev questions whose answer is located in the gold passage: the passage's answer sentence and
-    # the retrieval heads' sentence ranking on it (unirag.localization.SentenceLocalization).
+    # the retrieval heads' sentence ranking on it (unirag.answer_sentences.SentenceLocalization).
     localization: Any = None
 
 
@@ -193,16 +211,29 @@ class CorpusBundle:
     rag: Any  # RagSystem: dense RAG, the default baseline
     tree: Any = None  # DocidTree: the checkpoint's, else the cached one (for the tree tab)
     tree_source: str = ""
-    joint: Any = None  # JointSystem or None
+    joint: Any = None  # JointSystem (the loaded model, tree and corpus) or None
     joint_message: str | None = None  # why the joint side is unavailable (shown on the page)
     # The settings the page starts from: the checkpoint's recommended setting for the precision, else defaults.
     settings: InferenceSettings = field(default_factory=InferenceSettings)
+    # The right-hand side it starts with: the store's best base-reader baseline for this corpus and precision.
+    baseline_default: str = "rag"
+    baseline_reason: str = ""
     checkpoint: Path | None = None
     load_seconds: float = 0.0
     # BASELINES name → system answering like `rag` (answer / read); rag-selfcheck and evidence run on the
     # joint model, so they exist only when it is loaded.
     baselines: dict[str, Any] = field(default_factory=dict)
     _by_text: dict[str, Question] = field(default_factory=dict, repr=False)
+    _joint_system: Any = field(default=None, repr=False)
+
+    @property
+    def joint_system(self) -> Any:
+        """The named system "joint" on the loaded joint model (the page's left side), or None."""
+        if self.joint is None:
+            return None
+        if self._joint_system is None or self._joint_system.joint is not self.joint:
+            self._joint_system = build_system("joint", self.corpus, joint=self.joint)
+        return self._joint_system
 
     def __post_init__(self) -> None:
         for q in self.questions:
@@ -256,6 +287,19 @@ class Pipeline:
         self._reader = None
         self._encoder = None
         self._worker: ThreadPoolExecutor | None = None
+        # Concurrent asks → batches, one batch at a time (key: corpus, settings, baseline; item: bundle, question).
+        self.batcher: Batcher[tuple[str, InferenceSettings, str], tuple[CorpusBundle, str], Comparison] = Batcher(
+            self._answer_batch, self._answer_alone, max_batch=self.config.max_batch, name="unirag-ask")
+
+    @property
+    def ask_concurrency(self) -> int:
+        """Asks the web server should let in at once: a batch answering and the next one gathering."""
+        return concurrent_requests(self.config.max_batch)
+
+    def side_lock(self, side: str) -> threading.Lock:
+        """The lock of a side's model ("joint" or "rag", the base LLM every corpus and upload shares): hold it
+        around any forward pass on that model made outside `ask` / `reask`."""
+        return self._side_locks[side]
 
     # ------------------------------------------------------------------------- status / progress
 
@@ -302,8 +346,9 @@ class Pipeline:
 
     # ------------------------------------------------------------------------- loading
 
-    def _shared_reader(self, corpus: str):
-        """The base LLM for the dense-RAG side (shared by all corpora), loaded once."""
+    def shared_reader(self, corpus: str):
+        """The base LLM for the dense-RAG side (shared by all corpora and uploads), loaded once; `corpus` names
+        who asked, in the progress messages."""
         with self._llm_lock:
             if self._reader is None:
                 from unirag.backbones import load_llm
@@ -315,7 +360,8 @@ class Pipeline:
                 self._reader = Reader(model, tokenizer)
             return self._reader
 
-    def _shared_encoder(self, corpus: str):
+    def shared_encoder(self, corpus: str):
+        """The sentence encoder of the dense side (shared by all corpora and uploads), loaded once."""
         with self._llm_lock:
             if self._encoder is None:
                 from unirag.backbones import SentenceEncoder
@@ -351,7 +397,7 @@ class Pipeline:
 
     def _load(self, name: str) -> CorpusBundle:
         from unirag.docids import corpus_embeddings
-        from unirag.rag import DenseRetriever, RagSystem
+        from unirag.rag import DenseRetriever
         from unirag.sparse import BM25Retriever, HybridRetriever
 
         start = time.perf_counter()
@@ -365,24 +411,26 @@ class Pipeline:
         for notice in corpus.notices:  # e.g. passages truncated at load
             self._say(name, notice)
         questions = load_questions(dev_path, corpus)
-        encoder = self._shared_encoder(name)
+        encoder = self.shared_encoder(name)
         self._say(name, f"embedding {len(corpus):,} passages (cached after the first run)…")
         embeddings = corpus_embeddings(corpus, encoder, progress=True)
         retriever = DenseRetriever(corpus, encoder, embeddings)
-        reader = self._shared_reader(name)
-        rag = RagSystem(retriever, reader)
-        bundle = CorpusBundle(name, corpus, questions, rag, settings=InferenceSettings(precision=self.config.precision))
+        reader = self.shared_reader(name)
         self._say(name, "indexing the corpus for BM25…")
         bm25 = BM25Retriever(corpus)  # in memory: well under a second for the shipped corpora
-        bundle.baselines.update(bm25=RagSystem(bm25, reader, "bm25"),
-                                hybrid=RagSystem(HybridRetriever(retriever, bm25), reader, "hybrid"))
+        rankers = {"dense": retriever, "bm25": bm25, "hybrid": HybridRetriever(retriever, bm25)}
+        rag = build_system("rag", corpus, reader=reader, retriever=retriever)
+        bundle = CorpusBundle(name, corpus, questions, rag, settings=InferenceSettings(precision=self.config.precision))
         self._load_joint(bundle)
-        if bundle.joint is not None:  # the joint model's own base LLM (and passage cache) serve them: no second LLM
-            from unirag.joint.dense_selfcheck import DenseSelfCheckSystem
-            from unirag.joint.evidence_system import EvidenceSystem
-
-            bundle.baselines["rag-selfcheck"] = DenseSelfCheckSystem(retriever, bundle.joint)
-            bundle.baselines["evidence"] = EvidenceSystem(bundle.joint, encoder=encoder)  # its lookahead: no 2nd MiniLM
+        self._apply_store_baseline(bundle)
+        # Every right-hand choice is a named system; those on the joint model use its own base LLM (and passage
+        # cache), so no second LLM is loaded, and exist only when it is.
+        for baseline in PAGE_BASELINES:
+            if SPECS[baseline].reader == "joint" and bundle.joint is None:
+                continue
+            bundle.baselines[baseline] = build_system(
+                baseline, corpus, reader=reader, retriever=rankers.get(RETRIEVER_OF.get(baseline, "")),
+                joint=bundle.joint, encoder=encoder)  # evidence's lookahead shares the encoder: no 2nd MiniLM
         if bundle.tree is None:
             from unirag.docids import TreeConfig, load_or_build_tree
 
@@ -416,7 +464,7 @@ class Pipeline:
             self._say(name, f"loading the joint checkpoint {_rel(ckpt)} ({self.config.precision_label})…")
             bundle.joint = JointSystem.from_checkpoint(ckpt, bundle.corpus, precision=self.config.precision,
                                                        base_model=self.config.llm, device=self.config.device)
-            bundle.tree, bundle.tree_source, bundle.checkpoint = bundle.joint.trie, f"checkpoint {_rel(ckpt)}", ckpt
+            bundle.tree, bundle.tree_source, bundle.checkpoint = bundle.joint.tree, f"checkpoint {_rel(ckpt)}", ckpt
             self._attach_passage_cache(bundle)
             self._apply_recommended(bundle, ckpt)
         except UniragError as exc:
@@ -451,6 +499,25 @@ class Pipeline:
         for notice in bundle.settings.notices:
             self._say(bundle.name, notice)
 
+    def _apply_store_baseline(self, bundle: CorpusBundle) -> None:
+        """Start the right-hand side on the store's best baseline row for this corpus and precision (its system
+        and k), so the page shows the comparison the results report makes."""
+        try:
+            from unirag.results import load_store
+
+            best = best_baseline(load_store(corpus=bundle.name), self.config.precision, bundle.corpus.fingerprint)
+        except UniragError as exc:  # a broken store must not stop the page: dense RAG as before
+            self._say(bundle.name, f"results store unreadable, the baseline starts as dense RAG: {exc}")
+            return
+        if best is None:
+            return
+        bundle.baseline_default = best["system"]
+        bundle.settings = bundle.settings.replace(rag_k=best["rag_k"])
+        bundle.baseline_reason = (f"{BASELINES[best['system']]} top-{best['rag_k']}: the best baseline row in the "
+                                  f"results store for {bundle.name} {best['split']} in {self.config.precision} "
+                                  f"(F1 {best['f1']:.3f}, run {best['run']!r})")
+        self._say(bundle.name, f"baseline: {bundle.baseline_reason}")
+
     def start_settings(self, name: str) -> InferenceSettings:
         """The settings a loaded corpus starts from (defaults before it is loaded)."""
         bundle = self.loaded(name)
@@ -472,26 +539,110 @@ class Pipeline:
 
     # ------------------------------------------------------------------------- answering
 
-    def ask(self, name: str, question: str, settings: InferenceSettings | None = None, baseline: str = "rag",
+    def ask(self, name: str, question: str, settings: InferenceSettings | None = None, baseline: str | None = None,
             **changes: Any) -> Comparison:
         """The joint model and the `baseline` (one of BASELINES) on one question, with `settings` (default: the
         corpus's start settings) and `changes` to them (validated). Bad input raises UniragError; a failing side is
-        reported in its result."""
+        reported in its result.
+
+        Calls from several threads at once with the same corpus, settings and baseline are answered as one batch
+        (`unirag.batching`); a call alone in its batch is answered as it always was, streaming included."""
         text, _ = prepare_question(question)
-        _check_baseline(baseline)
+        if baseline is not None:
+            _check_baseline(baseline)
         bundle = self.bundle(name)  # loading stays outside the GPU call: ZeroGPU wants models placed at load time
+        baseline = baseline or bundle.baseline_default
         settings = (settings or bundle.settings).replace(**changes)
+        return self.batcher.submit((bundle.name, settings, baseline), (bundle, text))
+
+    def _answer_alone(self, key: tuple[str, InferenceSettings, str], item: tuple[CorpusBundle, str]) -> Comparison:
+        _, settings, baseline = key
+        bundle, text = item
         return answer_on_device(self, bundle, text, settings, baseline)
+
+    def _answer_batch(self, key: tuple[str, InferenceSettings, str],
+                      items: list[tuple[CorpusBundle, str]]) -> list[Comparison]:
+        _, settings, baseline = key
+        return answer_many_on_device(self, items[0][0], [text for _, text in items], settings, baseline)
+
+    def ask_stream(self, name: str, question: str, settings: InferenceSettings | None = None,
+                   baseline: str | None = None, **changes: Any) -> Iterator[streaming.Event | Comparison]:
+        """`ask`, yielding its progress as it happens: `streaming.Event`s (the docid search level by level, each
+        side's answer token by token), then the `Comparison`. Errors are raised as `ask` raises them. A question
+        answered in a batch with others (users asking at once) yields no events: its `Comparison` comes whole."""
+        stream = streaming.Stream()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                with stream.side("page"):
+                    outcome["comparison"] = self.ask(name, question, settings, baseline, **changes)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+                outcome["error"] = exc
+            finally:
+                stream.close()
+
+        worker = threading.Thread(target=work, name="unirag-ask", daemon=True)
+        worker.start()
+        yield from stream.events()
+        worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        yield outcome["comparison"]
 
     def _answer(self, bundle: CorpusBundle, text: str, settings: InferenceSettings,
                 baseline: str = "rag") -> Comparison:
-        joint = bundle.joint
-
-        def rag_run() -> Answer:  # inside the side: a missing baseline is reported on its card
-            return bundle.baseline(baseline).answer(text, settings, with_attention=True)
-
+        joint = bundle.joint_system
+        rag_run = partial(_baseline_answer, bundle, baseline, text, settings)  # a missing baseline: on its card
         return self._both_sides(bundle, text, settings,
                                 None if joint is None else partial(joint.answer, text, settings), rag_run, baseline)
+
+    def _answer_many(self, bundle: CorpusBundle, texts: list[str], settings: InferenceSettings,
+                     baseline: str = "rag") -> list[Comparison]:
+        """`_answer` for several questions: each side answers them as one batch (the joint model's batched docid
+        search and reading, the baseline's batched reader), the two sides at once as in `_both_sides`. A side whose
+        batch fails answers its questions one at a time, so an error lands on its own question's card."""
+        golds = [bundle.match(text) for text in texts]
+        joint_side: Future[list[SideResult]] | None = None
+        if bundle.joint_system is None:
+            message = bundle.joint_message or "The joint model is not loaded."
+            joint_results = [SideResult(error=message) for _ in texts]
+        else:
+            run_joint = partial(self._joint_sides, bundle, texts, settings, golds)
+            if self.config.parallel_sides:
+                joint_side = self._joint_worker().submit(run_joint)
+            else:
+                joint_results = run_joint()
+        uses_joint = getattr(bundle.baselines.get(baseline), "joint", None) is not None  # waits, as in _both_sides
+        rag_results = self._sides_many(
+            "joint" if uses_joint else "rag", partial(_baseline_answers, bundle, baseline, texts, settings),
+            [partial(_baseline_answer, bundle, baseline, text, settings) for text in texts], golds)
+        if joint_side is not None:
+            joint_results = joint_side.result()
+        from unirag.backbones import release_memory
+
+        release_memory(collect=False)
+        return [Comparison(bundle.name, text, gold, joint, rag, settings, baseline)
+                for text, gold, joint, rag in zip(texts, golds, joint_results, rag_results, strict=True)]
+
+    def _joint_sides(self, bundle: CorpusBundle, texts: list[str], settings: InferenceSettings,
+                     golds: list[Question | None]) -> list[SideResult]:
+        system = bundle.joint_system
+        results = self._sides_many("joint", partial(system.answer_batch, texts, settings),
+                                   [partial(system.answer, text, settings) for text in texts], golds)
+        return [self._localized(bundle, result, gold) for result, gold in zip(results, golds, strict=True)]
+
+    def _sides_many(self, side: str, run_many: Callable[[], list[Answer]], singles: Sequence[Callable[[], Answer]],
+                    golds: Sequence[Question | None]) -> list[SideResult]:
+        """One side's batch; if it fails, each question alone (`_side`), so the error reaches only its card."""
+        try:
+            with self._side_locks[side]:
+                answers = run_many()
+        except Exception:  # noqa: BLE001 - which question failed is unknown: ask each alone
+            log.warning("the %s side's batch failed; answering its questions one at a time:\n%s", side,
+                        traceback.format_exc())
+            return [self._side(side, run, gold) for run, gold in zip(singles, golds, strict=True)]
+        return [mark_gold(answer, gold) for answer, gold in zip(answers, golds, strict=True)]
 
     def _both_sides(self, bundle: CorpusBundle, text: str, settings: InferenceSettings,
                     joint_run: Callable[[], Answer] | None, rag_run: Callable[[], Answer],
@@ -501,6 +652,10 @@ class Pipeline:
         gold = bundle.match(text)
         comparison = Comparison(bundle.name, text, gold, SideResult(), SideResult(), settings, baseline)
         joint_side: Future[SideResult] | None = None
+        stream = streaming.current()
+        if stream is not None:  # someone watches (`ask_stream`): each side's events under its own name
+            joint_run = None if joint_run is None else stream.bind("joint", joint_run)
+            rag_run = stream.bind("rag", rag_run)
         if joint_run is None:
             comparison.joint.error = bundle.joint_message or "The joint model is not loaded."
         else:
@@ -559,7 +714,7 @@ class Pipeline:
     def _reread(self, bundle: CorpusBundle, text: str, settings: InferenceSettings,
                 joint_pairs: DocPairs | None, rag_pairs: DocPairs | None,
                 note: str | None, baseline: str = "rag") -> Comparison:
-        joint = bundle.joint
+        joint = bundle.joint_system
 
         def noted(run: Callable[[], Answer]) -> Callable[[], Answer]:
             def wrapped() -> Answer:
@@ -574,8 +729,7 @@ class Pipeline:
             if joint_pairs is None:
                 joint_run = partial(joint.answer, text, settings)
             else:
-                ids, scores = [d for d, _ in joint_pairs], [0.0 if s is None else s for _, s in joint_pairs]
-                joint_run = noted(lambda: joint.read(text, joint.documents(ids, scores), settings))
+                joint_run = noted(lambda: joint.read(text, joint_pairs, settings))
         def rag_run() -> Answer:
             rag = bundle.baseline(baseline)
             if rag_pairs is None:
@@ -592,7 +746,9 @@ class Pipeline:
 
     def _joint_side(self, bundle: CorpusBundle, run: Callable[[], Answer], gold: Question | None) -> SideResult:
         """The joint side, and for a dev question its gold passage's sentence localization (one more prefill)."""
-        result = self._side("joint", run, gold)
+        return self._localized(bundle, self._side("joint", run, gold), gold)
+
+    def _localized(self, bundle: CorpusBundle, result: SideResult, gold: Question | None) -> SideResult:
         if result.answer is not None and gold is not None and gold.doc_id in bundle.corpus:
             result.localization = self._localize(bundle, gold)
         return result
@@ -602,8 +758,8 @@ class Pipeline:
         or the model cannot say (localization is extra: it never fails a request)."""
         passage = bundle.corpus[gold.doc_id]
         try:  # the splitter (pysbd) is imported here: an environment without it still answers
-            from unirag.joint.localization import retrieval_heads_localization
-            from unirag.localization import answer_sentence, split_sentences
+            from unirag.answer_sentences import answer_sentence, split_sentences
+            from unirag.joint.passage_attention import retrieval_heads_localization
 
             if answer_sentence(passage.text, gold.answers, split_sentences(passage.text)) is None:
                 return None  # no model pass for an answer that is not in the passage
@@ -626,6 +782,27 @@ class Pipeline:
         return mark_gold(answer, gold)
 
 
+STORE_BASELINES = ("rag", "bm25", "hybrid")  # read by the base LLM, as every page baseline row was measured
+
+
+def best_baseline(rows: Sequence[Mapping[str, Any]], precision: str, fingerprint: str) -> dict[str, Any] | None:
+    """The best base-reader baseline row (highest F1, then accuracy) among `rows` measured on this corpus (its
+    fingerprint) in `precision`, compared on the largest question set that has any: {"system", "rag_k", "split",
+    "f1", "run"}; None if none."""
+    usable = [r for r in rows if r.get("system") in STORE_BASELINES and r.get("precision") == precision
+              and (r.get("settings") or {}).get("corpus_fingerprint") == fingerprint
+              and isinstance((r.get("metrics") or {}).get("f1"), (int, float))
+              and isinstance((r.get("settings") or {}).get("rag_k"), int)
+              and not (r.get("settings") or {}).get("superseded")]
+    if not usable:
+        return None
+    largest = max(r["n"] for r in usable)
+    on_split = [r for r in usable if r["n"] == largest]
+    best = max(on_split, key=lambda r: (r["metrics"]["f1"], r["metrics"].get("accuracy") or 0.0))
+    return {"system": best["system"], "rag_k": int(best["settings"]["rag_k"]), "split": best["split"],
+            "f1": float(best["metrics"]["f1"]), "run": best["run"]}
+
+
 def _check_baseline(name: str) -> None:
     if name not in BASELINES:
         raise UniragError(f"Unknown baseline {name!r}: choose from {', '.join(BASELINES)}.")
@@ -637,6 +814,27 @@ def answer_on_device(pipeline: Pipeline, bundle: CorpusBundle, text: str, settin
     """Both sides' answering in one call: on ZeroGPU the GPU is attached only inside `@spaces.GPU` functions, and
     one call per question (not one per side) waits for a GPU once. A plain call everywhere else."""
     return pipeline._answer(bundle, text, settings, baseline)
+
+
+@runtime.gpu_function(duration=GPU_SECONDS)
+def answer_many_on_device(pipeline: Pipeline, bundle: CorpusBundle, texts: list[str], settings: InferenceSettings,
+                          baseline: str = "rag") -> list[Comparison]:
+    """Both sides' answering of a batch in one GPU call (a batch costs little more than one question)."""
+    return pipeline._answer_many(bundle, texts, settings, baseline)
+
+
+def _baseline_answer(bundle: CorpusBundle, baseline: str, text: str, settings: InferenceSettings) -> Answer:
+    return bundle.baseline(baseline).answer(text, settings, with_attention=True)
+
+
+def _baseline_answers(bundle: CorpusBundle, baseline: str, texts: list[str], settings: InferenceSettings
+                      ) -> list[Answer]:
+    """The baseline on several questions: one batch when it reads in batches (`answer_batch`), else one by one."""
+    system = bundle.baseline(baseline)
+    batch = getattr(system, "answer_batch", None)
+    if batch is None:
+        return [system.answer(text, settings, with_attention=True) for text in texts]
+    return batch(texts, settings, with_attention=True)
 
 
 def mark_gold(answer: Answer, gold: Question | None) -> SideResult:

@@ -53,9 +53,10 @@ def torch_threads(parallel_sides: bool, root: Path = CGROUP) -> int:
 
 
 def question_workers(root: Path = CGROUP) -> int:
-    """Questions the app answers at once. Each model runs one forward pass at a time (its retrieval side channel
-    is per call) and one question already keeps both sides busy, so on 2 cores a second worker only queues behind
-    the first; from 4 cores on, a second question's one side can run while the first's other side finishes."""
+    """Model requests the app runs at once besides asks (re-asks, corpus loads, Your passages; concurrent asks are
+    batched instead, `unirag.batching`). Each model runs one forward pass at a time (its retrieval side channel
+    is per call) and one request already keeps both sides busy, so on 2 cores a second worker only queues behind
+    the first; from 4 cores on, a second request's one side can run while the first's other side finishes."""
     return 2 if usable_cpus(root) >= 4 else 1
 
 

@@ -31,6 +31,7 @@ PRECISIONS = ("4bit", "nf4", "fp32")
 JOINT_READERS = ("trained", "base")
 # How both sides decode an answer: "span" (a word-bounded span of the documents read, unirag.spans) or "free".
 ANSWER_MODES = ("span", "free")
+READER_PROMPTS = ("plain", "short")
 _PRECISION_ALIASES = {"4-bit": "4bit", "int4": "4bit", "hqq": "4bit", "float32": "fp32"}
 
 RECOMMENDED_FILE = "recommended_settings.json"
@@ -71,6 +72,9 @@ HELP = {
               "round r-1's answer, then reads the question again; the last round's answer is final. 1 = one pass",
     "answer_mode": "how every reader decodes: 'span' (a word-bounded span copied from the documents read, which "
                    "the answer then cites) or 'free' (unconstrained greedy text)",
+    "reader_prompt": "how the base LLM is asked: 'plain' (Q: {question}, the documents, A:) or 'short' (plus an "
+                     "instruction to answer with a short phrase copied from the documents and one worked example: "
+                     "the prompt-only baseline); the stage-2 reader always reads 'plain', as it was trained",
     "precision": "'4bit' (the recovered 4-bit: HQQ, groups of 32), 'nf4' (bitsandbytes NF4, no recovery) or 'fp32'",
 }
 
@@ -127,6 +131,7 @@ class InferenceSettings:
     evidence_lookahead: int = 0
     rounds: int = 1  # UniGen-style iterative enhancement (JointSystem.answer); 1 = one search and one read
     answer_mode: str = "free"
+    reader_prompt: str = "plain"
     precision: str = "4bit"
     # What the layering did that a user should know (e.g. the self-check switched off without a passage cache).
     notices: tuple[str, ...] = field(default=(), compare=False)
@@ -145,6 +150,8 @@ class InferenceSettings:
             raise UniragError(f"joint_reader must be one of {', '.join(JOINT_READERS)}, got {self.joint_reader!r}.")
         if self.answer_mode not in ANSWER_MODES:
             raise UniragError(f"answer_mode must be one of {', '.join(ANSWER_MODES)}, got {self.answer_mode!r}.")
+        if self.reader_prompt not in READER_PROMPTS:
+            raise UniragError(f"reader_prompt must be one of {', '.join(READER_PROMPTS)}, got {self.reader_prompt!r}.")
         set_(self, "precision", check_precision(self.precision))
         set_(self, "notices", tuple(self.notices))
 

@@ -1,9 +1,9 @@
 """Answers that are spans of the documents read: the rule both sides decode with (`answer_mode="span"`).
 
-Every answer token must continue a contiguous token sequence of one of the documents (an FM-index over their token
-sequences, `unirag.evidence`), starting at a word; the answer may end (EOS, a newline) only where the span ends at
-a word boundary, and a span cut by the token budget is trimmed back to its last word boundary, so an answer never
-stops mid-word. The cited document is the best-ranked one the span occurs in.
+Every answer token must continue a contiguous token sequence of one of the documents (an FM-index over their
+token sequences, `unirag.substring_index`), starting at a word; the answer may end (EOS, a newline) only where the
+span ends at a word boundary, and a span cut by the token budget is trimmed back to its last word boundary, so an
+answer never stops mid-word. The cited document is the best-ranked one the span occurs in.
 
     constraint = SpanConstraint(tokenizer, [doc.text for doc in docs], end_ids={eos, newline})
     constraint.allowed(written)        # the tokens that may come next (ends included at a word boundary)
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unirag.evidence import DocTokens, TokenSubstringIndex, char_span, doc_tokens
+from unirag.substring_index import DocTokens, TokenSubstringIndex, char_span, doc_tokens
 
 
 def word_ends(tokenizer, doc: DocTokens, text: str) -> set[int]:

@@ -30,8 +30,12 @@ from unirag.settings import InferenceSettings
 @dataclass(frozen=True)
 class SystemSpec:
     name: str
-    meaning: str
+    meaning: str  # the full meaning (`eval --help`, the docs)
     reader: str  # "base" (the base LLM, as RAG reads) or "joint" (the joint checkpoint's reader, per settings)
+    label: str = ""  # its name on the page ("Dense RAG")
+    summary: str = ""  # one short line for the report's tables
+    scores: str = ""  # what its documents' scores are ("cosine"), on the page's cards
+    on_page: bool = False  # one of the page's right-hand baselines
     needs_checkpoint: bool = False
     needs_gold: bool = False  # reads each question's gold passage: every question needs a doc_id
     retrieves: bool = True  # False: no ranking, so no R@k
@@ -54,44 +58,68 @@ class SystemSpec:
         return settings.rag_k if "rag_k" in self.settings_used else settings.k_docs
 
 
-_JOINT = ("k_docs", "beam_width", "self_check", "self_check_weight", "joint_reader", "max_new_tokens", "rounds")
+_JOINT = ("k_docs", "beam_width", "self_check", "self_check_weight", "joint_reader", "max_new_tokens", "rounds",
+          "answer_mode")
+_READS = ("max_new_tokens", "answer_mode", "reader_prompt")
+# In the order the report lists them.
 SPECS: dict[str, SystemSpec] = {s.name: s for s in (
-    SystemSpec("norag", "the base LLM answers from the question alone", "base", retrieves=False),
+    SystemSpec("norag", "the base LLM answers from the question alone", "base", retrieves=False,
+               label="No retrieval", summary="the LLM alone, no context", settings_used=_READS),
     SystemSpec("rag", "dense retrieval (bi-encoder, cosine top rag_k) read by the base LLM", "base",
-               settings_used=("rag_k", "max_new_tokens")),
+               settings_used=("rag_k", *_READS), label="Dense RAG", scores="cosine", on_page=True,
+               summary="dense MiniLM top-k read by the base LLM"),
     SystemSpec("bm25", "sparse retrieval (BM25 top rag_k, English stopwords) read by the base LLM like rag", "base",
-               settings_used=("rag_k", "max_new_tokens")),
+               settings_used=("rag_k", *_READS), label="BM25", scores="BM25", on_page=True,
+               summary="BM25 top-k read by the base LLM"),
     SystemSpec("hybrid", "dense and BM25 rankings fused (reciprocal rank), top rag_k read by the base LLM like rag",
-               "base", settings_used=("rag_k", "max_new_tokens")),
+               "base", settings_used=("rag_k", *_READS), label="Hybrid (dense + BM25, RRF)", scores="RRF",
+               on_page=True, summary="dense MiniLM and BM25 fused by reciprocal rank, top-k read by the base LLM"),
     SystemSpec("rag-selfcheck", "dense top N (N = self_check) re-ranked by the joint model's self-check, its "
                                 "k_docs documents read as joint reads them (`joint_reader`): joint without the "
                                 "docid search", "joint", needs_checkpoint=True, needs_self_check=True,
-               settings_used=("k_docs", "self_check", "self_check_weight", "joint_reader", "max_new_tokens")),
-    SystemSpec("gold", "the gold passage alone read by the base LLM: the reader's upper bound", "base",
-               needs_gold=True),
+               settings_used=("k_docs", "self_check", "self_check_weight", "joint_reader", *_READS),
+               label="Dense + self-check", scores="score", on_page=True,
+               summary="dense MiniLM top N re-ranked by the joint model's self-check, its top documents read"),
     SystemSpec("joint", "the joint model: trie-constrained docid search (+ self-check), its k_docs documents read "
-                        "by the reader `joint_reader` names", "joint", needs_checkpoint=True, settings_used=_JOINT),
+                        "by the reader `joint_reader` names", "joint", needs_checkpoint=True, settings_used=_JOINT,
+               label="Joint model", scores="search score",
+               summary="the joint model's docid search (path log-prob + document match), its top documents read"),
     SystemSpec("joint-no-match", "ablation: the joint model with the search ranked by the docid path's "
                                  "log-probability alone, without the document-level match", "joint",
-               needs_checkpoint=True, settings_used=_JOINT),
-    SystemSpec("joint-gold", "ablation: the gold passage alone read by the joint model's reader", "joint",
-               needs_checkpoint=True, needs_gold=True, settings_used=("joint_reader", "max_new_tokens")),
-    SystemSpec("rag-joint-reader", "ablation: dense top rag_k documents read by the joint model's reader (the "
-                                   "retrieval effect apart from the reader)", "joint", needs_checkpoint=True,
-               settings_used=("rag_k", "joint_reader", "max_new_tokens")),
+               needs_checkpoint=True, settings_used=_JOINT, label="Joint, path log-prob only",
+               scores="path log-prob", summary="the docid search ranked by path log-prob alone (no document match)"),
     SystemSpec("evidence", "RetroLLM-style: the joint model's docid search (+ self-check) picks evidence_docs "
                            "documents, the base LLM writes evidence constrained (FM-index) to be a passage of one of "
                            "them, then answers from that evidence alone", "joint", needs_checkpoint=True,
                settings_used=("evidence_docs", "evidence_tokens", "evidence_lookahead", "beam_width", "self_check",
-                              "self_check_weight", "max_new_tokens")),
+                              "self_check_weight", "max_new_tokens"),
+               label="Evidence (RetroLLM-style)", scores="search score", on_page=True,
+               summary="the docid search's documents constrain evidence the base LLM writes (FM-index); the answer "
+                       "reads it"),
+    SystemSpec("rag-joint-reader", "ablation: dense top rag_k documents read by the joint model's reader (the "
+                                   "retrieval effect apart from the reader)", "joint", needs_checkpoint=True,
+               settings_used=("rag_k", "joint_reader", *_READS), label="Dense, joint reader", scores="cosine",
+               summary="dense MiniLM top-k read by the joint model's stage-2 reader"),
+    SystemSpec("joint-gold", "ablation: the gold passage alone read by the joint model's reader", "joint",
+               needs_checkpoint=True, needs_gold=True, settings_used=("joint_reader", *_READS),
+               label="Gold passage, joint reader", summary="the gold passage read by the joint model's stage-2 reader"),
+    SystemSpec("gold", "the gold passage alone read by the base LLM: the reader's upper bound", "base",
+               needs_gold=True, settings_used=_READS, label="Gold passage, base reader",
+               summary="the gold passage read by the base LLM"),
 )}
 SYSTEM_NAMES = tuple(SPECS)
+PAGE_BASELINES = tuple(name for name, s in SPECS.items() if s.on_page)  # the page's right-hand choices
 
 
 class System(Protocol):
+    """Every named system answers one question (`answer`, the app) or a batch (`answer_many`, eval); those that
+    retrieve also re-read given documents (`read`, the app's What if?)."""
+
     name: str
 
     def answer_many(self, questions: Sequence[Question], settings: InferenceSettings) -> list[Answer]: ...
+
+    def answer(self, question: str, settings: InferenceSettings, with_attention: bool = False) -> Answer: ...
 
 
 def spec(name: str) -> SystemSpec:
@@ -142,16 +170,44 @@ class _JointReading:
             answers.append(answer)
         return answers
 
+    def answer(self, question: str, settings: InferenceSettings, with_attention: bool = False) -> Answer:
+        """One question (dense documents only: the gold ablation needs the question's gold passage)."""
+        if self.retriever is None:
+            raise UniragError(f"System {self.name!r} reads each question's gold passage: ask it with answer_many.")
+        return self.answer_many([Question("question", question, ())], settings)[0]
+
 
 class _JointSearch:
     def __init__(self, name: str, joint: Any) -> None:
         self.name, self.joint = name, joint
 
     def answer_many(self, questions: Sequence[Question], settings: InferenceSettings) -> list[Answer]:
-        answers = [self.joint.answer(q.question, settings) for q in questions]
+        return [self.answer(q.question, settings) for q in questions]
+
+    def answer(self, question: str, settings: InferenceSettings, with_attention: bool = False) -> Answer:
+        """with_attention: accepted as every system takes it; the joint system's `traces` decides."""
+        answer = self.joint.answer(question, settings)
+        answer.system = self.name
+        return answer
+
+    def answer_batch(self, questions: Sequence[str], settings: InferenceSettings,
+                     with_attention: bool = False) -> list[Answer]:
+        """`answer` for questions asked at once (the app's concurrent users), batched through the model
+        (`JointSystem.answer_many`)."""
+        answers = self.joint.answer_many(list(questions), settings)
         for answer in answers:
             answer.system = self.name
         return answers
+
+    def read(self, question: str, hits: Sequence[tuple[str, float | None]], settings: InferenceSettings,
+             with_attention: bool = False) -> Answer:
+        """Given documents, no docid search (a document removed or forced); a score left None is 0."""
+        text, notices = prepare_question(question)
+        docs = self.joint.documents([d for d, _ in hits], [0.0 if score is None else score for _, score in hits])
+        answer = self.joint.read(text, docs, settings)
+        answer.system = self.name
+        answer.notices[:0] = notices
+        return answer
 
 
 class _BaseReading:
@@ -178,18 +234,56 @@ class _BaseReading:
             answer.system = self.name
         return answers
 
+    def answer(self, question: str, settings: InferenceSettings, with_attention: bool = False) -> Answer:
+        """One question (not `gold`: it needs the question's gold passage, `answer_many` has it)."""
+        if self.name == "gold":
+            raise UniragError("System 'gold' reads each question's gold passage: ask it with answer_many.")
+        return self._inner.answer(question, settings, with_attention)
+
+    def answer_batch(self, questions: Sequence[str], settings: InferenceSettings,
+                     with_attention: bool = False) -> list[Answer]:
+        """`answer` for questions asked at once (the app's concurrent users): one batched retrieval and reading."""
+        if self.name == "gold":
+            raise UniragError("System 'gold' reads each question's gold passage: ask it with answer_many.")
+        answers = self._inner.answer_many(list(questions), settings, with_attention)
+        for answer in answers:
+            answer.system = self.name
+        return answers
+
+    def read(self, question: str, hits: Sequence[tuple[str, float | None]], settings: InferenceSettings,
+             with_attention: bool = False) -> Answer:
+        """Given documents, no retrieval (a document removed or forced); see `rag.RagSystem.read`."""
+        if not hasattr(self._inner, "read"):
+            raise UniragError(f"System {self.name!r} retrieves nothing, so it has no documents to re-read.")
+        return self._inner.read(question, list(hits), settings, with_attention)
+
+    @property
+    def retriever(self) -> Any:
+        return getattr(self._inner, "retriever", None)
+
+    @property
+    def reader(self) -> Any:
+        return self._inner.reader
+
 
 class _Evidence:
     """evidence on `Question`s (unirag.joint.evidence_system)."""
 
-    def __init__(self, name: str, joint: Any) -> None:
+    def __init__(self, name: str, joint: Any, encoder: Any = None) -> None:
         from unirag.joint.evidence_system import EvidenceSystem
 
         self.name, self.joint = name, joint
-        self._inner = EvidenceSystem(joint)
+        self._inner = EvidenceSystem(joint, encoder=encoder)
 
     def answer_many(self, questions: Sequence[Question], settings: InferenceSettings) -> list[Answer]:
         return self._inner.answer_many([q.question for q in questions], settings)
+
+    def answer(self, question: str, settings: InferenceSettings, with_attention: bool = False) -> Answer:
+        return self._inner.answer(question, settings, with_attention)
+
+    def read(self, question: str, hits: Sequence[tuple[str, float | None]], settings: InferenceSettings,
+             with_attention: bool = False) -> Answer:
+        return self._inner.read(question, hits, settings, with_attention)
 
 
 class _DenseSelfCheck:
@@ -198,21 +292,30 @@ class _DenseSelfCheck:
     def __init__(self, name: str, joint: Any, retriever: Any) -> None:
         from unirag.joint.dense_selfcheck import DenseSelfCheckSystem
 
-        self.name, self.joint = name, joint
+        self.name, self.joint, self.retriever = name, joint, retriever
         self._inner = DenseSelfCheckSystem(retriever, joint)
 
     def answer_many(self, questions: Sequence[Question], settings: InferenceSettings) -> list[Answer]:
         return self._inner.answer_many([q.question for q in questions], settings)
+
+    def answer(self, question: str, settings: InferenceSettings, with_attention: bool = False) -> Answer:
+        return self._inner.answer(question, settings, with_attention)
+
+    def read(self, question: str, hits: Sequence[tuple[str, float | None]], settings: InferenceSettings,
+             with_attention: bool = False) -> Answer:
+        return self._inner.read(question, list(hits), settings, with_attention)
 
 
 RETRIEVER_OF = {"rag": "dense", "rag-joint-reader": "dense", "rag-selfcheck": "dense", "bm25": "bm25",
                 "hybrid": "hybrid"}  # the ranker of each system that retrieves without the docid search
 
 
-def build_system(name: str, corpus: Corpus, *, reader: Any = None, retriever: Any = None, joint: Any = None) -> System:
+def build_system(name: str, corpus: Corpus, *, reader: Any = None, retriever: Any = None, joint: Any = None,
+                 encoder: Any = None) -> System:
     """A named system from loaded parts: `reader` (rag.Reader on the base LLM), `retriever` (the ranker
-    `RETRIEVER_OF[name]` names: rag.DenseRetriever or a unirag.sparse one), `joint` (joint.JointSystem).
-    `load_system` loads them."""
+    `RETRIEVER_OF[name]` names: rag.DenseRetriever or a unirag.sparse one), `joint` (joint.JointSystem),
+    `encoder` (a loaded SentenceEncoder `evidence` may share). `load_system` loads them; the app builds its
+    sides from the parts it already holds."""
     s = spec(name)
     if name in RETRIEVER_OF and retriever is None:
         raise UniragError(f"System {name!r} needs its {RETRIEVER_OF[name]} retriever.")
@@ -225,7 +328,7 @@ def build_system(name: str, corpus: Corpus, *, reader: Any = None, retriever: An
         if name == "rag-selfcheck":
             return _DenseSelfCheck(name, joint, retriever)
         if name == "evidence":
-            return _Evidence(name, joint)
+            return _Evidence(name, joint, encoder)
         return _JointReading(name, joint, retriever if name == "rag-joint-reader" else None)
     return _BaseReading(name, reader, retriever if name in RETRIEVER_OF else None, corpus)
 
@@ -275,5 +378,6 @@ def load_system(name: str, corpus: Corpus, *, checkpoint: str | Path | None = No
     return build_system(name, corpus, reader=Reader(model, tokenizer), retriever=retriever), None
 
 
-__all__ = ["RETRIEVER_OF", "SPECS", "SYSTEM_NAMES", "System", "SystemSpec", "build_system", "describe",
+__all__ = ["PAGE_BASELINES", "RETRIEVER_OF", "SPECS", "SYSTEM_NAMES", "System", "SystemSpec", "build_system",
+           "describe",
            "load_retriever", "load_system", "spec"]

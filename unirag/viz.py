@@ -354,6 +354,16 @@ def docid_path_figure(answer: Answer | None, tree=None, height: int | None = Non
                    legend={"orientation": "h", "y": -0.02, "yanchor": "top", "x": 0, "font": {"size": 11}})
 
 
+def search_progress_figure(paths: Sequence[Sequence[Mapping[str, Any]]], tree=None, level: int = 0) -> go.Figure:
+    """The docid search while it runs: the best paths so far (each a list of the search's per-level dicts), drawn
+    as `docid_path_figure` draws the finished ones, titled with the level just decided."""
+    live = Answer("joint", "", "", [], trace=Trace(paths=[list(p) for p in paths if p]))
+    fig = docid_path_figure(live, tree)
+    if paths:
+        fig.update_layout(title={"text": f"Docid search: level {level} decided, best {len(paths)} paths so far…"})
+    return fig
+
+
 def round_answer(answer: Answer, number: int) -> Answer:
     """Round `number` (1-based) of a multi-round joint answer as an `Answer` of its own (question = that round's
     query), so every per-answer view (the docid path, the beams) draws it."""
@@ -629,7 +639,7 @@ def documents_html(answer: Answer | None, gold_doc_id: str | None = None, rgb: t
 
 def localization_html(localization: Any, title: str = "", rgb: tuple[int, int, int] = (124, 58, 237),
                       method: str = "retrieval_heads") -> str:
-    """The gold passage sentence by sentence (a `unirag.localization.SentenceLocalization`): the answer sentence
+    """The gold passage sentence by sentence (a `unirag.answer_sentences.SentenceLocalization`): the answer sentence
     boxed in green, each sentence shaded by its share of the retrieval heads' attention, the one they rank first
     in bold, and a line saying whether it is the answer sentence. "" without a localization."""
     if localization is None or not localization.sentences or method not in localization.rankings:
@@ -746,6 +756,15 @@ def answer_card_html(answer: Answer | None, system_label: str, color: str, gold_
             f'<div class="ur-badges">{" ".join(badges)}</div>{stats}{evidence_html(answer)}{notices}</div>')
 
 
+def streaming_card_html(system_label: str, color: str, text: str) -> str:
+    """An answer card while its answer is being written: the text so far and a cursor, no badges yet."""
+    head = f'<div class="ur-card-title" style="color:{color}">{html.escape(system_label)}</div>'
+    shown = html.escape(text) if text else '<span class="ur-muted">reading the documents…</span>'
+    return (f'<div class="ur-card ur-card-live" style="border-top-color:{color}">{head}'
+            f'<div class="ur-answer">{shown}<span class="ur-cursor">▍</span></div>'
+            '<div class="ur-muted">answering…</div></div>')
+
+
 MARK_HELP = {
     "exact": "Exact match: the shown answer, normalised (case, punctuation, articles), equals a gold answer.",
     "f1": "Token F1 of the shown answer against the best gold answer (overlap of words); ≈ from 0.5 up.",
@@ -845,12 +864,12 @@ def corpus_tree_figure(tree, max_depth: int = 3, include_documents: bool = True,
     if include_documents:
         for docid in tree.docids:
             ids.append(node_id(docid))
-            label = tree.label(docid) or tree.doc_id(docid)
+            label = tree.label(docid) or tree.doc_id_at(docid)
             labels.append(("★ " if docid in on_path else "") + _p(_short(label, 22)))
             parents.append(node_id(docid[:-1]))
             values.append(1)
             hovers.append(f"<b>document {_p(docid_str(docid))}</b><br>{_p(_short(label, 90))}<br>"
-                          f"{_p(tree.doc_id(docid))}")
+                          f"{_p(tree.doc_id_at(docid))}")
             colors.append(HIGHLIGHT_COLOR if docid in on_path else _dim(docid))
     # Colours: one per top-level cluster (deeper rings inherit them). A highlighted path is yellow with a dark
     # outline and every other sector is pale, so the path stands out from the palette.
@@ -921,7 +940,7 @@ def cluster_docs_html(tree, prefix: Sequence[int], texts: Mapping[str, tuple[str
     docs = tree.docs_under(prefix)
     for doc_id in docs[:limit]:
         title, text = texts.get(doc_id, ("", ""))
-        rows.append(f"<tr><td><code>{html.escape(docid_str(tree.docid(doc_id)))}</code></td>"
+        rows.append(f"<tr><td><code>{html.escape(docid_str(tree.docid_of(doc_id)))}</code></td>"
                     f"<td>{html.escape(doc_id)}</td><td><b>{html.escape(title)}</b></td>"
                     f"<td>{html.escape(_short(text, 160))}</td></tr>")
     more = f'<div class="ur-muted">… and {len(docs) - limit} more.</div>' if len(docs) > limit else ""
@@ -936,8 +955,9 @@ def cluster_docs_html(tree, prefix: Sequence[int], texts: Mapping[str, tuple[str
 # --------------------------------------------------------------------------------------------- evaluation
 
 
-EVAL_METRICS = ("accuracy", "recall@1")  # the chart's two bars a run: did it answer, did it find the passage
-EVAL_HEADERS = ["run", "n", "accuracy", "EM", "F1", "R@1", "R@3", "context tokens", "latency ms", "p vs RAG top-5"]
+EVAL_METRICS = ("f1", "recall@1")  # the chart's two bars a run: how well it answered, did it find the passage
+# EM and F1 first: accuracy (the gold string anywhere in the answer) rewards long answers that echo the passage.
+EVAL_HEADERS = ["run", "n", "EM", "F1", "accuracy", "R@1", "R@3", "context tokens", "latency ms", "p vs page baseline"]
 EVAL_MAX_HEIGHT = 900
 
 
@@ -947,22 +967,23 @@ def eval_rows(rows: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
     def fmt(v: Any, digits: int = 3) -> Any:
         return round(v, digits) if isinstance(v, float) else ("" if v is None else v)
 
-    return [[f"{r['run']} (recommended)" if r.get("recommended") else r["run"], r["n"], fmt(r["accuracy"]),
-             fmt(r["em"]), fmt(r["f1"]), fmt(r["recall@1"]), fmt(r["recall@3"]), fmt(r["context"], 0),
-             fmt(r["latency_ms"], 0), "" if r["p_vs_rag5"] is None else format_p(r["p_vs_rag5"])] for r in rows]
+    return [[f"{r['run']} (recommended)" if r.get("recommended") else r["run"], r["n"], fmt(r["em"]),
+             fmt(r["f1"]), fmt(r["accuracy"]), fmt(r["recall@1"]), fmt(r["recall@3"]), fmt(r["context"], 0),
+             fmt(r["latency_ms"], 0), "" if r["p"] is None else format_p(r["p"])] for r in rows]
 
 
-def eval_figure(rows: Sequence[Mapping[str, Any]], title: str = "Accuracy and R@1") -> go.Figure:
-    """Horizontal bars, accuracy and R@1, one pair per run of the filtered table; the height follows the number of
+def eval_figure(rows: Sequence[Mapping[str, Any]], title: str = "F1 and R@1") -> go.Figure:
+    """Horizontal bars, F1 and R@1, one pair per run of the filtered table; the height follows the number of
     runs (capped) so a long table stays a compact chart."""
     if not rows:
         return empty_figure("No runs for this selection.", "Evaluation", 300)
     labels = [_p(r["run"]) for r in rows]
     fig = go.Figure()
-    palette = {"accuracy": "#7c3aed", "recall@1": "#0284c7"}
+    palette = {"f1": "#7c3aed", "recall@1": "#0284c7"}
     for metric in EVAL_METRICS:
         values = [r.get(metric) for r in rows]
-        fig.add_trace(go.Bar(name=metric, y=labels, x=[v if v is not None else 0 for v in values], orientation="h",
+        fig.add_trace(go.Bar(name={"f1": "F1"}.get(metric, metric), y=labels,
+                             x=[v if v is not None else 0 for v in values], orientation="h",
                              text=[f"{v:.2f}" if isinstance(v, (int, float)) else "n/a" for v in values],
                              textposition="outside", marker={"color": palette[metric]}))
     fig.update_xaxes(range=[0, 1.1], gridcolor="#e2e8f0")
@@ -978,7 +999,7 @@ def gr_vs_dr_figure(rows: Sequence[Mapping[str, Any]]) -> go.Figure:
     """R@1 against corpus size (log scale) of the results store's GR-vs-DR rows: the docid search alone, with the
     self-check, and dense MiniLM; dev solid, the questions common to the sizes dotted, held-out train dashed (fp32,
     as docs/gr_vs_dr.png)."""
-    from unirag.results import GR_VS_DR_ROLES, gr_vs_dr_points
+    from unirag.studies import GR_VS_DR_ROLES, gr_vs_dr_points
 
     fig = go.Figure()
     for role, words in GR_VS_DR_ROLES:

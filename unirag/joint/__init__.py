@@ -8,12 +8,12 @@
 
 from unirag.joint.checkpoint import load_lora_reader
 from unirag.joint.config import JointConfig
+from unirag.joint.joint_system import JointSystem, Retrieval
 from unirag.joint.modeling import JointModel, JointOutput
 from unirag.joint.prompts import Prompt, answer_prompt, retrieval_prompt
 from unirag.joint.reader import AnswerGeneration, answer_with_docs
 from unirag.joint.search import DocidBeam, DocidSearch, DocidTrie, ranking_name, search_docids
 from unirag.joint.selfcheck import question_likelihood, rerank
-from unirag.joint.system import JointSystem, Retrieval
 
 __all__ = [
     "AnswerGeneration",

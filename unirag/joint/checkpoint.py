@@ -67,13 +67,15 @@ def save_pretrained(
     tmp = save_dir / (WEIGHTS_FILE + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt", "unirag_format_version": str(FORMAT_VERSION)})
     tmp.replace(save_dir / WEIGHTS_FILE)
-    files = {WEIGHTS_FILE: file_sha256(save_dir / WEIGHTS_FILE)}
+    written = [WEIGHTS_FILE]
 
     if model._lora_enabled:
         model.base.save_pretrained(str(save_dir / LORA_DIR), safe_serialization=True)
         (save_dir / LORA_DIR / "README.md").unlink(missing_ok=True)  # peft's blank model card
+        written += sorted(f"{LORA_DIR}/{f.name}" for f in (save_dir / LORA_DIR).iterdir() if f.is_file())
     if tree is not None:
         tree.save(save_dir / TREE_FILE)
+        written.append(TREE_FILE)
     for name, content in (extra_files or {}).items():
         if Path(name).name != name or name in (CONFIG_FILE, WEIGHTS_FILE, LORA_DIR):
             raise UniragError(f"extra_files name {name!r} must be a plain file name and not a reserved one.")
@@ -84,6 +86,9 @@ def save_pretrained(
             path.write_text(content, encoding="utf-8")
         else:
             path.write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
+        written.append(name)
+    # Every file the checkpoint is made of, checksummed: a swapped docid or an overwritten adapter is refused.
+    files = {name: file_sha256(save_dir / name) for name in written}
 
     bc = model.base_config
     meta = {
@@ -154,11 +159,7 @@ def from_pretrained(
     config.base_model = name
 
     weights_path = ckpt / WEIGHTS_FILE
-    expected_sha = meta.get("files", {}).get(WEIGHTS_FILE)
-    if expected_sha and file_sha256(weights_path) != expected_sha:
-        raise UniragError(
-            f"{weights_path} is corrupt or truncated (checksum mismatch with {CONFIG_FILE}); re-copy or re-save it."
-        )
+    verify_files(ckpt, meta)
     tensors = _load_safetensors(weights_path)
 
     base, tokenizer = load_llm(name, precision=precision, dtype=dtype, device=device,
@@ -241,12 +242,41 @@ def load_lora_reader(model: nn.Module, checkpoint_dir: str | Path) -> nn.Module:
                 f"Checkpoint {ckpt} was trained on {meta.get('base_fingerprint')!r}; this model's {key} is "
                 f"{getattr(config, key, None)!r}, not {expected[key]!r}. Load the base it was trained on."
             )
+    verify_files(ckpt, meta)
     _load_safetensors(adapter)  # clean error on a truncated file before peft reads it
     try:
         reader = PeftModel.from_pretrained(model, str(ckpt / LORA_DIR), is_trainable=False)
     except Exception as exc:  # noqa: BLE001 - peft raises assorted errors on mismatching adapters
         raise UniragError(f"The LoRA adapter in {ckpt / LORA_DIR} does not fit this model: {exc}") from None
     return reader.eval()
+
+
+def verify_files(ckpt: Path, meta: Mapping[str, Any] | None = None, only: str | None = None) -> None:
+    """Check the files joint_config.json lists against their checksums (all, or `only` that one); checkpoints
+    saved before every file was listed name the weights alone, and files they do not list are not checked."""
+    meta = _read_meta(ckpt) if meta is None else meta
+    listed = meta.get("files") or {}
+    if not isinstance(listed, Mapping):
+        raise UniragError(f"{ckpt / CONFIG_FILE}: 'files' must map file names to checksums.")
+    for name, expected in listed.items():
+        if only is not None and name != only:
+            continue
+        path = ckpt / name
+        if not path.is_file():
+            raise UniragError(f"Checkpoint {ckpt} is incomplete: missing {name}.")
+        if file_sha256(path) != expected:
+            raise UniragError(f"{path} is corrupt or truncated, or was altered (checksum mismatch with "
+                              f"{CONFIG_FILE}); re-copy or re-save the checkpoint.")
+
+
+def verify_tree_file(checkpoint_dir: str | Path) -> Path:
+    """The checkpoint's docid tree path, checked against its checksum when the checkpoint lists one."""
+    ckpt = check_checkpoint_dir(checkpoint_dir)
+    tree_path = ckpt / TREE_FILE
+    if not tree_path.is_file():
+        raise UniragError(f"{tree_path} is missing: a joint checkpoint must ship its docid tree.")
+    verify_files(ckpt, only=TREE_FILE)
+    return tree_path
 
 
 def _read_meta(ckpt: Path) -> dict[str, Any]:
@@ -282,4 +312,4 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["CONFIG_FILE", "FORMAT_VERSION", "LORA_DIR", "TREE_FILE", "WEIGHTS_FILE", "check_checkpoint_dir",
-           "from_pretrained", "load_lora_reader", "save_pretrained"]
+           "from_pretrained", "load_lora_reader", "save_pretrained", "verify_files", "verify_tree_file"]

@@ -39,6 +39,37 @@ def _type_ok(value: Any, expected: tuple[type, ...]) -> bool:
     return isinstance(value, expected)
 
 
+# The LoRA block enable_lora writes: key -> (accepted JSON types, what it must be).
+_LORA_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "r": ((int,), "a whole number >= 1"),
+    "alpha": ((int, float), "a number"),
+    "dropout": ((int, float), "a number in [0, 1)"),
+    "target_modules": ((list,), "a list of module names"),
+    "layers": ((list, type(None)), "a list of layer indices or null"),
+}
+
+
+def _check_lora_block(lora: Mapping[str, Any], where: str) -> None:
+    for key, value in lora.items():
+        if key not in _LORA_TYPES:
+            raise UniragError(f"Invalid joint config{where}: unknown key {key!r} in 'lora' "
+                              f"(known: {', '.join(_LORA_TYPES)}).")
+        kinds, wanted = _LORA_TYPES[key]
+        ok = not isinstance(value, bool) and isinstance(value, kinds)
+        if ok and key == "r":
+            ok = value >= 1
+        elif ok and key == "dropout":
+            ok = 0 <= value < 1
+        elif ok and key == "target_modules":
+            ok = bool(value) and all(isinstance(m, str) for m in value)
+        elif ok and key == "layers" and value is not None:
+            ok = all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+        if not ok:
+            raise UniragError(f"Invalid joint config{where}: lora.{key} must be {wanted}, got {value!r}.")
+    if "r" not in lora:
+        raise UniragError(f"Invalid joint config{where}: the 'lora' block has no 'r'.")
+
+
 @dataclass
 class JointConfig:
     """Everything needed to rebuild the joint model around its base (JSON-serialisable)."""
@@ -110,7 +141,12 @@ class JointConfig:
                          and f.name not in values)
         if missing:
             raise UniragError(f"Invalid joint config{where}: {', '.join(missing)} missing.")
-        return cls(**values)
+        if values.get("lora") is not None:
+            _check_lora_block(values["lora"], where)
+        try:
+            return cls(**values)
+        except UniragError as exc:  # a value check of __post_init__: name the file it came from
+            raise UniragError(f"{str(exc).rstrip('.')}{where}.") from None
 
     def resolve_pathway_layers(self, num_layers: int) -> list[int]:
         """Sorted, distinct layer indices of the pathway for a base with `num_layers` layers."""

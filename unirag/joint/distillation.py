@@ -9,6 +9,8 @@ document; summed onto the tree's nodes it says how much of its mass lies under e
   which is how the search ranks finished paths).
 
 Both sit on top of the gold-path cross-entropy; any query text works, since the target needs no gold document.
+Where BM25 ranks better than the encoder (squad), the teacher can mix in BM25's softmax (`bm25_document_probs`):
+p = (1 - w) · softmax(cos / T) + w · softmax(BM25 / T_bm25).
 """
 
 from __future__ import annotations
@@ -40,10 +42,18 @@ class TeacherRanking(torch.nn.Module):
         self.register_buffer("membership", membership, persistent=False)
         self.temperature = temperature
 
-    def document_probs(self, query_vectors: torch.Tensor) -> torch.Tensor:
-        """[B, D] teacher query vectors → [B, N] softmax over the documents (cosine / temperature)."""
+    def document_probs(self, query_vectors: torch.Tensor, sparse_probs: torch.Tensor | None = None,
+                       sparse_weight: float = 0.0) -> torch.Tensor:
+        """[B, D] teacher query vectors → [B, N] softmax over the documents (cosine / temperature), mixed with
+        `sparse_probs` [B, N] (BM25's softmax) at `sparse_weight` when given."""
         query = F.normalize(query_vectors.float(), dim=-1)
-        return torch.softmax(query @ self.documents.T / self.temperature, dim=-1)
+        dense = torch.softmax(query @ self.documents.T / self.temperature, dim=-1)
+        if sparse_probs is None or sparse_weight == 0:
+            return dense
+        if sparse_probs.shape != dense.shape:
+            raise UniragError(f"BM25 teacher probabilities of shape {tuple(sparse_probs.shape)} for a dense teacher "
+                              f"of shape {tuple(dense.shape)}.")
+        return (1 - sparse_weight) * dense + sparse_weight * sparse_probs.float()
 
     def node_mass(self, probs: torch.Tensor) -> torch.Tensor:
         """[B, N] document probabilities → [B, nodes]: the mass under each node."""
@@ -80,4 +90,16 @@ def document_distillation(matches: torch.Tensor, teacher_probs: torch.Tensor) ->
     return terms.sum(-1).mean()
 
 
-__all__ = ["TeacherRanking", "document_distillation", "document_paths", "level_distillation"]
+def bm25_document_probs(scores_of, texts: list[str], temperature: float = 1.0) -> torch.Tensor:
+    """[len(texts), N] float16: softmax(BM25 / temperature) of each text over the documents. `scores_of(text)` gives
+    the text's BM25 score of every document, in the teacher's document order."""
+    if temperature <= 0:
+        raise UniragError(f"The BM25 teacher's temperature must be positive (got {temperature}).")
+    rows = [torch.softmax(torch.as_tensor(np.asarray(scores_of(t)), dtype=torch.float32) / temperature, dim=-1)
+            for t in texts]
+    if not rows:
+        raise UniragError("No texts for the BM25 teacher.")
+    return torch.stack(rows).half()  # half: 20k texts x 2k documents stays under 100 MB
+
+
+__all__ = ["TeacherRanking", "bm25_document_probs", "document_distillation", "document_paths", "level_distillation"]

@@ -4,7 +4,7 @@
    (`JointSystem.retrieve`).
 2. Evidence: the base LLM (adapter, pathway and bridge off: what `joint_reader="base"` reads with) continues
    EVIDENCE_PROMPT greedily, each token restricted to those that keep the evidence a substring of a candidate's
-   token sequence (an FM-index, `unirag.evidence`), starting at a word; up to `evidence_tokens` tokens or the
+   token sequence (an FM-index, `unirag.substring_index`), starting at a word; up to `evidence_tokens` tokens or the
    document's end (optionally also where the LLM prefers to stop: `stop_at_end`). With `evidence_lookahead` W > 0
    the choice is forward-looking (RetroLLM's idea, simplified): each allowed token's log-probability gains W × the
    best cosine (MiniLM) between the question and the LOOKAHEAD_TOKENS tokens its occurrences lead to.
@@ -23,11 +23,18 @@ import torch
 
 from unirag.answer import Answer, AnswerAttention, EvidenceSpan, RetrievedDoc
 from unirag.data import prepare_question
-from unirag.evidence import EvidenceTokens, Lookahead, TokenSubstringIndex, char_span, constrained_greedy, doc_tokens
+from unirag.joint.joint_system import Retrieval
 from unirag.joint.prompts import evidence_prompt_ids
 from unirag.joint.reader import eos_ids
-from unirag.joint.system import Retrieval
 from unirag.settings import InferenceSettings
+from unirag.substring_index import (
+    EvidenceTokens,
+    Lookahead,
+    TokenSubstringIndex,
+    char_span,
+    constrained_greedy,
+    doc_tokens,
+)
 
 LOOKAHEAD_TOKENS = 32  # about a sentence: long enough to tell whether a start leads to the answer's sentence
 

@@ -199,8 +199,10 @@ class SemanticDocidScorer(nn.Module):
 
     def query_vectors(self, entry_hidden: torch.Tensor, hidden: torch.Tensor,
                       attention_mask: torch.Tensor | None) -> torch.Tensor:
-        weights = attention_mask.to(entry_hidden.dtype).unsqueeze(-1) if attention_mask is not None else \
-            torch.ones_like(entry_hidden[..., :1])
+        if attention_mask is not None:  # a decoding step's mask also covers the cached positions: keep this pass's
+            weights = attention_mask[:, -entry_hidden.shape[1]:].to(entry_hidden.dtype).unsqueeze(-1)
+        else:
+            weights = torch.ones_like(entry_hidden[..., :1])
         pooled = (entry_hidden * weights).cumsum(1) / weights.cumsum(1).clamp_min(1.0)
         features = torch.cat([pooled, hidden.to(pooled.dtype)], dim=-1).to(self.proj.weight.dtype)
         return F.normalize(self.proj(features).float(), dim=-1)
@@ -709,7 +711,7 @@ class JointModel(nn.Module):
         leaves: dict[tuple[int, ...], list[str]] = {}
         for prefix in nodes:
             if not trie.allowed(prefix):
-                doc = trie.doc_id(prefix)
+                doc = trie.doc_id_at(prefix)
                 for cut in range(1, len(prefix) + 1):
                     leaves.setdefault(prefix[:cut], []).append(doc)
         table = self.semantic.node_embed.weight

@@ -105,7 +105,7 @@ class PassageCache:
         meta_path = path / "meta.json"
         if not meta_path.is_file():
             raise UniragError(f"No self-check cache at {path}: build it with `python -m unirag index --corpus ... "
-                              "--self-check-cache` (same --llm/--load-in-4bit as the run that uses it).")
+                              "--self-check-cache` (same --llm/--precision as the run that uses it).")
         meta = json.loads(meta_path.read_text())
         expected = cache_fingerprint(model, corpus)
         if meta.get("fingerprint") != expected:

@@ -62,9 +62,13 @@ def retrieval_prompt(model: JointModel, tokenizer, question: str) -> tuple[list[
 
 
 def answer_prompt(
-    model: JointModel, tokenizer, question: str, passages: Sequence[tuple[str, str, str]]
+    model: JointModel, tokenizer, question: str, passages: Sequence[tuple[str, str, str]],
+    reader_prompt: str = "plain",
 ) -> Prompt:
-    """Ids of the answer prompt and where the context and each passage sit in it."""
+    """Ids of the answer prompt and where the context and each passage sit in it. `reader_prompt` "short" puts the
+    prompt-only baseline's instruction and worked example before the question (`unirag.rag.reader_messages`)."""
+    from unirag.rag import plain_reader_text, reader_messages
+
     pieces = [f"{title}: {text}" if title else text for _, title, text in passages]
     head = f"Q: {question}\n"
     context = "\n".join(pieces)
@@ -76,7 +80,7 @@ def answer_prompt(
         cursor += len(piece) + 1
 
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": user_text}]
+        messages = reader_messages(user_text, reader_prompt)
         without = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
         with_gen = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         header = with_gen[len(without):] if with_gen.startswith(without) else ""
@@ -85,13 +89,14 @@ def answer_prompt(
         ids, offsets = _tokenize(tokenizer, body, add_special_tokens=False)
         header_ids, _ = _tokenize(tokenizer, header, add_special_tokens=False) if header else ([], None)
         full_ids = ids + [model.generates_token_id] + header_ids
-        base = body.find(user_text)
+        base = body.rfind(user_text)  # the last user turn: a worked example comes before it
         text = body + "<generates_token>" + header
     else:
-        ids, offsets = _tokenize(tokenizer, user_text, add_special_tokens=True)
+        body = plain_reader_text(user_text, reader_prompt)
+        ids, offsets = _tokenize(tokenizer, body, add_special_tokens=True)
         full_ids = ids + [model.generates_token_id]
-        base = 0
-        text = user_text + "<generates_token>"
+        base = body.rfind(user_text)
+        text = body + "<generates_token>"
 
     prompt = Prompt(ids=full_ids, text=text)
     if offsets is None or base < 0 or not pieces:

@@ -9,7 +9,8 @@ part is the entry embedding added at the first pathway layer.)
 
 Stage 2 (joint): LoRA on the base plus the stage-1 parameters plus the bridge, on a balanced mix
 of the docid loss and the answer loss. The answer loss reads the documents the model itself
-retrieves (its top docids), with the first gold answer as the target.
+retrieves (its top docids; for a share of examples with the gold passage among them), with the gold answer as
+the documents write it (a span) as the target; held-out reader F1 picks the best step.
 
 Runs are seeded, show progress, log losses to the checkpoint folder and resume from the last save.
 """
@@ -27,8 +28,9 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,86 +43,108 @@ from unirag.data import Corpus, Question, load_corpus, load_questions
 from unirag.docids import DocidTree, TreeConfig, load_or_build_tree
 from unirag.errors import UniragError
 from unirag.joint.config import JointConfig
-from unirag.joint.distillation import TeacherRanking, document_distillation, document_paths, level_distillation
+from unirag.joint.distillation import (
+    TeacherRanking,
+    bm25_document_probs,
+    document_distillation,
+    document_paths,
+    level_distillation,
+)
 from unirag.joint.modeling import JointModel, tree_prefixes
 from unirag.joint.prompts import answer_prompt, retrieval_prompt
 from unirag.joint.search import search_docids
 from unirag.paths import cache_dir
+from unirag.settings import normalize_precision
 
 STATE_FILE = "trainer_state.json"
+TRAIN_PRECISIONS = ("fp32", "nf4")
 LOSS_LOG = "loss_log.jsonl"
+
+
+def option(default: Any, help: str) -> Any:  # noqa: A002 - argparse's word
+    """A TrainConfig field with its --help text (field metadata: the one source of the CLI's help)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    corpus: str  # corpus.jsonl (id, title, text)
-    questions: str  # the train split only: dev questions must never be trained on
-    out: str  # checkpoint folder (written atomically; --resume continues from it)
-    base_model: str | None = None  # hub id or folder; default: the embedded SmolLM2-135M-Instruct
-    load_in_4bit: bool = False  # stage 2 QLoRA-style on an NF4 base
-    dtype: str = "float32"  # compute dtype of the base (bfloat16 on GPUs)
-    seed: int = 0  # seeds python, numpy and torch; also the held-out split
+    corpus: str = field(metadata={"help": "corpus.jsonl (id, title, text)"})
+    questions: str = field(metadata={"help": "the train split only: dev questions must never be trained on"})
+    out: str = field(metadata={"help": "checkpoint folder (written atomically; --resume continues from it)"})
+    base_model: str | None = option(None, "hub id or folder; default: the embedded SmolLM2-135M-Instruct")
+    precision: str = option("fp32", "the base's weights while training: 'fp32', or 'nf4' (bitsandbytes: stage 2 "
+                                    "QLoRA-style)")
+    dtype: str = option("float32", "compute dtype of the base (bfloat16 on GPUs)")
+    seed: int = option(0, "seeds python, numpy and torch; also the held-out split")
     # docid tree
-    tree_k: int = 10  # k-means branching factor per level
-    tree_c: int = 10  # a cluster with more than c documents is split again
+    tree_k: int = option(10, "k-means branching factor per level")
+    tree_c: int = option(10, "a cluster with more than c documents is split again")
     # architecture
-    pathway_layers: int = 8  # the retrieval pathway sits in the top N decoder layers (8 beat 4, RESULTS.md)
-    retrieval_heads: int = 4  # extra query heads per pathway layer (rounded to a multiple of the KV heads)
-    retrieval_mlp_dim: int = 512  # width of the retrieval MLP'
-    bridge_dim: int = 0  # inner width of the cross-attention bridge (0 = the base's hidden size)
+    pathway_layers: int = option(8, "the retrieval pathway sits in the top N decoder layers")
+    retrieval_heads: int = option(4, "extra query heads per pathway layer (rounded to a multiple of the KV heads)")
+    retrieval_mlp_dim: int = option(512, "width of the retrieval MLP")
+    bridge_dim: int = option(0, "inner width of the cross-attention bridge (0 = the base's hidden size)")
     # semantic docid scores: node embeddings from the tree's cluster centroids, plus a distillation loss that
     # pulls the model's query vector towards the docid encoder's embedding of the query text
-    semantic_docids: bool = True  # add the semantic node scores to the docid head's logits
-    distill_weight: float = 1.0  # weight of the query-vector distillation loss
+    semantic_docids: bool = option(True, "add the semantic node scores to the docid head's logits")
+    distill_weight: float = option(1.0, "weight of the query-vector distillation loss")
     # The search ranks finished paths by log-prob + document match, but the per-level loss only contrasts a
     # document with its <= k siblings; this term contrasts it with every document of the corpus.
-    doc_contrast_weight: float = 0.0  # weight of the all-documents cross-entropy of the document match
+    doc_contrast_weight: float = option(0.0, "weight of the all-documents cross-entropy of the document match")
     # The teacher's ranking as the target (unirag.joint.distillation): its softmax over all documents, summed
     # onto the tree's nodes, against the docid head's child distribution at each level of the gold path...
-    level_distill_weight: float = 0.0  # weight of the per-level KL to the teacher's node mass
+    level_distill_weight: float = option(0.0, "weight of the per-level KL to the teacher's node mass")
     # ...and against the semantic scorer's match with every document (how the search ranks finished paths).
-    document_distill_weight: float = 0.0  # weight of the all-documents KL to the teacher's softmax
-    distill_temperature: float = 0.05  # temperature of the teacher's softmax over cosines
+    document_distill_weight: float = option(0.0, "weight of the all-documents KL to the teacher's softmax")
+    distill_temperature: float = option(0.05, "temperature of the teacher's softmax over cosines")
+    # On squad BM25 ranks better than MiniLM: the teacher's softmax can mix in BM25's.
+    bm25_teacher_weight: float = option(0.0, "share of BM25's softmax in the teacher's document distribution "
+                                             "(0 = dense)")
+    bm25_temperature: float = option(1.0, "temperature of BM25's softmax over its scores")
     # In-domain generated queries (python -m unirag querygen generate): more (query, docid) examples per passage.
-    generated_queries: str = ""  # a generated-queries JSONL for this corpus ("" = none)
-    generated_per_passage: int = 0  # at most this many generated queries a passage (0 = all in the file)
+    generated_queries: str = option("", "a generated-queries JSONL for this corpus (\"\" = none)")
+    generated_per_passage: int = option(0, "at most this many generated queries a passage (0 = all in the file)")
     # indexing data: pseudo-queries per passage (title+first sentence, then further sentences)
-    pseudo_queries: int = 3  # pseudo-queries per passage (more than its sentences: every sentence once)
-    pseudo_query_words: int = 32  # maximum words per pseudo-query
-    index_passages: bool = False  # also the passage text itself (its first passage_words words) -> docid
-    passage_words: int = 128  # maximum words of a passage-text indexing example
-    validation_questions: int = 100  # held out from the train split to pick/monitor, never dev
+    pseudo_queries: int = option(3, "pseudo-queries per passage (more than its sentences: every sentence once)")
+    pseudo_query_words: int = option(32, "maximum words per pseudo-query")
+    index_passages: bool = option(False, "also the passage text itself (its first passage_words words) -> docid")
+    passage_words: int = option(128, "maximum words of a passage-text indexing example")
+    validation_questions: int = option(100, "held out from the train split to pick/monitor, never dev")
     # stage 1
-    stage1_epochs: int = 4  # epochs of stage 1 (retrieval warm-up, base frozen)
-    stage1_lr: float = 2e-3  # AdamW peak learning rate, cosine schedule
-    batch_size: int = 32  # stage-1 batch size
+    stage1_epochs: int = option(4, "epochs of stage 1 (retrieval warm-up, base frozen)")
+    stage1_lr: float = option(2e-3, "AdamW peak learning rate, cosine schedule")
+    batch_size: int = option(32, "stage-1 batch size")
     # The reader stays the base LLM (adapter off while answering) until stage 2 trains it.
-    stage1_lora: bool = False  # LoRA on the pathway layers already in stage 1 (implies --adapter-in-retrieval)
-    stage1_lora_lr: float = 5e-4  # peak learning rate of the stage-1 LoRA weights (lower than the new modules')
+    stage1_lora: bool = option(False, "LoRA on the pathway layers already in stage 1 (implies --adapter-in-retrieval)")
+    stage1_lora_lr: float = option(5e-4, "peak learning rate of the stage-1 LoRA weights (lower than the new modules')")
     # stage 2
-    stage2_steps: int = 0  # steps of stage 2 (LoRA + bridge, docid + answer loss); 0 skips it
-    stage2_lr: float = 3e-4  # AdamW learning rate of stage 2
-    stage2_docid_batch: int = 8  # docid examples per stage-2 step
-    stage2_answer_batch: int = 2  # answer examples per stage-2 step (read from the model's own retrieval)
-    stage2_docs: int = 2  # documents the answer examples read
-    lora_r: int = 16  # LoRA rank
-    lora_alpha: int = 32  # LoRA alpha
+    stage2_steps: int = option(0, "steps of stage 2 (LoRA + bridge, docid + answer loss); 0 skips it")
+    stage2_lr: float = option(3e-4, "AdamW learning rate of stage 2")
+    stage2_docid_batch: int = option(8, "docid examples per stage-2 step")
+    stage2_answer_batch: int = option(2, "answer examples per stage-2 step (read from the model's own retrieval)")
+    stage2_docs: int = option(2, "documents the answer examples read")
+    # The rest read the model's own retrieval as it is, so the reader also meets wrong documents.
+    stage2_gold_rate: float = option(0.5, "share of answer examples whose documents hold the gold passage")
+    stage2_select_every: int = option(0, "held-out reader F1 every N stage-2 steps; the best is kept in "
+                                         "<out>.best (0 = off)")
+    stage2_select_questions: int = option(60, "held-out questions of that F1")
+    lora_r: int = option(16, "LoRA rank")
+    lora_alpha: int = option(32, "LoRA alpha")
     # Backpropagation stops below the lowest LoRA layer, which is what makes stage 2 affordable on a CPU
     # (SmolLM2, one thread: ~8 s per step instead of 16-20 s with all 30 layers).
-    lora_layers: int = 8  # LoRA on the top N decoder layers (0: all)
+    lora_layers: int = option(8, "LoRA on the top N decoder layers (0: all)")
     # Off: the adapter is the reader's only; the answer loss then trains LoRA and the bridge, the docid loss the
     # retrieval parameters. On: the adapter serves retrieval and reading.
-    adapter_in_retrieval: bool = False  # docid generation with the LoRA adapter on
-    save_every: int = 50  # steps between checkpoints
+    adapter_in_retrieval: bool = option(False, "docid generation with the LoRA adapter on")
+    save_every: int = option(50, "steps between checkpoints")
 
     @classmethod
     def from_args(cls, argv: list[str]) -> TrainConfig:
         parser = argparse.ArgumentParser(prog="python -m unirag train", description=__doc__.split("\n\n")[0],
                                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        helps = _field_comments(cls)
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            text = helps.get(f.name)
+            text = f.metadata.get("help")
             if f.type in ("bool", bool):
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
             elif f.name in ("corpus", "questions", "out"):
@@ -129,23 +153,15 @@ class TrainConfig:
                 kind = {"int": int, "float": float}.get(str(f.type), str)
                 parser.add_argument(flag, type=kind, default=f.default, help=text)
         parser.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+        parser.add_argument("--load-in-4bit", action="store_true", help=argparse.SUPPRESS)  # the older spelling
         args = vars(parser.parse_args(argv))
         resume = args.pop("resume")
+        if args.pop("load_in_4bit"):
+            print("note: train's --load-in-4bit is spelled --precision nf4 now.", file=sys.stderr)
+            args["precision"] = "nf4"
         config = cls(**args)
         config.resume = resume  # type: ignore[attr-defined]
         return config
-
-
-def _field_comments(cls: type) -> dict[str, str]:
-    """`name: type = default  # comment` lines of a dataclass, for --help (the comments stay the one source)."""
-    import inspect
-
-    out = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = re.match(r"\s+(\w+): [^#]+#\s*(.+)$", line)
-        if match:
-            out[match.group(1)] = match.group(2).strip()
-    return out
 
 
 def make_accelerator():
@@ -184,7 +200,7 @@ class TrainStep(torch.nn.Module):
     def forward(self, kind: str, *args):
         return getattr(self, kind)(*args)
 
-    def _docid_terms(self, outputs, positions, targets, allowed, node_rows, teacher):
+    def _docid_terms(self, outputs, positions, targets, allowed, node_rows, teacher, sparse=None):
         """(loss, {term: detached value}) of one docid batch."""
         config = self.config
         semantic, distill, query = semantic_terms(self.model, outputs, positions, node_rows, teacher)
@@ -197,7 +213,7 @@ class TrainStep(torch.nn.Module):
         if config.doc_contrast_weight:
             terms["doc_contrast"] = contrast.detach()
         if self.ranking is not None and teacher is not None and query is not None:
-            probs = self.ranking.document_probs(teacher)
+            probs = self.ranking.document_probs(teacher, sparse, config.bm25_teacher_weight)
             if config.level_distill_weight:
                 level = level_distillation(picked, allowed, targets, node_rows, self.ranking.node_mass(probs))
                 loss = loss + config.level_distill_weight * level
@@ -209,17 +225,17 @@ class TrainStep(torch.nn.Module):
                 terms["document_kl"] = doc_kl.detach()
         return loss, terms
 
-    def stage1(self, ids, mask, hidden, layer, positions, targets, allowed, node_rows, teacher):
+    def stage1(self, ids, mask, hidden, layer, positions, targets, allowed, node_rows, teacher, sparse=None):
         """Stage 1: the top layers from the cached states entering `layer`; (loss, distill, contrast)."""
         outputs = self.model(ids, attention_mask=mask, inputs_embeds=hidden, start_layer=layer, pathway=True,
                              bridge=False, return_lm_logits=False)
-        return self._docid_terms(outputs, positions, targets, allowed, node_rows, teacher)
+        return self._docid_terms(outputs, positions, targets, allowed, node_rows, teacher, sparse)
 
-    def docid(self, ids, mask, positions, targets, allowed, node_rows, teacher):
+    def docid(self, ids, mask, positions, targets, allowed, node_rows, teacher, sparse=None):
         """Stage 2's docid loss: a full forward (LoRA changes the lower layers too, so no cache here)."""
         with self.model.retrieval_mode():
             outputs = self.model(ids, attention_mask=mask, pathway=True, bridge=True, return_lm_logits=False)
-        return self._docid_terms(outputs, positions, targets, allowed, node_rows, teacher)
+        return self._docid_terms(outputs, positions, targets, allowed, node_rows, teacher, sparse)
 
     def answer(self, ids, mask, labels):
         """Stage 2's answer loss: next-token cross-entropy on the answer tokens."""
@@ -232,7 +248,8 @@ class TrainStep(torch.nn.Module):
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
 
 
-def split_sentences(text: str) -> list[str]:
+def query_sentences(text: str) -> list[str]:
+    """The passage's sentences of 4+ words, as pseudo-queries use them (unirag.answer_sentences splits for display)."""
     return [s.strip() for s in _SENTENCE.split(text) if len(s.split()) >= 4]
 
 
@@ -242,7 +259,7 @@ def _clip(text: str, words: int) -> str:
 
 def indexing_queries(title: str, text: str, n: int, words: int) -> list[str]:
     """Pseudo-queries for one passage: title + first sentence, then its next sentences."""
-    sentences = split_sentences(text) or [text]
+    sentences = query_sentences(text) or [text]
     queries = [_clip(f"{title}. {sentences[0]}" if title else sentences[0], words)]
     queries += [_clip(s, words) for s in sentences[1:n]]
     return queries[:n]
@@ -254,7 +271,7 @@ def stage1_examples(corpus: Corpus, questions: list[Question], tree: DocidTree, 
     """(text, docid): train questions, pseudo-queries from each passage's text, and generated queries. A generated
     query equal to an `evaluation` question is an error (the generator bans them); one equal to a held-out
     `validation` question is dropped."""
-    examples = [(q.question, tree.docid(q.doc_id)) for q in questions if q.doc_id is not None]
+    examples = [(q.question, tree.docid_of(q.doc_id)) for q in questions if q.doc_id is not None]
     if config.generated_queries:
         from unirag.querygen import load_generated_queries, normalize_question
 
@@ -265,9 +282,9 @@ def stage1_examples(corpus: Corpus, questions: list[Question], tree: DocidTree, 
                 continue
             per_passage[doc_id] = per_passage.get(doc_id, 0) + 1
             if not config.generated_per_passage or per_passage[doc_id] <= config.generated_per_passage:
-                examples.append((text, tree.docid(doc_id)))
+                examples.append((text, tree.docid_of(doc_id)))
     for passage in corpus:
-        docid = tree.docid(passage.id)
+        docid = tree.docid_of(passage.id)
         examples += [(query, docid) for query in
                      indexing_queries(passage.title, passage.text, config.pseudo_queries, config.pseudo_query_words)]
         if config.index_passages:
@@ -401,6 +418,22 @@ def teacher_ranking(model: JointModel, tree: DocidTree, corpus: Corpus, config: 
     return TeacherRanking(embeddings[order], paths, model.config.semantic_nodes, config.distill_temperature)
 
 
+def teacher_sparse_probs(tree: DocidTree, corpus: Corpus, examples, config: TrainConfig) -> torch.Tensor | None:
+    """BM25's softmax over the tree's documents for each stage-1 example [N, D]; None unless the teacher mixes it
+    in."""
+    if not (uses_teacher_ranking(config) and config.bm25_teacher_weight):
+        return None
+    if not 0 < config.bm25_teacher_weight <= 1:
+        raise UniragError(f"--bm25-teacher-weight must lie in [0, 1] (got {config.bm25_teacher_weight}).")
+    from unirag.sparse import BM25Retriever
+
+    bm25 = BM25Retriever(corpus)
+    order = np.asarray([corpus.position(doc_id) for doc_id in tree.doc_ids])
+    print(f"[train] BM25 teacher over {len(examples)} texts", file=sys.stderr, flush=True)
+    return bm25_document_probs(lambda text: bm25.scores(text)[order], [text for text, _ in examples],
+                               config.bm25_temperature)
+
+
 def teacher_vectors(model: JointModel, tree: DocidTree, examples, config: TrainConfig) -> torch.Tensor | None:
     """Distillation targets [N, D] for the stage-1 examples, or None (no scorer, or no distillation loss)."""
     if model.semantic is None or (config.distill_weight == 0 and not uses_teacher_ranking(config)):
@@ -478,8 +511,7 @@ def save_checkpoint(model: JointModel, tree: DocidTree, optimizer: torch.optim.O
     tmp = out.with_name(out.name + ".saving")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tree.save(tmp / "docid_tree.json")
+    model.save_pretrained(tmp, tree=tree)
     tensors, layout = {}, {}
     for g, group in enumerate(optimizer.param_groups):
         for p_i, param in enumerate(group["params"]):
@@ -551,8 +583,13 @@ def retrieval_recall(model: JointModel, tokenizer, tree: DocidTree, questions: l
 
 
 def _precision(config: TrainConfig) -> str:
-    """Stage 2 trains QLoRA-style on bitsandbytes NF4 (peft's k-bit training path), else in float."""
-    return "nf4" if config.load_in_4bit else "fp32"
+    """The precision the base loads in to train: fp32, or NF4 for QLoRA (the recovered 4-bit serves from weights
+    trained in fp32: its grid is the checkpoint's, not the optimiser's)."""
+    precision = normalize_precision(config.precision)
+    if precision not in TRAIN_PRECISIONS:
+        raise UniragError(f"--precision {config.precision!r}: train in {' or '.join(TRAIN_PRECISIONS)}; the app's "
+                          "recovered 4-bit reads checkpoints trained in fp32.")
+    return precision
 
 
 def build_or_resume(config: TrainConfig, corpus: Corpus, tree: DocidTree, resume: bool, accelerator):
@@ -599,6 +636,7 @@ def run_stage1(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
         cached = boundary_cache(model, encoded, key, config.batch_size)
         teacher = teacher_vectors(model, tree, examples, config)
         ranking = teacher_ranking(model, tree, corpus, config)
+    sparse = teacher_sparse_probs(tree, corpus, examples, config)
     documents = stage_documents(model, tree, config)
     device = model.device
     params = model.stage1_parameters()
@@ -646,7 +684,8 @@ def run_stage1(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
                 hidden[j, : cached[i].shape[0]] = cached[i].float()
             loss, parts = step_fn("stage1", ids, mask, hidden.to(device, model.dtype), layer, positions,
                                               targets, allowed, node_rows,
-                                              teacher[rows].to(device) if teacher is not None else None)
+                                              teacher[rows].to(device) if teacher is not None else None,
+                                              sparse[rows].to(device) if sparse is not None else None)
             prepared.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, 1.0)
@@ -673,18 +712,70 @@ def run_stage1(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
     return state
 
 
+def answer_target(answers: Sequence[str], texts: Sequence[str]) -> str:
+    """The answer as the documents write it: the first gold (in gold order) found in a text, case-insensitively,
+    at word boundaries, copied with the text's own casing, so the target is a span the reader can point at;
+    else the first gold as given."""
+    for gold in answers:
+        if not gold.strip():
+            continue
+        pattern = re.compile(r"(?<!\w)" + re.escape(gold.strip()) + r"(?!\w)", re.IGNORECASE)
+        for text in texts:
+            found = pattern.search(text)
+            if found:
+                return found.group(0)
+    return answers[0]
+
+
+def answer_documents(found: Sequence[str], gold: str | None, n_docs: int, with_gold: bool,
+                     rng: random.Random) -> list[str]:
+    """The documents an answer example reads: the search's top n_docs, and with_gold the gold passage in place of
+    a random one where the search missed it (so its position teaches nothing)."""
+    docs = list(found[:n_docs])
+    if with_gold and gold and gold not in docs:
+        if len(docs) < n_docs:
+            docs.insert(rng.randrange(len(docs) + 1), gold)
+        else:
+            docs[rng.randrange(len(docs))] = gold
+    return docs
+
+
 def _answer_example(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, question: Question,
-                    n_docs: int) -> tuple[list[int], list[int]]:
-    """(input ids, labels) for one answer example, reading the model's own top docids."""
+                    n_docs: int, with_gold: bool = False, rng: random.Random | None = None
+                    ) -> tuple[list[int], list[int]]:
+    """(input ids, labels) for one answer example, reading the model's own top docids (with_gold: the gold
+    passage among them)."""
     with torch.no_grad():
         beams = search_docids(model, tokenizer, question.question, tree, 10, n_docs, pathway=True, bridge=True).beams
-    passages = [(b.doc_id, corpus[b.doc_id].title, corpus[b.doc_id].text) for b in beams]
+    docs = answer_documents([b.doc_id for b in beams], question.doc_id, n_docs, with_gold, rng or random.Random(0))
+    passages = [(d, corpus[d].title, corpus[d].text) for d in docs]
     prompt = answer_prompt(model, tokenizer, question.question, passages).ids
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if not isinstance(eos, int) or eos == tokenizer.unk_token_id:
         eos = tokenizer.eos_token_id
-    target = tokenizer(question.answers[0], add_special_tokens=False)["input_ids"] + [eos]
+    answer = answer_target(question.answers, [text for _, _, text in passages])
+    target = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
     return prompt + target, [-100] * len(prompt) + target
+
+
+def reader_scores(model: JointModel, tokenizer, corpus: Corpus, questions: Sequence[Question],
+                  max_new_tokens: int = 32) -> dict:
+    """EM / F1 / contains of the model's reader with each question's gold passage in hand (no retrieval)."""
+    from unirag.eval import contains_answer, exact_match, token_f1
+    from unirag.joint.reader import answer_with_docs
+
+    asked = [q for q in questions if q.doc_id and q.answers]
+    totals = {"em": 0.0, "f1": 0.0, "contains": 0.0}
+    model.eval()
+    for q in asked:
+        doc = corpus[q.doc_id]
+        text = answer_with_docs(model, tokenizer, q.question, [(doc.id, doc.title, doc.text)],
+                                max_new_tokens=max_new_tokens, output_attentions=False).text
+        totals["em"] += exact_match(text, q.answers)
+        totals["f1"] += token_f1(text, q.answers)
+        totals["contains"] += contains_answer(text, q.answers)
+    n = max(len(asked), 1)
+    return {**{k: round(v / n, 4) for k, v in totals.items()}, "n": len(asked)}
 
 
 def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, examples, train_qs: list[Question],
@@ -712,6 +803,7 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
     with accelerator.main_process_first():  # the main process writes the teacher cache, the others read it
         teacher = teacher_vectors(model, tree, examples, config)
         ranking = teacher_ranking(model, tree, corpus, config)
+    sparse = teacher_sparse_probs(tree, corpus, examples, config)
     documents = stage_documents(model, tree, config)
     device = model.device
     start_step = state["step"] if state["stage"] == 2 else 0
@@ -738,7 +830,8 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
         # Answer loss: read the documents the model itself retrieves.
         model.eval()
         pairs = [_answer_example(model, tokenizer, corpus, tree, answerable[rng.randrange(len(answerable))],
-                                 config.stage2_docs) for _ in range(config.stage2_answer_batch)]
+                                 config.stage2_docs, rng.random() < config.stage2_gold_rate, rng)
+                 for _ in range(config.stage2_answer_batch)]
         model.train()
         a_ids, a_mask, labels = _to(device, *pad_labelled(pairs, pad))
         prepared.zero_grad(set_to_none=True)
@@ -753,7 +846,8 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
                 if id(p) in retrieval_params:
                     p.grad = None
         loss_docid, parts = step_fn("docid", *docid_inputs,
-                                    teacher[picks].to(device) if teacher is not None else None)
+                                    teacher[picks].to(device) if teacher is not None else None,
+                                    sparse[picks].to(device) if sparse is not None else None)
         distill = parts["distill"]
         accelerator.backward(0.5 * loss_docid)
         accelerator.clip_grad_norm_(params, 1.0)
@@ -774,11 +868,35 @@ def run_stage2(model: JointModel, tokenizer, corpus: Corpus, tree: DocidTree, ex
             if accelerator.is_main_process:  # the main process logs, validates and saves; the others wait
                 if step + 1 == config.stage2_steps and valid:
                     record["valid"] = retrieval_recall(model, tokenizer, tree, valid)
+                selecting = config.stage2_select_every > 0 and valid and (
+                    (step + 1) % config.stage2_select_every == 0 or step + 1 == config.stage2_steps)
+                if selecting:
+                    record["valid_reader"] = reader_scores(model, tokenizer, corpus,
+                                                           valid[: config.stage2_select_questions])
+                improved = selecting and record["valid_reader"]["f1"] > state.get("best_reader_f1", -1.0)
+                if improved:
+                    state.update(best_reader_f1=record["valid_reader"]["f1"], best_reader_step=step + 1)
                 log_losses(out, record)
                 print(json.dumps(record), flush=True)
                 save_checkpoint(model, tree, optimizer, out, state, config)
+                if improved:
+                    save_best(model, tree, out, state, config)
             accelerator.wait_for_everyone()
     return state
+
+
+def save_best(model: JointModel, tree: DocidTree, out: Path, state: dict, config: TrainConfig) -> None:
+    """The checkpoint with the best held-out reader F1 so far, beside the run (`<out>.best`, no optimizer)."""
+    best = out.with_name(out.name + ".best")
+    tmp = out.with_name(out.name + ".best.saving")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, tree=tree)
+    (tmp / STATE_FILE).write_text(json.dumps({**state, "config": asdict(config)}))
+    (tmp / LOSS_LOG).write_bytes((out / LOSS_LOG).read_bytes())
+    if best.exists():
+        shutil.rmtree(best)
+    tmp.rename(best)
 
 
 def pad_labelled(pairs: list[tuple[list[int], list[int]]], pad: int):

@@ -16,11 +16,11 @@ from unirag.answer import Answer, AnswerSpan, RetrievedDoc, RoundTrace, SelfChec
 from unirag.data import prepare_question
 from unirag.docids import DocidTree
 from unirag.errors import UniragError
-from unirag.joint.checkpoint import TREE_FILE, check_checkpoint_dir
+from unirag.joint.checkpoint import check_checkpoint_dir, verify_tree_file
 from unirag.joint.modeling import JointModel
 from unirag.joint.passage_cache import PassageCache
-from unirag.joint.reader import answer_with_docs
-from unirag.joint.search import DocidBeam, DocidSearch, DocidTrie, search_docids
+from unirag.joint.reader import AnswerGeneration, answer_many_with_docs, answer_with_docs
+from unirag.joint.search import DocidBeam, DocidSearch, DocidTrie, search_docids, search_docids_many
 from unirag.joint.selfcheck import question_likelihood, rerank
 from unirag.settings import InferenceSettings
 
@@ -55,12 +55,12 @@ class JointSystem:
 
     name = "joint"
 
-    def __init__(self, model: JointModel, tokenizer, corpus, trie: DocidTrie, *,
+    def __init__(self, model: JointModel, tokenizer, corpus, tree: DocidTrie, *,
                  passage_cache: PassageCache | None = None, traces: bool = True, document_match: bool = True) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.corpus = corpus
-        self.trie = trie
+        self.tree = tree  # the docid tree (a DocidTree): the trie the search is constrained to
         # A PassageCache (the passages' self-check prompts, precomputed): the self-check then runs only the
         # question's tokens. None reads the N passages in full, with the same result up to rounding. Settable:
         # the app attaches one after loading.
@@ -80,10 +80,7 @@ class JointSystem:
         passage_cache: True opens (building it first if missing) the self-check cache of this base and corpus
         at its default path; a path does the same there; False: none (the self-check reads passages in full)."""
         ckpt = check_checkpoint_dir(checkpoint_dir)
-        tree_path = ckpt / TREE_FILE
-        if not tree_path.is_file():
-            raise UniragError(f"{tree_path} is missing: a joint checkpoint must ship its docid tree.")
-        tree = DocidTree.load(tree_path, corpus)  # before the model: a corpus mismatch fails fast
+        tree = DocidTree.load(verify_tree_file(ckpt), corpus)  # before the model: a corpus mismatch fails fast
         # The joint modules follow the base's device (JointModel puts its new modules beside the embeddings).
         model = JointModel.from_pretrained(ckpt, precision=precision, base_model=base_model, device=device,
                                            attn_implementation=attn_implementation)
@@ -100,9 +97,22 @@ class JointSystem:
         expanded query); the self-check still scores the question itself (how likely it is after a passage)."""
         start = time.perf_counter()
         # The one place the beam is sized: wide enough for every document read or self-checked.
-        search = search_docids(self.model, self.tokenizer, question if query is None else query, self.trie,
+        search = search_docids(self.model, self.tokenizer, question if query is None else query, self.tree,
                                settings.search_width, settings.documents_searched, rescore=self.document_match)
-        retrieve_ms = (time.perf_counter() - start) * 1000
+        return self._ranked(question, search, settings, (time.perf_counter() - start) * 1000)
+
+    def retrieve_many(self, questions: Sequence[str], settings: InferenceSettings,
+                      queries: Sequence[str] | None = None) -> list[Retrieval]:
+        """`retrieve` for several questions: one batched docid search (`search_docids_many`), then each question's
+        self-check and ranking. The search's time is split evenly between the questions."""
+        start = time.perf_counter()
+        searches = search_docids_many(self.model, self.tokenizer, list(queries or questions), self.tree,
+                                      settings.search_width, settings.documents_searched, rescore=self.document_match)
+        share = (time.perf_counter() - start) * 1000 / max(1, len(questions))
+        return [self._ranked(q, search, settings, share) for q, search in zip(questions, searches, strict=True)]
+
+    def _ranked(self, question: str, search: DocidSearch, settings: InferenceSettings,
+                retrieve_ms: float) -> Retrieval:
         retrieval = self.rank(question, [(beam.doc_id, beam.score) for beam in search.beams], settings,
                               retrieve_ms, search=search)
         if not retrieval.docs:
@@ -151,9 +161,9 @@ class JointSystem:
         for doc_id, score in zip(doc_ids, scores, strict=True):
             passage = self.corpus[doc_id]
             docid = None
-            if hasattr(self.trie, "docid"):
+            if hasattr(self.tree, "docid_of"):
                 try:
-                    docid = tuple(self.trie.docid(doc_id))
+                    docid = tuple(self.tree.docid_of(doc_id))
                 except (KeyError, UniragError):
                     docid = None
             docs.append(RetrievedDoc(passage.id, passage.title, passage.text, score, docid))
@@ -164,20 +174,41 @@ class JointSystem:
         """Answer `question` (used as is) from `docs`: this system's retrieval, or any caller's documents (the
         gold passage, another retriever's top k). `retrieval` fills the search's part of the trace; without it
         the retrieval time is 0."""
+        start = time.perf_counter()
+        generation = answer_with_docs(self.model, self.tokenizer, question, _passages(docs),
+                                      **self._reading(settings))
+        return self._answer(question, docs, settings, retrieval, generation, (time.perf_counter() - start) * 1000)
+
+    def read_many(self, questions: Sequence[str], docs: Sequence[Sequence[RetrievedDoc]], settings: InferenceSettings,
+                  retrievals: Sequence[Retrieval | None] | None = None) -> list[Answer]:
+        """`read` for several questions, each from its own documents, in one batched reading
+        (`answer_many_with_docs`); the reading's time is split evenly between the questions."""
+        retrievals = list(retrievals) if retrievals is not None else [None] * len(questions)
+        start = time.perf_counter()
+        generations = answer_many_with_docs(self.model, self.tokenizer, list(questions),
+                                            [_passages(d) for d in docs], **self._reading(settings))
+        share = (time.perf_counter() - start) * 1000 / max(1, len(questions))
+        return [self._answer(q, d, settings, r, g, share)
+                for q, d, r, g in zip(questions, docs, retrievals, generations, strict=True)]
+
+    def _reading(self, settings: InferenceSettings) -> dict[str, Any]:
+        """The reader's switches for these settings."""
         base = settings.joint_reader == "base"
         # Until stage 2 (its LoRA) has adapted the LLM to the pathway's residual, read with the pathway off: the
         # reader is then exactly the base LLM. "base": adapter, pathway and bridge off, the weights the dense RAG
         # baseline reads with (same prompt text plus the <generates_token> marker).
         pathway = False if base else self.model.reader_trained
+        return {"max_new_tokens": settings.max_new_tokens, "output_attentions": self.traces, "pathway": pathway,
+                "bridge": pathway, "adapter": not base, "answer_mode": settings.answer_mode,
+                "reader_prompt": settings.reader_prompt if base else "plain"}  # stage 2 was trained on plain
+
+    def _answer(self, question: str, docs: Sequence[RetrievedDoc], settings: InferenceSettings,
+                retrieval: Retrieval | None, generation: AnswerGeneration, generate_ms: float) -> Answer:
+        """One reading as an `Answer`, with the retrieval's trace when there was one."""
+        base = settings.joint_reader == "base"
         timings = dict(retrieval.timings) if retrieval is not None else {"retrieve": 0.0}
         notices = list(retrieval.notices) if retrieval is not None else []
-        start = time.perf_counter()
-        generation = answer_with_docs(
-            self.model, self.tokenizer, question, [(d.doc_id, d.title, d.text) for d in docs],
-            max_new_tokens=settings.max_new_tokens, output_attentions=self.traces, pathway=pathway, bridge=pathway,
-            adapter=not base, answer_mode=settings.answer_mode,
-        )
-        timings["generate"] = (time.perf_counter() - start) * 1000
+        timings["generate"] = generate_ms
         if base:
             notices.append("Read by the base LLM (the stage-2 adapter, pathway and bridge are off while answering): "
                            "the weights the dense RAG baseline reads with.")
@@ -225,6 +256,29 @@ class JointSystem:
         answer.notices[:0] = notices
         return answer
 
+    def answer_many(self, questions: Sequence[str], settings: InferenceSettings | None = None) -> list[Answer]:
+        """`answer` for several questions at once: each round's docid searches in one batch (`retrieve_many`) and
+        its readings in another (`read_many`); the self-check runs per question. Each answer is the one `answer`
+        gives, up to float rounding; the batch's time is split evenly in the timings. Nothing is streamed."""
+        settings = InferenceSettings() if settings is None else settings
+        prepared = [prepare_question(q) for q in questions]
+        texts = [text for text, _ in prepared]
+        retrievals = self.retrieve_many(texts, settings)
+        answers = self.read_many(texts, [r.docs for r in retrievals], settings, retrievals)
+        if settings.rounds > 1:
+            rounds = [[_round_trace(1, t, r, a)] for t, r, a in zip(texts, retrievals, answers, strict=True)]
+            for number in range(2, settings.rounds + 1):
+                queries = [round_query(t, a) for t, a in zip(texts, answers, strict=True)]
+                retrievals = self.retrieve_many(texts, settings, queries=queries)
+                answers = self.read_many(texts, [r.docs for r in retrievals], settings, retrievals)
+                for steps, query, r, a in zip(rounds, queries, retrievals, answers, strict=True):
+                    steps.append(_round_trace(number, query, r, a))
+            for answer, steps in zip(answers, rounds, strict=True):
+                _finish_rounds(answer, steps, settings)
+        for answer, (_, notices) in zip(answers, prepared, strict=True):
+            answer.notices[:0] = notices
+        return answers
+
     def _more_rounds(self, question: str, first: Answer, retrieval: Retrieval,
                      settings: InferenceSettings) -> Answer:
         """Rounds 2..settings.rounds after `first` (round 1, from `retrieval`): see `answer`."""
@@ -235,16 +289,25 @@ class JointSystem:
             retrieval = self.retrieve(question, settings, query=query)
             answer = self.read(question, retrieval.docs, settings, retrieval)
             rounds.append(_round_trace(number, query, retrieval, answer))
-        answer.trace.rounds = rounds
-        totals: dict[str, float] = {}
-        for step in rounds:  # the answer cost every round: latency counts them all
-            for stage, ms in step.timings_ms.items():
-                totals[stage] = totals.get(stage, 0.0) + ms
-        answer.timings_ms = totals
-        answer.notices.append(f"{settings.rounds} rounds: each round after the first searched the docids with the "
-                              "question plus the previous round's answer, then read the question again; this is "
-                              f"round {settings.rounds}'s answer.")
-        return answer
+        return _finish_rounds(answer, rounds, settings)
+
+
+def _finish_rounds(answer: Answer, rounds: list[RoundTrace], settings: InferenceSettings) -> Answer:
+    """The last round's answer with every round's trace, its timings summed over the rounds."""
+    answer.trace.rounds = rounds
+    totals: dict[str, float] = {}
+    for step in rounds:  # the answer cost every round: latency counts them all
+        for stage, ms in step.timings_ms.items():
+            totals[stage] = totals.get(stage, 0.0) + ms
+    answer.timings_ms = totals
+    answer.notices.append(f"{settings.rounds} rounds: each round after the first searched the docids with the "
+                          "question plus the previous round's answer, then read the question again; this is "
+                          f"round {settings.rounds}'s answer.")
+    return answer
+
+
+def _passages(docs: Sequence[RetrievedDoc]) -> list[tuple[str, str, str]]:
+    return [(d.doc_id, d.title, d.text) for d in docs]
 
 
 def round_query(question: str, previous: Answer) -> str:

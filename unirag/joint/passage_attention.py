@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from unirag.answer_sentences import SentenceLocalization, localize
 from unirag.data import Passage
 from unirag.joint.modeling import JointModel
 from unirag.joint.prompts import answer_prompt
 from unirag.joint.reader import ANSWER_ATTENTION_LAYERS
-from unirag.localization import SentenceLocalization, localize
 
 METHODS = ("retrieval_heads", "trained_reader", "trained_reader_bridge", "base_reader")
 METHOD_WORDS = {

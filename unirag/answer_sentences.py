@@ -174,7 +174,7 @@ def random_hit_rate(n_sentences: int, k: int) -> float:
 
 BASELINES = ("first_sentence", "longest_sentence", "lexical_overlap")
 RANDOM = "random_sentence"  # scored by its exact expectation, not by a ranking
-# Every method and baseline in the order the report lists them (the attention methods: unirag.joint.localization).
+# Every method and baseline in the order the report lists them (the attention methods: unirag.joint.passage_attention).
 REPORT_ORDER = ("retrieval_heads", "trained_reader", "trained_reader_bridge", "base_reader", "lexical_overlap",
                 "first_sentence", "longest_sentence", RANDOM)
 
