@@ -265,7 +265,9 @@ def test_recommended_settings_start_the_page_and_weight_the_self_check(tiny, tmp
     PassageCache.build(bundle.joint.model, bundle.corpus, tmp_path / "kv", storage_dtype="float32", progress=False)
     bundle.joint.passage_cache = PassageCache.open(bundle.joint.model, bundle.corpus, tmp_path / "kv")
     pipe._apply_recommended(bundle, tmp_path / "nq-llama")  # with a cache the full recommended setting applies
-    *_, beam, k_docs, self_check, reader, rounds, lookahead = app.select_corpus(pipe, "nq")
+    page = app.page_settings_of(app.select_corpus(pipe, "nq"))
+    beam, k_docs, self_check, reader, rounds, lookahead = (page[n] for n in (
+        "beam_width", "k_docs", "self_check", "joint_reader", "rounds", "evidence_lookahead"))
     assert (beam.value, k_docs.value, self_check.value, reader.value, rounds.value) == (8, 1, 4, "trained", 1)
     assert lookahead.value == InferenceSettings().evidence_lookahead
     result = pipe.ask("nq", "which planet is called the red planet", rag_k=2, max_new_tokens=3)
@@ -281,7 +283,9 @@ def test_recommended_settings_start_the_page_and_weight_the_self_check(tiny, tmp
     fresh = pipe.bundle("nq")
     fresh.joint.passage_cache = bundle.joint.passage_cache
     pipe._apply_recommended(fresh, tmp_path / "nq-llama")
-    *_, beam, k_docs, self_check, reader, rounds, lookahead = app.select_corpus(pipe, "nq")
+    page = app.page_settings_of(app.select_corpus(pipe, "nq"))
+    beam, self_check, reader, rounds, lookahead = (page[n] for n in (
+        "beam_width", "self_check", "joint_reader", "rounds", "evidence_lookahead"))
     assert (beam.value, self_check.value, reader.value, rounds.value, lookahead.value) == (6, 3, "base", 2, 8)
     assert pipe.start_settings("nq").self_check_weight == 2.0
     # A malformed settings file is reported and ignored; the joint model still loads with the library defaults.
@@ -296,18 +300,21 @@ def test_recommended_settings_start_the_page_and_weight_the_self_check(tiny, tmp
 
 
 def test_quantization_cost_from_the_store():
-    from unirag import results
+    from unirag import results, studies
 
     rows = results.load_store()
-    cost = results.quantization_cost(rows)
+    cost = studies.quantization_cost(rows)
     # One sentence a run measured in both precisions, paired by corpus, split and run name (k=2 and k=3 apart).
     assert any(c.startswith("nq/dev · RAG top-5: accuracy 0.139 NF4 (no recovery) (-15.8 points) against 0.297 "
                             "in fp32") for c in cost)
     assert sum("joint, 2 docs, beam 10, stage-2 reader" in c for c in cost) == 2  # nq dev and squad dev[:300]
-    assert results.quantization_cost([r for r in rows if r["precision"] != "fp32"]) == []
+    assert studies.quantization_cost([r for r in rows if r["precision"] != "fp32"]) == []
 
 
 # --------------------------------------------------------------------------------------------- fast: callbacks
+
+
+FOUR_SETTINGS = {"beam_width": 4, "k_docs": 2, "rag_k": 5, "max_new_tokens": 4}
 
 
 def test_ask_callback_outputs(pipeline):
@@ -315,7 +322,7 @@ def test_ask_callback_outputs(pipeline):
 
     import app
 
-    out = app.ask(pipeline, "nq", "what does the passage about html escaping contain", 4, 2, 5, 4)
+    out = app.ask(pipeline, "nq", "what does the passage about html escaping contain", FOUR_SETTINGS)
     gold_info, joint_card, path_fig, beams, joint_docs, joint_heat, rag_card, bars, rag_docs, rag_heat = out[:10]
     banner = out[10]
     last = out[11]
@@ -338,6 +345,65 @@ def test_ask_callback_outputs(pipeline):
     assert "&lt;script&gt;alert(&quot;x&quot;)" in re.sub(r"<[^>]+>", "", rag_docs)  # escaped, and not split up
 
 
+def test_ask_streams_the_search_and_the_answers(pipeline):
+    """The streamed ask draws the path plot level by level while the search decides, both cards while their
+    answers grow, and ends with exactly what `ask` returns."""
+    import gradio as gr
+    import plotly.graph_objects as go
+
+    import app
+
+    question = "what does the passage about html escaping contain"
+    yields = list(app.ask_live(pipeline, "nq", question, FOUR_SETTINGS))
+    final, partial = yields[-1], yields[:-1]
+    assert len(final) == app.STREAM_OUTPUTS and all(len(y) == app.STREAM_OUTPUTS for y in partial)
+    paths = [y[2] for y in partial if isinstance(y[2], go.Figure)]
+    assert len(paths) >= 2  # the tree is 2 levels deep: one plot per level decided
+    assert "level 0 decided" in paths[0].layout.title.text
+    assert any(t.meta and t.meta.get("kind") == "path" for t in paths[-1].data)
+    cards = {side: [y[i] for y in partial if isinstance(y[i], str)] for side, i in (("joint", 1), ("rag", 6))}
+    assert cards["joint"] and cards["rag"] and all("answering…" in c for c in cards["joint"] + cards["rag"])
+    assert all(y[0] is gr.skip() or isinstance(y[0], type(gr.skip())) for y in partial)  # the rest waits
+    expected = app.ask(pipeline, "nq", question, FOUR_SETTINGS)
+    def timeless(card: str) -> str:  # the latencies differ run to run
+        return re.sub(r"\d+ ms", "", card)
+
+    assert timeless(final[1]) == timeless(expected[1]) and timeless(final[6]) == timeless(expected[6])
+    assert final[11] == expected[11]
+    # Bad input is raised as `ask` raises it (the page's guard turns it into a toast).
+    from unirag.errors import UniragError
+
+    with pytest.raises(UniragError):
+        list(app.ask_live(pipeline, "nq", "   "))
+
+
+def test_streams_keep_each_sides_events_apart():
+    import threading
+
+    from unirag import streaming
+
+    stream = streaming.Stream()
+    assert not streaming.listening()
+    streaming.emit("token", "nobody listens")  # a no-op outside a stream
+
+    def side(name):
+        with stream.side(name):
+            assert streaming.listening() and streaming.current() is stream
+            for i in range(3):
+                streaming.emit("token", f"{name}{i}")
+
+    threads = [threading.Thread(target=side, args=(n,)) for n in ("joint", "rag")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stream.close()
+    events = list(stream.events())
+    for name in ("joint", "rag"):
+        assert [e.data for e in events if e.side == name] == [f"{name}{i}" for i in range(3)]
+    assert not streaming.listening()
+
+
 def viz_green(fig) -> bool:
     from unirag.viz import HIGHLIGHT_COLOR
 
@@ -351,7 +417,11 @@ def test_ask_callback_errors_become_gr_error(pipeline, caplog):
 
     # An expected error (the user's input): one expiring warning toast, every output left as it was, no traceback.
     with pytest.warns(UserWarning, match="empty"), caplog.at_level("INFO", logger="unirag.app"):
-        assert app._guard(app.ask)(pipeline, "nq", "", 4, 2, 3, 4) == gr.skip()
+        assert app._guard(app.ask)(pipeline, "nq", "", FOUR_SETTINGS) == gr.skip()
+    with pytest.warns(UserWarning, match="empty"):  # the streamed ask: the same toast
+        assert list(app._guard_stream(app.ask_live)(pipeline, "nq", "")) == [gr.skip()]
+    with pytest.warns(UserWarning, match="Unknown setting"):
+        assert app._guard(app.ask)(pipeline, "nq", "a question", {"beam": 4}) == gr.skip()
     assert "Traceback" not in caplog.text
 
     def boom(*_):
@@ -377,8 +447,8 @@ def test_joint_reader_choice(pipeline):
     assert base.joint.answer.text == own.joint.answer.text
     assert any("base LLM" in n for n in base.joint.answer.notices)
     assert not any("base LLM" in n for n in own.joint.answer.notices)
-    card = app.ask(pipeline, *args, "base")[1]
-    assert "base LLM reads" in card and "base LLM reads" not in app.ask(pipeline, *args)[1]
+    card = app.ask(pipeline, *args[:2], {**kwargs, "joint_reader": "base"})[1]
+    assert "base LLM reads" in card and "base LLM reads" not in app.ask(pipeline, *args[:2], kwargs)[1]
     with pytest.raises(UniragError, match="joint.reader"):
         pipeline.ask(*args[:2], **kwargs, joint_reader="lora")
 
@@ -397,7 +467,7 @@ def test_self_check_setting(pipeline):
     assert checked.joint.answer.doc_ids == [trace[0].doc_id]
     assert "self_check" in checked.joint.answer.timings_ms and "self_check" not in plain.joint.answer.timings_ms
     assert any("Self-check" in n for n in checked.joint.answer.notices)
-    card = app.ask(pipeline, *args, "trained", 3)[1]
+    card = app.ask(pipeline, *args[:2], {**kwargs, "joint_reader": "trained", "self_check": 3})[1]
     assert "Self-check" in card
     # A passage cache built for this base and corpus is picked up on load and gives the same documents.
     from unirag.joint.passage_cache import PassageCache
@@ -436,8 +506,13 @@ def test_side_error_does_not_kill_the_other_side(pipeline, monkeypatch):
 def test_select_corpus_and_cluster_callbacks(pipeline):
     import app
 
-    (dataset, tree_fig, dropdown, docs_html, banner, rag_k, max_new, beam, k_docs, self_check, reader, rounds,
-     lookahead) = app.select_corpus(pipeline, "nq")
+    outputs = app.select_corpus(pipeline, "nq")
+    dataset, tree_fig, dropdown, docs_html, banner, baseline = outputs[:6]
+    page = app.page_settings_of(outputs)
+    beam, k_docs, self_check, reader, rag_k, max_new, rounds, lookahead = (page[n] for n in (
+        "beam_width", "k_docs", "self_check", "joint_reader", "rag_k", "max_new_tokens", "rounds",
+        "evidence_lookahead"))
+    assert baseline["value"] == "rag"  # the store has no row for this tiny corpus: dense RAG
     assert dataset.samples and tree_fig.data[0].type == "sunburst"
     # No recommended_settings.json in this checkpoint: the controls start from the library defaults.
     from unirag.settings import InferenceSettings
@@ -454,7 +529,7 @@ def test_select_corpus_and_cluster_callbacks(pipeline):
     assert "not a docid prefix" in app.cluster_docs(pipeline, "nq", "abc")
     assert "No cluster" in app.cluster_docs(pipeline, "nq", "99-99")
     # SQuAD is missing from the tiny data: an empty view and a banner message, no exception.
-    dataset, tree_fig, dropdown, docs_html, banner, *sliders = app.select_corpus(pipeline, "squad")
+    dataset, tree_fig, dropdown, docs_html, banner, *sliders = app.select_corpus(pipeline, "squad")  # + baseline
     assert dataset.samples == [] and "UNIRAG_DATA" in banner
     assert all(s is not None and not hasattr(s, "value") for s in sliders)  # gr.skip(): left as they are
 
@@ -468,7 +543,9 @@ def test_evaluation_and_about(pipeline, tmp_path, monkeypatch):
     assert len(table) == sum(r["corpus"] == "nq" and r["precision"] == "nf4" and r["split"] == "dev"
                              for r in results.load_store())
     assert list(table["run"][:4]) == ["No RAG", "RAG top-1", "RAG top-3", "RAG top-5"]
-    assert table.iloc[4]["run"].endswith("(recommended)")
+    # The recommended row is the shipped checkpoint's: measured in the recovered 4-bit (the NF4 rows are superseded).
+    assert not any(run.endswith("(recommended)") for run in table["run"])
+    assert any(run.endswith("(recommended)") for run in app.evaluation(pipeline, "nq", "4bit")[1]["run"])
     assert len(fig.data) == 2 and len(fig.data[0].y) == len(table) and fig.layout.height <= viz.EVAL_MAX_HEIGHT
     assert "results store" in note
     monkeypatch.setenv("UNIRAG_RESULTS", str(tmp_path))
@@ -485,12 +562,12 @@ def test_evaluation_and_about(pipeline, tmp_path, monkeypatch):
 
 def test_studies_show_localization_and_the_scaling_curve_from_the_store(tmp_path, monkeypatch):
     import app
-    from unirag import results
+    from unirag import results, studies
 
     text, fig = app.studies()  # the repository's store: its localization and gr-vs-dr rows
     store = results.load_store()
-    assert "Localization" in text and results.render_gr_vs_dr(store) in text
-    dev_sizes = {r["settings"]["passages"] for r in store if r["run"].startswith(results.GR_VS_DR_PREFIX)
+    assert "Localization" in text and studies.render_gr_vs_dr(store) in text
+    dev_sizes = {r["settings"]["passages"] for r in store if r["run"].startswith(studies.GR_VS_DR_PREFIX)
                  and r["split"] == "dev" and r["settings"]["gr_vs_dr"] == "dense"}
     dense = next(t for t in fig.data if t.name == "dense MiniLM (dev)")
     assert sorted(dense.x) == sorted(dev_sizes) and fig.layout.xaxis.type == "log"
@@ -511,7 +588,7 @@ def test_build_demo_has_ask_api(pipeline):
     assert {"joint answer", "rag answer", "status"} <= set(names)
     params = {p["parameter_name"]: p for p in info["parameters"]}
     assert params["corpus"]["parameter_default"] == "nq"
-    for name in ("beam_width", "docs_selected", "rag_k", "max_new_tokens", "reader", "self_check", "baseline",
+    for name in ("beam_width", "k_docs", "rag_k", "max_new_tokens", "joint_reader", "self_check", "baseline",
                  "rounds", "evidence_lookahead"):
         # None = the corpus's start setting (`app.ask`), i.e. what the page starts from
         assert params[name]["parameter_has_default"] and params[name]["parameter_default"] is None, params[name]
@@ -620,11 +697,15 @@ def test_end_to_end_one_question(live_app):
     result = client.predict("nq", "who sang the song i wanna be sedated", 10, 2, 5, 24, api_name="/ask")
     elapsed = time.perf_counter() - start
     _check_ask_result(result)
-    # The recovered 4-bit starts from the checkpoint's recommended reader for it: the base LLM.
-    assert "gold answer" in result[0] and "base LLM reads" in result[1]
-    trained = client.predict("nq", "who sang the song i wanna be sedated", 10, 2, 5, 24, "trained", api_name="/ask")
-    _check_ask_result(trained)
-    assert "base LLM reads" not in trained[1]
+    # The recovered 4-bit starts from the checkpoint's recommended reader for it; the other reader is one choice away.
+    recommended = json.loads((REPO / "checkpoints" / "nq-smollm2" / "recommended_settings.json").read_text())
+    start_reader = recommended["4bit"]["joint_reader"]
+    assert "gold answer" in result[0]
+    assert ("base LLM reads" in result[1]) == (start_reader == "base"), (start_reader, result[1])
+    other = "trained" if start_reader == "base" else "base"
+    switched = client.predict("nq", "who sang the song i wanna be sedated", 10, 2, 5, 24, other, api_name="/ask")
+    _check_ask_result(switched)
+    assert ("base LLM reads" in switched[1]) == (other == "base"), (other, switched[1])
     print(f"one question, cold: {elapsed:.1f} s")
 
 
@@ -680,3 +761,26 @@ def test_ask_command_reproduces_the_app_answer(tiny, tmp_path, capsys):
     assert (record["settings"]["k_docs"], record["settings"]["beam_width"]) == (2, 6)
     assert [d["doc_id"] for d in record["docs"]] == app_answer.doc_ids
     assert record["text"] == app_answer.text
+
+
+def test_evaluation_opens_on_a_split_with_runs_and_tests_against_the_page_baseline(pipeline, tmp_path, monkeypatch):
+    import app
+    from unirag import results
+
+    def row(run, system, bits, split="dev[:300]"):
+        return {"run": run, "system": system, "corpus": "nq", "split": split, "precision": "fp32", "n": len(bits),
+                "settings": {"rag_k": 1, "corpus_fingerprint": pipeline.bundle("nq").corpus.fingerprint},
+                "metrics": {**{k: None for k in results.METRIC_KEYS}, "f1": 0.2, "accuracy": bits.count("1") / 8},
+                "command": "test", "date": "2026-12-07", "machine": "test", "source": "test",
+                "outcomes": {"ids": "abc", "accuracy": bits}}
+
+    monkeypatch.setenv("UNIRAG_RESULTS", str(tmp_path))
+    rows = [row("RAG top-1", "rag", "11110000"), row("joint", "joint", "11111111")]
+    (tmp_path / "nq.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # dev has no runs here: the tab moves to the split that has them.
+    assert app.split_with_runs("nq", "fp32", "dev", pipeline) == "dev[:300]"
+    assert app.split_with_runs("nq", "fp32", "dev[:300]", pipeline) == "dev[:300]"
+    note, table, _ = app.evaluation(pipeline, "nq", "fp32", "dev[:300]")
+    assert "RAG top-1" in note
+    p = dict(zip(table["run"], table["p vs page baseline"], strict=True))
+    assert p["RAG top-1"] == "" and p["joint"] == results.format_p(round(2 / 2**4, 4))  # 4 wins, 0 losses

@@ -42,7 +42,7 @@ def test_reask_with_a_forced_document(pipeline):  # noqa: F811
     cosine = dict(pipeline.bundle("nq").rag.retriever.search(QUESTION, 24))["d00"]
     assert again.rag.answer.docs[1].score == pytest.approx(cosine, abs=1e-5)
     assert again.rag.answer.context_tokens > 0 and "Jupiter" in again.rag.answer.docs[0].text
-    assert again.joint.answer.docs[0].docid == tuple(pipeline.bundle("nq").tree.docid(forced))
+    assert again.joint.answer.docs[0].docid == tuple(pipeline.bundle("nq").tree.docid_of(forced))
 
 
 def test_reask_unknown_document_is_a_clear_error(pipeline):  # noqa: F811
@@ -87,10 +87,10 @@ def test_the_baseline_choice_reaches_the_right_hand_side(pipeline):  # noqa: F81
     with pytest.raises(UniragError, match="Unknown baseline"):
         pipeline.ask("nq", QUESTION, baseline="splade")
     # The page: the dropdown's value goes through `app.ask`, and the card names the baseline.
-    outputs = app.ask(pipeline, "nq", QUESTION, 4, 2, 3, 4, None, None, "bm25")
+    outputs = app.ask(pipeline, "nq", QUESTION, SETTINGS, "bm25")
     assert "BM25 · top-3" in outputs[6] and outputs[-1].baseline == "bm25"
     assert "by BM25" in outputs[7].layout.title.text  # the score bars name the baseline's score
-    assert "Dense RAG · top-3" in app.ask(pipeline, "nq", QUESTION, 4, 2, 3, 4)[6]
+    assert "Dense RAG · top-3" in app.ask(pipeline, "nq", QUESTION, SETTINGS)[6]
     redo = app.reask(pipeline, outputs[-1], remove=outputs[-1].rag.answer.doc_ids[0])
     assert redo[-2].baseline == "bm25" and redo[-2].rag.answer.system == "bm25"
 
@@ -108,7 +108,7 @@ def test_the_evidence_baseline_shows_its_evidence_in_its_document(pipeline):  # 
     assert evidence.text == source[evidence.start:evidence.end] and evidence.doc_id in answer.doc_ids
     assert result.baseline_title == "Evidence (RetroLLM-style) · from top-2"
     # The page: its card marks the evidence inside its document and gives the docid path.
-    outputs = app.ask(pipeline, "nq", QUESTION, 4, 2, 3, 4, None, None, "evidence")
+    outputs = app.ask(pipeline, "nq", QUESTION, SETTINGS, "evidence")
     card = outputs[6]
     shown = outputs[-1].rag.answer.trace.evidence
     assert f'<mark class="ur-evidence-mark">{html.escape(shown.text)}</mark>' in card and "docid path" in card
@@ -234,7 +234,7 @@ def test_explain_and_reask_callbacks(pipeline):  # noqa: F811
     import app
     from unirag.errors import UniragError
 
-    out = app.ask(pipeline, "nq", QUESTION, 4, 2, 3, 4)
+    out = app.ask(pipeline, "nq", QUESTION, SETTINGS)
     comparison = out[-1]
     assert len(out) == 13 and comparison.joint.answer is not None
     docs, joint_cite, rag_cite, attn_fig, latency_fig, tokens, token_view = app.explain(comparison)
@@ -333,3 +333,23 @@ def test_features_in_a_browser(pipeline, tmp_path):  # noqa: F811
             browser.close()
     finally:
         demo.close()
+
+
+def test_the_right_side_starts_on_the_stores_best_baseline_row():
+    """The page's default baseline and its k come from the results store: the best F1 among the base-reader
+    baselines measured on this corpus (fingerprint) and precision, on the largest question set they share."""
+    from unirag.pipeline import best_baseline
+
+    def row(system, k, f1, n=266, precision="4bit", fingerprint="fp", **settings):
+        return {"run": f"{system} top-{k}", "system": system, "precision": precision, "split": "dev", "n": n,
+                "settings": {"rag_k": k, "corpus_fingerprint": fingerprint, **settings},
+                "metrics": {"f1": f1, "accuracy": 0.3}}
+
+    rows = [row("rag", 5, 0.10), row("rag", 1, 0.13), row("bm25", 1, 0.11),
+            row("hybrid", 1, 0.50, n=100),  # a smaller question set: not compared with the others
+            row("bm25", 3, 0.90, precision="fp32"), row("bm25", 2, 0.95, fingerprint="other corpus"),
+            row("bm25", 4, 0.99, superseded=True), row("joint", 1, 0.99)]
+    assert best_baseline(rows, "4bit", "fp") == {"system": "rag", "rag_k": 1, "split": "dev", "f1": 0.13,
+                                                 "run": "rag top-1"}
+    assert best_baseline(rows, "fp32", "fp")["system"] == "bm25"
+    assert best_baseline(rows, "nf4", "fp") is None  # nothing measured: the page keeps dense RAG

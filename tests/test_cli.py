@@ -149,6 +149,9 @@ def test_ask_with_empty_question_and_eval_contract(files, capsys, tiny_llm_dirs,
     assert row["metrics"]["accuracy"] == summary["accuracy"] and row["n"] == 1
     assert row["settings"]["max_new_tokens"] == 3 and "--record" in row["command"]
     assert row["split"].endswith("[:1]")  # --limit: the slice, in the store's notation (dev[:300])
+    # Its per-question outcome rides along, so the Evaluation tab can test it against any other stored run.
+    record = json.loads(out_file.read_text())["records"][0]
+    assert row["outcomes"]["accuracy"] == str(int(record["accuracy"])) and len(row["outcomes"]["ids"]) == 16
 
 
 def _joint_checkpoint(root, llm_dir, corpus_path):
@@ -325,6 +328,47 @@ def _shared_data_layout(root: Path, corpus: Path, questions: int, monkeypatch) -
         json.dumps({"id": f"q{i}", "question": f"city {i}?", "answers": [str(i)], "doc_id": f"d{i}"}) + "\n"
         for i in range(questions)))
     monkeypatch.setenv("UNIRAG_DATA", str(root / "data"))
+
+
+def test_generative_recall_stores_a_lever_row_with_its_paired_test(files, capsys, tiny_llm_dirs, monkeypatch,
+                                                                    tmp_path):
+    """--records keeps each question's ranking; --store writes the lever's row (training settings, held-out curve)
+    and --against adds the sign test on R@1 against another run's records."""
+    from benchmarks import generative_recall
+    from unirag.results import load_store
+
+    root, corpus, _ = files
+    ckpt = _joint_checkpoint(root, tiny_llm_dirs["llama"], corpus)
+    _shared_data_layout(root, corpus, 4, monkeypatch)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"config": {"stage1_epochs": 2, "level_distill_weight": 1.0}}))
+    (ckpt / "loss_log.jsonl").write_text("\n".join(json.dumps(
+        {"stage": 1, "epoch": e, "examples": 9, "minutes": 1.5, "valid": {"recall@1": r, "recall@3": 0.9, "n": 4}})
+        for e, r in ((1, 0.25), (2, 0.5))))
+    monkeypatch.setenv("UNIRAG_RESULTS", str(tmp_path / "store"))
+    base = ["--checkpoint", str(ckpt), "--dataset", "nq", "--beam-width", "4"]
+    other = tmp_path / "other.json"
+    assert generative_recall.main([*base, "--records", str(other)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    saved = json.loads(other.read_text())["records"]
+    assert len(saved) == 4 and all(set(r) == {"id", "gold", "found"} for r in saved)
+    assert result["recall@1"] == sum(r["found"][0] == r["gold"] for r in saved) / 4
+    # The other run got every question right: only B can win the pairing.
+    for r in saved:
+        r["found"] = [r["gold"]]
+    other.write_text(json.dumps({"records": saved}))
+    assert generative_recall.main([*base, "--store", "tiny lever", "--against", str(other), "shipped"]) == 0
+    capsys.readouterr()
+    (row,) = load_store(tmp_path / "store", "nq")
+    assert row["run"] == "docid search lever: tiny lever" and row["split"] == "dev" and row["n"] == 4
+    assert row["settings"]["level_distill_weight"] == 1.0 and row["settings"]["stage1_examples"] == 9
+    assert row["metrics"]["heldout_curve_recall@1"] == [0.25, 0.5] and row["metrics"]["stage1_minutes"] == 3.0
+    (pair,) = row["paired"]
+    assert pair["against"] == "shipped" and pair["only_a"] == 0
+    assert pair["only_b"] == round(4 * (1 - row["metrics"]["recall@1"]))
+    with pytest.raises(SystemExit):
+        generative_recall.main([*base, "--store", "x", "--self-check", "2"])
+    with pytest.raises(SystemExit):
+        generative_recall.main([*base, "--against", str(other), "shipped"])
 
 
 def test_generative_recall_benchmark_shards(files, capsys, tiny_llm_dirs, monkeypatch):
@@ -578,3 +622,16 @@ def test_gold_systems_read_the_gold_passage(files, capsys, tiny_llm_dirs):
     code, out, err = run(capsys, "eval", "--corpus", corpus, "--questions", questions, "--system", "gold",
                          "--llm", tiny_llm_dirs["llama"])
     assert code == 2 and "gold passage" in err and not out
+
+
+def test_index_names_its_tree_knobs_as_train_does():
+    from unirag.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["index", "--corpus", "c.jsonl", "--tree-k", "4", "--tree-c", "6"])
+    assert (args.k, args.c) == (4, 6)
+    older = parser.parse_args(["index", "--corpus", "c.jsonl", "--k", "3"])  # the older spelling still parses
+    assert (older.k, older.c) == (3, 10)
+    index_help = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("index"))
+    text = index_help.format_help()
+    assert "--tree-k" in text and "--k " not in text

@@ -418,7 +418,8 @@ def test_an_encoder_returning_nan_is_an_error_not_a_cache(tmp_path, monkeypatch)
     assert not embeddings_path(corpus, "bow").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not json", "edited docids", "other documents", "other config"])
+@pytest.mark.parametrize("damage", ["truncated", "not json", "edited docids", "swapped docids", "other documents",
+                                    "other config"])
 def test_corrupt_cached_trees_are_rebuilt(damage, tmp_path, monkeypatch, caplog):
     from unirag.docids import TreeConfig, load_or_build_tree, tree_path
 
@@ -435,6 +436,9 @@ def test_corrupt_cached_trees_are_rebuilt(damage, tmp_path, monkeypatch, caplog)
     elif damage == "edited docids":
         blob["docids"][0] = [-1]
         path.write_text(json.dumps(blob))
+    elif damage == "swapped docids":  # still a valid tree: only its checksum can tell
+        blob["docids"][0], blob["docids"][1] = blob["docids"][1], blob["docids"][0]
+        path.write_text(json.dumps(blob))
     elif damage == "other documents":
         blob["doc_ids"][0] = "intruder"
         path.write_text(json.dumps(blob))
@@ -446,7 +450,8 @@ def test_corrupt_cached_trees_are_rebuilt(damage, tmp_path, monkeypatch, caplog)
     assert rebuilt.docids == tree.docids and rebuilt.labels == tree.labels
     assert any(f"the cached docid tree at {path} was corrupt" in r.getMessage() for r in caplog.records)
     assert json.loads(path.read_text()) == json.loads(text)
-    assert [p.name for p in path.parent.iterdir()] == [path.name]  # written via a temp file, none left
+    # Written via a temp file, none left; beside it only its checksum.
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".sha256"]
 
 
 # --- a tree for another corpus -------------------------------------------------------------------------------------
@@ -540,3 +545,174 @@ def test_titles_are_capped_with_a_notice(tmp_path):
     corpus = load_corpus(path)
     assert len(corpus["d0"].title) <= MAX_TITLE_CHARS and corpus["d0"].text == "short text."
     assert any("title" in n for n in corpus.notices)
+
+
+# --- checkpoint files, configs and inputs that used to pass silently or crash ------------------------------------
+def test_every_checkpoint_file_is_checksummed(tiny_llm_dirs, tmp_path):
+    """A docid tree with two docids swapped, or a LoRA adapter whose data was overwritten (header intact),
+    is refused at load, not served."""
+    from test_joint_modeling import make_joint
+
+    from unirag.docids import DocidTree, TreeConfig
+    from unirag.joint import JointModel
+    from unirag.joint.checkpoint import CONFIG_FILE, LORA_DIR, TREE_FILE, verify_tree_file
+
+    model = make_joint(tiny_llm_dirs["llama"])
+    model.enable_lora(r=2, alpha=4, layers=[0])
+    tree = DocidTree(["a", "b"], [(0,), (1,)], TreeConfig(k=2, c=1), "fp")
+    ckpt = model.save_pretrained(tmp_path / "ckpt", tree=tree)
+    files = json.loads((ckpt / CONFIG_FILE).read_text())["files"]
+    assert TREE_FILE in files and f"{LORA_DIR}/adapter_model.safetensors" in files
+    JointModel.from_pretrained(ckpt)  # sound
+
+    blob = json.loads((ckpt / TREE_FILE).read_text())
+    blob["docids"].reverse()
+    (ckpt / TREE_FILE).write_text(json.dumps(blob))
+    with pytest.raises(UniragError, match="docid_tree.json is corrupt or truncated, or was altered"):
+        verify_tree_file(ckpt)
+    tree.save(ckpt / TREE_FILE)
+    verify_tree_file(ckpt)
+
+    adapter = ckpt / LORA_DIR / "adapter_model.safetensors"
+    data = bytearray(adapter.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header:] = bytes(len(data) - header)  # zeros: the header still parses
+    adapter.write_bytes(bytes(data))
+    with pytest.raises(UniragError, match="adapter_model.safetensors is corrupt"):
+        JointModel.from_pretrained(ckpt)
+
+
+@pytest.mark.parametrize("lora, message", [
+    ({"r": "16"}, "lora.r must be a whole number"),
+    ({"r": 16, "alpha": True}, "lora.alpha must be a number"),
+    ({"r": 16, "dropout": 2}, r"lora.dropout must be a number in \[0, 1\)"),
+    ({"r": 16, "target_modules": "q_proj"}, "lora.target_modules must be a list"),
+    ({"r": 16, "layers": ["0"]}, "lora.layers must be a list of layer indices"),
+    ({"r": 16, "rank": 2}, "unknown key 'rank' in 'lora'"),
+    ({"alpha": 2}, "no 'r'"),
+])
+def test_a_wrong_lora_block_is_one_error_naming_the_file(lora, message):
+    from unirag.joint.config import JointConfig
+
+    with pytest.raises(UniragError, match=message) as info:
+        JointConfig.from_dict({"docid_levels": 2, "docid_branching": 2, "lora": lora}, source="ckpt/joint_config.json")
+    assert "ckpt/joint_config.json" in str(info.value)
+
+
+def test_a_bad_value_names_the_config_file():
+    from unirag.joint.config import JointConfig
+
+    with pytest.raises(UniragError, match=r"retrieval_heads must be >= 1 in ckpt/joint_config.json"):
+        JointConfig.from_dict({"docid_levels": 2, "docid_branching": 2, "retrieval_heads": -3},
+                              source="ckpt/joint_config.json")
+
+
+def test_an_old_embedding_cache_of_the_wrong_width_is_rebuilt(tmp_path, monkeypatch, caplog):
+    """A cache whose metadata predates `dim`/`sha256` is checked against the encoder's width."""
+    import numpy as np
+
+    from unirag import docids
+    from unirag.docids import corpus_embeddings, embeddings_path
+
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
+    corpus, encoder = _small_corpus(), _bow()
+    good = corpus_embeddings(corpus, encoder, progress=False)
+    path = embeddings_path(corpus, encoder.name)
+    np.save(path, np.ones((len(corpus), good.shape[1] + 3), dtype=np.float32))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps({k: meta[k] for k in ("corpus_fingerprint", "encoder", "n")}))
+    monkeypatch.setattr(docids, "encoder_width", lambda name: good.shape[1])
+    with caplog.at_level("WARNING", logger="unirag.docids"):
+        rebuilt = corpus_embeddings(corpus, encoder, progress=False)
+    assert rebuilt.shape == good.shape
+    assert any(f"the encoder {encoder.name} gives {good.shape[1]}" in r.getMessage() for r in caplog.records)
+
+
+def test_merge_and_compare_refuse_malformed_records_in_one_line(tmp_path, capsys):
+    from unirag.cli import main
+    from unirag.eval import merge_runs, paired_comparison
+
+    no_latency = _shard(["q2"])
+    del no_latency["records"][0]["latency_ms"]
+    with pytest.raises(UniragError, match="b.json: record 'q2' has no 'latency_ms'"):
+        merge_runs([_shard(["q1"]), no_latency], names=["a.json", "b.json"])
+    words = _shard(["q2"])
+    words["records"][0]["accuracy"] = "yes"
+    with pytest.raises(UniragError, match="'accuracy' must be a number, got 'yes'"):
+        merge_runs([_shard(["q1"]), words], names=["a.json", "b.json"])
+    with pytest.raises(UniragError, match="B: record 'q2' has 'accuracy' 'yes', not a number"):
+        paired_comparison(_shard(["q2"])["records"], words["records"])
+    listed = _shard(["q2"])
+    listed["summary"] = ["not", "an", "object"]
+    with pytest.raises(UniragError, match="b.json: its summary is not an object"):
+        merge_runs([_shard(["q1"]), listed], names=["a.json", "b.json"])
+    twice = _shard(["q2", "q2"])
+    with pytest.raises(UniragError, match="Question 'q2' occurs twice in b.json"):
+        merge_runs([_shard(["q1"]), twice], names=["a.json", "b.json"])
+    (tmp_path / "a.json").write_text(json.dumps(_shard(["q2"])))
+    (tmp_path / "b.json").write_text(json.dumps(words))
+    for argv in (["compare", "a.json", "b.json"], ["merge", "m.json", "a.json", "b.json"]):
+        code = main([str(tmp_path / a) if a.endswith(".json") else a for a in argv])
+        err = capsys.readouterr().err
+        assert code == 2 and ("not a number" in err or "must be a number" in err) and "Traceback" not in err
+
+
+def test_eval_checks_its_outputs_before_loading_anything(tmp_path, capsys, monkeypatch):
+    """An existing --out (or its sidecar) is refused before any model loads; a sidecar that is an input too."""
+    from unirag import cli
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "d0", "title": "", "text": "some text here."}) + "\n")
+    questions = tmp_path / "qs.jsonl"
+    questions.write_text(json.dumps({"id": "q0", "question": "what?", "answers": ["text"]}) + "\n")
+    monkeypatch.setattr(cli, "_resolve", lambda *a, **k: pytest.fail("loaded a system"))
+    out = tmp_path / "run.json"
+    out.write_text("{}")
+    argv = ["eval", "--corpus", str(corpus), "--questions", str(questions), "--system", "rag", "--out", str(out)]
+    assert cli.main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    out.unlink()
+    (tmp_path / "run.json.partial.jsonl").write_text("{}\n")
+    assert cli.main(argv) == 2
+    assert "interrupted run" in capsys.readouterr().err
+    # --out q gives the sidecar q.partial.jsonl: a questions file of that name would be overwritten, then deleted.
+    sidecar_input = tmp_path / "x.partial.jsonl"
+    sidecar_input.write_text(questions.read_text())
+    assert cli.main(["eval", "--corpus", str(corpus), "--questions", str(sidecar_input), "--system", "rag",
+                     "--out", str(tmp_path / "x"), "--overwrite"]) == 2
+    assert "would overwrite one of the inputs" in capsys.readouterr().err
+    assert sidecar_input.read_text() == questions.read_text()
+
+
+def test_a_corpus_folder_is_named_as_a_folder(tmp_path):
+    from unirag.data import load_corpus
+
+    (tmp_path / "corpus.jsonl").write_text(json.dumps({"id": "d0", "title": "", "text": "t."}) + "\n")
+    with pytest.raises(UniragError, match=r"is a folder, not a JSONL file \(it holds corpus.jsonl\)"):
+        load_corpus(tmp_path)
+
+
+def test_bundled_embeddings_spare_a_fresh_machine_the_encoder(tmp_path, monkeypatch):
+    """Embeddings shipped beside the data (found by corpus fingerprint and encoder) fill an empty cache without
+    running the encoder; a bundled file that does not fit (altered) is ignored and the corpus is embedded."""
+    import numpy as np
+
+    from unirag import paths
+    from unirag.docids import bundle_embeddings, corpus_embeddings, embeddings_path
+
+    corpus, encoder = _small_corpus(), _bow()
+    monkeypatch.setattr(paths, "bundled_data_dir", lambda: tmp_path / "data")
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "built"))
+    want = corpus_embeddings(corpus, encoder, progress=False)
+    shipped = bundle_embeddings(corpus, encoder.name, tmp_path / "data" / "a" / "embeddings")
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "fresh"))
+
+    class Refuses(type(encoder)):
+        def encode_passages(self, texts, progress=True):
+            raise AssertionError("the encoder ran although embeddings were shipped")
+
+    got = corpus_embeddings(corpus, Refuses(), progress=False)
+    assert np.array_equal(got, want) and embeddings_path(corpus, encoder.name).is_file()
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "fresh2"))
+    np.save(shipped, want[::-1].copy())  # altered: its checksum no longer matches
+    assert np.array_equal(corpus_embeddings(corpus, encoder, progress=False), want)

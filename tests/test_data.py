@@ -120,3 +120,12 @@ def test_long_question_is_truncated_with_notice():
 def test_non_english_and_emoji_pass_through():
     text, notices = prepare_question("  Qui a écrit « Les Misérables » ? 📚  東京はどこ ")
     assert text == "Qui a écrit « Les Misérables » ? 📚 東京はどこ" and notices == []
+
+
+def test_a_question_in_another_script_gets_a_notice():
+    from unirag.data import NOT_ENGLISH_NOTICE, prepare_question
+
+    for question in ("Кто написал роман «Война и мир»?", "東京タワーは何年に完成しましたか"):
+        assert NOT_ENGLISH_NOTICE in prepare_question(question)[1]
+    for question in ("Who wrote War and Peace?", "Où est la tour Eiffel ?", "1776?", "Café in São Paulo"):
+        assert NOT_ENGLISH_NOTICE not in prepare_question(question)[1]

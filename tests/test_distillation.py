@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from unirag.joint.distillation import TeacherRanking, document_distillation, document_paths, level_distillation
+from unirag.errors import UniragError
+from unirag.joint.distillation import (
+    TeacherRanking,
+    bm25_document_probs,
+    document_distillation,
+    document_paths,
+    level_distillation,
+)
 
 # Two-level tree: (0,0) (0,1) under node (0,); (1,0) under (1,). Node rows in tree_prefixes order:
 # (0,)=0, (0,0)=1, (0,1)=2, (1,)=3, (1,0)=4.
@@ -83,3 +90,27 @@ def test_document_kl_non_negative_and_zero_at_the_teacher():
     for seed in range(5):
         matches = torch.randn(2, 3, generator=torch.Generator().manual_seed(seed))
         assert float(document_distillation(matches, probs)) > 0
+
+
+def test_bm25_teacher_is_a_softmax_of_the_scores_and_mixes_at_its_weight():
+    scores = {"a": [3.0, 1.0, 0.0], "b": [0.0, 0.0, 2.0]}
+    sparse = bm25_document_probs(lambda text: scores[text], ["a", "b"], temperature=0.5)
+    assert sparse.dtype == torch.float16 and sparse.shape == (2, 3)
+    expected = torch.softmax(torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 2.0]]) / 0.5, -1)
+    assert torch.allclose(sparse.float(), expected, atol=1e-3)
+    teacher = ranking()
+    query = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    dense = teacher.document_probs(query)
+    assert torch.equal(teacher.document_probs(query, sparse, 0.0), dense)
+    mixed = teacher.document_probs(query, sparse, 0.25)
+    assert torch.allclose(mixed, 0.75 * dense + 0.25 * sparse.float())
+    assert torch.allclose(mixed.sum(-1), torch.ones(2), atol=1e-3)
+    # The BM25 teacher changes which node holds the most mass for the first text: dense says (0, 1), BM25 (0, 0).
+    assert int(teacher.document_probs(query, sparse, 1.0)[0].argmax()) == 0 and int(dense[0].argmax()) == 1
+
+
+def test_bm25_teacher_refuses_bad_settings():
+    with pytest.raises(UniragError, match="temperature"):
+        bm25_document_probs(lambda text: [1.0], ["a"], temperature=0)
+    with pytest.raises(UniragError, match="shape"):
+        ranking().document_probs(torch.ones(1, 3), torch.ones(2, 3), 0.5)

@@ -32,7 +32,7 @@ def test_every_document_gets_exactly_one_unique_docid(k, c):
     assert len(docids) == len(corpus) and len(set(docids)) == len(corpus)
     tree = DocidTree(corpus.ids, docids, TreeConfig(k, c), corpus.fingerprint)
     for doc_id in corpus.ids:
-        assert tree.doc_id(tree.docid(doc_id)) == doc_id
+        assert tree.doc_id_at(tree.docid_of(doc_id)) == doc_id
     assert max(max(d) for d in docids) < max(k, c)
 
 

@@ -17,13 +17,13 @@ from unirag.answer import Answer, EvidenceSpan, Trace
 from unirag.data import Question
 from unirag.errors import UniragError
 from unirag.eval import run_eval
-from unirag.evidence import MAX_TOKEN_ID, TokenSubstringIndex, constrained_greedy, doc_tokens, token_char
 from unirag.joint.evidence_system import EvidenceSystem, ForwardRelevance
+from unirag.joint.joint_system import JointSystem
 from unirag.joint.prompts import evidence_prompt_ids
 from unirag.joint.reader import answer_with_docs
-from unirag.joint.system import JointSystem
 from unirag.results import row_from_summary
 from unirag.settings import InferenceSettings
+from unirag.substring_index import MAX_TOKEN_ID, TokenSubstringIndex, constrained_greedy, doc_tokens, token_char
 from unirag.systems import SPECS, build_system
 
 # Repeats, shared tokens across documents (a match must not run from one into the next), a one-token document,

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from benchmarks import gr_vs_dr
-from unirag import results
+from benchmarks.report import update_report
+from unirag import results, studies
 from unirag.data import Corpus, Passage, Question
 from unirag.errors import UniragError
 
@@ -101,17 +102,17 @@ def test_render_gr_vs_dr_table_and_points():
             _row(300, "dense", "dev", 0.75, 0.9), _row(300, "self-check", "dev", 0.8, 0.85),
             _row(300, "search", "train-held-out", 0.4, 0.5), _row(300, "search", "dev", 0.1, 0.2, "4bit"),
             {**_row(300, "dense", "dev", 0.0, 0.0), "run": "RAG top-1", "corpus": "nq"}]  # not a gr-vs-dr row
-    lines = results.render_gr_vs_dr(rows).splitlines()
+    lines = studies.render_gr_vs_dr(rows).splitlines()
     assert lines[0].startswith("| corpus (passages) | split | precision |") and len(lines) == 2 + 4
     assert lines[2] == "| nq-300 (300) | dev | fp32 | 7 | 0.700 / 0.800 | 0.800 / 0.850 | 0.750 / 0.900 | +0.050 |"
     assert lines[3] == "| nq-1000 (1,000) | dev | fp32 | 7 | 0.500 / 0.600 | 0.550 / 0.700 | 0.600 / 0.800 | -0.050 |"
     assert lines[4].startswith("| nq-300 (300) | dev | 4bit | 7 | 0.100 / 0.200 | – | 0.750 / 0.900 | – |")
     assert lines[5].startswith("| nq-300 (300) | train-held-out | fp32 | 7 | 0.400 / 0.500 | – | – | – |")
-    assert results.gr_vs_dr_points(rows, "dense", "dev", "recall@1") == [(300, 0.75), (1000, 0.6)]
-    assert results.gr_vs_dr_points(rows, "search", "dev", "recall@3", "4bit") == [(300, 0.2)]
+    assert studies.gr_vs_dr_points(rows, "dense", "dev", "recall@1") == [(300, 0.75), (1000, 0.6)]
+    assert studies.gr_vs_dr_points(rows, "search", "dev", "recall@3", "4bit") == [(300, 0.2)]
     text = "x\n<!-- results:gr-vs-dr -->\nstale\n<!-- /results -->\ny"
     table = "\n".join(lines)
-    assert results.update_report(text, rows) == f"x\n<!-- results:gr-vs-dr -->\n{table}\n<!-- /results -->\ny"
+    assert update_report(text, rows) == f"x\n<!-- results:gr-vs-dr -->\n{table}\n<!-- /results -->\ny"
 
 
 def test_plot_writes_a_png(tmp_path):
@@ -177,7 +178,7 @@ def test_measure_end_to_end_on_a_tiny_joint_model(tiny_llm_dirs, tmp_path, monke
     gr_vs_dr.record(result, result["command"], store)  # re-recording replaces the rows
     stored = results.load_store(store)
     assert len(stored) == 6 and stored[0]["settings"]["training"]["stage1_epochs"] == 1
-    assert results.render_gr_vs_dr(stored).count("| nq-7 (7) |") == 2  # dev and held-out
+    assert studies.render_gr_vs_dr(stored).count("| nq-7 (7) |") == 2  # dev and held-out
     # One split at a time: a later run adds its split to the saved measurement and keeps the others.
     again = gr_vs_dr.measure(folder, "fp32", progress=False, command="held again", encoder=BagOfWordsEncoder(),
                              splits=["train-held-out"])
@@ -204,14 +205,14 @@ def test_train_runs_the_project_cli_with_the_same_flags_at_every_size(tmp_path, 
 
 
 def test_gr_vs_dr_trend_fits_log_size_and_needs_three_sizes():
-    assert results.gr_vs_dr_trend([(1000, 0.5), (10_000, 0.4)]) is None  # two points always fit a line
-    slope, at_100k = results.gr_vs_dr_trend([(1000, 0.5), (10_000, 0.4), (100_000, 0.3)])
+    assert studies.gr_vs_dr_trend([(1000, 0.5), (10_000, 0.4)]) is None  # two points always fit a line
+    slope, at_100k = studies.gr_vs_dr_trend([(1000, 0.5), (10_000, 0.4), (100_000, 0.3)])
     assert slope == pytest.approx(-0.1) and at_100k == pytest.approx(0.3)
-    assert results.gr_vs_dr_trend([(1000, 0.5), (10_000, 0.8), (100, 0.2)])[1] == 1.0  # clipped
+    assert studies.gr_vs_dr_trend([(1000, 0.5), (10_000, 0.8), (100, 0.2)])[1] == 1.0  # clipped
     rows = [_row(n, role, "dev", r1, 0.9) for n, r1 in ((300, 0.1), (1000, 0.6), (2600, 0.5), (4667, 0.4))
             for role in ("search", "dense")]
     rows += [_row(n, "dense", "dev-common", 0.9, 0.95) for n in (1000, 2600, 4667)]
-    lines = results.render_gr_vs_dr_trend(rows).splitlines()
+    lines = studies.render_gr_vs_dr_trend(rows).splitlines()
     assert lines[2].startswith("| dev | docid search alone (beam 10) | 1,000, 2,600, 4,667 | -0.")  # 300 left out
     assert lines[3] == "| dev | docid search + self-check | – | – (fewer than 3 sizes) | – |"
     assert lines[5] == "| dev-common | dense MiniLM | 1,000, 2,600, 4,667 | +0.000 | 0.900 |" and len(lines) == 6

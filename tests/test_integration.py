@@ -92,8 +92,8 @@ SHIPPED_RECALL_BARS = {
 def test_shipped_checkpoint_retrieves_by_generating_docids(dataset, precision):
     """The shipped checkpoint must really retrieve, as evaluation loads it (fp32, or NF4 as the app does), and its
     recommended self-check must keep its recall."""
+    from unirag.joint.joint_system import JointSystem
     from unirag.joint.search import search_docids
-    from unirag.joint.system import JointSystem
     from unirag.settings import InferenceSettings
 
     ckpt = REPO / "checkpoints" / f"{dataset}-smollm2"
@@ -118,7 +118,7 @@ def test_shipped_checkpoint_retrieves_by_generating_docids(dataset, precision):
             retrieval = system.retrieve(q.question, settings)
             ranked = {"search": [b.doc_id for b in retrieval.search.beams], "selfcheck": retrieval.ranking}
         else:
-            beams = search_docids(system.model, system.tokenizer, q.question, system.trie, 10, 3, pathway=True,
+            beams = search_docids(system.model, system.tokenizer, q.question, system.tree, 10, 3, pathway=True,
                                   bridge=system.model.lora_enabled).beams
             ranked = {"search": [b.doc_id for b in beams]}
         for key in bars:

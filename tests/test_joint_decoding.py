@@ -12,14 +12,14 @@ from unirag.answer import Answer
 from unirag.backbones import load_llm
 from unirag.data import MAX_QUESTION_CHARS, Corpus, Passage
 from unirag.errors import UniragError
-from unirag.joint import system as system_module
+from unirag.joint import joint_system as system_module
 from unirag.joint.config import JointConfig
+from unirag.joint.joint_system import JointSystem
 from unirag.joint.modeling import JointModel
 from unirag.joint.prompts import SELF_CHECK_PROMPT, answer_prompt, retrieval_prompt
 from unirag.joint.reader import answer_with_docs
 from unirag.joint.search import search_docids
 from unirag.joint.selfcheck import question_likelihood, rerank
-from unirag.joint.system import JointSystem
 from unirag.settings import InferenceSettings
 
 SELF_CHECK_WEIGHT = InferenceSettings().self_check_weight  # the library default
@@ -37,7 +37,7 @@ DOCIDS = {
 
 
 class FakeTrie:
-    """Same protocol as unirag.docids.DocidTree: allowed(prefix), doc_id(docid), docid(doc_id)."""
+    """Same protocol as unirag.docids.DocidTree: allowed(prefix), doc_id_at(docid), docid_of(doc_id)."""
 
     def __init__(self, mapping: dict[tuple[int, ...], str]):
         self.mapping = dict(mapping)
@@ -46,10 +46,10 @@ class FakeTrie:
         n = len(prefix)
         return sorted({d[n] for d in self.mapping if len(d) > n and d[:n] == tuple(prefix)})
 
-    def doc_id(self, docid: tuple[int, ...]) -> str:
+    def doc_id_at(self, docid: tuple[int, ...]) -> str:
         return self.mapping[tuple(docid)]
 
-    def docid(self, doc_id: str) -> tuple[int, ...]:
+    def docid_of(self, doc_id: str) -> tuple[int, ...]:
         return next(d for d, name in self.mapping.items() if name == doc_id)
 
 
@@ -111,7 +111,7 @@ def test_beam_levels_trace(joint):
     beams = search_docids(joint, joint.tokenizer, "what year?", trie, beam_width=4, num_return=4).beams
     assert len({b.doc_id for b in beams}) == len(beams) >= 2
     for beam in beams:
-        assert beam.doc_id == trie.doc_id(beam.docid)
+        assert beam.doc_id == trie.doc_id_at(beam.docid)
         assert len(beam.levels) == len(beam.docid)
         total = 0.0
         for level, info in enumerate(beam.levels):
@@ -170,6 +170,15 @@ def test_answer_prompt_spans(joint):
     # <generates_token> sits right before the assistant turn of the chat template.
     gen_at = prompt.ids.index(joint.generates_token_id)
     assert tok.decode(prompt.ids[gen_at + 1:]) == "<|im_start|>assistant\n"
+
+
+def test_short_answer_prompt_keeps_the_spans_on_the_real_question(joint):
+    passages = [("d1", "T1", "alpha beta"), ("d2", "", "gamma")]
+    prompt = answer_prompt(joint, joint.tokenizer, "why?", passages, reader_prompt="short")
+    tok = joint.tokenizer
+    context = "".join(tok.decode([prompt.ids[i]]) for i in prompt.context_positions)
+    assert context == "T1: alpha beta\ngamma"  # not the worked example's passage
+    assert "shortest phrase" in prompt.text and prompt.text.index("shortest phrase") < prompt.text.index("Q: why?")
 
 
 @pytest.mark.parametrize("bridge", [True, False])

@@ -48,7 +48,7 @@ def test_passage_text_indexing_examples(setup):
                                   passage_words=4)
     examples = training.stage1_examples(corpus, [], tree, config)
     assert len(examples) == 2 * len(corpus)
-    assert examples[1] == ("Topic 0. Fact number", tree.docid("d0"))  # title + text, clipped to 4 words
+    assert examples[1] == ("Topic 0. Fact number", tree.docid_of("d0"))  # title + text, clipped to 4 words
     everything = training.TrainConfig(corpus="c", questions="q", out="o", pseudo_queries=16)
     # more pseudo-queries than sentences: every sentence once (two per passage: "More 0 words." is too short)
     assert len(training.stage1_examples(corpus, [], tree, everything)) == 2 * len(corpus)
@@ -274,7 +274,12 @@ def test_train_help_documents_every_flag(capsys):
     config = training.TrainConfig.from_args(["--corpus", "c", "--questions", "q", "--out", "o", "--pathway-layers", "8",
                                              "--no-semantic-docids", "--stage1-lr", "0.01"])
     assert (config.pathway_layers, config.semantic_docids, config.stage1_lr) == (8, False, 0.01)
-    assert set(training._field_comments(training.TrainConfig)) == {f.name for f in fields(training.TrainConfig)}
+    # The help is field metadata (not scraped from source comments): every field has some.
+    assert all(f.metadata.get("help") for f in fields(training.TrainConfig))
+    legacy = training.TrainConfig.from_args(["--corpus", "c", "--questions", "q", "--out", "o", "--load-in-4bit"])
+    assert legacy.precision == "nf4" and "--precision nf4" in capsys.readouterr().err
+    with pytest.raises(UniragError, match="train in fp32 or nf4"):
+        training._precision(training.TrainConfig(corpus="c", questions="q", out="o", precision="4bit"))
 
 
 def _tiny_train_args(tiny_llm_dirs, tmp_path, monkeypatch, *extra):
@@ -322,9 +327,9 @@ def test_held_out_questions_never_reach_training(tiny_llm_dirs, tmp_path, monkey
         seen_texts.append(text)
         return encode(model, tokenizer, tree, text, docid)
 
-    def spy_answer(model, tokenizer, corpus, tree, question, n_docs):
+    def spy_answer(model, tokenizer, corpus, tree, question, *args):
         answered.append(question.question)
-        return answer_example(model, tokenizer, corpus, tree, question, n_docs)
+        return answer_example(model, tokenizer, corpus, tree, question, *args)
 
     monkeypatch.setattr(training, "encode_example", spy_encode)
     monkeypatch.setattr(training, "_answer_example", spy_answer)
@@ -351,3 +356,65 @@ def test_teacher_ranking_losses_train_and_are_logged(tiny_llm_dirs, tmp_path, mo
     stage1 = [r for r in log if r["stage"] == 1]
     assert len(stage1) == 2 and all(r["level_kl"] >= 0 and r["document_kl"] >= 0 for r in stage1)
     assert all(r["examples"] > 0 and r["minutes"] >= 0 for r in stage1)
+
+
+def test_answer_target_is_the_documents_own_span():
+    """The answer target is a gold as the passage writes it (its casing), at word boundaries, golds in order."""
+    texts = ["The Treaty of Paris was signed in 1783.", "Paris is the capital of France."]
+    assert training.answer_target(["treaty of paris"], texts) == "Treaty of Paris"
+    assert training.answer_target(["aris", "France"], texts) == "France"  # "aris" is inside a word: not a span
+    assert training.answer_target(["London"], texts) == "London"  # no span: the gold as given
+    assert training.answer_target(["", "1783"], texts) == "1783"
+
+
+def test_answer_documents_put_the_gold_passage_in_place():
+    import random
+
+    rng = random.Random(0)
+    assert training.answer_documents(["a", "b", "c"], "g", 2, with_gold=False, rng=rng) == ["a", "b"]
+    assert training.answer_documents(["a", "g", "c"], "g", 2, with_gold=True, rng=rng) == ["a", "g"]
+    with_gold = training.answer_documents(["a", "b", "c"], "g", 2, with_gold=True, rng=rng)
+    assert len(with_gold) == 2 and "g" in with_gold and set(with_gold) - {"g"} <= {"a", "b"}
+    assert training.answer_documents(["a"], "g", 2, with_gold=True, rng=rng) in (["g", "a"], ["a", "g"])
+    assert training.answer_documents(["a", "b"], None, 2, with_gold=True, rng=rng) == ["a", "b"]
+    positions = {training.answer_documents(["a", "b"], "g", 2, True, random.Random(s)).index("g") for s in range(20)}
+    assert positions == {0, 1}  # the gold's position carries no signal
+
+
+def test_stage2_keeps_the_best_reader_by_held_out_f1(tiny_llm_dirs, tmp_path, monkeypatch):
+    """With --stage2-select-every, each selection step logs held-out reader scores and `<out>.best` holds the
+    checkpoint of the best F1 (its state names the step)."""
+    args = _tiny_train_args(tiny_llm_dirs, tmp_path, monkeypatch, "--stage1-epochs", "1", "--batch-size", "4",
+                            "--stage2-steps", "4", "--save-every", "2", "--stage2-select-every", "2",
+                            "--stage2-docid-batch", "2", "--stage2-answer-batch", "1", "--stage2-gold-rate", "1")
+    f1s = iter([0.2, 0.1])
+    monkeypatch.setattr(training, "reader_scores",
+                        lambda *a, **k: {"em": 0.0, "f1": next(f1s), "contains": 0.0, "n": 2})
+    assert training.main(args) == 0
+    log = [json.loads(line) for line in (tmp_path / "ckpt" / "loss_log.jsonl").read_text().splitlines()]
+    assert [r["valid_reader"]["f1"] for r in log if r["stage"] == 2] == [0.2, 0.1]
+    best = json.loads((tmp_path / "ckpt.best" / "trainer_state.json").read_text())
+    assert best["best_reader_step"] == 2 and best["best_reader_f1"] == 0.2
+    assert (tmp_path / "ckpt.best" / "joint_weights.safetensors").is_file()
+    final = json.loads((tmp_path / "ckpt" / "trainer_state.json").read_text())
+    assert final["step"] == 4 and final["best_reader_step"] == 2
+
+
+def test_reader_scores_read_the_gold_passage(tiny_llm_dirs, tmp_path, monkeypatch):
+    """reader_scores asks the reader with each question's gold passage and averages EM / F1 / contains."""
+    from unirag.data import Passage, Question
+
+    calls = []
+
+    def fake_answer(model, tokenizer, question, passages, **kwargs):
+        calls.append((question, [p[0] for p in passages]))
+        return type("G", (), {"text": "Paris" if question == "q1" else "no idea"})()
+
+    monkeypatch.setattr("unirag.joint.reader.answer_with_docs", fake_answer)
+    corpus = {"d1": Passage("d1", "T1", "Paris text"), "d2": Passage("d2", "T2", "other")}
+    model = type("M", (), {"eval": lambda self: None})()
+    questions = [Question("1", "q1", ("Paris",), "d1"), Question("2", "q2", ("Rome",), "d2"),
+                 Question("3", "q3", (), "d1")]
+    scores = training.reader_scores(model, None, corpus, questions)
+    assert calls == [("q1", ["d1"]), ("q2", ["d2"])]  # an unanswerable question is not asked
+    assert scores == {"em": 0.5, "f1": 0.5, "contains": 0.5, "n": 2}

@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 
-from unirag.data import Passage, Question
-from unirag.localization import (
+from unirag.answer_sentences import (
     answer_sentence,
     answer_span,
     first_sentence_ranking,
@@ -24,6 +23,7 @@ from unirag.localization import (
     split_sentences,
     token_sentences,
 )
+from unirag.data import Passage, Question
 
 PARAGRAPH = ("The U.S. Army was founded in 1775 in Boston. It fought in St. Louis later. "
              "Dr. Smith, its first general, was 3.5 m tall! The army moved to Washington in 1800.")
@@ -118,7 +118,7 @@ def _tiny_joint(tiny_llm_dirs, lora: bool):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_passage_attention_on_a_tiny_joint_model(tiny_llm_dirs, lora):
-    from unirag.joint.localization import passage_attention
+    from unirag.joint.passage_attention import passage_attention
 
     model = _tiny_joint(tiny_llm_dirs, lora)
     passage = CORPUS_PASSAGES[0]
@@ -192,7 +192,8 @@ def test_benchmark_main_from_a_checkpoint_writes_json_and_records(tiny_llm_dirs,
 
 def test_localization_rows_render_their_own_table_and_stay_out_of_the_qa_tables(tmp_path):
     from benchmarks import localization as bench
-    from unirag import results
+    from benchmarks.report import update_report
+    from unirag import results, studies
 
     result = {"n": 4, "skipped": {"no_gold_passage": 0, "answer_not_in_passage": 1}, "answer_repeated": 1,
               "sentences_mean": 5.25,
@@ -208,22 +209,22 @@ def test_localization_rows_render_their_own_table_and_stay_out_of_the_qa_tables(
         results.append_run(row, store_dir=tmp_path)
     stored = results.load_store(tmp_path)
     assert [t["run"] for t in results.table(stored, "squad", "fp32")] == ["RAG top-5"]
-    table = results.render_localization(stored)
+    table = studies.render_localization(stored)
     lines = table.splitlines()
     assert lines[0].startswith("**squad, dev, fp32** (n=4; 5.2 sentences a passage")  # :.1f of 5.25
     # methods in the report's order, whatever order they were stored in
     assert lines[-3:] == ["| retrieval heads | 0.500 | 1.000 |", "| first sentence (baseline) | 0.250 | 0.750 |",
                           "| random sentence (baseline, expected) | 0.200 | 0.600 |"]
     report = "# R\n\n## Localization\n\n<!-- results:localization -->\nstale\n<!-- /results -->\n"
-    assert results.update_report(report, stored) == report.replace("stale", table)
-    assert results.render_localization([qa]) == ""  # no localization rows: no table
+    assert update_report(report, stored) == report.replace("stale", table)
+    assert studies.render_localization([qa]) == ""  # no localization rows: no table
 
 
 # ------------------------------------------------------------------------------------ the app
 
 
 def test_localization_html_marks_the_answer_sentence_and_the_heads_first():
-    from unirag.localization import SentenceLocalization
+    from unirag.answer_sentences import SentenceLocalization
     from unirag.viz import localization_html
 
     sentences = split_sentences("Alpha is <b>first</b>. Beta is second. Gamma is third.")
@@ -254,6 +255,7 @@ def test_the_app_localizes_a_dev_question_on_its_gold_passage(pipeline):  # noqa
     assert result.rag.localization is None  # the retrieval heads are the joint model's
     free = pipeline.ask("nq", "tell me about rivers", beam_width=3, k_docs=1, rag_k=2, max_new_tokens=2)
     assert free.joint.localization is None
-    out = app.ask(pipeline, "nq", "what does the passage about html escaping contain", 4, 2, 5, 4)
+    out = app.ask(pipeline, "nq", "what does the passage about html escaping contain",
+                  {"beam_width": 4, "k_docs": 2, "rag_k": 5, "max_new_tokens": 4})
     joint_docs = out[4]
     assert "Gold passage: Script test" in joint_docs and "<script>" not in joint_docs

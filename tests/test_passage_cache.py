@@ -9,9 +9,9 @@ from test_joint_decoding import CORPUS, DOCIDS, FakeTrie, _build
 
 from unirag.data import Corpus, Passage
 from unirag.errors import UniragError
+from unirag.joint.joint_system import JointSystem
 from unirag.joint.passage_cache import PassageCache
 from unirag.joint.selfcheck import question_likelihood
-from unirag.joint.system import JointSystem
 from unirag.settings import InferenceSettings
 
 PASSAGES = Corpus(

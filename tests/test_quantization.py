@@ -107,3 +107,23 @@ def test_precision_flags():
     assert precision_from_flags(True, no_recovery=True) == "nf4"
     with pytest.raises(UniragError, match="--no-recovery"):
         precision_from_flags(False, no_recovery=True)
+
+
+def test_one_precision_flag_for_every_command(capsys):
+    import argparse
+
+    from unirag.cli import add_precision_flags, precision_of
+
+    parser = argparse.ArgumentParser()
+    add_precision_flags(parser)
+    assert precision_of(parser.parse_args([])) == "fp32"
+    assert precision_of(parser.parse_args(["--precision", "4-bit"])) == "4bit"  # the app's spellings
+    assert precision_of(parser.parse_args(["--precision", "nf4"])) == "nf4"
+    # The older flags still mean what they meant, with a note naming the new spelling.
+    assert precision_of(parser.parse_args(["--load-in-4bit", "--no-recovery"])) == "nf4"
+    assert "--precision nf4" in capsys.readouterr().err
+    with pytest.raises(UniragError, match="contradicts"):
+        precision_of(parser.parse_args(["--precision", "fp32", "--load-in-4bit"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--precision", "int8"])
+    assert "--load-in-4bit" not in parser.format_help()

@@ -144,7 +144,7 @@ def test_generated_queries_reach_stage1_but_no_held_back_question(generation):
     generated = [t for t, _ in examples if t.startswith("d")]
     assert "d2 asks about T2?" not in generated  # a held-out validation question is dropped
     assert len([t for t in generated if t.startswith("d3")]) == 1  # at most generated_per_passage
-    assert ("d3 asks about T3?", tree.docid("d3")) in examples
+    assert ("d3 asks about T3?", tree.docid_of("d3")) in examples
     # a file holding an evaluation question is refused, not silently used
     with out.open("a") as handle:
         handle.write(json.dumps({"doc_id": "d1", "question": "d1 is a dev question"}) + "\n")

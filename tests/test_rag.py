@@ -57,6 +57,25 @@ def test_prompt_uses_chat_template_when_present(tiny_llm_dirs):
     assert clean_generation("\n  Paris \nmore") == "Paris"
 
 
+def test_short_reader_prompt_puts_the_instruction_and_one_worked_example_first(tiny_llm_dirs):
+    from unirag.rag import SHORT_ANSWER_EXAMPLE, SHORT_ANSWER_INSTRUCTION
+
+    _, tok = load_llm(str(tiny_llm_dirs["llama"]))
+    prompt = build_prompt(tok, "who?", "ctx", reader_prompt="short")
+    example_q, example_ctx, example_answer = SHORT_ANSWER_EXAMPLE
+    order = [prompt.index(piece) for piece in (SHORT_ANSWER_INSTRUCTION, f"Q: {example_q}\n{example_ctx}\nA:",
+                                               example_answer + "<|im_end|>", "Q: who?\nctx\nA:")]
+    assert order == sorted(order) and prompt.endswith("assistant\n")
+    _, plain = load_llm(str(tiny_llm_dirs["nochat"]))
+    text = build_prompt(plain, "who?", "ctx", reader_prompt="short")
+    assert text.startswith(SHORT_ANSWER_INSTRUCTION) and text.endswith("Q: who?\nctx\nA:")
+    assert f"\nA: {example_answer}\n\n" in text
+    with pytest.raises(UniragError, match="reader_prompt"):
+        build_prompt(tok, "who?", "ctx", reader_prompt="chatty")
+    with pytest.raises(UniragError, match="reader_prompt"):
+        InferenceSettings(reader_prompt="chatty")
+
+
 def test_rag_and_norag_answers_record_everything(tiny_llm_dirs, retriever):
     model, tok = load_llm(str(tiny_llm_dirs["llama"]))
     reader = Reader(model, tok)

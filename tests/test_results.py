@@ -1,13 +1,16 @@
-"""The results store (results/*.jsonl), its validation and append, and docs/RESULTS.md generated from it."""
+"""The results store (results/*.jsonl), its validation and append, its per-corpus tables, and the reports generated
+from it (docs/RESULTS.md and docs/notes/studies.md: benchmarks.report)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from unirag import results
+from benchmarks import report
+from unirag import results, studies
 from unirag.errors import UniragError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,9 +28,11 @@ def _row(**over):
 
 def test_the_shipped_store_is_valid_and_complete():
     rows = results.load_store()
-    # The two corpora, plus the gr-vs-dr benchmark's corpus sizes (nq-300, ..., nq+squad), which only it writes.
-    assert {r["corpus"] for r in rows if not r["run"].startswith(results.GR_VS_DR_PREFIX)} == {"nq", "squad"}
-    assert all(r["corpus"].startswith("nq") for r in rows if r["run"].startswith(results.GR_VS_DR_PREFIX))
+    # The two corpora, plus the gr-vs-dr benchmark's corpus sizes (nq-300, ..., nq+squad), which only it and the
+    # build benchmark (a checkpoint built on one of those sizes) write.
+    assert {r["corpus"] for r in rows if not r["run"].startswith((studies.GR_VS_DR_PREFIX, results.BUILD_PREFIX))
+            } == {"nq", "squad"}
+    assert all(r["corpus"].startswith("nq") for r in rows if r["run"].startswith(studies.GR_VS_DR_PREFIX))
     # Every migrated summary file is one row (88), plus the notebook's figures whose records were lost, plus runs
     # recorded by `eval`/`merge --record` since.
     assert sum(r["source"].startswith("eval_") for r in rows) == 88
@@ -35,17 +40,48 @@ def test_the_shipped_store_is_valid_and_complete():
                for r in rows)
     recommended = [(r["corpus"], r["precision"], r["split"]) for r in rows if r["settings"].get("recommended")]
     assert len(recommended) == len(set(recommended))  # one recommended row per corpus, precision and questions
-    assert sorted(k[:2] for k in recommended if k[2] == "dev") == [("nq", "fp32"), ("nq", "nf4"), ("squad", "fp32"),
+    assert sorted(k[:2] for k in recommended if k[2] == "dev") == [("nq", "4bit"), ("squad", "fp32"),
                                                                   ("squad", "nf4")]
 
 
 def test_report_tables_are_generated_from_the_store():
-    report = REPO / "docs" / "RESULTS.md"
-    text = report.read_text(encoding="utf-8")
-    assert text.count("<!-- results:") >= 4
-    # If this fails, run `python -m unirag.results docs/RESULTS.md` and commit the report.
-    assert results.update_report(text, results.load_store()) == text
-    assert results.main([str(report), "--check"]) == 0
+    rows = results.load_store()
+    for path in report.REPORTS:
+        text = path.read_text(encoding="utf-8")
+        assert text.count("<!-- results:") >= 4
+        # If this fails, run `python -m benchmarks.report` and commit the reports.
+        assert report.update_report(text, rows) == text, path
+        assert report.update_report(report.update_report(text, rows), rows) == text  # idempotent
+    assert report.main(["--check"]) == 0
+
+
+def test_the_report_opens_with_its_summary_and_stays_short():
+    text = (REPO / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert len(lines) <= 600
+    assert lines[0].startswith("# ") and lines.index("## Summary") < 10  # a title, a few lines of intro
+    first_table = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    assert lines[first_table - 1] == "<!-- results:summary -->" and first_table < 25
+    head = lines[first_table].split(" | ")
+    assert head[0] == "| system" and [h.split()[-1] for h in head[1:5]] == ["EM", "F1", "accuracy", "R@1"]
+    assert "**Targets (4bit).**" in text and "## Ablations" in text
+    assert (REPO / "docs" / "notes" / "studies.md").is_file()
+
+
+def test_regenerating_the_reports_twice_gives_the_same_bytes(tmp_path):
+    store = tmp_path / "store"
+    for row in results.load_store():
+        results.append_run(row, store)
+    copies = []
+    for path in report.REPORTS:
+        copy = tmp_path / path.name
+        copy.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+        copies.append(copy)
+    args = [*map(str, copies), "--store", str(store)]
+    assert report.main(args) == 0
+    first = [c.read_bytes() for c in copies]
+    assert report.main(args) == 0 and [c.read_bytes() for c in copies] == first
+    assert report.main([*args, "--check"]) == 0
 
 
 def test_load_names_file_and_line_of_a_bad_row(tmp_path):
@@ -100,7 +136,7 @@ def test_row_from_summary_keeps_every_value(tmp_path):
     row = results.row_from_summary({"summary": summary}, run="joint, 1 doc, beam 32", system="joint", corpus="nq",
                                    split="dev", precision="4bit", settings={"k_docs": 1, "beam_width": 32},
                                    command="python -m unirag eval ...")
-    assert row["machine"] == results.MACHINE and len(row["date"]) == 10
+    assert row["machine"] == results.machine() and len(row["date"]) == 10
     assert {k: row["metrics"][k] for k in results.METRIC_KEYS} == {k: summary.get(k) for k in results.METRIC_KEYS}
     assert row["labels"] == {"system": "joint", "reader": "stage-2"}
     results.append_run(row, tmp_path)
@@ -115,15 +151,19 @@ def test_table_order_render_and_quantization_cost():
     assert [t["run"] for t in results.table(rows, "nq", "4bit")] == [
         "No RAG", "RAG top-1", "RAG top-5", "joint", "gold passage, base reader"]
     md = results.render_table(rows, "nq", "4bit")
-    assert "| **joint** (recommended) | 266 | 0.139 |" in md and md.splitlines()[5].endswith("| 0.01 |")
+    # EM and F1 are the headline columns, accuracy ("contains the gold answer") after them
+    assert md.splitlines()[0].startswith("| run | n | EM | F1 | accuracy | R@1 | R@3 |")
+    assert "| **joint** (recommended) | 266 | – | – | 0.139 |" in md and md.splitlines()[5].endswith("| 0.01 |")
+    superseded = _row(run="RAG top-3", settings={"rag_k": 3, "superseded": "checkpoint retrained"})
+    assert "| RAG top-3 (superseded) | 266 |" in results.render_table([superseded], "nq", "4bit")
     older = _row(run="4-layer model: joint", system="joint", settings={"k_docs": 1, "shipped": False})
     assert [t["run"] for t in results.table([*rows, older], "nq", "4bit", shipped=False)] == ["4-layer model: joint"]
     assert results.table([*rows, older], "nq", "4bit", shipped=None)[-1]["run"] == "4-layer model: joint"
     assert "4-layer" not in results.render_table([*rows, older], "nq", "4bit")
-    assert results.quantization_cost(rows) == [
+    assert studies.quantization_cost(rows) == [
         "nq/dev · RAG top-5: accuracy 0.139 4-bit (recovered, HQQ) (-15.8 points) against 0.297 in fp32 (n=266)."]
     nf4 = _row(precision="nf4", metrics={**_row()["metrics"], "accuracy": 0.1})
-    assert results.quantization_cost([*rows, nf4]) == [
+    assert studies.quantization_cost([*rows, nf4]) == [
         "nq/dev · RAG top-5: accuracy 0.139 4-bit (recovered, HQQ) (-15.8 points) and 0.100 NF4 (no recovery) "
         "(-19.7 points) against 0.297 in fp32 (n=266)."]
 
@@ -131,24 +171,46 @@ def test_table_order_render_and_quantization_cost():
 def test_generator_rewrites_and_checks(tmp_path):
     store = tmp_path / "store"
     results.append_run(_row(), store)
-    report = tmp_path / "R.md"
-    report.write_text("# R\n<!-- results:nq:4bit -->\nstale\n<!-- /results -->\ntail\n")
-    assert results.main([str(report), "--store", str(store), "--check"]) == 1
-    assert results.main([str(report), "--store", str(store)]) == 0
-    text = report.read_text()
-    assert "| RAG top-5 | 266 | 0.139 |" in text and "stale" not in text and text.endswith("tail\n")
-    assert results.main([str(report), "--store", str(store), "--check"]) == 0
-    report.write_text("<!-- results:nq:4bit:dev:other -->\n<!-- /results -->\n")
-    assert results.main([str(report), "--store", str(store)]) == 0 and "| RAG top-5 |" not in report.read_text()
-    report.write_text("<!-- results:nq:int8 -->\n<!-- /results -->\n")
-    assert results.main([str(report), "--store", str(store)]) == 2
+    path = tmp_path / "R.md"
+    path.write_text("# R\n<!-- results:nq:4bit -->\nstale\n<!-- /results -->\ntail\n")
+    assert report.main([str(path), "--store", str(store), "--check"]) == 1
+    assert report.main([str(path), "--store", str(store)]) == 0
+    text = path.read_text()
+    assert "| RAG top-5 | 266 | – | – | 0.139 |" in text and "stale" not in text and text.endswith("tail\n")
+    assert report.main([str(path), "--store", str(store), "--check"]) == 0
+    path.write_text("<!-- results:nq:4bit:dev:other -->\n<!-- /results -->\n")
+    assert report.main([str(path), "--store", str(store)]) == 0 and "| RAG top-5 |" not in path.read_text()
+    path.write_text("<!-- results:nq:int8 -->\n<!-- /results -->\n")
+    assert report.main([str(path), "--store", str(store)]) == 2
+    path.write_text("<!-- results:no-such-study -->\n<!-- /results -->\n")
+    assert report.main([str(path), "--store", str(store)]) == 2
+
+
+def test_results_module_prints_the_store_tables_and_points_to_the_report(tmp_path, capsys):
+    store = tmp_path / "store"
+    results.append_run(_row(), store)
+    assert results.main(["--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("### nq/dev, 4bit\n\n| run | n | EM | F1 | accuracy |") and "| RAG top-5 |" in out
+    assert results.main(["docs/RESULTS.md"]) == 2 and "python -m benchmarks.report" in capsys.readouterr().err
+    # the studies live in unirag.studies (the app's) and benchmarks.report, not in the store module
+    for name in ("render_gr_vs_dr", "quantization_cost", "render_baselines"):
+        assert not hasattr(results, name)
+
+
+def test_machine_names_cores_and_memory():
+    assert re.fullmatch(r"\d+-core CPU, \d+ GB", results.machine())
+
+
+def test_the_library_never_imports_the_benchmarks():
+    importing = re.compile(r"^\s*(from|import)\s+benchmarks\b", re.M)
+    offenders = [p.name for p in (REPO / "unirag").rglob("*.py") if importing.search(p.read_text(encoding="utf-8"))]
+    assert offenders == []
 
 
 def test_recommended_settings_name_their_results_row():
     """Each shipped recommended setting's reason names a store row measured with exactly those values: its own
     precision's, or (the recovered 4-bit, which keeps fp32's setting) the row it was chosen on."""
-    import re
-
     from unirag.paths import REPO_ROOT
     from unirag.settings import PRECISIONS, RecommendedSettings
 
@@ -160,7 +222,8 @@ def test_recommended_settings_name_their_results_row():
             assert rec is not None and "\n" not in rec.reason
             named = re.compile(r"results row '([^']+)' \((\w+) (dev(?:\[:\d+\])?), (\w+)\)")
             run = named.match(rec.reason)
-            assert run and run[2] == corpus and run[4] in (precision, "fp32"), rec.reason
+            # A checkpoint measured in the recovered 4-bit only (it reads as fp32) names its 4-bit row everywhere.
+            assert run and run[2] == corpus and run[4] in (precision, "fp32", "4bit"), rec.reason
             (row,) = [r for r in rows if (r["run"], r["corpus"], r["precision"], r["split"]) == (
                 run[1], corpus, run[4], run[3])]
             assert {k: row["settings"][k] for k in rec.values} == rec.values and row["settings"]["recommended"]
@@ -172,7 +235,7 @@ def test_recommended_settings_name_their_results_row():
                 fresh[1], corpus, fresh[4], fresh[3])]
             values = {**rec.values, **rec.without_cache.values}
             if not values["self_check"]:
-                values.pop("self_check_weight")  # no self-check: its weight has no effect (null in the row)
+                values.pop("self_check_weight", None)  # no self-check: its weight has no effect (null in the row)
             assert {k: row["settings"][k] for k in values} == values and row["settings"]["fresh_machine"]
 
 
@@ -195,7 +258,7 @@ def test_baselines_table_pairs_each_baseline_with_the_joint_row_and_judges_the_t
         _row(run=joint_run, system="joint", **common, metrics=metrics(0.24, 0.71, **{"candidate_recall@1": 0.45}),
              settings={"beam_width": 32, "k_docs": 1, "self_check": 10, "recommended": True}),
     ]
-    text = results.render_baselines(rows)
+    text = report.render_baselines(rows)
     assert ("| squad, dev[:100], fp32 | dense + self-check (dense top-10) | 0.260 | 0.780 | 0.600 | 0.940 | 0.15 "
             "| 2e-05 |") in text
     assert "| squad, dev[:100], fp32 | docid search alone, R@1 (beam 10) ≥ 0.600 | 0.400 | **missed** |" in text
@@ -212,7 +275,7 @@ def test_training_curves_read_the_validation_points_of_a_loss_log(tmp_path):
         {"stage": 2, "step": 25, "loss_docid": 0.9},  # no validation: not a row
         {"stage": 2, "step": 50, "loss_docid": 0.7, "valid": {"recall@1": 0.3, "recall@3": 0.5, "n": 50}},
     )))
-    rows = results.render_training_curves([log]).splitlines()[2:]
+    rows = report.render_training_curves([log]).splitlines()[2:]
     assert rows == ["| nq-tiny | 1 | epoch 1 | 2.000 | 0.20 | 0.40 | 50 |",
                     "| nq-tiny | 2 | step 50 | 0.700 | 0.30 | 0.50 | 50 |"]
 
@@ -221,6 +284,98 @@ def test_rounds_table_reads_the_per_round_metrics():
     m = {k: None for k in results.METRIC_KEYS}
     m.update(accuracy=0.3, **{"round_accuracy": [0.2, 0.3], "round_recall@1": [0.4, 0.5], "round_helped": [12],
                               "round_hurt": [2]})
-    text = results.render_rounds([_row(run="joint, 2 rounds", system="joint", metrics=m, n=100), _row()])
+    text = report.render_rounds([_row(run="joint, 2 rounds", system="joint", metrics=m, n=100), _row()])
     assert text.splitlines()[2:] == ["| nq, dev, 4bit | joint, 2 rounds | 100 | 0.200 → 0.300 | 0.400 → 0.500 | "
                                      "+12 / −2 |"]
+
+
+def _qa(run, system, acc, em, f1, r1, corpus="nq", split="dev", precision="4bit", **settings):
+    m = {k: None for k in results.METRIC_KEYS}
+    m.update(accuracy=acc, em=em, f1=f1, **{"recall@1": r1}, k=1)
+    return _row(run=run, system=system, corpus=corpus, split=split, precision=precision, settings=settings,
+                metrics=m)
+
+
+def test_summary_picks_one_current_row_a_system_and_judges_the_targets():
+    rows = [_qa("RAG top-1", "rag", 0.43, 0.01, 0.13, 0.91, rag_k=1),
+            _qa("RAG top-5", "rag", 0.14, 0.00, 0.05, 0.91, rag_k=5),
+            _qa("BM25 top-1", "bm25", 0.36, 0.01, 0.10, 0.79, rag_k=1),
+            _qa("joint, old recommended", "joint", 0.50, 0.30, 0.40, 0.95, recommended=True, superseded="retrained"),
+            _qa("joint, better but not recommended", "joint", 0.30, 0.20, 0.30, 0.80),
+            _qa("joint, recommended", "joint", 0.21, 0.15, 0.23, 0.71, recommended=True),
+            _qa("4-layer model: joint", "joint", 0.9, 0.9, 0.9, 0.9, shipped=False),
+            _qa("gold passage, base reader", "gold", 0.46, 0.01, 0.13, 1.0, precision="fp32")]
+    assert report.summary_split(rows, "nq") == "dev" and report.summary_split(rows, "squad") is None
+    assert report.summary_row(rows, "joint", "nq", "dev")["run"] == "joint, recommended"
+    assert report.summary_row(rows, "rag", "nq", "dev")["run"] == "RAG top-1"
+    lines = report.render_summary(rows).splitlines()
+    assert lines[0].startswith("| system | nq dev EM | nq dev F1 | nq dev accuracy | nq dev R@1 | squad dev EM |")
+    assert "| dense RAG (MiniLM top-k) (`rag`) | 0.010 | 0.130 | 0.430 | 0.910 | – | – | – | – | nq: RAG top-1 |" \
+        in lines
+    assert "| **joint** (`joint`) | 0.150 | 0.230 | 0.210 | 0.710 | – | – | – | – | nq: joint, recommended |" in lines
+    assert "| gold passage, base reader (`gold`) | – | – | – | – | – | – | – | – | – |" in lines  # fp32 only
+    assert len([line for line in lines if line.startswith("| ")]) == 1 + len(results.SYSTEMS)  # head + systems
+    text = "\n".join(lines)
+    assert "- joint R@1 ≥ dense R@1: nq dev 0.710 vs ≥ 0.910 (*RAG top-1*) **missed**" in text
+    assert "- joint F1 ≥ the best baseline's: nq dev 0.230 vs ≥ 0.130 (*RAG top-1*) **met**" in text
+    assert "superseded" not in text and "4-layer" not in text
+
+
+def test_search_levers_show_the_stage1_run_and_the_paired_test_against_the_shipped_search():
+    def lever(name, r1, precision="fp32", **extra):
+        m = {k: None for k in results.METRIC_KEYS}
+        m.update({"recall@1": r1, "recall@3": 0.8, "recall@k": 0.9, "k": 10, "heldout_recall@1": 0.7,
+                  "heldout_recall@3": 0.83}, **extra.pop("metrics", {}))
+        return _row(run=results.SEARCH_LEVER_PREFIX + name, system="joint", precision=precision, metrics=m,
+                    settings={"beam_width": 10, "search_only": True, **extra.pop("settings", {})}, **extra)
+
+    rows = [lever("shipped", 0.526, settings={"shipped": True, "stage1_epochs": 3, "superseded": "retrained"},
+                  metrics={"heldout_curve_recall@1": [0.23, 0.5, 0.53]}),
+            lever("dense distillation, 8 epochs", 0.707,
+                  settings={"shipped": False, "stage1_epochs": 8, "stage1_examples": 8735},
+                  metrics={"heldout_curve_recall@1": [0.41, 0.7], "stage1_minutes": 96.2},
+                  paired=[{"against": "shipped", "metric": "recall@1", "only_a": 64, "only_b": 16, "p": 0.0}]),
+            lever("dense distillation, 8 epochs", 0.699, precision="4bit")]
+    lines = report.render_search_levers(rows).splitlines()
+    assert "stage-1 minutes | held-out R@1 by epoch" in lines[0] and len(lines) == 2 + 3
+    assert lines[2].startswith("| nq, 4bit | dense distillation, 8 epochs |")  # the app's precision first
+    assert lines[3] == ("| nq, fp32 | shipped (superseded) | 3 | – | – | 0.23 → 0.50 → 0.53 | 0.70 / 0.83 | 0.526 | "
+                        "0.800 | 0.900 | – |")
+    assert lines[4] == ("| nq, fp32 | dense distillation, 8 epochs | 8 | 8735 | 96 | 0.41 → 0.70 | 0.70 / 0.83 | "
+                        "0.707 | 0.800 | 0.900 | 64 / 16 vs *shipped*, p <1e-4 |")
+    # the summary's target line reads the best search measured on all of nq dev in the app's precision
+    assert report.summary_targets(rows) == ["- docid search alone, R@1 (beam 10), the best search measured on all "
+                                            "nq dev questions (*dense distillation, 8 epochs*): nq dev 0.699 vs ≥ "
+                                            "0.800 **missed**"]
+
+
+def test_outcomes_give_a_sign_test_between_any_two_rows_on_the_same_questions():
+    from unirag import results
+
+    def records(bits):
+        return [{"id": f"q{i}", "accuracy": float(b)} for i, b in enumerate(bits)]
+
+    a, b = results.outcomes_of(records("1101")), results.outcomes_of(records("0100"))
+    assert a["ids"] == b["ids"] and a["accuracy"] == "1101"
+    # Sorted by id, whatever order the run answered in.
+    assert results.outcomes_of(list(reversed(records("1101"))))["accuracy"] == "1101"
+    pair = results.paired_p({"run": "A", "outcomes": a}, {"run": "B", "outcomes": b})
+    assert pair == {"against": "B", "only_a": 2, "only_b": 0, "p": 0.5}
+    other = results.outcomes_of([{"id": f"x{i}", "accuracy": 1.0} for i in range(4)])
+    assert results.paired_p({"run": "A", "outcomes": a}, {"run": "C", "outcomes": other}) is None  # other questions
+    assert results.paired_p({"run": "A"}, {"run": "B", "outcomes": b}) is None
+    with pytest.raises(UniragError, match="0/1"):
+        results.outcomes_of([{"id": "q", "accuracy": 0.5}])
+    with pytest.raises(UniragError, match="twice"):
+        results.outcomes_of(records("11") + records("1"))
+
+
+def test_a_row_with_malformed_outcomes_is_refused():
+    from unirag import results
+
+    row = {"run": "r", "system": "rag", "corpus": "nq", "split": "dev", "precision": "fp32", "n": 3,
+           "settings": {}, "metrics": {k: None for k in results.METRIC_KEYS}, "command": "c", "date": "d",
+           "machine": "m", "source": "s", "outcomes": {"ids": "x", "accuracy": "10"}}
+    with pytest.raises(UniragError, match="outcomes"):
+        results.validate_row(row)
+    results.validate_row({**row, "outcomes": {"ids": "x", "accuracy": "101"}})

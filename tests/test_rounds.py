@@ -15,9 +15,9 @@ from unirag.cli import build_parser
 from unirag.data import Question, prepare_question
 from unirag.errors import UniragError
 from unirag.eval import ROUND_KEYS, merge_runs, score, summarize
-from unirag.joint import system as system_module
+from unirag.joint import joint_system as system_module
+from unirag.joint.joint_system import JointSystem, round_query
 from unirag.joint.reader import AnswerGeneration
-from unirag.joint.system import JointSystem, round_query
 from unirag.settings import InferenceSettings, RecommendedSettings
 from unirag.systems import SPECS
 
@@ -282,11 +282,12 @@ def _tree():
 def test_the_page_asks_with_rounds_and_shows_each_round(pipeline):  # noqa: F811
     import app
 
-    question, settings = "When was the Eiffel Tower completed?", (4, 2, 3, 4)
-    one = app.ask(pipeline, "nq", question, *settings)
+    question, settings = "When was the Eiffel Tower completed?", {"beam_width": 4, "k_docs": 2, "rag_k": 3,
+                                                                  "max_new_tokens": 4}
+    one = app.ask(pipeline, "nq", question, settings)
     assert one[-1].settings.rounds == 1 and one[-1].joint.answer.trace.rounds == []
     assert "ur-rounds" not in one[4]  # one round: no rounds table
-    two = app.ask(pipeline, "nq", question, *settings, None, None, None, 2)
+    two = app.ask(pipeline, "nq", question, {**settings, "rounds": 2})
     assert len(two) == len(one)  # the same outputs: the path plot and the documents carry the rounds
     comparison = two[-1]
     joint = comparison.joint.answer
@@ -299,4 +300,4 @@ def test_the_page_asks_with_rounds_and_shows_each_round(pipeline):  # noqa: F811
     with pytest.raises(UniragError, match="rounds must be between 1 and 3"):
         pipeline.ask("nq", question, rounds=0)
     # The corpus's start settings include rounds, so page and API agree.
-    assert app.select_corpus(pipeline, "nq")[-2].value == 1  # the rounds slider; the lookahead last
+    assert app.page_settings_of(app.select_corpus(pipeline, "nq"))["rounds"].value == 1

@@ -167,7 +167,8 @@ def test_pipeline_answers_both_sides_in_one_gpu_call(monkeypatch):
 
     calls = []
     pipe = Pipeline(AppConfig(device="cpu"))
-    bundle = types.SimpleNamespace(name="nq", settings=types.SimpleNamespace(replace=lambda **c: "settings"))
+    bundle = types.SimpleNamespace(name="nq", settings=types.SimpleNamespace(replace=lambda **c: "settings"),
+                                   baseline_default="rag")
     monkeypatch.setattr(pipe, "bundle", lambda name: bundle)
     monkeypatch.setattr(pipeline_module, "answer_on_device",
                         lambda p, b, t, s, baseline: calls.append((p, b, t, s, baseline)) or "both")

@@ -6,10 +6,10 @@ import pytest
 
 from unirag.backbones import load_llm
 from unirag.data import Corpus, Passage
-from unirag.evidence import doc_tokens
 from unirag.rag import GoldPassageSystem, RagSystem, Reader
 from unirag.settings import InferenceSettings
 from unirag.spans import SpanConstraint, finish_span, word_ends
+from unirag.substring_index import doc_tokens
 
 # Two documents with no character in common (the tiny tokenizer is one token a character): any span of one of
 # them can only come from that one, so its citation is known.

@@ -13,9 +13,9 @@ from test_joint_decoding import CORPUS, DOCIDS, FakeTrie, _build
 from unirag.data import Corpus, Passage
 from unirag.errors import UniragError
 from unirag.joint.dense_selfcheck import DenseSelfCheckSystem
+from unirag.joint.joint_system import JointSystem
 from unirag.joint.passage_cache import PassageCache
 from unirag.joint.selfcheck import question_likelihood, rerank
-from unirag.joint.system import JointSystem
 from unirag.rag import DenseRetriever
 from unirag.settings import MAX_SELF_CHECK_WEIGHT, InferenceSettings
 from unirag.sparse import RRF_K, BM25Retriever, HybridRetriever

@@ -249,17 +249,18 @@ def test_cluster_browser(tree):
 
 def test_eval_rows_and_figure():
     rows = [{"run": "joint, 1 doc", "n": 10, "accuracy": 0.3, "em": 0.1, "f1": 0.2, "recall@1": 0.5,
-             "recall@3": None, "context": 120.4, "latency_ms": 900.0, "p_vs_rag5": 0.054, "recommended": True},
+             "recall@3": None, "context": 120.4, "latency_ms": 900.0, "p": 0.054, "recommended": True},
             {"run": "RAG top-5", "n": 10, "accuracy": 0.4, "em": 0.2, "f1": 0.3, "recall@1": None,
-             "recall@3": 0.9, "context": 600.0, "latency_ms": None, "p_vs_rag5": None}]
+             "recall@3": 0.9, "context": 600.0, "latency_ms": None, "p": None}]
     table = viz.eval_rows(rows)
     assert len(table) == 2 and all(len(r) == len(viz.EVAL_HEADERS) for r in table)
     assert table[0][0] == "joint, 1 doc (recommended)" and table[0][6] == "" and table[1][8] == ""
-    assert table[0][9] == "0.054" and viz.eval_rows([dict(rows[0], p_vs_rag5=1e-5)])[0][9] == "1e-05"
+    assert viz.EVAL_HEADERS[2:5] == ["EM", "F1", "accuracy"] and table[0][2:5] == [0.1, 0.2, 0.3]
+    assert table[0][9] == "0.054" and viz.eval_rows([dict(rows[0], p=1e-5)])[0][9] == "1e-05"
     fig = viz.eval_figure(rows, "nq/dev, 4bit")
-    # Two traces (accuracy, R@1), one bar each a run, in the table's order (None drawn as 0, "n/a").
-    assert [t.name for t in fig.data] == list(viz.EVAL_METRICS)
-    assert list(fig.data[0].x) == [0.3, 0.4] and list(fig.data[1].x) == [0.5, 0] and fig.data[1].text[1] == "n/a"
+    # Two traces (F1, R@1), one bar each a run, in the table's order (None drawn as 0, "n/a").
+    assert [t.name for t in fig.data] == ["F1", "recall@1"]
+    assert list(fig.data[0].x) == [0.2, 0.3] and list(fig.data[1].x) == [0.5, 0] and fig.data[1].text[1] == "n/a"
     assert list(fig.data[0].y) == ["joint, 1 doc", "RAG top-5"]
     # The height follows the number of runs, capped.
     many = [dict(rows[1], run=f"run {i}") for i in range(80)]
