@@ -124,6 +124,17 @@ def concurrent_round(url: str, corpus: str, questions: list[str]) -> list[float]
         return sorted(pool.map(one, range(len(questions))))
 
 
+def max_batch_default() -> int:
+    from unirag.batching import MAX_BATCH
+
+    return MAX_BATCH
+
+
+def max_batch() -> int:
+    """The batch size the app under test runs with (it inherits this process's environment)."""
+    return int(os.environ.get("UNIRAG_MAX_BATCH") or max_batch_default())
+
+
 def store_row(summary: dict, command: str) -> dict:
     from unirag.results import APP_PERFORMANCE_PREFIX, METRIC_KEYS, machine, validate_row
 
@@ -133,10 +144,14 @@ def store_row(summary: dict, command: str) -> dict:
                                             "latency_p90_s", "latency_max_s", "concurrent_last_s",
                                             "concurrent_ratio", "rss_mb_after_warmup", "peak_rss_mb")
                     if summary.get(k) is not None})
-    row = {"run": f"{APP_PERFORMANCE_PREFIX}{cache}, {summary['precision']}, {summary['corpus']}",
+    batch = summary.get("max_batch")
+    # A batch size other than the app's default is an ablation: its own row, not a replacement of the default's.
+    ablation = f", max batch {batch}" if batch not in (None, max_batch_default()) else ""
+    row = {"run": f"{APP_PERFORMANCE_PREFIX}{cache}, {summary['precision']}, {summary['corpus']}{ablation}",
            "system": "joint", "corpus": summary["corpus"], "split": "dev", "precision": summary["precision"],
            "n": summary["n"], "settings": {"fresh_cache": summary["fresh_cache"], "concurrent": summary["concurrent"],
-                                           "app_args": summary["app_args"], "start_settings": True},
+                                           "app_args": summary["app_args"], "start_settings": True,
+                                           "max_batch": summary.get("max_batch")},
            "metrics": metrics, "command": command, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
            "source": "python -m benchmarks.app_performance", "labels": {"timeline": summary["timeline"]}}
     return validate_row(row, "app performance row")
@@ -199,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     median = statistics.median(latencies)
     summary = {
         "precision": args.precision, "corpus": args.corpus, "fresh_cache": args.fresh_cache,
-        "app_args": args.app_args, "server_up_s": round(server_up, 1),
+        "app_args": args.app_args, "max_batch": max_batch(), "server_up_s": round(server_up, 1),
         "start_to_first_answer_s": round(first, 1), "n": len(latencies),
         "latency_median_s": round(median, 2), "latency_p90_s": round(latencies[int(0.9 * (len(latencies) - 1))], 2),
         "latency_max_s": round(latencies[-1], 2), "concurrent": len(finished),

@@ -22,9 +22,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from unirag.batching import MAX_BATCH
 from unirag.errors import UniragError
 from unirag.paths import REPO_ROOT
 from unirag.results import (
+    APP_PERFORMANCE_PREFIX,
     BUILD_PREFIX,
     PRECISION_WORDS,
     PRECISIONS,
@@ -288,6 +290,32 @@ def render_builds(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def render_app_performance(rows: Sequence[Mapping[str, Any]]) -> str:
+    """`benchmarks.app_performance`: the app as a user meets it, start to the first answer and several users at
+    once (the newest row of each run name), with the issue's two targets."""
+    newest: dict[str, Mapping[str, Any]] = {}
+    for r in rows:
+        if r["run"].startswith(APP_PERFORMANCE_PREFIX) and r["date"] >= newest.get(r["run"], {}).get("date", ""):
+            newest[r["run"]] = r
+    lines = ["| setting | max batch | start → first answer, s | median latency, s | 4 at once: last answer, s | "
+             "ratio to one | RSS, MB | date |", "|" + "---|" * 8]
+    for run, r in sorted(newest.items()):
+        m, s = r["metrics"], r["settings"]
+        lines.append(f"| {run[len(APP_PERFORMANCE_PREFIX):]} | {_cell(s.get('max_batch'))} | "
+                     f"{_cell(m.get('start_to_first_answer_s'), 1)} | {_cell(m.get('latency_median_s'), 2)} | "
+                     f"{_cell(m.get('concurrent_last_s'), 2)} | {_cell(m.get('concurrent_ratio'), 2)} | "
+                     f"{_cell(m.get('rss_mb_after_warmup'), 0)} | {r['date']} |")
+    fresh = [r for run, r in newest.items() if r["settings"].get("fresh_cache")
+             and r["settings"].get("max_batch") in (None, MAX_BATCH)]
+    if fresh:
+        m = max(fresh, key=lambda r: r["date"])["metrics"]
+        first, ratio = m.get("start_to_first_answer_s"), m.get("concurrent_ratio")
+        lines += ["", f"Targets: a fresh-cache start answers within 60 s: {_cell(first, 1)} s "
+                      f"{_met(-first, -60.0) if first is not None else '–'}; 4 questions at once within 2x one: "
+                      f"{_cell(ratio, 2)}x {_met(-ratio, -2.0) if ratio is not None else '–'}."]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- rounds
 
 
@@ -460,6 +488,7 @@ BLOCKS = {
     "rounds": render_rounds,
     "prompt-study": render_prompt_study,
     "builds": render_builds,
+    "app-performance": render_app_performance,
 }
 BLOCK_MARKER = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
 
