@@ -174,3 +174,20 @@ def test_pipeline_answers_both_sides_in_one_gpu_call(monkeypatch):
                         lambda p, b, t, s, baseline: calls.append((p, b, t, s, baseline)) or "both")
     assert pipe.ask("nq", "  who wrote it? ") == "both"
     assert calls == [(pipe, bundle, "who wrote it?", "settings", "rag")]
+
+
+def test_all_cores_lends_every_usable_core_for_the_block_then_restores(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(runtime, "usable_cpus", lambda root=runtime.CGROUP: 2)
+    serving = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with runtime.all_cores() as cores:
+            assert cores == 2 and torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+        with pytest.raises(RuntimeError), runtime.all_cores():
+            raise RuntimeError("a failed load")
+        assert torch.get_num_threads() == 1  # restored after a failure too
+    finally:
+        torch.set_num_threads(serving)

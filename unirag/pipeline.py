@@ -527,11 +527,12 @@ class Pipeline:
         """Load corpora in a background thread (progress on the console and in `status()`)."""
 
         def run() -> None:
-            for name in names or list(self.config.corpora[:1]):
-                try:
-                    self.bundle(name)
-                except UniragError:
-                    pass  # recorded in status()
+            with runtime.all_cores():  # the server answers nothing until the first corpus is loaded
+                for name in names or list(self.config.corpora[:1]):
+                    try:
+                        self.bundle(name)
+                    except UniragError:
+                        pass  # recorded in status()
 
         thread = threading.Thread(target=run, name="unirag-preload", daemon=True)
         thread.start()

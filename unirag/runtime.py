@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,6 +51,21 @@ def torch_threads(parallel_sides: bool, root: Path = CGROUP) -> int:
     """Threads per torch side: one core is left to the web server, the rest split between sides run at once."""
     spare = max(1, usable_cpus(root) - 1)
     return max(1, spare // (2 if parallel_sides else 1))
+
+
+@contextmanager
+def all_cores(root: Path = CGROUP) -> Iterator[int]:
+    """Torch uses every usable core inside the block (a start-up load: nothing is answering yet, and quantising
+    and converting weights is compute-bound), then the serving thread count again."""
+    import torch
+
+    serving = torch.get_num_threads()
+    cores = usable_cpus(root)
+    torch.set_num_threads(max(cores, serving))
+    try:
+        yield cores
+    finally:
+        torch.set_num_threads(serving)
 
 
 def question_workers(root: Path = CGROUP) -> int:
@@ -95,5 +111,5 @@ def gpu_function(duration: int = 60) -> Callable[[F], F]:
     return lambda fn: fn
 
 
-__all__ = ["cgroup_cpu_limit", "device", "gpu_function", "on_zero_gpu", "question_workers", "torch_threads",
+__all__ = ["all_cores", "cgroup_cpu_limit", "device", "gpu_function", "on_zero_gpu", "question_workers", "torch_threads",
            "usable_cpus", "zero_gpu_spaces"]
