@@ -111,5 +111,5 @@ def gpu_function(duration: int = 60) -> Callable[[F], F]:
     return lambda fn: fn
 
 
-__all__ = ["all_cores", "cgroup_cpu_limit", "device", "gpu_function", "on_zero_gpu", "question_workers", "torch_threads",
-           "usable_cpus", "zero_gpu_spaces"]
+__all__ = ["all_cores", "cgroup_cpu_limit", "device", "gpu_function", "on_zero_gpu", "question_workers",
+           "torch_threads", "usable_cpus", "zero_gpu_spaces"]
