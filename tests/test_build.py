@@ -165,6 +165,22 @@ def test_recipe_scales_to_the_corpus():
     assert build.held_out_count(3) == 0 and build.held_out_count(50) == 10 and build.held_out_count(5000) == 100
 
 
+def test_build_help_is_field_metadata_never_source_comments():
+    """Source comments are lab notes ("8 beat 4, RESULTS.md"): they never reach --help, even for a config
+    dataclass that has no help metadata at all."""
+    from dataclasses import dataclass, fields
+
+    @dataclass
+    class Noted:
+        steps: int = 8  # 8 beat 4, RESULTS.md
+
+    assert build.field_helps(Noted) == {}
+    text = " ".join(build.build_parser().format_help().split())  # argparse wraps lines
+    for f in fields(training.TrainConfig):
+        if f.name != "questions":  # build words its own (optional there)
+            assert " ".join(f.metadata["help"].split()) in text, f.name
+    assert "RESULTS.md" not in text
+
 def test_bar_progress_counts_stage1_epochs_as_one_phase():
     fraction, left = build.bar_progress("stage 1", "stage 1 epoch 2/4", 5, 10, 10.0)  # a batch every 2 s
     assert fraction == pytest.approx(15 / 40) and left == pytest.approx(50.0)  # 25 batches left

@@ -304,6 +304,8 @@ def _bow():
     from conftest import BagOfWordsEncoder
 
     class Bow(BagOfWordsEncoder):
+        dim = 64  # known, as a loaded SentenceEncoder's: no hub lookup (a minute offline) for an old cache's width
+
         def encode_passages(self, texts, progress=True):
             return self._enc(texts)
 
@@ -392,6 +394,8 @@ def test_a_cache_without_checksum_is_kept_and_gets_one(tmp_path, monkeypatch):
     meta.write_text(json.dumps(blob))
 
     class Refuses(BagOfWordsEncoder):  # the cache is keyed by the encoder's name ("bow")
+        dim = 64
+
         def encode_passages(self, texts, progress=True):
             raise AssertionError("a sound cache must not be re-encoded")
 
@@ -535,6 +539,9 @@ def test_cache_pointing_at_a_file_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("UNIRAG_CACHE", str(target))
     with pytest.raises(UniragError, match="is a file"):
         cache_dir()
+    monkeypatch.setenv("UNIRAG_CACHE", str(target / "inside"))  # a folder inside a file cannot be made
+    with pytest.raises(UniragError, match="cannot be created"):
+        cache_dir()
 
 
 def test_titles_are_capped_with_a_notice(tmp_path):
@@ -616,6 +623,7 @@ def test_an_old_embedding_cache_of_the_wrong_width_is_rebuilt(tmp_path, monkeypa
 
     monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
     corpus, encoder = _small_corpus(), _bow()
+    encoder.dim = None  # an encoder that does not say its width: encoder_width gives it
     good = corpus_embeddings(corpus, encoder, progress=False)
     path = embeddings_path(corpus, encoder.name)
     np.save(path, np.ones((len(corpus), good.shape[1] + 3), dtype=np.float32))
@@ -625,6 +633,27 @@ def test_an_old_embedding_cache_of_the_wrong_width_is_rebuilt(tmp_path, monkeypa
     with caplog.at_level("WARNING", logger="unirag.docids"):
         rebuilt = corpus_embeddings(corpus, encoder, progress=False)
     assert rebuilt.shape == good.shape
+    assert any(f"the encoder {encoder.name} gives {good.shape[1]}" in r.getMessage() for r in caplog.records)
+
+
+def test_an_old_wrong_width_cache_is_checked_against_the_loaded_encoder(tmp_path, monkeypatch, caplog):
+    """The encoder in hand gives the width even when encoder_width cannot (a hub id offline: None)."""
+    import numpy as np
+
+    from unirag import docids
+    from unirag.docids import corpus_embeddings, embeddings_path
+
+    monkeypatch.setenv("UNIRAG_CACHE", str(tmp_path / "cache"))
+    corpus, encoder = _small_corpus(), _bow()
+    good = corpus_embeddings(corpus, encoder, progress=False)
+    assert encoder.dim == good.shape[1]
+    path = embeddings_path(corpus, encoder.name)
+    np.save(path, np.ones((len(corpus), good.shape[1] + 3), dtype=np.float32))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps({k: meta[k] for k in ("corpus_fingerprint", "encoder", "n")}))
+    monkeypatch.setattr(docids, "encoder_width", lambda name: None)
+    with caplog.at_level("WARNING", logger="unirag.docids"):
+        assert corpus_embeddings(corpus, encoder, progress=False).shape == good.shape
     assert any(f"the encoder {encoder.name} gives {good.shape[1]}" in r.getMessage() for r in caplog.records)
 
 

@@ -48,6 +48,20 @@ def test_retriever_refuses_mismatched_embeddings(corpus):
         DenseRetriever(corpus, BagOfWordsEncoder(), np.zeros((2, 64), dtype=np.float32))
 
 
+def test_embeddings_of_another_width_are_one_clear_error_not_a_faiss_assert(corpus):
+    """A cached index 67 wide beside a 64-wide encoder: refused at build when the encoder says its width, at the
+    first search when it does not (faiss itself only asserts)."""
+    wide = np.ones((3, 67), dtype=np.float32)
+
+    class Sized(BagOfWordsEncoder):
+        dim = 64
+
+    with pytest.raises(UniragError, match="67 wide but the encoder bow gives 64"):
+        DenseRetriever(corpus, Sized(), wide)
+    with pytest.raises(UniragError, match="64-wide queries but the passage embeddings are 67 wide"):
+        DenseRetriever(corpus, BagOfWordsEncoder(), wide).search("capital of Italy", 2)
+
+
 def test_prompt_uses_chat_template_when_present(tiny_llm_dirs):
     model, tok = load_llm(str(tiny_llm_dirs["llama"]))
     prompt = build_prompt(tok, "who?", "ctx")

@@ -438,15 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def field_helps(cls: type) -> dict[str, str]:
-    """TrainConfig's --help texts: its fields' metadata, else the `# comment` after each field."""
-    import inspect
-
-    helps = {f.name: f.metadata["help"] for f in fields(cls) if "help" in f.metadata}
-    if not helps:
-        for line in inspect.getsource(cls).splitlines():
-            if match := re.match(r"\s+(\w+): [^#]+#\s*(.+)$", line):
-                helps[match.group(1)] = match.group(2).strip()
-    return helps
+    """A config dataclass's --help texts: its fields' `help` metadata only. Source comments are lab notes for
+    maintainers (e.g. which setting beat which in RESULTS.md), never CLI text."""
+    return {f.name: f.metadata["help"] for f in fields(cls) if "help" in f.metadata}
 
 
 def options_from_args(argv: list[str]) -> BuildOptions:

@@ -55,8 +55,11 @@ def embeddings_path(corpus: Corpus, encoder_name: str) -> Path:
     return cache_dir() / "embeddings" / f"{key}.npy"
 
 
-def _cached_embeddings(path: Path, meta_path: Path, corpus: Corpus, name: str) -> tuple[np.ndarray | None, str]:
-    """(embeddings, "") from a sound cache, else (None, why it cannot be used: "" when there is none)."""
+def _cached_embeddings(
+    path: Path, meta_path: Path, corpus: Corpus, name: str, encoder=None
+) -> tuple[np.ndarray | None, str]:
+    """(embeddings, "") from a sound cache, else (None, why it cannot be used: "" when there is none). `encoder`,
+    when loaded, gives the width an old cache (no `dim`/`sha256` in its metadata) must have."""
     if not path.is_file():
         return None, ""
     if not meta_path.is_file():
@@ -80,7 +83,10 @@ def _cached_embeddings(path: Path, meta_path: Path, corpus: Corpus, name: str) -
     if meta.get("dim") is not None and emb.shape[1] != meta["dim"]:
         return None, f"width {emb.shape[1]}, the metadata says {meta['dim']}"
     if meta.get("dim") is None or meta.get("sha256") is None:  # an old cache: its width against the encoder's
-        width = encoder_width(name)
+        # The loaded encoder's own width: encoder_width may not know it (a hub id offline) and a wrong-width
+        # cache accepted here dies later as a bare AssertionError inside faiss.
+        width = getattr(encoder, "dim", None) if encoder is not None else None
+        width = width if width is not None else encoder_width(name)
         if width is not None and emb.shape[1] != width:
             return None, f"width {emb.shape[1]}, the encoder {name} gives {width}"
     if not np.issubdtype(emb.dtype, np.floating):
@@ -140,7 +146,7 @@ def corpus_embeddings(
     name = encoder.name if encoder is not None else (encoder_name or TreeConfig.encoder)
     path = embeddings_path(corpus, name)
     meta_path = path.with_suffix(".json")
-    emb, problem = _cached_embeddings(path, meta_path, corpus, name)
+    emb, problem = _cached_embeddings(path, meta_path, corpus, name, encoder)
     if emb is not None:
         return emb
     if problem:
@@ -150,7 +156,7 @@ def corpus_embeddings(
         path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(bundled, path)
         write_json_atomic(meta_path, json.loads(bundled.with_suffix(".json").read_text(encoding="utf-8")))
-        emb, problem = _cached_embeddings(path, meta_path, corpus, name)
+        emb, problem = _cached_embeddings(path, meta_path, corpus, name, encoder)
         if emb is not None:
             return emb
         log.warning("the bundled embeddings %s do not fit (%s); embedding the corpus", bundled, problem)

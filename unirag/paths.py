@@ -14,12 +14,16 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def cache_dir() -> Path:
     """Root cache folder (UNIRAG_CACHE, else ~/.cache/unirag)."""
     root = os.environ.get("UNIRAG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "unirag")
+    from unirag.errors import UniragError
+
     path = Path(root)
     if path.exists() and not path.is_dir():
-        from unirag.errors import UniragError
-
         raise UniragError(f"The cache folder {path} (UNIRAG_CACHE) is a file; point UNIRAG_CACHE at a folder.")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # e.g. a folder inside a file, or no write permission: one line, not a traceback
+        raise UniragError(f"The cache folder {path} (UNIRAG_CACHE) cannot be created ({exc.strerror}); point "
+                          "UNIRAG_CACHE at a writable folder.") from None
     return path
 
 

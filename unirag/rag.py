@@ -272,8 +272,13 @@ class DenseRetriever:
     def __init__(self, corpus: Corpus, encoder, embeddings: np.ndarray):
         import faiss
 
-        if embeddings.shape[0] != len(corpus):
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(corpus):
             raise UniragError(f"{embeddings.shape[0]} embeddings for {len(corpus)} passages: rebuild the index.")
+        width = getattr(encoder, "dim", None)
+        if width is not None and embeddings.shape[1] != width:  # else faiss fails later with a bare assert
+            raise UniragError(f"The passage embeddings are {embeddings.shape[1]} wide but the encoder "
+                              f"{getattr(encoder, 'name', '')} gives {width}: delete the cached embeddings of this "
+                              "corpus (UNIRAG_CACHE/embeddings) and run again.")
         self.corpus = corpus
         self.encoder = encoder
         self.index = faiss.IndexFlatIP(embeddings.shape[1])
@@ -291,7 +296,12 @@ class DenseRetriever:
         if k < 1:
             raise UniragError(f"k must be at least 1 (got {k}).")
         k = min(k, len(self.corpus))
-        scores, rows = self.index.search(self.encoder.encode_queries(questions), k)
+        queries = np.asarray(self.encoder.encode_queries(questions), dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.index.d:  # an encoder without `dim`: checked here
+            raise UniragError(f"The encoder {getattr(self.encoder, 'name', '')} gives {queries.shape[-1]}-wide "
+                              f"queries but the passage embeddings are {self.index.d} wide: delete the cached "
+                              "embeddings of this corpus (UNIRAG_CACHE/embeddings) and run again.")
+        scores, rows = self.index.search(queries, k)
         ids = self.corpus.ids
         return [
             [(ids[r], float(s)) for r, s in zip(rr, ss, strict=True) if r >= 0]
