@@ -114,6 +114,8 @@ def test_ask_with_empty_question_and_eval_contract(files, capsys, tiny_llm_dirs,
         questions,
         "--system",
         "norag",
+        "--precision",  # every system loads in some precision: never "does not apply"
+        "fp32",
         "--llm",
         llm,
         "--max-new-tokens",

@@ -193,7 +193,9 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def _explicit_settings(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in InferenceSettings.names() if getattr(args, name, None) is not None}
+    """The settings flags given, but `--precision`: every system loads in some precision (`precision_of`)."""
+    return {name: getattr(args, name) for name in InferenceSettings.names()
+            if name != "precision" and getattr(args, name, None) is not None}
 
 
 def _resolve(args: argparse.Namespace, corpus, *, attn_implementation: str, traces: bool):
