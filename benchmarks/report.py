@@ -316,6 +316,27 @@ def render_app_performance(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+CHOICE_PREFIX = "checkpoint choice: "
+
+
+def render_checkpoint_choice(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The held-out train questions a shipped checkpoint was chosen on (`data/heldout/`): each candidate's row, with
+    the sign test of its accuracy against the shipped candidate of the same system, where both stored outcomes."""
+    picked = [r for r in rows if r["run"].startswith(CHOICE_PREFIX)]
+    shipped = {r["corpus"]: r for r in picked if "(shipped)" in r["run"]}
+    lines = ["| corpus | candidate | questions | precision | EM | F1 | accuracy | R@1 | accuracy paired with the "
+             "shipped (only this / only the shipped) |", "|" + "---|" * 9]
+    for r in sorted(picked, key=lambda r: (r["corpus"], r["system"], r["run"])):
+        m, ship = r["metrics"], shipped.get(r["corpus"])
+        ship = ship if ship is not None and ship["system"] == r["system"] and ship is not r else None
+        test = results_paired_p(r, ship) if ship is not None else None
+        paired = f"{test['only_a']} / {test['only_b']}, p {format_p(test['p'])}" if test else "–"
+        lines.append(f"| {r['corpus']} | {r['run'][len(CHOICE_PREFIX):]} | {r['split']} ({r['n']}) | "
+                     f"{r['precision']} | {_cell(m['em'])} | {_cell(m['f1'])} | {_cell(m['accuracy'])} | "
+                     f"{_cell(m['recall@1'])} | {paired} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- rounds
 
 
@@ -489,6 +510,7 @@ BLOCKS = {
     "prompt-study": render_prompt_study,
     "builds": render_builds,
     "app-performance": render_app_performance,
+    "checkpoint-choice": render_checkpoint_choice,
 }
 BLOCK_MARKER = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
 

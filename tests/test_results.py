@@ -379,3 +379,20 @@ def test_a_row_with_malformed_outcomes_is_refused():
     with pytest.raises(UniragError, match="outcomes"):
         results.validate_row(row)
     results.validate_row({**row, "outcomes": {"ids": "x", "accuracy": "101"}})
+
+
+def test_checkpoint_choice_pairs_each_candidate_with_the_shipped_one_of_its_system():
+    from benchmarks.report import render_checkpoint_choice
+
+    def row(run, system, outcomes, acc):
+        return {"run": f"checkpoint choice: {run}", "system": system, "corpus": "nq", "split": "nq-heldout",
+                "n": 4, "precision": "4bit", "metrics": {"em": 0.1, "f1": 0.2, "accuracy": acc, "recall@1": 0.5},
+                "outcomes": {"ids": "abc", "accuracy": outcomes}}
+
+    rows = [row("new (shipped)", "joint", "1100", 0.5), row("old", "joint", "1011", 0.75),
+            row("old reader", "joint-gold", "1111", 1.0), {**row("elsewhere", "joint", "0000", 0.0), "run": "x"}]
+    table = render_checkpoint_choice(rows)
+    lines = {line.split(" | ")[1]: line for line in table.splitlines()[2:]}
+    assert set(lines) == {"new (shipped)", "old", "old reader"}  # only the choice rows
+    assert lines["old"].endswith("| 2 / 1, p 1 |")  # only old right: 3rd and 4th; only new right: 2nd
+    assert lines["new (shipped)"].endswith("| – |") and lines["old reader"].endswith("| – |")  # other system
