@@ -323,13 +323,12 @@ def render_checkpoint_choice(rows: Sequence[Mapping[str, Any]]) -> str:
     """The held-out train questions a shipped checkpoint was chosen on (`data/heldout/`): each candidate's row, with
     the sign test of its accuracy against the shipped candidate of the same system, where both stored outcomes."""
     picked = [r for r in rows if r["run"].startswith(CHOICE_PREFIX)]
-    shipped = {r["corpus"]: r for r in picked if "(shipped)" in r["run"]}
+    shipped = {(r["corpus"], r["system"]): r for r in picked if "(shipped)" in r["run"]}
     lines = ["| corpus | candidate | questions | precision | EM | F1 | accuracy | R@1 | accuracy paired with the "
              "shipped (only this / only the shipped) |", "|" + "---|" * 9]
     for r in sorted(picked, key=lambda r: (r["corpus"], r["system"], r["run"])):
-        m, ship = r["metrics"], shipped.get(r["corpus"])
-        ship = ship if ship is not None and ship["system"] == r["system"] and ship is not r else None
-        test = results_paired_p(r, ship) if ship is not None else None
+        m, ship = r["metrics"], shipped.get((r["corpus"], r["system"]))
+        test = results_paired_p(r, ship) if ship is not None and ship is not r else None
         paired = f"{test['only_a']} / {test['only_b']}, p {format_p(test['p'])}" if test else "–"
         lines.append(f"| {r['corpus']} | {r['run'][len(CHOICE_PREFIX):]} | {r['split']} ({r['n']}) | "
                      f"{r['precision']} | {_cell(m['em'])} | {_cell(m['f1'])} | {_cell(m['accuracy'])} | "
