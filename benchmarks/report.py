@@ -316,6 +316,19 @@ def render_app_performance(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def render_query_generator(rows: Sequence[Mapping[str, Any]]) -> str:
+    """`benchmarks.querygen_throughput`: questions sampled a second and the round-trip filter's keep rate."""
+    from benchmarks.querygen_throughput import PREFIX
+
+    lines = ["| corpus | run | passages | sampled | kept | keep rate | questions a second | date |", "|" + "---|" * 8]
+    for r in sorted((r for r in rows if r["run"].startswith(PREFIX)), key=lambda r: (r["corpus"], r["run"])):
+        m, s = r["metrics"], r["settings"]
+        lines.append(f"| {r['corpus']} | {r['run'][len(PREFIX):]} | {r['n']} | {_cell(s.get('sampled'))} | "
+                     f"{_cell(s.get('kept'))} | {_cell(m.get('keep_rate'), 3)} | "
+                     f"{_cell(m.get('questions_per_second'), 2)} | {r['date']} |")
+    return "\n".join(lines)
+
+
 CHOICE_PREFIX = "checkpoint choice: "
 
 
@@ -510,6 +523,7 @@ BLOCKS = {
     "builds": render_builds,
     "app-performance": render_app_performance,
     "checkpoint-choice": render_checkpoint_choice,
+    "query-generator": render_query_generator,
 }
 BLOCK_MARKER = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(?P<end><!-- /results -->)", re.S)
 

@@ -163,3 +163,19 @@ def test_sampling_filters_are_seeded_and_respect_top_k():
     assert set(draws.tolist()) <= {0, 1} and len(set(draws.tolist())) == 2
     nucleus = querygen._sample(logits, querygen.SamplingConfig(top_k=0, top_p=0.5), torch.Generator().manual_seed(0))
     assert set(nucleus.tolist()) == {0}  # token 0 alone holds more than half the mass
+
+
+def test_the_throughput_benchmark_row_is_valid_and_stays_out_of_the_qa_tables(tmp_path):
+    from benchmarks.querygen_throughput import row_from
+    from benchmarks.report import render_query_generator
+    from unirag import results
+
+    summary = {"passages": 4, "sampled": 32, "distinct": 30, "kept": 21, "seconds": 16.0, "keep_rate": 0.7,
+               "questions_per_second": 2.0}
+    row = row_from(summary, {"sampling": {"samples": 8}}, "nq", "first 4 passages", "python -m benchmarks.x")
+    assert row["metrics"]["keep_rate"] == 0.7 and row["settings"]["kept"] == 21 and row["n"] == 4
+    results.append_run(row, tmp_path)
+    store = results.load_store(tmp_path)
+    assert results.table(store, "nq", "fp32", "dev") == []
+    assert "| nq | throughput and keep rate, first 4 passages | 4 | 32 | 21 | 0.700 | 2.00 |" in \
+        render_query_generator(store)
