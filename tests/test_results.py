@@ -40,8 +40,7 @@ def test_the_shipped_store_is_valid_and_complete():
                for r in rows)
     recommended = [(r["corpus"], r["precision"], r["split"]) for r in rows if r["settings"].get("recommended")]
     assert len(recommended) == len(set(recommended))  # one recommended row per corpus, precision and questions
-    assert sorted(k[:2] for k in recommended if k[2] == "dev") == [("nq", "4bit"), ("squad", "fp32"),
-                                                                  ("squad", "nf4")]
+    assert sorted(k[:2] for k in recommended if k[2] == "dev") == [("nq", "4bit")]
 
 
 def test_report_tables_are_generated_from_the_store():

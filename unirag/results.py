@@ -23,7 +23,7 @@ from typing import Any
 
 from unirag.errors import UniragError
 from unirag.paths import REPO_ROOT
-from unirag.systems import SYSTEM_NAMES
+from unirag.systems import SPECS, SYSTEM_NAMES
 
 
 def default_store() -> Path:
@@ -49,23 +49,9 @@ def machine() -> str:
 
 LLM = "embedded SmolLM2-135M-Instruct"
 
-# The project's named systems (unirag.systems), in the order the report lists them.
-SYSTEMS = ("norag", "rag", "bm25", "hybrid", "rag-selfcheck", "joint", "joint-no-match", "evidence",
-           "rag-joint-reader", "joint-gold", "gold")
-assert set(SYSTEMS) == set(SYSTEM_NAMES), "the report orders every named system"
-SYSTEM_WORDS = {
-    "norag": "the LLM alone, no context",
-    "rag": "dense MiniLM top-k read by the base LLM",
-    "bm25": "BM25 top-k read by the base LLM",
-    "hybrid": "dense MiniLM and BM25 fused by reciprocal rank, top-k read by the base LLM",
-    "rag-selfcheck": "dense MiniLM top N re-ranked by the joint model's self-check, its top documents read",
-    "joint": "the joint model's docid search (path log-prob + document match), its top documents read",
-    "joint-no-match": "the docid search ranked by path log-prob alone (no document match)",
-    "evidence": "the docid search's documents constrain evidence the base LLM writes (FM-index); the answer reads it",
-    "rag-joint-reader": "dense MiniLM top-k read by the joint model's stage-2 reader",
-    "joint-gold": "the gold passage read by the joint model's stage-2 reader",
-    "gold": "the gold passage read by the base LLM",
-}
+# The project's named systems and their one-line summaries: unirag.systems is the one place they are defined.
+SYSTEMS = SYSTEM_NAMES  # in the order the report lists them
+SYSTEM_WORDS = {name: spec.summary for name, spec in SPECS.items()}
 # "4bit": the recovered 4-bit (HQQ, unirag.quantization); "nf4": bitsandbytes NF4 without the recovery (every
 # 4-bit row measured before it); "8bit": bitsandbytes LLM.int8 (a recovery lever, for reference); "fp32".
 PRECISIONS = ("4bit", "nf4", "8bit", "fp32")
