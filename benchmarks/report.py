@@ -137,6 +137,12 @@ def _baseline_roles(rows: Sequence[Mapping[str, Any]], corpus: str, split: str, 
     return roles
 
 
+def _sign_test_cell(row: Mapping[str, Any], against: Mapping[str, Any] | None) -> str:
+    """"only row right / only against right, p" from the two rows' stored outcomes; "–" when not comparable."""
+    pair = results_paired_p(row, against) if against is not None and against is not row else None
+    return f"{pair['only_a']} / {pair['only_b']}, p {format_p(pair['p'])}" if pair else "–"
+
+
 def _paired_p(row: Mapping[str, Any] | None, against: Mapping[str, Any] | None, metric: str) -> Any:
     if row is None or against is None:
         return None
@@ -266,8 +272,7 @@ def render_prompt_study(rows: Sequence[Mapping[str, Any]]) -> str:
         m = r["metrics"]
         plain = next((o for o in picked if o["corpus"] == r["corpus"] and o["split"] == r["split"]
                       and o["precision"] == r["precision"] and o["settings"].get("reader_prompt") == "plain"), None)
-        pair = results_paired_p(r, plain) if plain is not None and plain is not r else None
-        cell = f"{pair['only_a']} / {pair['only_b']}, p {format_p(pair['p'])}" if pair else "–"
+        cell = _sign_test_cell(r, plain)
         lines.append(f"| {r['corpus']}, {r['split']}, {r['precision']} | {r['settings'].get('reader_prompt')} | "
                      f"{r['n']} | {_cell(m['em'])} | {_cell(m['f1'])} | {_cell(m['accuracy'])} | "
                      f"{_cell(m['latency_ms_median'], 0)} | {cell} |")
@@ -340,9 +345,7 @@ def render_checkpoint_choice(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| corpus | candidate | questions | precision | EM | F1 | accuracy | R@1 | accuracy paired with the "
              "shipped (only this / only the shipped) |", "|" + "---|" * 9]
     for r in sorted(picked, key=lambda r: (r["corpus"], r["system"], r["run"])):
-        m, ship = r["metrics"], shipped.get((r["corpus"], r["system"]))
-        test = results_paired_p(r, ship) if ship is not None and ship is not r else None
-        paired = f"{test['only_a']} / {test['only_b']}, p {format_p(test['p'])}" if test else "–"
+        m, paired = r["metrics"], _sign_test_cell(r, shipped.get((r["corpus"], r["system"])))
         lines.append(f"| {r['corpus']} | {r['run'][len(CHOICE_PREFIX):]} | {r['split']} ({r['n']}) | "
                      f"{r['precision']} | {_cell(m['em'])} | {_cell(m['f1'])} | {_cell(m['accuracy'])} | "
                      f"{_cell(m['recall@1'])} | {paired} |")
